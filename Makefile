@@ -1,0 +1,77 @@
+# vdsmlite: two commands matter - `make run` and `make test`.
+# Both install what they need on a fresh Debian machine (apt packages when
+# missing, a virtualenv, the package) before doing their job.
+
+PYTHON   ?= python3
+VENV     ?= .venv
+STAMPS   := .stamps
+PY       := $(VENV)/bin/python
+PIP      := $(VENV)/bin/pip
+# Extra arguments for `make run`, e.g. RUN_ARGS="--port 54322".
+RUN_ARGS ?=
+# Extra arguments for pytest, e.g. PYTEST_ARGS="-k rpc -x".
+PYTEST_ARGS ?=
+
+# Debian packages. The embedded default (a local file domain) needs qemu-img;
+# the test suite drives real LVM, sanlock, qemu, iscsiadm and mount helpers.
+APT_RUN  := qemu-utils util-linux
+APT_TEST := $(APT_RUN) lvm2 sanlock libsanlock-client1 qemu-system-x86 open-iscsi \
+            nfs-common e2fsprogs xfsprogs openssl curl systemd
+# Benchmarks also need a load generator faster than the servers it measures.
+APT_BENCH := $(APT_TEST) wrk
+
+.PHONY: run test bench lint venv apt-run apt-test apt-bench clean help
+
+help:
+	@echo "make run    - install what the daemon needs and run it in the foreground"
+	@echo "make test   - install everything the suite needs and run lint + the whole suite"
+	@echo "make bench  - run the benchmarks in bench/ (prints ratios against peers)"
+	@echo "make clean  - remove the virtualenv and runtime state"
+
+run: apt-run venv
+	$(VENV)/bin/vdsmlite $(RUN_ARGS)
+
+test: apt-test venv
+	$(VENV)/bin/ruff check vdsmlite tests fake_storage bench
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: apt-bench venv
+	$(PY) bench/run_all.py
+
+lint: venv
+	$(VENV)/bin/ruff check vdsmlite tests fake_storage bench
+
+venv: $(STAMPS)/venv
+
+$(STAMPS)/venv: setup.cfg pyproject.toml
+	@mkdir -p $(STAMPS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -e '.[storage,test]'
+	@touch $@
+
+# Install only the packages that are missing; `apt-get update` runs at most once.
+define apt_install
+	@missing=""; for p in $(1); do \
+	    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" \
+	        || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    if [ "$$(id -u)" != 0 ]; then echo "need root to install:$$missing" >&2; exit 1; fi; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+endef
+
+apt-run:
+	$(call apt_install,$(APT_RUN))
+
+apt-test:
+	$(call apt_install,$(APT_TEST))
+
+apt-bench:
+	$(call apt_install,$(APT_BENCH))
+
+clean:
+	rm -rf $(VENV) $(STAMPS) var .pytest_cache .ruff_cache *.egg-info

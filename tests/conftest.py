@@ -1,0 +1,62 @@
+"""Shared fixtures: real daemons on free ports, raw HTTP helpers."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fake_storage.agent import Agent
+from tests.helpers import RawHttp
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # The suite drives loop devices, mounts and sanlock: refuse loudly rather than
+    # skip silently when it is not run as root.
+    if os.geteuid() != 0 and any(item.get_closest_marker("root") for item in items):
+        raise pytest.UsageError("this suite needs root (loop devices, LVM, mounts): "
+                                "run it with `make test` as root")
+
+
+def _check_clean(agent: Agent) -> None:
+    crashes = agent.crashes()
+    assert not crashes, "daemon logged unexpected exceptions:\n" + agent.log_text()[-6000:]
+
+
+@pytest.fixture
+def agent_factory(tmp_path: Path) -> Iterator[Any]:
+    """Start daemons on demand; all are stopped (by PID) and checked at teardown."""
+    started: list[Agent] = []
+
+    def start(name: str = "agent", **kw: Any) -> Agent:
+        a = Agent(tmp_path / name, **kw)
+        started.append(a)
+        return a.start()
+
+    yield start
+    for a in started:
+        a.stop()
+    for a in started:
+        _check_clean(a)
+
+
+@pytest.fixture
+def agent(agent_factory: Any) -> Agent:
+    return agent_factory()
+
+
+@pytest.fixture(scope="module")
+def shared_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
+    """One daemon for a module of read-only tests."""
+    a = Agent(tmp_path_factory.mktemp("shared") / "agent").start()
+    yield a
+    a.stop()
+    _check_clean(a)
+
+
+@pytest.fixture
+def raw(shared_agent: Agent) -> RawHttp:
+    return RawHttp(shared_agent)

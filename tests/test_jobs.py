@@ -1,0 +1,187 @@
+"""The jobs/tasks registry: states, progress, errors, events, clearing, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.helpers import run
+from vdsmlite import errors
+from vdsmlite.events import DROPPED_EVENT, EventBus
+from vdsmlite.jobs import Job, JobRegistry
+
+
+def test_successful_job_walks_the_states_and_publishes_each() -> None:
+    async def main() -> None:
+        bus = EventBus()
+        seen: list[tuple[str, str]] = []
+        bus.add_listener(lambda e: seen.append((e.name, e.params["status"])))
+        reg = JobRegistry(bus)
+        gate = asyncio.Event()
+
+        async def body(job: Job) -> str:
+            job.update(progress=40, bytes_done=4096)
+            await gate.wait()
+            return "ok"
+
+        job = reg.start(body, description="copy", verb="Volume.create")
+        assert job.task_status()["taskState"] == "init"
+        await asyncio.sleep(0)
+        assert job.info() == {"id": job.id, "status": "running", "description": "copy",
+                              "job_type": "storage", "progress": 40.0, "bytes_done": 4096}
+        assert job.task_status() == {"taskID": job.id, "taskState": "running", "taskResult": "",
+                                     "code": 0, "message": "running job 1 of 1"}
+        gate.set()
+        await job.wait()
+        assert job.result == "ok"
+        assert job.task_status() == {"taskID": job.id, "taskState": "finished",
+                                     "taskResult": "success", "code": 0,
+                                     "message": "1 jobs completed successfully"}
+        assert job.info()["progress"] == 100.0
+        name = f"|jobs|status|{job.id}"
+        assert seen == [(name, "pending"), (name, "running"), (name, "done")]
+        assert job.task_info() == {"id": job.id, "verb": "Volume.create"}
+    run(main())
+
+
+def test_failed_job_reports_the_vdsm_error() -> None:
+    async def main() -> None:
+        reg = JobRegistry(EventBus())
+
+        async def body(job: Job) -> None:
+            raise errors.NoSpaceLeftOnDomain("sd")
+
+        job = reg.start(body, description="create", verb="Volume.create")
+        await job.wait()
+        assert job.info()["status"] == "failed"
+        assert job.info()["error"] == {"code": 397, "message": "No space left on domain: ('sd',)"}
+        st = job.task_status()
+        assert (st["taskState"], st["taskResult"], st["code"]) == ("finished", "cleanSuccess", 397)
+    run(main())
+
+
+def test_crashed_job_is_a_general_exception() -> None:
+    async def main() -> None:
+        reg = JobRegistry(EventBus())
+
+        async def body(job: Job) -> None:
+            raise ZeroDivisionError("oops")
+
+        job = reg.start(body, description="x", verb="v")
+        await job.wait()
+        assert job.info()["error"]["code"] == 100
+    run(main())
+
+
+def test_abort_ends_in_aborted_with_411() -> None:
+    async def main() -> None:
+        reg = JobRegistry(EventBus())
+        cleaned = asyncio.Event()
+
+        async def body(job: Job) -> None:
+            try:
+                await asyncio.sleep(60)
+            finally:
+                cleaned.set()  # rollback code runs on abort
+
+        job = reg.start(body, description="x", verb="v")
+        await asyncio.sleep(0)
+        job.abort()
+        assert job.info()["status"] == "aborting"
+        await job.wait()
+        assert cleaned.is_set()
+        assert job.info()["status"] == "aborted"
+        assert job.task_status()["code"] == 411
+    run(main())
+
+
+def test_clear_and_lookup() -> None:
+    async def main() -> None:
+        reg = JobRegistry(EventBus())
+        gate = asyncio.Event()
+
+        async def body(job: Job) -> None:
+            await gate.wait()
+
+        job = reg.start(body, description="x", verb="v")
+        with pytest.raises(errors.TaskNotFinished):
+            reg.clear(job.id)
+        gate.set()
+        await job.wait()
+        reg.clear(job.id)
+        with pytest.raises(errors.UnknownTask):
+            reg.get(job.id)
+        with pytest.raises(errors.UnknownTask):
+            reg.clear(job.id)
+    run(main())
+
+
+def test_filters_and_duplicate_ids() -> None:
+    async def main() -> None:
+        reg = JobRegistry(EventBus())
+
+        async def body(job: Job) -> None:
+            return None
+
+        a = reg.start(body, description="a", verb="v",
+                      job_id="0b7c2f0e-2d1a-4a55-9d8b-1c2e3f4a5b6c")
+        b = reg.start(body, description="b", verb="v", job_type="v2v")
+        with pytest.raises(errors.JobExists):
+            reg.start(body, description="a", verb="v", job_id=a.id)
+        assert {j.id for j in reg.jobs("v2v")} == {b.id}
+        assert {j.id for j in reg.jobs(job_ids=[a.id, "nope"])} == {a.id}
+        await asyncio.gather(a.wait(), b.wait())
+        assert reg.count_by_status()["done"] == 2
+    run(main())
+
+
+def test_finished_jobs_expire() -> None:
+    async def main() -> None:
+        reg = JobRegistry(EventBus(), autodelete_delay=0.05)
+
+        async def body(job: Job) -> None:
+            return None
+
+        job = reg.start(body, description="x", verb="v")
+        await job.wait()
+        assert reg.jobs() == [job]
+        await asyncio.sleep(0.1)
+        assert reg.jobs() == []
+    run(main())
+
+
+def test_close_waits_then_aborts() -> None:
+    async def main() -> None:
+        reg = JobRegistry(EventBus())
+
+        async def quick(job: Job) -> None:
+            await asyncio.sleep(0.05)
+
+        async def forever(job: Job) -> None:
+            await asyncio.sleep(3600)
+
+        a = reg.start(quick, description="quick", verb="v")
+        b = reg.start(forever, description="forever", verb="v")
+        await reg.close(grace=0.3)
+        assert a.info()["status"] == "done"
+        assert b.info()["status"] == "aborted"
+        with pytest.raises(errors.ShuttingDownError):
+            reg.start(quick, description="late", verb="v")
+    run(main())
+
+
+def test_slow_subscriber_drops_and_is_told() -> None:
+    async def main() -> None:
+        bus = EventBus(queue_size=3)
+        with bus.subscribe() as sub:
+            for i in range(10):
+                bus.publish("e", {"i": i})
+            got = [await sub.get() for _ in range(4)]
+            assert [e.params.get("i") for e in got[:3]] == [0, 1, 2]
+            assert got[3].name == DROPPED_EVENT and got[3].params["count"] == 7
+            assert bus.dropped_total == 7
+            bus.publish("e", {"i": 99})
+            assert (await sub.get()).params["i"] == 99
+        assert bus.subscriber_count == 0
+    run(main())

@@ -1,0 +1,24 @@
+"""Verb handlers, grouped by VDSM namespace.
+
+Handlers are thin: they take coerced params (named exactly as in the schema),
+call domain code, and shape the result VDSM's way. Each namespace is a class
+whose methods carry `@verb("Namespace.method")`; `build_handlers` binds them.
+"""
+
+from __future__ import annotations
+
+from vdsmlite.api.base import collect
+from vdsmlite.api.host import HostApi
+from vdsmlite.api.task import TaskApi
+from vdsmlite.rpc.dispatch import Handler
+from vdsmlite.services import Services
+
+
+def build_handlers(services: Services) -> dict[str, Handler]:
+    handlers: dict[str, Handler] = {}
+    for namespace in (HostApi(services), TaskApi(services)):
+        for name, fn in collect(namespace).items():
+            if name in handlers:
+                raise RuntimeError(f"verb {name} bound twice")
+            handlers[name] = fn
+    return handlers

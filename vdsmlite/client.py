@@ -1,0 +1,135 @@
+"""A small synchronous JSON-RPC client for vdsmlite (HTTP over TCP, TLS or a unix socket).
+
+Used by `vdsmlite-client`, the tests and the benchmarks::
+
+    c = Client.unix("/run/vdsmlite/vdsmlite.sock")
+    c.call("Host.getDeviceList", {"storageType": 3})
+"""
+
+from __future__ import annotations
+
+import http.client
+import itertools
+import json
+import socket
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class ClientError(Exception):
+    """Could not talk to the daemon at all (connection, HTTP or protocol failure)."""
+
+
+class ServerError(Exception):
+    """The daemon answered with a JSON-RPC error."""
+
+    def __init__(self, code: int, message: str, data: Any = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.data = data
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    cert: Path
+    key: Path
+    ca: Path
+
+    def context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.ca))
+        ctx.load_cert_chain(str(self.cert), str(self.key))
+        return ctx
+
+
+class Client:
+    def __init__(self, conn_factory: Any, describe: str) -> None:
+        self._factory = conn_factory
+        self._conn: http.client.HTTPConnection | None = None
+        self._ids = itertools.count(1)
+        self.address = describe
+
+    @classmethod
+    def unix(cls, path: str | Path, timeout: float = 60.0) -> Client:
+        return cls(lambda: _UnixHTTPConnection(str(path), timeout), f"unix://{path}")
+
+    @classmethod
+    def tcp(cls, host: str, port: int, tls: TlsFiles | None = None,
+            timeout: float = 60.0) -> Client:
+        if tls is None:
+            return cls(lambda: http.client.HTTPConnection(host, port, timeout=timeout),
+                       f"http://{host}:{port}")
+        ctx = tls.context()
+        return cls(lambda: http.client.HTTPSConnection(host, port, timeout=timeout, context=ctx),
+                   f"https://{host}:{port}")
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def post(self, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        """POST raw bytes to /jsonrpc; returns (status, body). Reconnects once if idle-closed."""
+        hdrs = {"Content-Type": "application/json", **(headers or {})}
+        while True:
+            # Only a kept-alive connection the server may have closed while idle is
+            # retried; a fresh connection failing means the daemon is gone, and a
+            # blind resend could run a non-idempotent verb twice.
+            reused = self._conn is not None
+            if self._conn is None:
+                self._conn = self._factory()
+            try:
+                self._conn.request("POST", "/jsonrpc", body=body, headers=hdrs)
+                resp = self._conn.getresponse()
+                data = resp.read()
+                if resp.will_close:
+                    self.close()
+                return resp.status, data
+            except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected) as e:
+                self.close()
+                if not reused:
+                    raise ClientError(f"{self.address}: {e}") from e
+            except (OSError, http.client.HTTPException) as e:
+                self.close()
+                raise ClientError(f"{self.address}: {e}") from e
+
+    def call(self, method: str, params: dict[str, Any] | list[Any] | None = None,
+             headers: dict[str, str] | None = None) -> Any:
+        msg: dict[str, Any] = {"jsonrpc": "2.0", "id": next(self._ids), "method": method}
+        if params is not None:
+            msg["params"] = params
+        status, body = self.post(json.dumps(msg).encode(), headers)
+        if status != 200:
+            raise ClientError(f"{self.address}: HTTP {status}: {body[:200]!r}")
+        try:
+            reply = json.loads(body)
+        except ValueError as e:
+            raise ClientError(f"{self.address}: invalid JSON reply: {e}") from e
+        if "error" in reply:
+            err = reply["error"]
+            raise ServerError(err.get("code", -1), err.get("message", ""), err.get("data"))
+        return reply.get("result")

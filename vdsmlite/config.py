@@ -1,0 +1,243 @@
+"""One typed configuration for the daemon and the CLI.
+
+Sources, lowest precedence first:
+
+1. embedded defaults: state under ``./var`` (or ``$VDSMLITE_STATE_DIR``), JSON-RPC on
+   ``127.0.0.1:54321`` and on a unix socket in the run dir;
+2. a TOML file: ``--config FILE``, else ``/etc/vdsmlite/vdsmlite.conf`` when it exists;
+3. command line flags (``--state-dir``, ``--listen``, ``--port``).
+
+Unknown sections or keys and values of the wrong type are errors: a typo in a
+config file must stop the daemon at start, not be silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vdsmlite.errors import InvalidConfiguration
+from vdsmlite.rpc.types import parse_uuid
+
+SYSTEM_CONFIG = Path("/etc/vdsmlite/vdsmlite.conf")
+MiB = 1024 * 1024
+
+
+def _default_state_dir() -> Path:
+    return Path(os.environ.get("VDSMLITE_STATE_DIR", "./var"))
+
+
+@dataclass(frozen=True)
+class DaemonSection:
+    # Persistent state (host uuid, domain links, local file domains).
+    state_dir: Path = field(default_factory=_default_state_dir)
+    # Sockets and runtime links; defaults to <state_dir>/run.
+    run_dir: Path | None = None
+    # Stable identity of this host; generated once and kept in the state dir if unset.
+    host_uuid: str | None = None
+    log_level: str = "INFO"
+    # "text" (key=value, for humans and journald) or "json" (one object per line).
+    log_format: str = "text"
+    # Seconds in-flight calls get to finish on SIGTERM before they are cancelled.
+    shutdown_timeout: float = 10.0
+    # Threads for blocking work (LVM commands, fsync, O_DIRECT I/O, sanlock calls).
+    worker_threads: int = 8
+
+
+@dataclass(frozen=True)
+class RpcSection:
+    listen: str = "127.0.0.1"
+    port: int = 54321
+    # Also serve on <run_dir>/vdsmlite.sock (the CLI's default door).
+    unix_socket: bool = True
+    # Largest accepted JSON-RPC request body / WebSocket message; larger -> HTTP 413.
+    max_request_size: int = 16 * MiB
+    # Calls executing at once; more wait for a slot (protects the host from floods).
+    max_concurrent_calls: int = 256
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    # Allow plain TCP on a non-loopback address. Never the default.
+    insecure: bool = False
+
+
+@dataclass(frozen=True)
+class DevelSection:
+    # Check every verb's return value against the schema (tests turn this on).
+    validate_returns: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    daemon: DaemonSection = field(default_factory=DaemonSection)
+    rpc: RpcSection = field(default_factory=RpcSection)
+    devel: DevelSection = field(default_factory=DevelSection)
+    # Where the values came from, for logs and --show-config.
+    source: str = "embedded defaults"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.daemon.state_dir
+
+    @property
+    def run_dir(self) -> Path:
+        return self.daemon.run_dir or self.daemon.state_dir / "run"
+
+    @property
+    def unix_socket_path(self) -> Path | None:
+        return self.run_dir / "vdsmlite.sock" if self.rpc.unix_socket else None
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.rpc.tls_cert is not None
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["daemon"]["run_dir"] = self.run_dir
+        return _stringify(out)
+
+
+def _stringify(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _stringify(v) for k, v in value.items()}
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+_SECTIONS: dict[str, type] = {
+    "daemon": DaemonSection,
+    "rpc": RpcSection,
+    "devel": DevelSection,
+}
+
+
+def _coerce(section: str, key: str, raw: Any, hint: Any) -> Any:
+    where = f"[{section}] {key}"
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if raw is None:
+            return None
+        return _coerce(section, key, raw, args[0])
+    if hint is bool:
+        if not isinstance(raw, bool):
+            raise InvalidConfiguration(f"{where}: expected true or false, got {raw!r}")
+        return raw
+    if hint is int:
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise InvalidConfiguration(f"{where}: expected an integer, got {raw!r}")
+        return raw
+    if hint is float:
+        if isinstance(raw, bool) or not isinstance(raw, int | float):
+            raise InvalidConfiguration(f"{where}: expected a number, got {raw!r}")
+        return float(raw)
+    if hint is str:
+        if not isinstance(raw, str):
+            raise InvalidConfiguration(f"{where}: expected a string, got {raw!r}")
+        return raw
+    if hint is Path:
+        if not isinstance(raw, str | Path) or not str(raw):
+            raise InvalidConfiguration(f"{where}: expected a path, got {raw!r}")
+        return Path(raw)
+    raise InvalidConfiguration(f"{where}: unsupported setting type {hint!r}")
+
+
+def _build_section(name: str, cls: type, values: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise InvalidConfiguration(f"[{name}]: unknown setting(s) {', '.join(unknown)}")
+    kwargs = {k: _coerce(name, k, v, hints[k]) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> None:
+    d, r = cfg.daemon, cfg.rpc
+    if d.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise InvalidConfiguration(f"[daemon] log_level: unknown level {d.log_level!r}")
+    if d.log_format not in ("text", "json"):
+        raise InvalidConfiguration(
+            f"[daemon] log_format: expected text or json, got {d.log_format!r}")
+    if d.shutdown_timeout < 0:
+        raise InvalidConfiguration("[daemon] shutdown_timeout: must not be negative")
+    if not 1 <= d.worker_threads <= 256:
+        raise InvalidConfiguration("[daemon] worker_threads: must be within 1..256")
+    if not 0 <= r.port <= 65535:
+        raise InvalidConfiguration(f"[rpc] port: {r.port} is not a TCP port")
+    if r.max_request_size < 1024:
+        raise InvalidConfiguration("[rpc] max_request_size: must be at least 1024 bytes")
+    if r.max_concurrent_calls < 1:
+        raise InvalidConfiguration("[rpc] max_concurrent_calls: must be at least 1")
+    tls = (r.tls_cert, r.tls_key, r.tls_ca)
+    if any(tls) and not all(tls):
+        raise InvalidConfiguration("[rpc] tls_cert, tls_key and tls_ca must be set together")
+    if not cfg.tls_enabled and not r.insecure and not is_loopback(r.listen):
+        raise InvalidConfiguration(
+            f"[rpc] listen: refusing plain TCP on non-loopback address {r.listen!r}; "
+            "configure tls_cert/tls_key/tls_ca or set insecure = true"
+        )
+    if d.host_uuid is not None and parse_uuid(d.host_uuid) is None:
+        raise InvalidConfiguration(f"[daemon] host_uuid: {d.host_uuid!r} is not a UUID")
+
+
+def is_loopback(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def load(
+    path: Path | None = None,
+    *,
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> Config:
+    """Build the effective config. `path` None means the system file if present."""
+    data: dict[str, Any] = {}
+    source = "embedded defaults"
+    if path is None and SYSTEM_CONFIG.exists():
+        path = SYSTEM_CONFIG
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise InvalidConfiguration(f"config file {str(path)!r} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise InvalidConfiguration(f"config file {str(path)!r}: {e}") from None
+        source = str(path)
+    for section, values in (overrides or {}).items():
+        data.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
+
+    unknown = sorted(set(data) - set(_SECTIONS))
+    if unknown:
+        raise InvalidConfiguration(f"unknown config section(s): {', '.join(unknown)}")
+    sections = {}
+    for name, cls in _SECTIONS.items():
+        values = data.get(name, {})
+        if not isinstance(values, dict):
+            raise InvalidConfiguration(f"[{name}] must be a table")
+        sections[name] = _build_section(name, cls, values)
+
+    daemon: DaemonSection = sections["daemon"]
+    # Relative paths are relative to where the daemon was started, made absolute
+    # once so later chdir()s or log lines never disagree about them.
+    daemon = dataclasses.replace(
+        daemon,
+        state_dir=daemon.state_dir.absolute(),
+        run_dir=daemon.run_dir.absolute() if daemon.run_dir else None,
+    )
+    cfg = Config(daemon=daemon, rpc=sections["rpc"], devel=sections["devel"], source=source)
+    _validate(cfg)
+    return cfg

@@ -1,0 +1,223 @@
+"""The vdsmlite daemon: start-up, listeners, signals and an orderly shutdown.
+
+Start-up order: config -> logging -> services -> verb handlers bound to the
+schema -> HTTP application -> listeners (TCP, optionally TLS; unix socket) ->
+READY=1. Shutdown on SIGTERM/SIGINT, in the order that loses nothing:
+
+1. STOPPING=1; new calls are refused (3001) while calls in flight continue;
+2. listeners close, so no new connections arrive;
+3. calls in flight get ``shutdown_timeout`` seconds, then are cancelled and
+   answered with 443 (Action was stopped);
+4. WebSockets are closed (1001 going away), jobs are given the same grace and
+   then aborted, the worker threads finish.
+
+A second signal during shutdown exits at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import errno
+import json
+import logging
+import os
+import signal
+import socket
+import ssl
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from vdsmlite import __version__, config, logs
+from vdsmlite.api import build_handlers
+from vdsmlite.errors import InvalidConfiguration
+from vdsmlite.rpc import transport
+from vdsmlite.rpc.dispatch import Dispatcher
+from vdsmlite.rpc.schema import default_schema
+from vdsmlite.sdnotify import Notifier
+from vdsmlite.services import Services
+
+log = logging.getLogger("vdsmlite.daemon")
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why and what to do."""
+
+
+def server_ssl_context(cfg: config.Config) -> ssl.SSLContext | None:
+    r = cfg.rpc
+    if r.tls_cert is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(r.tls_ca))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # Clients must prove who they are: the engine and admins hold certs signed by our CA.
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    try:
+        ctx.load_cert_chain(str(r.tls_cert), str(r.tls_key))
+    except (OSError, ssl.SSLError) as e:
+        raise StartupError(f"cannot load TLS certificate/key: {e}") from None
+    return ctx
+
+
+def _claim_unix_socket(path: Path) -> None:
+    """Remove a stale socket file, refusing if another daemon is listening on it."""
+    if not path.exists():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()  # left behind by a daemon that died; nobody answers on it
+        return
+    finally:
+        probe.close()
+    raise StartupError(f"another vdsmlite is already listening on {path}")
+
+
+def build_app(services: Services) -> tuple[web.Application, Dispatcher]:
+    """The HTTP application with every door, wired to `services` (tests reuse it)."""
+    cfg = services.config
+    dispatcher = Dispatcher(
+        default_schema(),
+        build_handlers(services),
+        services.metrics,
+        max_concurrent=cfg.rpc.max_concurrent_calls,
+        validate_returns=cfg.devel.validate_returns,
+    )
+    services.calls_in_flight = lambda: dispatcher.in_flight
+    app = web.Application(client_max_size=cfg.rpc.max_request_size)
+    transport.add_routes(app, dispatcher, services.events, cfg.rpc.max_request_size)
+    app.router.add_get("/metrics", services.metrics.handle)
+    return app, dispatcher
+
+
+class Daemon:
+    def __init__(self, cfg: config.Config) -> None:
+        self.cfg = cfg
+        self.notifier = Notifier()
+        self._stop = asyncio.Event()
+        self.addresses: list[str] = []
+        # Set once *we* bound the unix socket; a daemon refused at start-up must
+        # not remove the socket of the one already running.
+        self._own_socket: Path | None = None
+
+    def request_stop(self, signame: str) -> None:
+        if self._stop.is_set():
+            log.warning("second %s during shutdown: exiting now", signame)
+            os._exit(1)
+        log.info("received %s, shutting down", signame)
+        self._stop.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop, sig.name)
+        self.notifier.status("Starting")
+        cfg = self.cfg
+        for d in (cfg.state_dir, cfg.run_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+        services = Services(cfg)
+        app, dispatcher = build_app(services)
+        runner = web.AppRunner(app, handle_signals=False, access_log=None,
+                               shutdown_timeout=cfg.daemon.shutdown_timeout)
+        await runner.setup()
+        try:
+            await self._listen(runner)
+            dispatcher.ready = True
+            status = "Serving on " + ", ".join(self.addresses)
+            # Machine-readable addresses for harnesses that start us on port 0.
+            self.notifier.ready(status, *(f"VDSMLITE_{a.split(':', 1)[0].upper()}={a}"
+                                          for a in self.addresses))
+            self.notifier.start_watchdog()
+            log.info("vdsmlite %s ready (host %s, config: %s); %s", __version__,
+                     services.host_uuid, cfg.source, status)
+            await self._stop.wait()
+        finally:
+            self.notifier.stopping()
+            dispatcher.begin_shutdown()
+            for site in list(runner.sites):
+                with contextlib.suppress(Exception):
+                    await site.stop()
+            await dispatcher.drain(grace=cfg.daemon.shutdown_timeout)
+            await transport.close_websockets(app)
+            await runner.cleanup()
+            await services.close()
+            if self._own_socket is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    self._own_socket.unlink()
+            await self.notifier.close()
+            log.info("vdsmlite stopped")
+
+    async def _listen(self, runner: web.AppRunner) -> None:
+        cfg = self.cfg
+        ssl_ctx = server_ssl_context(cfg)
+        site = web.TCPSite(runner, cfg.rpc.listen, cfg.rpc.port, ssl_context=ssl_ctx,
+                           reuse_address=True, backlog=1024)
+        try:
+            await site.start()
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise StartupError(
+                    f"{cfg.rpc.listen}:{cfg.rpc.port} is already in use "
+                    "(another vdsmlite or vdsm running?)") from None
+            raise StartupError(f"cannot listen on {cfg.rpc.listen}:{cfg.rpc.port}: {e}") from None
+        server = site._server  # the bound port matters when port 0 asked for any
+        assert server is not None
+        for sock in server.sockets:  # type: ignore[attr-defined]
+            host, port = sock.getsockname()[:2]
+            scheme = "https" if ssl_ctx else "http"
+            self.addresses.append(f"{scheme}://{host}:{port}" if ":" not in host
+                                  else f"{scheme}://[{host}]:{port}")
+        path = cfg.unix_socket_path
+        if path is not None:
+            _claim_unix_socket(path)
+            usite = web.UnixSite(runner, str(path))
+            await usite.start()
+            self._own_socket = path
+            # Root (and the admin group) only: the socket is unauthenticated.
+            os.chmod(path, 0o660)
+            self.addresses.append(f"unix://{path}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="vdsmlite",
+        description="vdsmlite host storage agent (VDSM-compatible JSON-RPC).")
+    p.add_argument("--config", type=Path, help=f"config file (default {config.SYSTEM_CONFIG} "
+                   "if it exists, else embedded defaults)")
+    p.add_argument("--state-dir", type=Path, help="state directory (default ./var or "
+                   "$VDSMLITE_STATE_DIR)")
+    p.add_argument("--listen", help="TCP address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="TCP port (default 54321; 0 picks a free one)")
+    p.add_argument("--show-config", action="store_true",
+                   help="print the effective config as JSON and exit")
+    p.add_argument("--version", action="version", version=f"vdsmlite {__version__}")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    overrides = {
+        "daemon": {"state_dir": str(args.state_dir) if args.state_dir else None},
+        "rpc": {"listen": args.listen, "port": args.port},
+    }
+    try:
+        cfg = config.load(args.config, overrides=overrides)
+    except InvalidConfiguration as e:
+        print(f"vdsmlite: invalid configuration: {e.value[0] if e.value else e}", file=sys.stderr)
+        sys.exit(2)
+    if args.show_config:
+        print(json.dumps(cfg.as_dict(), indent=2, sort_keys=True))
+        return
+    logs.setup(cfg.daemon.log_level, cfg.daemon.log_format)
+    try:
+        asyncio.run(Daemon(cfg).run())
+    except StartupError as e:
+        log.error("cannot start: %s", e)
+        sys.exit(1)
+    except KeyboardInterrupt:  # only before the signal handlers are installed
+        sys.exit(130)

@@ -1,0 +1,910 @@
+"""Every error a vdsmlite client can see, in one place.
+
+Two families:
+
+* `JsonRpcError`: protocol errors of JSON-RPC 2.0 itself (-32700 ... -32603).
+* `VdsmError`: verb errors carrying VDSM's numeric codes and message style, so an
+  engine written for VDSM maps them exactly as it maps VDSM's own.  VDSM renders
+  an error as ``"<message>: <repr(value)>"`` where ``value`` is the tuple of
+  constructor arguments (``StorageDomainDoesNotExist(sd)`` ->
+  ``"Storage domain does not exist: ('<sd>',)"``); subclasses that take named
+  fields render them as one ``"k=v, ..."`` string, as VDSM does.
+
+Codes above 5000 belong to the engine; nothing here may use them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class VdsmLiteError(Exception):
+    """Base of everything raised on purpose by vdsmlite."""
+
+
+# --------------------------------------------------------------------------
+# JSON-RPC 2.0 protocol errors
+
+
+class JsonRpcError(VdsmLiteError):
+    code: ClassVar[int] = -32603
+    msg: ClassVar[str] = "Internal JSON-RPC error"
+
+    def __init__(self, detail: str = "", data: Any = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.data = data
+
+    @property
+    def message(self) -> str:
+        return f"{self.msg}: {self.detail}" if self.detail else self.msg
+
+    def to_json(self) -> dict[str, Any]:
+        err: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.data is not None:
+            err["data"] = self.data
+        return err
+
+
+class JsonRpcParseError(JsonRpcError):
+    code = -32700
+    msg = "Parse error"
+
+
+class JsonRpcInvalidRequest(JsonRpcError):
+    code = -32600
+    msg = "Invalid request"
+
+
+class JsonRpcMethodNotFound(JsonRpcError):
+    code = -32601
+    msg = "Method not found"
+
+
+class JsonRpcInvalidParams(JsonRpcError):
+    code = -32602
+    msg = "Invalid params"
+
+    def __init__(self, param: str, reason: str) -> None:
+        super().__init__(f"{param}: {reason}", data={"param": param, "reason": reason})
+        self.param = param
+        self.reason = reason
+
+
+class JsonRpcInternalError(JsonRpcError):
+    code = -32603
+    msg = "Internal JSON-RPC error"
+
+
+# --------------------------------------------------------------------------
+# VDSM verb errors
+
+
+class VdsmError(VdsmLiteError):
+    """An error with a VDSM status code; the message follows VDSM's format."""
+
+    code: ClassVar[int] = 100
+    msg: ClassVar[str] = "General Exception"
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.value: Any = args
+
+    @property
+    def message(self) -> str:
+        return f"{self.msg}: {self.value!r}"
+
+    def __str__(self) -> str:
+        return self.message
+
+    def to_json(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message}
+
+
+class _Fields(VdsmError):
+    """Errors VDSM renders as one ``"k=v, k=v"`` string built from named fields."""
+
+    fields: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        if len(args) == len(self.fields):
+            self.value = ", ".join(f"{k}={v}" for k, v in zip(self.fields, args, strict=True))
+
+
+# common (lib/vdsm/common/exception.py)
+
+
+class NoSuchVM(VdsmError):
+    code = 1
+    msg = "Virtual machine does not exist"
+
+
+class VMExists(VdsmError):
+    code = 4
+    msg = "Virtual machine already exists"
+
+
+class CannotCreateVM(VdsmError):
+    code = 9
+    msg = "Error creating the requested VM"
+
+
+class MissingParameter(VdsmError):
+    code = 11
+    msg = "Missing required parameter"
+
+
+class ImageFileNotFound(VdsmError):
+    code = 13
+    msg = "Image file not found"
+
+
+class UnexpectedError(VdsmError):
+    code = 16
+    msg = "Unexpected exception"
+
+
+class LUNDoesNotExist(VdsmError):
+    code = 37
+    msg = "LUN does not exist"
+
+
+class UnsupportedFenceAgent(VdsmError):
+    code = 43
+    msg = "Unsupported fencing agent"
+
+
+class HotplugDiskFailed(VdsmError):
+    code = 45
+    msg = "Failed to hotplug disk"
+
+
+class HotunplugDiskFailed(VdsmError):
+    code = 46
+    msg = "Failed to hotunplug disk"
+
+
+class MergeFailed(VdsmError):
+    code = 52
+    msg = "Merge failed"
+
+
+class NoSuchJob(VdsmError):
+    code = 66
+    msg = "Job does not exist"
+
+
+class JobNotDone(VdsmError):
+    code = 68
+    msg = "Job is not done"
+
+
+class JobExists(VdsmError):
+    code = 69
+    msg = "Job already exists"
+
+
+class UnsupportedOperation(VdsmError):
+    code = 75
+    msg = "Operation not supported"
+
+
+class JobNotActive(VdsmError):
+    code = 84
+    msg = "Job not active"
+
+
+class InvalidParameter(VdsmError):
+    code = 91
+    msg = "Invalid parameter"
+
+
+class RecoveryInProgress(VdsmError):
+    code = 99
+    msg = "Recovering from crash or Initializing"
+
+
+class GeneralException(VdsmError):
+    code = 100
+    msg = "General Exception"
+
+
+class InvalidConfiguration(VdsmError):
+    code = 101
+    msg = "Invalid configuration"
+
+
+class ActionStopped(VdsmError):
+    code = 443
+    msg = "Action was stopped"
+
+
+class ResourceExhausted(VdsmError):
+    code = 1100
+    msg = "Resource exhausted"
+
+
+# storage (lib/vdsm/storage/exception.py)
+
+
+class StorageException(VdsmError):
+    code = 200
+    msg = "General Storage Exception"
+
+
+class InvalidParameterException(_Fields):
+    code = 1000
+    msg = "Invalid parameter"
+
+    def __init__(self, name: str, value: Any) -> None:
+        super().__init__(name, value)
+        self.value = f"{name}={value}"
+
+
+class MiscFileReadException(StorageException):
+    code = 2001
+    msg = "Internal file read failure"
+
+
+class MiscFileWriteException(StorageException):
+    code = 2002
+    msg = "Internal file write failure"
+
+
+class MiscOperationInProgress(StorageException):
+    code = 2005
+    msg = "Operation is already in progress"
+
+
+class ShuttingDownError(StorageException):
+    code = 3001
+    msg = "Shutting down"
+
+
+# volumes
+
+
+class VolumeDoesNotExist(StorageException):
+    code = 201
+    msg = "Volume does not exist"
+
+
+class IncorrectFormat(StorageException):
+    code = 202
+    msg = "Incorrect Volume format"
+
+
+class VolumeIsBusy(StorageException):
+    code = 203
+    msg = "Volume is busy"
+
+
+class VolumeImageHasChildren(StorageException):
+    code = 204
+    msg = "Cannot delete volume which has children (non-ethical)"
+
+
+class VolumeCreationError(StorageException):
+    code = 205
+    msg = "Error creating a new volume"
+
+
+class VolumeExtendingError(StorageException):
+    code = 206
+    msg = "Error extending volume"
+
+
+class VolumeMetadataReadError(StorageException):
+    code = 207
+    msg = "Error while processing volume meta data"
+
+
+class VolumeMetadataWriteError(StorageException):
+    code = 208
+    msg = "Error while updating volume meta data"
+
+
+class VolumeAccessError(StorageException):
+    code = 209
+    msg = "Error accessing a volume"
+
+
+class VolumeAlreadyExists(StorageException):
+    code = 212
+    msg = "Volume already exists"
+
+
+class CannotDeleteVolume(StorageException):
+    code = 222
+    msg = "Volume deletion error"
+
+
+class VolumeCopyError(StorageException):
+    code = 225
+    msg = "Volume copy failed"
+
+
+class PrepareIllegalVolumeError(StorageException):
+    code = 227
+    msg = "Cannot prepare illegal volume"
+
+
+class CreateVolumeSizeError(StorageException):
+    code = 229
+    msg = "Requested size is too small. Must be larger or equal to 1"
+
+
+class IncorrectType(StorageException):
+    code = 231
+    msg = "Incorrect Volume Preallocate Type"
+
+
+class VolumeResizeValueError(StorageException):
+    code = 232
+    msg = "Incorrect size value for volume resize"
+
+
+# images
+
+
+class ImagesActionError(StorageException):
+    code = 250
+    msg = "Error images action"
+
+
+class ImagePathError(StorageException):
+    code = 254
+    msg = "Image path does not exist or cannot be accessed/created"
+
+
+class ImageDeleteError(StorageException):
+    code = 256
+    msg = "Could not remove all image's volumes"
+
+
+class CopyImageError(StorageException):
+    code = 261
+    msg = "low level Image copy failed"
+
+
+class ImageIsNotLegalChain(StorageException):
+    code = 262
+    msg = "Image is not a legal chain"
+
+
+class ImageDoesNotExistInSD(_Fields):
+    code = 268
+    msg = "Image does not exist in domain"
+    fields = ("image", "domain")
+
+
+# pools
+
+
+class StoragePoolActionError(StorageException):
+    code = 300
+    msg = "Error storage pool action"
+
+
+class StoragePoolConnectionError(StorageException):
+    code = 302
+    msg = "Error storage pool connection"
+
+
+class StoragePoolMasterNotFound(_Fields):
+    code = 304
+    msg = "Cannot find master domain"
+    fields = ("spUUID", "msdUUID")
+
+
+class StoragePoolUnknown(StorageException):
+    code = 309
+    msg = "Unknown pool id, pool not connected"
+
+
+class StoragePoolNotConnected(StorageException):
+    code = 313
+    msg = "Storage pool not connected"
+
+
+class StoragePoolAlreadyExists(StorageException):
+    code = 316
+    msg = "Error creating a storage pool - pool already exists"
+
+
+class MissingOvfFileFromVM(StorageException):
+    code = 320
+    msg = "Missing OVF file from VM"
+
+
+class StoragePoolWrongMaster(_Fields):
+    code = 324
+    msg = "Wrong Master domain or its version"
+    fields = ("SD", "pool")
+
+
+class StoragePoolConnected(StorageException):
+    code = 325
+    msg = "Cannot perform action while storage pool is connected"
+
+
+# domains
+
+
+class StorageDomainBlockSizeMismatch(StorageException):
+    code = 348
+    msg = "Block size does not match storage block size"
+
+
+class StorageDomainActionError(StorageException):
+    code = 350
+    msg = "Error in storage domain action"
+
+
+class StorageDomainCreationError(StorageException):
+    code = 351
+    msg = "Error creating a storage domain"
+
+
+class StorageDomainNotInPool(_Fields):
+    code = 353
+    msg = "Storage domain not in pool"
+    fields = ("domain", "pool")
+
+
+class StorageDomainAttachError(StorageException):
+    code = 354
+    msg = "Error attaching storage domain"
+
+
+class StorageDomainDetachError(StorageException):
+    code = 356
+    msg = "Error detaching storage domain"
+
+
+class StorageDomainDeactivateError(StorageException):
+    code = 357
+    msg = "Error deactivating storage domain"
+
+
+class StorageDomainDoesNotExist(StorageException):
+    code = 358
+    msg = "Storage domain does not exist"
+
+
+class StorageDomainActivateError(StorageException):
+    code = 359
+    msg = "Error activating storage domain"
+
+
+class StorageDomainFSNotMounted(StorageException):
+    code = 360
+    msg = "Storage domain remote path not mounted"
+
+
+class StorageDomainNotEmpty(StorageException):
+    code = 361
+    msg = "Storage domain is not empty - requires cleaning"
+
+
+class StorageDomainMetadataNotFound(_Fields):
+    code = 364
+    msg = "Storage domain invalid, metadata not found"
+    fields = ("sdUUID", "metafile path")
+
+
+class StorageDomainAlreadyExists(StorageException):
+    code = 365
+    msg = "Storage domain already exists"
+
+
+class StorageDomainNotActive(StorageException):
+    code = 369
+    msg = "Storage domain not active"
+
+
+class StorageDomainLayoutError(StorageException):
+    code = 371
+    msg = "Storage domain layout corrupted"
+
+
+class StorageDomainTypeError(StorageException):
+    code = 372
+    msg = "Unsupported Storage Domain type"
+
+
+class StorageDomainNotMemberOfPool(_Fields):
+    code = 375
+    msg = "Domain is not member in pool"
+    fields = ("pool", "domain")
+
+
+class StorageDomainAccessError(StorageException):
+    code = 379
+    msg = "Domain is either partially accessible or entirely inaccessible"
+
+
+class StorageDomainAlreadyAttached(_Fields):
+    code = 380
+    msg = "Storage domain already attached to pool"
+    fields = ("domain", "pool")
+
+
+class StorageDomainActive(StorageException):
+    code = 382
+    msg = "Illegal action, domain active"
+
+
+class StorageDomainClassError(StorageException):
+    code = 386
+    msg = "Invalid domain class value"
+
+
+class StorageDomainDescriptionTooLongError(StorageException):
+    code = 387
+    msg = "Storage domain description is too long"
+
+
+class StorageDomainIllegalRemotePath(StorageException):
+    code = 390
+    msg = "Remote path is illegal"
+
+
+class UnsupportedDomainVersion(StorageException):
+    code = 394
+    msg = "Domain version is unsupported by this version of VDSM"
+
+
+class NoSpaceLeftOnDomain(StorageException):
+    code = 397
+    msg = "No space left on domain"
+
+
+# tasks
+
+
+class InvalidTask(VdsmError):
+    code = 400
+    msg = "Task invalid"
+
+
+class UnknownTask(VdsmError):
+    code = 401
+    msg = "Task id unknown"
+
+
+class TaskClearError(VdsmError):
+    code = 402
+    msg = "Could not clear task"
+
+
+class TaskNotFinished(VdsmError):
+    code = 403
+    msg = "Task not finished"
+
+
+class TaskInProgress(VdsmError):
+    code = 406
+    msg = "Running Task in progress"
+
+
+class TaskAborted(VdsmError):
+    code = 411
+    msg = "Task is aborted"
+
+
+# connections
+
+
+class StorageServerActionError(StorageException):
+    code = 450
+    msg = "Error storage server action"
+
+
+class StorageServerConnectionError(StorageException):
+    code = 451
+    msg = "Error storage server connection"
+
+
+class StorageServerDisconnectionError(StorageException):
+    code = 452
+    msg = "Error storage server disconnection"
+
+
+class StorageServerValidationError(StorageException):
+    code = 453
+    msg = (
+        "The specified path does not exist or cannot be reached. Verify the path is "
+        "correct and for remote storage, check the connection to your storage."
+    )
+
+    def __init__(self, path: str = "") -> None:
+        super().__init__(path)
+        self.value = f"path = {path}"
+
+
+class StorageServeriSCSIError(StorageException):
+    code = 454
+    msg = "iSCSI connection error"
+
+
+class AddiSCSINodeError(StorageServeriSCSIError):
+    code = 460
+    msg = "Add iSCSI node error"
+
+
+class SetiSCSIAuthError(StorageServeriSCSIError):
+    code = 461
+    msg = "Set iSCSI authentication error"
+
+
+class iSCSILoginError(StorageServeriSCSIError):
+    code = 464
+    msg = "Failed to login to iSCSI node"
+
+
+class iSCSISetupError(StorageServeriSCSIError):
+    code = 465
+    msg = "Failed to setup iSCSI subsystem"
+
+
+class StorageServerAccessPermissionError(StorageException):
+    code = 469
+    msg = (
+        "Permission settings on the specified path do not allow access to the storage. "
+        "Verify permission settings on the specified storage path."
+    )
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.value = f"path = {path}"
+
+
+class StorageServerLocalNotDirError(StorageException):
+    code = 469
+    msg = "The specified local path is not a directory."
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.value = f"path = {path}"
+
+
+class MountTypeError(StorageException):
+    code = 470
+    msg = "Mount type error"
+
+
+class iSCSILogoutError(StorageServeriSCSIError):
+    code = 474
+    msg = "Failed to logout from iSCSI node"
+
+
+class iSCSIDiscoveryError(_Fields):
+    code = 475
+    msg = "Failed discovery of iSCSI targets"
+    fields = ("portal", "err")
+
+
+class iSCSILoginAuthError(StorageServeriSCSIError):
+    code = 476
+    msg = "Failed to login to iSCSI node due to authorization failure"
+
+
+class MountError(StorageException):
+    code = 477
+    msg = "Problem while trying to mount target"
+
+
+# LVM
+
+
+class VolumeGroupActionError(StorageException):
+    code = 500
+    msg = "Error volume group action"
+
+
+class VolumeGroupCreateError(_Fields):
+    code = 502
+    msg = "Cannot create Volume Group"
+    fields = ("vgname", "devname")
+
+
+class VolumeGroupSizeError(StorageException):
+    code = 504
+    msg = "Volume Group not big enough"
+
+
+class VolumeGroupAlreadyExistsError(StorageException):
+    code = 505
+    msg = "Volume Group Already Exists"
+
+
+class VolumeGroupDoesNotExist(StorageException):
+    code = 506
+    msg = "Volume Group does not exist"
+
+
+class VolumeGroupRemoveError(StorageException):
+    code = 508
+    msg = "Volume Group remove error"
+
+
+class VolumeGroupHasDomainTag(StorageException):
+    code = 515
+    msg = "Volume Group has domain tag - requires cleaning"
+
+
+class VolumeGroupBlockSizeError(StorageException):
+    code = 517
+    msg = "All devices in domain must have the same block size"
+
+
+class CannotCreateLogicalVolume(StorageException):
+    code = 550
+    msg = "Cannot create Logical Volume"
+
+
+class CannotRemoveLogicalVolume(StorageException):
+    code = 551
+    msg = "Cannot remove Logical Volume"
+
+
+class CannotDeactivateLogicalVolume(StorageException):
+    code = 552
+    msg = "Cannot deactivate Logical Volume"
+
+
+class CannotAccessLogicalVolume(StorageException):
+    code = 553
+    msg = "Cannot access Logical Volume"
+
+
+class LogicalVolumeExtendError(_Fields):
+    code = 554
+    msg = "Logical Volume extend failed"
+    fields = ("vgname", "lvname", "newsize")
+
+
+class CannotActivateLogicalVolume(StorageException):
+    code = 558
+    msg = "Cannot activate Logical Volume"
+
+
+class LogicalVolumeAddTagError(StorageException):
+    code = 560
+    msg = "Add tag to Logical Volume error"
+
+
+class LogicalVolumeReplaceTagError(StorageException):
+    code = 572
+    msg = "Replace Logical Volume tag error"
+
+
+class PhysDevInitializationError(StorageException):
+    code = 601
+    msg = "Failed to initialize physical device"
+
+
+class LogicalVolumeAlreadyExists(StorageException):
+    code = 604
+    msg = "Cannot create logical volume - already exists"
+
+
+class InaccessiblePhysDev(StorageException):
+    code = 606
+    msg = "Multipath cannot access physical device(s)"
+
+    def __init__(self, devices: Any) -> None:
+        super().__init__(devices)
+        self.value = f"devices={devices}"
+
+
+class LogicalVolumeDoesNotExistError(StorageException):
+    code = 610
+    msg = "Logical volume does not exist"
+
+
+class LVMCommandError(StorageException):
+    code = 621
+    msg = "LVM command failed"
+
+
+# SPM / locks
+
+
+class AcquireLockFailure(_Fields):
+    code = 651
+    msg = "Cannot obtain lock"
+    fields = ("id", "rc", "out", "err")
+
+
+class SpmStatusError(StorageException):
+    code = 654
+    msg = "Not SPM"
+
+
+class ReleaseLockFailure(StorageException):
+    code = 660
+    msg = "Cannot release lock"
+
+
+class AcquireHostIdFailure(StorageException):
+    code = 661
+    msg = "Cannot acquire host id"
+
+
+class ReleaseHostIdFailure(StorageException):
+    code = 662
+    msg = "Cannot release host id"
+
+
+class HostIdMismatch(StorageException):
+    code = 700
+    msg = "Host id not found or does not match manager host id"
+
+
+class ClusterLockInitError(StorageException):
+    code = 701
+    msg = "Could not initialize cluster lock"
+
+
+class SanlockInquireError(StorageException):
+    code = 704
+    msg = "Cannot inquire sanlock resources"
+
+
+# metadata
+
+
+class MetaDataGeneralError(StorageException):
+    code = 749
+    msg = "General Meta data error"
+
+
+class MetaDataKeyNotFoundError(MetaDataGeneralError):
+    code = 751
+    msg = "Meta Data key not found error"
+
+
+class MetaDataSealIsBroken(_Fields):
+    code = 752
+    msg = "Meta Data seal is broken (checksum mismatch)"
+    fields = ("cksum", "computed_cksum")
+
+
+class MetadataOverflowError(MetaDataGeneralError):
+    code = 756
+    msg = "Metadata is too big. Cannot change Metadata"
+
+
+class StorageDomainIsMemberOfPool(StorageException):
+    code = 900
+    msg = "Storage domain is member of pool"
+
+    def __init__(self, sd_uuid: str) -> None:
+        super().__init__(sd_uuid)
+        self.value = f"domain={sd_uuid}"
+
+
+class GenerationMismatch(_Fields):
+    code = 911
+    msg = "The provided generation does not match the actual generation"
+    fields = ("requested", "actual")
+
+
+class NoSuchLease(StorageException):
+    code = 936
+    msg = "No such lease"
+
+
+def all_vdsm_errors() -> list[type[VdsmError]]:
+    """Every concrete VDSM error class, for the schema's error table and tests."""
+    found: list[type[VdsmError]] = []
+    pending: list[type[VdsmError]] = [VdsmError]
+    while pending:
+        cls = pending.pop()
+        if not cls.__name__.startswith("_"):
+            found.append(cls)
+        pending.extend(cls.__subclasses__())
+    return sorted(set(found), key=lambda c: (c.code, c.__name__))

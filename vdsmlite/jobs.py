@@ -1,0 +1,261 @@
+"""The registry of long-running work: jobs, seen by VDSM clients as jobs and tasks.
+
+VDSM has two vocabularies for the same idea: SPM *tasks* (a verb returns a
+task id, the engine polls `Task.getStatus` and then `Task.clear`s it) and host
+*jobs* (`Host.getJobs`, ``|jobs|status|<id>`` events). vdsmlite runs every long
+operation as one `Job` and answers both vocabularies from it, so an upload
+started over HTTP is visible in `Host.getJobs` and pollable by its `Task-Id`.
+
+A job's body is a coroutine that receives the `Job` and reports progress
+through it. Status changes are published on the event bus. Finished jobs are
+kept until cleared, or for `autodelete_delay` seconds (VDSM's 3600) so a
+client that never clears cannot grow the registry forever.
+
+Jobs live in memory: after a restart their ids are unknown (401). Storage
+operations are written so that an interrupted one is found and repaired from
+what is on disk, not from this registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from vdsmlite import errors
+from vdsmlite.events import EventBus
+
+log = logging.getLogger("vdsmlite.jobs")
+
+
+class JobStatus(enum.StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    ABORTING = "aborting"
+    ABORTED = "aborted"
+    FAILED = "failed"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.DONE, JobStatus.ABORTED, JobStatus.FAILED)
+
+
+# VDSM task states for each job status (Task.getStatus).
+_TASK_STATE = {
+    JobStatus.PENDING: "init",
+    JobStatus.RUNNING: "running",
+    JobStatus.ABORTING: "aborting",
+    JobStatus.DONE: "finished",
+    JobStatus.ABORTED: "finished",
+    JobStatus.FAILED: "finished",
+}
+
+JobBody = Callable[["Job"], Awaitable[Any]]
+
+
+class Job:
+    def __init__(
+        self,
+        registry: JobRegistry,
+        job_id: str,
+        description: str,
+        job_type: str,
+        verb: str,
+    ) -> None:
+        self._registry = registry
+        self.id = job_id
+        self.description = description
+        self.job_type = job_type
+        self.verb = verb
+        self.status = JobStatus.PENDING
+        self.progress: float | None = None
+        self.bytes_done: int | None = None
+        self.error: errors.VdsmError | None = None
+        self.result: Any = None
+        self.created = time.monotonic()
+        self.finished_at: float | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._done = asyncio.Event()
+
+    # --- called by the job body -------------------------------------------
+
+    def update(self, *, progress: float | None = None, bytes_done: int | None = None) -> None:
+        """Report progress (percent) and/or bytes moved. Cheap; no event is sent."""
+        if progress is not None:
+            self.progress = round(min(max(progress, 0.0), 100.0), 2)
+        if bytes_done is not None:
+            self.bytes_done = bytes_done
+
+    # --- views ---------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        """Host.getJobs shape."""
+        out: dict[str, Any] = {
+            "id": self.id,
+            "status": str(self.status),
+            "description": self.description,
+            "job_type": self.job_type,
+        }
+        if self.progress is not None:
+            out["progress"] = self.progress
+        if self.bytes_done is not None:
+            out["bytes_done"] = self.bytes_done
+        if self.error is not None:
+            out["error"] = self.error.to_json()
+        return out
+
+    def task_status(self) -> dict[str, Any]:
+        """Task.getStatus shape."""
+        if self.status == JobStatus.DONE:
+            result, code, message = "success", 0, "1 jobs completed successfully"
+        elif self.status.finished:
+            # VDSM reports a failed task whose rollback completed as cleanSuccess.
+            assert self.error is not None
+            result, code, message = "cleanSuccess", self.error.code, self.error.message
+        else:
+            result, code, message = "", 0, "running job 1 of 1"
+        return {
+            "taskID": self.id,
+            "taskState": _TASK_STATE[self.status],
+            "taskResult": result,
+            "code": code,
+            "message": message,
+        }
+
+    def task_info(self) -> dict[str, Any]:
+        return {"id": self.id, "verb": self.verb}
+
+    async def wait(self) -> None:
+        await self._done.wait()
+
+    def abort(self) -> None:
+        if self.status.finished or self._task is None:
+            return
+        self._set_status(JobStatus.ABORTING)
+        self._task.cancel()
+
+    # --- lifecycle (registry only) ---------------------------------------------
+
+    def _set_status(self, status: JobStatus) -> None:
+        if status == self.status:
+            return
+        self.status = status
+        if status.finished:
+            self.finished_at = time.monotonic()
+            self._done.set()
+        self._registry._status_changed(self)
+
+    async def _run(self, body: JobBody) -> None:
+        self._set_status(JobStatus.RUNNING)
+        try:
+            self.result = await body(self)
+        except asyncio.CancelledError:
+            self.error = errors.TaskAborted(self.id)
+            self._set_status(JobStatus.ABORTED)
+            log.info("job %s (%s) aborted", self.id, self.description)
+            # Swallow: an aborted job is a normal outcome, not a crashed task.
+        except errors.VdsmError as e:
+            self.error = e
+            self._set_status(JobStatus.FAILED)
+            log.warning("job %s (%s) failed: %s", self.id, self.description, e)
+        except Exception as e:
+            log.exception("job %s (%s) crashed", self.id, self.description)
+            self.error = errors.GeneralException(str(e))
+            self._set_status(JobStatus.FAILED)
+        else:
+            self.progress = 100.0
+            self._set_status(JobStatus.DONE)
+            log.info("job %s (%s) done", self.id, self.description)
+
+
+class JobRegistry:
+    def __init__(self, events: EventBus, *, autodelete_delay: float = 3600.0) -> None:
+        self._events = events
+        self._jobs: dict[str, Job] = {}
+        self.autodelete_delay = autodelete_delay
+        self._closed = False
+
+    def start(
+        self,
+        body: JobBody,
+        *,
+        description: str,
+        verb: str,
+        job_type: str = "storage",
+        job_id: str | None = None,
+    ) -> Job:
+        """Start `body` as a job now; returns at once. Must run on the event loop."""
+        if self._closed:
+            raise errors.ShuttingDownError()
+        self._expire()
+        if job_id is None:
+            job_id = str(uuid.uuid4())
+        elif job_id in self._jobs:
+            raise errors.JobExists(job_id)
+        job = Job(self, job_id, description, job_type, verb)
+        self._jobs[job_id] = job
+        self._status_changed(job)
+        job._task = asyncio.create_task(job._run(body), name=f"job-{job_id}")
+        return job
+
+    def get(self, job_id: str) -> Job:
+        try:
+            return self._jobs[job_id]
+        except KeyError:
+            raise errors.UnknownTask(job_id) from None
+
+    def find(self, job_id: str) -> Job | None:
+        return self._jobs.get(job_id)
+
+    def jobs(self, job_type: str | None = None, job_ids: list[str] | None = None) -> list[Job]:
+        self._expire()
+        found = list(self._jobs.values())
+        if job_type is not None:
+            found = [j for j in found if j.job_type == job_type]
+        if job_ids:
+            wanted = set(job_ids)
+            found = [j for j in found if j.id in wanted]
+        return found
+
+    def clear(self, job_id: str) -> None:
+        job = self.get(job_id)
+        if not job.status.finished:
+            raise errors.TaskNotFinished(job_id)
+        del self._jobs[job_id]
+
+    def count_by_status(self) -> dict[str, int]:
+        counts = {str(s): 0 for s in JobStatus}
+        for job in self._jobs.values():
+            counts[str(job.status)] += 1
+        return counts
+
+    async def close(self, grace: float) -> None:
+        """Stop accepting jobs; give running ones `grace` seconds, then abort them."""
+        self._closed = True
+        running = [j for j in self._jobs.values() if not j.status.finished]
+        if not running:
+            return
+        log.info("waiting up to %.1fs for %d running job(s)", grace, len(running))
+        _, pending = await asyncio.wait([asyncio.ensure_future(j.wait()) for j in running],
+                                        timeout=grace)
+        for fut in pending:
+            fut.cancel()
+        for job in running:
+            job.abort()
+        tasks = [j._task for j in running if j._task is not None]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _status_changed(self, job: Job) -> None:
+        self._events.publish(f"|jobs|status|{job.id}", job.info())
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for job_id, job in list(self._jobs.items()):
+            if job.finished_at is not None and now - job.finished_at > self.autodelete_delay:
+                del self._jobs[job_id]

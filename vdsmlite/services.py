@@ -1,0 +1,95 @@
+"""The daemon's shared services, handed to every verb namespace.
+
+One object instead of globals: tests can build several (one per simulated
+host) and each handler says exactly what it depends on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from vdsmlite.config import Config
+from vdsmlite.events import EventBus
+from vdsmlite.jobs import JobRegistry
+from vdsmlite.metrics import Metrics
+from vdsmlite.rpc.types import parse_uuid
+
+log = logging.getLogger("vdsmlite.services")
+
+T = TypeVar("T")
+
+
+class Services:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.started = time.monotonic()
+        self.metrics = Metrics()
+        self.events = EventBus()
+        self.jobs = JobRegistry(self.events)
+        # Blocking work (LVM, fsync, O_DIRECT, sanlock) runs here, never on the loop.
+        self.executor = ThreadPoolExecutor(
+            max_workers=config.daemon.worker_threads, thread_name_prefix="vdsmlite-io")
+        self.host_uuid = load_host_uuid(config)
+        # Set by the daemon once the dispatcher exists (Host.getStats reports it).
+        self.calls_in_flight: Callable[[], int] = lambda: 0
+        self.metrics.add_gauges("vdsmlite_jobs", "Jobs by state", "state",
+                                self.jobs.count_by_status)
+        self.metrics.add_gauge("vdsmlite_event_subscribers", "Connected event subscribers",
+                               lambda: self.events.subscriber_count)
+        self.metrics.add_gauge("vdsmlite_events_dropped", "Events dropped for slow subscribers",
+                               lambda: self.events.dropped_total)
+
+    async def run_blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run `fn` in the bounded executor, keeping the request id for its log lines."""
+        loop = asyncio.get_running_loop()
+        ctx = contextvars.copy_context()
+        call = functools.partial(ctx.run, fn, *args, **kwargs)
+        return await loop.run_in_executor(self.executor, call)
+
+    async def close(self) -> None:
+        await self.jobs.close(grace=self.config.daemon.shutdown_timeout)
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+def load_host_uuid(config: Config) -> str:
+    """The host's stable identity: configured, else generated once and kept."""
+    if config.daemon.host_uuid:
+        return config.daemon.host_uuid.lower()
+    path = config.state_dir / "host_uuid"
+    try:
+        existing = parse_uuid(path.read_text().strip())
+        if existing:
+            return existing
+        log.warning("%s does not hold a UUID; generating a new host identity", path)
+    except FileNotFoundError:
+        pass
+    new = str(uuid.uuid4())
+    write_file_durably(path, new + "\n")
+    log.info("generated host uuid %s", new)
+    return new
+
+
+def write_file_durably(path: Path, text: str) -> None:
+    """Write-to-temp, fsync, rename, fsync dir: the file is old or new, never torn."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
