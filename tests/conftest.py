@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from fake_storage.agent import Agent
+from fake_storage.lunfarm import LunFarm
 from tests.helpers import RawHttp
 
 
@@ -60,3 +61,12 @@ def shared_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
 @pytest.fixture
 def raw(shared_agent: Agent) -> RawHttp:
     return RawHttp(shared_agent)
+
+
+@pytest.fixture
+def lun_farm(tmp_path: Path) -> Iterator[LunFarm]:
+    """A LUN farm that is always destroyed, even when the test fails."""
+    farm = LunFarm(tmp_path / "farm")
+    yield farm
+    problems = farm.destroy()
+    assert not problems, problems

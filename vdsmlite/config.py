@@ -69,6 +69,17 @@ class RpcSection:
 
 
 @dataclass(frozen=True)
+class StorageSection:
+    # Root of mounts and domain links (VDSM: /rhev/data-center); defaults to
+    # <state_dir>/data-center so the embedded default never touches the host.
+    repository: Path | None = None
+    # Seconds a mount/umount may take (a dead NFS server must not hang a call).
+    mount_timeout: float = 90.0
+    # Seconds an iscsiadm command may take (discovery, login).
+    iscsi_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
 class DevelSection:
     # Check every verb's return value against the schema (tests turn this on).
     validate_returns: bool = False
@@ -78,6 +89,7 @@ class DevelSection:
 class Config:
     daemon: DaemonSection = field(default_factory=DaemonSection)
     rpc: RpcSection = field(default_factory=RpcSection)
+    storage: StorageSection = field(default_factory=StorageSection)
     devel: DevelSection = field(default_factory=DevelSection)
     # Where the values came from, for logs and --show-config.
     source: str = "embedded defaults"
@@ -91,6 +103,10 @@ class Config:
         return self.daemon.run_dir or self.daemon.state_dir / "run"
 
     @property
+    def repository(self) -> Path:
+        return self.storage.repository or self.daemon.state_dir / "data-center"
+
+    @property
     def unix_socket_path(self) -> Path | None:
         return self.run_dir / "vdsmlite.sock" if self.rpc.unix_socket else None
 
@@ -101,6 +117,7 @@ class Config:
     def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["daemon"]["run_dir"] = self.run_dir
+        out["storage"]["repository"] = self.repository
         return _stringify(out)
 
 
@@ -115,6 +132,7 @@ def _stringify(value: Any) -> Any:
 _SECTIONS: dict[str, type] = {
     "daemon": DaemonSection,
     "rpc": RpcSection,
+    "storage": StorageSection,
     "devel": DevelSection,
 }
 
@@ -175,6 +193,8 @@ def _validate(cfg: Config) -> None:
         raise InvalidConfiguration(f"[rpc] port: {r.port} is not a TCP port")
     if r.max_request_size < 1024:
         raise InvalidConfiguration("[rpc] max_request_size: must be at least 1024 bytes")
+    if cfg.storage.mount_timeout <= 0 or cfg.storage.iscsi_timeout <= 0:
+        raise InvalidConfiguration("[storage] timeouts must be positive")
     if r.max_concurrent_calls < 1:
         raise InvalidConfiguration("[rpc] max_concurrent_calls: must be at least 1")
     tls = (r.tls_cert, r.tls_key, r.tls_ca)
@@ -238,6 +258,10 @@ def load(
         state_dir=daemon.state_dir.absolute(),
         run_dir=daemon.run_dir.absolute() if daemon.run_dir else None,
     )
-    cfg = Config(daemon=daemon, rpc=sections["rpc"], devel=sections["devel"], source=source)
+    storage: StorageSection = sections["storage"]
+    if storage.repository is not None:
+        storage = dataclasses.replace(storage, repository=storage.repository.absolute())
+    cfg = Config(daemon=daemon, rpc=sections["rpc"], storage=storage, devel=sections["devel"],
+                 source=source)
     _validate(cfg)
     return cfg

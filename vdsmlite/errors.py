@@ -696,6 +696,11 @@ class MountError(StorageException):
     msg = "Problem while trying to mount target"
 
 
+class StorageServerConnectionRefIdAlreadyInUse(StorageException):
+    code = 478
+    msg = "Connection Reference ID is already in use"
+
+
 # LVM
 
 

@@ -10,19 +10,19 @@ import asyncio
 import contextvars
 import functools
 import logging
-import os
 import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, TypeVar
 
 from vdsmlite.config import Config
 from vdsmlite.events import EventBus
+from vdsmlite.fsutil import write_file_durably
 from vdsmlite.jobs import JobRegistry
 from vdsmlite.metrics import Metrics
 from vdsmlite.rpc.types import parse_uuid
+from vdsmlite.storage.connections import ConnectionManager
 
 log = logging.getLogger("vdsmlite.services")
 
@@ -40,6 +40,10 @@ class Services:
         self.executor = ThreadPoolExecutor(
             max_workers=config.daemon.worker_threads, thread_name_prefix="vdsmlite-io")
         self.host_uuid = load_host_uuid(config)
+        self.connections = ConnectionManager(
+            config.repository, config.state_dir / "connections.json", self.run_blocking,
+            mount_timeout=config.storage.mount_timeout,
+            iscsi_timeout=config.storage.iscsi_timeout)
         # Set by the daemon once the dispatcher exists (Host.getStats reports it).
         self.calls_in_flight: Callable[[], int] = lambda: 0
         self.metrics.add_gauges("vdsmlite_jobs", "Jobs by state", "state",
@@ -77,19 +81,3 @@ def load_host_uuid(config: Config) -> str:
     write_file_durably(path, new + "\n")
     log.info("generated host uuid %s", new)
     return new
-
-
-def write_file_durably(path: Path, text: str) -> None:
-    """Write-to-temp, fsync, rename, fsync dir: the file is old or new, never torn."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -8,7 +8,9 @@ whose methods carry `@verb("Namespace.method")`; `build_handlers` binds them.
 from __future__ import annotations
 
 from vdsmlite.api.base import collect
+from vdsmlite.api.devices import DevicesApi
 from vdsmlite.api.host import HostApi
+from vdsmlite.api.storage_server import StorageServerApi
 from vdsmlite.api.task import TaskApi
 from vdsmlite.rpc.dispatch import Handler
 from vdsmlite.services import Services
@@ -16,7 +18,9 @@ from vdsmlite.services import Services
 
 def build_handlers(services: Services) -> dict[str, Handler]:
     handlers: dict[str, Handler] = {}
-    for namespace in (HostApi(services), TaskApi(services)):
+    namespaces = (HostApi(services), TaskApi(services), DevicesApi(services),
+                  StorageServerApi(services))
+    for namespace in namespaces:
         for name, fn in collect(namespace).items():
             if name in handlers:
                 raise RuntimeError(f"verb {name} bound twice")

@@ -1,0 +1,240 @@
+"""A LUN farm made of loop devices with SCSI identities.
+
+Each LUN is a sparse file behind a loop device (512- or 4096-byte logical
+sectors). Its SCSI identity is written exactly where udev would put it on a
+real host: the udev database file ``/run/udev/data/b<major>:<minor>``
+(``ID_SERIAL``, ``ID_WWN``, ``ID_VENDOR``, ``ID_MODEL``, ``ID_PATH``, ...) and
+the ``/dev/disk/by-id`` and ``by-path`` symlinks. libudev reads those files, so
+the daemon discovers these LUNs through pyudev without knowing the difference.
+GUIDs look like the NAA WWIDs of a LIO target (``36001405`` + 25 hex digits);
+``ID_PATH`` says whether the LUN is reached over iSCSI (portal, iqn, lun) or FC.
+
+Everything created is recorded in ``<dir>/lunfarm.json``; `destroy` removes
+exactly that, and refuses to detach a loop device whose backing file is not
+the farm's own, or to delete a udev file or symlink it did not write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import subprocess
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+UDEV_DATA = Path("/run/udev/data")
+BY_ID = Path("/dev/disk/by-id")
+BY_PATH = Path("/dev/disk/by-path")
+MARKER = "FAKE_STORAGE_LUNFARM"
+
+
+class FarmError(Exception):
+    pass
+
+
+@dataclass
+class FakeLun:
+    guid: str
+    backing: str
+    loop: str
+    major: int
+    minor: int
+    size: int
+    sector_size: int
+    vendor: str
+    model: str
+    serial: str
+    revision: str
+    transport: str  # "iscsi" or "fc"
+    id_path: str
+    portal: str = ""
+    iqn: str = ""
+    lun: int = 0
+    wwpn: str = ""
+    udev_file: str = ""
+    links: list[str] = field(default_factory=list)
+
+    @property
+    def devnum(self) -> str:
+        return f"{self.major}:{self.minor}"
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.loop)
+
+
+def parse_size(text: str | int) -> int:
+    if isinstance(text, int):
+        return text
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def _run(*argv: str) -> str:
+    out = subprocess.run(argv, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise FarmError(f"{' '.join(argv)}: {out.stderr.strip()}")
+    return out.stdout
+
+
+def _loop_backing(loop: str) -> str | None:
+    """The file behind a loop device right now, or None if it is detached."""
+    name = os.path.basename(loop)
+    try:
+        return Path(f"/sys/block/{name}/loop/backing_file").read_text().strip()
+    except OSError:
+        return None
+
+
+class LunFarm:
+    def __init__(self, directory: Path, *, vendor: str = "LIO-ORG",
+                 initiator_portal: str = "10.35.0.10:3260",
+                 iqn: str = "iqn.2003-01.org.linux-iscsi.storage:target1") -> None:
+        self.dir = Path(directory).absolute()
+        self.manifest = self.dir / "lunfarm.json"
+        self.vendor = vendor
+        self.portal = initiator_portal
+        self.iqn = iqn
+        self.luns: list[FakeLun] = []
+        if self.manifest.exists():
+            self.luns = [FakeLun(**d) for d in json.loads(self.manifest.read_text())["luns"]]
+
+    # --- creation ----------------------------------------------------------------
+
+    def create(self, count: int, size: int | str, *, sector_size: int = 512,
+               transport: str = "iscsi", model: str | None = None) -> list[FakeLun]:
+        return [self.add(size, sector_size=sector_size, transport=transport, model=model)
+                for _ in range(count)]
+
+    def add(self, size: int | str, *, sector_size: int = 512, transport: str = "iscsi",
+            model: str | None = None, lun_number: int | None = None) -> FakeLun:
+        if transport not in ("iscsi", "fc"):
+            raise FarmError(f"unknown transport {transport!r}")
+        if sector_size not in (512, 4096):
+            raise FarmError("sector size must be 512 or 4096")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        size = parse_size(size)
+        naa = "6001405" + secrets.token_hex(13)[:25]
+        guid = "3" + naa
+        backing = self.dir / f"{guid}.img"
+        with open(backing, "wb") as f:
+            f.truncate(size)
+        number = lun_number if lun_number is not None else len(self.luns)
+        loop = _run("losetup", "--find", "--show", "--sector-size", str(sector_size),
+                    str(backing)).strip()
+        st = os.stat(loop)
+        lun = FakeLun(
+            guid=guid, backing=str(backing), loop=loop,
+            major=os.major(st.st_rdev), minor=os.minor(st.st_rdev), size=size,
+            sector_size=sector_size, vendor=self.vendor, model=model or f"lun{number}",
+            serial=str(uuid.uuid4()), revision="4.0", transport=transport,
+            id_path="", lun=number)
+        if transport == "iscsi":
+            lun.portal, lun.iqn = self.portal, self.iqn
+            lun.id_path = f"ip-{self.portal}-iscsi-{self.iqn}-lun-{number}"
+        else:
+            lun.wwpn = "0x" + "5006016" + secrets.token_hex(5)[:9]
+            lun.id_path = f"pci-0000:41:00.0-fc-{lun.wwpn}-lun-{number}"
+        # Record before publishing the identity, so a failure below is still cleaned up.
+        self.luns.append(lun)
+        self._save()
+        self._publish(lun)
+        self._save()
+        return lun
+
+    def _publish(self, lun: FakeLun) -> None:
+        naa = lun.guid[1:]
+        links = [BY_ID / f"scsi-{lun.guid}", BY_ID / f"wwn-0x{naa}", BY_PATH / lun.id_path]
+        props = {
+            "ID_SCSI": "1",
+            "ID_VENDOR": lun.vendor,
+            "ID_MODEL": lun.model,
+            "ID_REVISION": lun.revision,
+            "ID_TYPE": "disk",
+            "ID_SERIAL": lun.guid,
+            "ID_SERIAL_SHORT": naa,
+            "ID_WWN": "0x" + naa[:16],
+            "ID_WWN_WITH_EXTENSION": "0x" + naa,
+            "ID_SCSI_SERIAL": lun.serial,
+            "ID_BUS": "scsi",
+            "ID_PATH": lun.id_path,
+            MARKER: str(self.dir),
+        }
+        lines = [f"S:{link.relative_to('/dev')}" for link in links]
+        lines.append(f"I:{int(time.monotonic() * 1_000_000)}")
+        lines += [f"E:{k}={v}" for k, v in props.items()]
+        lines += ["G:systemd", "Q:systemd", "V:1"]
+        UDEV_DATA.mkdir(parents=True, exist_ok=True)
+        udev_file = UDEV_DATA / f"b{lun.devnum}"
+        if udev_file.exists() and MARKER not in udev_file.read_text():
+            raise FarmError(f"{udev_file} exists and is not ours")
+        tmp = udev_file.with_name(udev_file.name + ".tmp")
+        tmp.write_text("\n".join(lines) + "\n")
+        os.rename(tmp, udev_file)
+        lun.udev_file = str(udev_file)
+        for link in links:
+            link.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                if link.is_symlink():
+                    link.unlink()
+            link.symlink_to(os.path.relpath(lun.loop, link.parent))
+            lun.links.append(str(link))
+
+    # --- removal -----------------------------------------------------------------
+
+    def remove(self, lun: FakeLun) -> None:
+        """Take one LUN away (as if it vanished from the SAN): identity, loop, file."""
+        self._unpublish(lun)
+        backing = _loop_backing(lun.loop)
+        if backing is not None:
+            if os.path.realpath(backing) != os.path.realpath(lun.backing):
+                raise FarmError(f"{lun.loop} is backed by {backing}, not by this farm: "
+                                "refusing to detach it")
+            _run("losetup", "--detach", lun.loop)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lun.backing)
+        self.luns = [x for x in self.luns if x.guid != lun.guid]
+        self._save()
+
+    def _unpublish(self, lun: FakeLun) -> None:
+        for link in lun.links:
+            p = Path(link)
+            with contextlib.suppress(OSError):
+                if p.is_symlink() and os.path.realpath(p) == os.path.realpath(lun.loop):
+                    p.unlink()
+        if lun.udev_file:
+            p = Path(lun.udev_file)
+            with contextlib.suppress(FileNotFoundError):
+                if MARKER in p.read_text():
+                    p.unlink()
+
+    def destroy(self) -> list[str]:
+        """Remove every LUN of this farm; returns problems (empty = all clean)."""
+        problems = []
+        for lun in list(self.luns):
+            try:
+                self.remove(lun)
+            except (FarmError, OSError) as e:
+                problems.append(str(e))
+        if not problems:
+            with contextlib.suppress(FileNotFoundError):
+                self.manifest.unlink()
+        return problems
+
+    def _save(self) -> None:
+        tmp = self.manifest.with_name("lunfarm.json.tmp")
+        tmp.write_text(json.dumps({"luns": [asdict(x) for x in self.luns]}, indent=1))
+        os.rename(tmp, self.manifest)
+
+    def by_guid(self, guid: str) -> FakeLun:
+        for lun in self.luns:
+            if lun.guid == guid:
+                return lun
+        raise KeyError(guid)
