@@ -189,9 +189,21 @@ class LunFarm:
 
     # --- removal -----------------------------------------------------------------
 
+    def stacked_loops(self, lun: FakeLun) -> list[str]:
+        """Loop devices mapping ranges of this LUN (LV activations of a daemon)."""
+        real = os.path.realpath(lun.loop)
+        return [f"/dev/{p.name}" for p in Path("/sys/block").glob("loop*")
+                if _loop_backing(p.name) == real]
+
     def remove(self, lun: FakeLun) -> None:
-        """Take one LUN away (as if it vanished from the SAN): identity, loop, file."""
+        """Take one LUN away (as if it vanished from the SAN): identity, loop, file.
+
+        Loop devices a daemon stacked on the LUN (its LV mappings, left behind
+        when the daemon was killed) go first: they cannot outlive the LUN.
+        """
         self._unpublish(lun)
+        for stacked in self.stacked_loops(lun):
+            _run("losetup", "--detach", stacked)
         backing = _loop_backing(lun.loop)
         if backing is not None:
             if os.path.realpath(backing) != os.path.realpath(lun.backing):

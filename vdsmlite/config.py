@@ -80,6 +80,13 @@ class StorageSection:
 
 
 @dataclass(frozen=True)
+class SanlockSection:
+    # sanlock io_timeout written into lockspaces this host creates; every other
+    # sanlock timeout derives from it (renewal 2x, failure 8x). VDSM uses 10.
+    io_timeout: int = 10
+
+
+@dataclass(frozen=True)
 class DevelSection:
     # Check every verb's return value against the schema (tests turn this on).
     validate_returns: bool = False
@@ -90,6 +97,7 @@ class Config:
     daemon: DaemonSection = field(default_factory=DaemonSection)
     rpc: RpcSection = field(default_factory=RpcSection)
     storage: StorageSection = field(default_factory=StorageSection)
+    sanlock: SanlockSection = field(default_factory=SanlockSection)
     devel: DevelSection = field(default_factory=DevelSection)
     # Where the values came from, for logs and --show-config.
     source: str = "embedded defaults"
@@ -133,6 +141,7 @@ _SECTIONS: dict[str, type] = {
     "daemon": DaemonSection,
     "rpc": RpcSection,
     "storage": StorageSection,
+    "sanlock": SanlockSection,
     "devel": DevelSection,
 }
 
@@ -195,6 +204,8 @@ def _validate(cfg: Config) -> None:
         raise InvalidConfiguration("[rpc] max_request_size: must be at least 1024 bytes")
     if cfg.storage.mount_timeout <= 0 or cfg.storage.iscsi_timeout <= 0:
         raise InvalidConfiguration("[storage] timeouts must be positive")
+    if not 1 <= cfg.sanlock.io_timeout <= 300:
+        raise InvalidConfiguration("[sanlock] io_timeout: must be within 1..300 seconds")
     if r.max_concurrent_calls < 1:
         raise InvalidConfiguration("[rpc] max_concurrent_calls: must be at least 1")
     tls = (r.tls_cert, r.tls_key, r.tls_ca)
@@ -261,7 +272,7 @@ def load(
     storage: StorageSection = sections["storage"]
     if storage.repository is not None:
         storage = dataclasses.replace(storage, repository=storage.repository.absolute())
-    cfg = Config(daemon=daemon, rpc=sections["rpc"], storage=storage, devel=sections["devel"],
-                 source=source)
+    cfg = Config(daemon=daemon, rpc=sections["rpc"], storage=storage,
+                 sanlock=sections["sanlock"], devel=sections["devel"], source=source)
     _validate(cfg)
     return cfg

@@ -408,6 +408,11 @@ class StoragePoolNotConnected(StorageException):
     msg = "Storage pool not connected"
 
 
+class CannotConnectMultiplePools(StorageException):
+    code = 323
+    msg = "Cannot connect pool, already connected to another pool"
+
+
 class StoragePoolAlreadyExists(StorageException):
     code = 316
     msg = "Error creating a storage pool - pool already exists"
@@ -531,6 +536,11 @@ class StorageDomainAlreadyAttached(_Fields):
     fields = ("domain", "pool")
 
 
+class CannotDetachMasterStorageDomain(StorageException):
+    code = 383
+    msg = "Illegal action"
+
+
 class StorageDomainActive(StorageException):
     code = 382
     msg = "Illegal action, domain active"
@@ -549,6 +559,11 @@ class StorageDomainDescriptionTooLongError(StorageException):
 class StorageDomainIllegalRemotePath(StorageException):
     code = 390
     msg = "Remote path is illegal"
+
+
+class CannotFormatAttachedStorageDomain(StorageException):
+    code = 391
+    msg = "Cannot format attached storage domain"
 
 
 class UnsupportedDomainVersion(StorageException):

@@ -20,9 +20,13 @@ from vdsmlite.config import Config
 from vdsmlite.events import EventBus
 from vdsmlite.fsutil import write_file_durably
 from vdsmlite.jobs import JobRegistry
+from vdsmlite.locks import LockTable
 from vdsmlite.metrics import Metrics
 from vdsmlite.rpc.types import parse_uuid
+from vdsmlite.storage.activation import Activator
 from vdsmlite.storage.connections import ConnectionManager
+from vdsmlite.storage.domains import DomainStore
+from vdsmlite.storage.pool import PoolManager
 
 log = logging.getLogger("vdsmlite.services")
 
@@ -44,6 +48,12 @@ class Services:
             config.repository, config.state_dir / "connections.json", self.run_blocking,
             mount_timeout=config.storage.mount_timeout,
             iscsi_timeout=config.storage.iscsi_timeout)
+        self.activator = Activator(config.run_dir / "lv")
+        self.domains = DomainStore(config.repository, self.activator,
+                                   io_timeout=config.sanlock.io_timeout)
+        self.pools = PoolManager(self.domains, config.repository)
+        # Serializes changes to one image (create/delete/extend of its volumes).
+        self.image_locks = LockTable()
         # Set by the daemon once the dispatcher exists (Host.getStats reports it).
         self.calls_in_flight: Callable[[], int] = lambda: 0
         self.metrics.add_gauges("vdsmlite_jobs", "Jobs by state", "state",
@@ -62,6 +72,8 @@ class Services:
 
     async def close(self) -> None:
         await self.jobs.close(grace=self.config.daemon.shutdown_timeout)
+        # Held activations (loop devices of special LVs) are released on a clean stop.
+        await self.run_blocking(self.domains.close)
         self.executor.shutdown(wait=True, cancel_futures=True)
 
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from vdsmlite.api.base import collect
 from vdsmlite.api.devices import DevicesApi
+from vdsmlite.api.domains import DomainsApi
 from vdsmlite.api.host import HostApi
 from vdsmlite.api.storage_server import StorageServerApi
 from vdsmlite.api.task import TaskApi
+from vdsmlite.api.volumes import VolumesApi
 from vdsmlite.rpc.dispatch import Handler
 from vdsmlite.services import Services
 
@@ -19,7 +21,7 @@ from vdsmlite.services import Services
 def build_handlers(services: Services) -> dict[str, Handler]:
     handlers: dict[str, Handler] = {}
     namespaces = (HostApi(services), TaskApi(services), DevicesApi(services),
-                  StorageServerApi(services))
+                  StorageServerApi(services), DomainsApi(services), VolumesApi(services))
     for namespace in namespaces:
         for name, fn in collect(namespace).items():
             if name in handlers:

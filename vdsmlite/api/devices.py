@@ -63,7 +63,7 @@ class DevicesApi:
         return await self._s.run_blocking(devices.discover)
 
     @verb("Host.getDeviceList")
-    async def get_device_list(self, storageType: int | None, guids: list[str],
+    async def get_device_list(self, *, storageType: int | None, guids: list[str],
                               checkStatus: bool, refresh: bool) -> list[dict[str, Any]]:
         if refresh:
             await self._refresh()
@@ -79,7 +79,7 @@ class DevicesApi:
         return [device_info(lun, statuses[lun.guid]) for lun in luns if lun.guid in statuses]
 
     @verb("Host.getDevicesVisibility")
-    async def get_devices_visibility(self, guidList: list[str]) -> dict[str, bool]:
+    async def get_devices_visibility(self, *, guidList: list[str]) -> dict[str, bool]:
         luns = {lun.guid: lun for lun in await self._discover()}
 
         def visible(guid: str) -> bool:

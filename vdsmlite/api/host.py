@@ -87,7 +87,7 @@ class HostApi:
         return default_schema().describe()
 
     @verb("Host.getJobs")
-    async def get_jobs(self, job_type: str | None, job_ids: list[str]) -> dict[str, Any]:
+    async def get_jobs(self, *, job_type: str | None, job_ids: list[str]) -> dict[str, Any]:
         return {j.id: j.info() for j in self._s.jobs.jobs(job_type, job_ids)}
 
     @verb("Host.getAllTasksStatuses")

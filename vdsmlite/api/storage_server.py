@@ -15,17 +15,17 @@ class StorageServerApi:
         self._s = services
 
     @verb("StoragePool.connectStorageServer")
-    async def connect(self, storagepoolID: str, domainType: int,
+    async def connect(self, *, storagepoolID: str, domainType: int,
                       connectionParams: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return await self._s.connections.connect(domainType, connectionParams)
 
     @verb("StoragePool.disconnectStorageServer")
-    async def disconnect(self, storagepoolID: str, domainType: int,
+    async def disconnect(self, *, storagepoolID: str, domainType: int,
                          connectionParams: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return await self._s.connections.disconnect(domainType, connectionParams)
 
     @verb("ISCSIConnection.discoverSendTargets")
-    async def discover_send_targets(self, host: str, port: int, user: str, password: str,
+    async def discover_send_targets(self, *, host: str, port: int, user: str, password: str,
                                     ipv6_enabled: bool) -> list[str]:
         host = host.strip()
         if not valid_host(host.strip("[]")):

@@ -13,19 +13,19 @@ class TaskApi:
         self._s = services
 
     @verb("Task.getStatus")
-    async def get_status(self, taskID: str) -> dict[str, Any]:
+    async def get_status(self, *, taskID: str) -> dict[str, Any]:
         return self._s.jobs.get(taskID).task_status()
 
     @verb("Task.getInfo")
-    async def get_info(self, taskID: str) -> dict[str, Any]:
+    async def get_info(self, *, taskID: str) -> dict[str, Any]:
         return self._s.jobs.get(taskID).task_info()
 
     @verb("Task.clear")
-    async def clear(self, taskID: str) -> bool:
+    async def clear(self, *, taskID: str) -> bool:
         self._s.jobs.clear(taskID)
         return True
 
     @verb("Task.stop")
-    async def stop(self, taskID: str) -> bool:
+    async def stop(self, *, taskID: str) -> bool:
         self._s.jobs.get(taskID).abort()
         return True

@@ -93,6 +93,7 @@ def run(
     env: Mapping[str, str] | None = None,
     check: bool = True,
     secrets: Sequence[str] = (),
+    cwd: str | None = None,
 ) -> Result:
     """Run a command to completion (blocking; call from the executor).
 
@@ -103,7 +104,7 @@ def run(
     proc = subprocess.Popen(
         argv, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(env),
-        start_new_session=True, close_fds=True)
+        start_new_session=True, close_fds=True, cwd=cwd)
     try:
         out, err = proc.communicate(input, timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -113,7 +113,7 @@ class Connection:
         return f"{self.kind} {self.remote} -> {self.path}"
 
 
-def _normalize_abs(path: str) -> str | None:
+def normalize_abs(path: str) -> str | None:
     """An absolute path without '.', '..' or empty components, or None if it has them."""
     if not path.startswith("/") or "\0" in path or "\n" in path:
         return None
@@ -123,23 +123,39 @@ def _normalize_abs(path: str) -> str | None:
     return "/" + "/".join(parts)
 
 
-def _normalize_remote(remote: str) -> str | None:
+def normalize_remote(remote: str) -> str | None:
     """Normalize ``host:/path``, ``[v6]:/path``, ``//host/share`` or ``/abs/path``."""
     if not remote or any(c in remote for c in "\0\n\r\t ") or len(remote) > 1024:
         return None
     if remote.startswith("//"):  # CIFS
-        rest = _normalize_abs(remote[1:])
+        rest = normalize_abs(remote[1:])
         return "/" + rest if rest and rest.count("/") >= 2 else None
     if remote.startswith("/"):
-        return _normalize_abs(remote)
+        return normalize_abs(remote)
     m = re.match(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]*):(/.*)$", remote)
     if not m:
         return None
     host = m.group(1)
     if not host.startswith("[") and not valid_host(host):
         return None
-    path = _normalize_abs(m.group(2))
+    path = normalize_abs(m.group(2))
     return f"{host}:{path}" if path else None
+
+
+def mount_root(domain_type: int, remote: str, repository: Path) -> Path:
+    """Where connectStorageServer put `remote` (the parent of a file domain's directory)."""
+    kind = _KINDS.get(domain_type)
+    if kind == "localfs":
+        path = normalize_abs(remote)
+        if path is None or path == "/":
+            raise errors.StorageDomainIllegalRemotePath(remote)
+        return Path(_mount_dir(repository, mount.transform_path(path)))
+    if kind in ("nfs", "posixfs", "glusterfs"):
+        norm = normalize_remote(remote)
+        if norm is None:
+            raise errors.StorageDomainIllegalRemotePath(remote)
+        return Path(_mount_dir(repository, mount.transform_path(norm), gluster=kind == "glusterfs"))
+    raise errors.StorageDomainTypeError(domain_type)
 
 
 def _mount_dir(repository: Path, name: str, gluster: bool = False) -> str:
@@ -191,7 +207,7 @@ def parse(domain_type: int, params: dict[str, Any], repository: Path) -> Connect
 
     if kind == "localfs":
         raw = _get(params, "connection")
-        path = _normalize_abs(raw)
+        path = normalize_abs(raw)
         if path is None or path == "/":
             raise errors.StorageServerValidationError(raw)
         return Connection(cid, kind, remote=path,
@@ -199,7 +215,7 @@ def parse(domain_type: int, params: dict[str, Any], repository: Path) -> Connect
 
     # mounts: nfs, posixfs, glusterfs
     raw = _get(params, "connection")
-    remote = _normalize_remote(raw)
+    remote = normalize_remote(raw)
     if remote is None:
         raise errors.StorageDomainIllegalRemotePath(raw)
     user_options = _get(params, "mnt_options")

@@ -1,0 +1,520 @@
+"""Block storage domains: one LVM VG per domain on iSCSI/FC LUNs.
+
+Layout (VDSM's V5): VG name = sdUUID, 128 MiB extents; domain metadata in VG
+tags ``MDT_<KEY>=<value>`` sealed with ``_SHA_CKSUM``; special LVs
+``metadata, ids, leases, inbox, outbox, xleases, master``; one LV per volume
+named by its UUID, tagged ``IU_<img>``, ``PU_<parent>``, ``MD_<slot>``; the
+volume's metadata in its 8 KiB slot of the ``metadata`` LV at
+``1 MiB + slot * 8 KiB``, written with O_DIRECT; its lease in the ``leases`` LV
+at ``(100 + slot) * alignment``.
+
+Volume create order: one ``lvcreate`` that reserves the slot and carries
+``OVIRT_VOL_INITIALIZING`` together with the IU/PU/MD tags (so an interrupted
+create is always findable), the metadata slot written ILLEGAL, the data
+formatted (qcow2), the lease, metadata LEGAL, and finally the INITIALIZING tag
+removed. Anything still carrying the tag is reported ILLEGAL, and delete
+removes it cleanly.
+
+This host keeps the domain's ``metadata``, ``ids`` and ``leases`` LVs active
+while it serves the domain; volume LVs are active only between
+Image.prepare and Image.teardown (reference-counted by the Activator).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from vdsmlite import errors, failpoints
+from vdsmlite.rpc.types import parse_uuid
+from vdsmlite.storage import commands, directio, leases, lvm, persistent, qemuimg
+from vdsmlite.storage import constants as sc
+from vdsmlite.storage.activation import Activator
+from vdsmlite.storage.sd import (
+    K_VGUUID,
+    CreateVolumeRequest,
+    Domain,
+    Progress,
+    VolumeState,
+    initial_metadata,
+)
+from vdsmlite.storage.volmeta import VolumeMetadata
+
+log = logging.getLogger("vdsmlite.storage.blocksd")
+
+REMOVED_PREFIX = "_remove_me_"
+HELD_LVS = (sc.METADATA, sc.IDS, sc.LEASES)
+
+GuidOf = Callable[[str], str]
+
+
+def _lvm_error(cls: type[errors.VdsmError], what: str, e: lvm.LVMError) -> errors.VdsmError:
+    return cls(what, (e.stderr or str(e)).strip()[-300:])
+
+
+class BlockDomain(Domain):
+    def __init__(self, sd_uuid: str, devices: list[str], activator: Activator,
+                 repository: Path, guid_of: GuidOf) -> None:
+        super().__init__(sd_uuid)
+        self.devices = devices
+        self.activator = activator
+        self.repository = repository
+        self.guid_of = guid_of
+        self._held: set[str] = set()
+
+    @property
+    def path(self) -> Path:
+        return self.repository / "mnt" / sc.BLOCKSD_DIR / self.uuid
+
+    # --- LVM views ------------------------------------------------------------------
+
+    def vg(self) -> lvm.VG:
+        try:
+            found = lvm.vgs(self.devices, [self.uuid])
+        except lvm.LVMError as e:
+            raise _lvm_error(errors.StorageDomainAccessError, self.uuid, e) from None
+        if self.uuid not in found:
+            raise errors.StorageDomainDoesNotExist(self.uuid)
+        return found[self.uuid]
+
+    def lvs(self, names: list[str] | None = None) -> dict[str, lvm.LV]:
+        try:
+            return lvm.lvs(self.uuid, self.devices, names or [])
+        except lvm.LVMError as e:
+            raise _lvm_error(errors.StorageDomainAccessError, self.uuid, e) from None
+
+    def lv(self, name: str) -> lvm.LV:
+        found = self.lvs([name])
+        if name not in found:
+            raise errors.LogicalVolumeDoesNotExistError(f"{self.uuid}/{name}")
+        return found[name]
+
+    def _pe_starts(self) -> dict[str, int]:
+        return {name: pv.pe_start for name, pv in lvm.pvs(self.devices).items()}
+
+    def _activate(self, lv: lvm.LV) -> Path:
+        return self.activator.acquire(lv, self._pe_starts(), self.vg().extent_size, self.devices)
+
+    def _release(self, name: str) -> None:
+        self.activator.release(self.uuid, name, self.devices)
+
+    def held_path(self, name: str) -> Path:
+        """A special LV this host keeps active while serving the domain."""
+        with self.lock:
+            if name not in self._held:
+                self._activate(self.lv(name))
+                self._held.add(name)
+            return self.activator.link(self.uuid, name)
+
+    def close(self) -> None:
+        with self.lock:
+            for name in list(self._held):
+                with contextlib.suppress(errors.VdsmError, lvm.LVMError):
+                    self._release(name)
+                self._held.discard(name)
+
+    # --- metadata -----------------------------------------------------------------------
+
+    def read_metadata(self) -> dict[str, str]:
+        vg = self.vg()
+        if sc.TAG_DOMAIN not in vg.tags:
+            raise errors.StorageDomainDoesNotExist(self.uuid)
+        return persistent.parse_tags(vg.tags)
+
+    def write_metadata(self, md: dict[str, str]) -> None:
+        with self.lock:
+            vg = self.vg()
+            old = set(persistent.metadata_tags(vg.tags))
+            new = set(persistent.dump_tags(md))
+            try:
+                lvm.vg_change_tags(self.uuid, self.devices, remove=sorted(old - new),
+                                   add=sorted(new - old))
+            except lvm.LVMError as e:
+                raise _lvm_error(errors.MetaDataGeneralError, self.uuid, e) from None
+
+    def _type_info(self, md: dict[str, str]) -> dict[str, Any]:
+        pvs = {k: v for k, v in md.items() if k.startswith("PV") and k[2:].isdigit()}
+        first = pvs.get("PV0", "")
+        guid = first.split(",")[0].removeprefix("pv:") if first else ""
+        return {"vguuid": md.get(K_VGUUID, ""), "state": "OK", "metadataDevice": guid,
+                "vgMetadataDevice": guid}
+
+    def stats(self) -> dict[str, Any]:
+        vg = self.vg()
+        return {
+            "disktotal": str(vg.size), "diskfree": str(vg.free),
+            "mdasize": str(vg.mda_size), "mdafree": str(vg.mda_free),
+            "mdavalid": vg.mda_size >= 64 * sc.MiB,
+            "mdathreshold": vg.mda_free >= 0.2 * vg.mda_size,
+        }
+
+    # --- volume metadata slots ------------------------------------------------------
+
+    def _slot_offset(self, slot: int) -> int:
+        return sc.METADATA_BASE_V5 + slot * sc.METADATA_SLOT_SIZE_V5
+
+    def read_slot(self, slot: int) -> bytes:
+        block_size, _ = self.geometry()
+        size = max(sc.METADATA_SIZE, block_size)
+        return directio.read(self.held_path(sc.METADATA), self._slot_offset(slot), size,
+                             block_size)
+
+    def write_slot(self, slot: int, data: bytes) -> None:
+        block_size, _ = self.geometry()
+        size = max(sc.METADATA_SIZE, block_size)
+        try:
+            directio.write(self.held_path(sc.METADATA), self._slot_offset(slot),
+                           data.ljust(size, b"\0"), block_size)
+        except OSError as e:
+            raise errors.VolumeMetadataWriteError(f"slot {slot}", str(e)) from None
+
+    def _free_slot(self, lvs: dict[str, lvm.LV]) -> int:
+        used = set()
+        for lv in lvs.values():
+            value = lv.tag_value(sc.TAG_SLOT)
+            if value is not None and value.isdigit():
+                used.add(int(value))
+        slot = sc.FIRST_SLOT_V5
+        while slot in used:
+            slot += 1
+        if slot >= sc.MAX_SLOTS_V5:
+            raise errors.NoSpaceLeftOnDomain(self.uuid)
+        return slot
+
+    # --- volumes ------------------------------------------------------------------------
+
+    def _volume_lvs(self) -> dict[str, lvm.LV]:
+        return {name: lv for name, lv in self.lvs().items()
+                if name not in sc.SPECIAL_LVS and lv.tag_value(sc.TAG_IMAGE) is not None}
+
+    def image_ids(self) -> list[str]:
+        images = {lv.tag_value(sc.TAG_IMAGE) for lv in self._volume_lvs().values()}
+        return sorted(i for i in images if i and parse_uuid(i) == i)
+
+    def volume_ids(self, img_uuid: str) -> list[str]:
+        return sorted(name for name, lv in self._volume_lvs().items()
+                      if lv.tag_value(sc.TAG_IMAGE) == img_uuid)
+
+    def _state(self, lv: lvm.LV) -> VolumeState:
+        img = lv.tag_value(sc.TAG_IMAGE) or ""
+        slot_tag = lv.tag_value(sc.TAG_SLOT)
+        slot = int(slot_tag) if slot_tag and slot_tag.isdigit() else None
+        md, problem = None, None
+        if slot is None:
+            problem = "no metadata slot"
+        else:
+            try:
+                md = VolumeMetadata.from_bytes(self.read_slot(slot))
+            except errors.VolumeMetadataReadError as e:
+                problem = str(e)
+        _, alignment = self.geometry()
+        lease = None
+        if slot is not None:
+            lease = (str(self.activator.link(self.uuid, sc.LEASES)),
+                     (sc.RESERVED_LEASES + slot) * alignment)
+        return VolumeState(uuid=lv.name, image=img, md=md, apparent_size=lv.size,
+                           true_size=lv.size, initializing=sc.TAG_INITIALIZING in lv.tags,
+                           lease=lease, slot=slot, problem=problem)
+
+    def volume(self, img_uuid: str, vol_uuid: str) -> VolumeState:
+        lv = self.lvs([vol_uuid]).get(vol_uuid)
+        if lv is None or lv.tag_value(sc.TAG_IMAGE) != img_uuid:
+            raise errors.VolumeDoesNotExist(vol_uuid)
+        return self._state(lv)
+
+    def set_volume_metadata(self, img_uuid: str, vol_uuid: str, md: VolumeMetadata) -> None:
+        state = self.volume(img_uuid, vol_uuid)
+        if state.slot is None:
+            raise errors.VolumeMetadataWriteError(vol_uuid, "no metadata slot")
+        self.write_slot(state.slot, md.to_bytes())
+
+    def _lv_size(self, req: CreateVolumeRequest) -> int:
+        if req.format == "RAW":
+            return req.capacity
+        if req.prealloc == "PREALLOCATED":
+            return req.initial_size or req.capacity
+        if req.initial_size:
+            return int(req.initial_size * sc.COW_OVERHEAD)
+        return min(sc.VOLUME_CHUNK, int(req.capacity * sc.COW_OVERHEAD) + sc.MiB)
+
+    def _image_link(self, img_uuid: str, vol_uuid: str) -> Path:
+        return self.images_dir() / img_uuid / vol_uuid
+
+    def _link_volume(self, img_uuid: str, vol_uuid: str) -> Path:
+        link = self._image_link(img_uuid, vol_uuid)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        target = self.activator.link(self.uuid, vol_uuid)
+        if not (link.is_symlink() and os.readlink(link) == str(target)):
+            with contextlib.suppress(FileNotFoundError):
+                link.unlink()
+            link.symlink_to(target)
+        return link
+
+    def _unlink_volume(self, img_uuid: str, vol_uuid: str) -> None:
+        link = self._image_link(img_uuid, vol_uuid)
+        with contextlib.suppress(FileNotFoundError):
+            link.unlink()
+        with contextlib.suppress(OSError):
+            link.parent.rmdir()
+
+    def create_volume(self, req: CreateVolumeRequest, progress: Progress) -> None:
+        if req.format == "RAW" and req.prealloc == "SPARSE":
+            raise errors.IncorrectFormat(req.vol_uuid, "RAW volumes on block must be "
+                                         "PREALLOCATED")
+        if req.format == "RAW" and req.initial_size is not None:
+            raise errors.InvalidParameterException("initialSize", "not allowed for RAW")
+        with self.lock:
+            parent = self.validate_create(req)
+            size = self._lv_size(req)
+            vg = self.vg()
+            if -(-size // vg.extent_size) > vg.free_count:
+                raise errors.NoSpaceLeftOnDomain(self.uuid)
+            slot = self._free_slot(self.lvs())
+            tags = [sc.TAG_INITIALIZING, sc.TAG_IMAGE + req.img_uuid,
+                    sc.TAG_PARENT + req.parent_vol, sc.TAG_SLOT + str(slot)]
+            try:
+                lvm.lvcreate(self.uuid, req.vol_uuid, size, self.devices, tags=tags)
+            except lvm.LVMError as e:
+                if "already exists" in e.stderr:
+                    raise errors.VolumeAlreadyExists(req.vol_uuid) from None
+                if "Insufficient free space" in e.stderr:
+                    raise errors.NoSpaceLeftOnDomain(self.uuid) from None
+                raise _lvm_error(errors.CannotCreateLogicalVolume, req.vol_uuid, e) from None
+            lv = self.lv(req.vol_uuid)
+            capacity = req.capacity
+            if req.format == "RAW":
+                capacity = lv.size  # VDSM records the real LV size for RAW block volumes
+            failpoints.hit("volume.create.after_data")
+            md = self.new_metadata(req, capacity, sc.ILLEGAL)
+            self.write_slot(slot, md.to_bytes())
+        failpoints.hit("volume.create.after_metadata")
+        progress(30)
+        if req.format == "COW":
+            self._format_qcow2(req, parent, lv)
+        progress(60)
+        if parent is not None and parent.md is not None and parent.md.voltype == sc.LEAF:
+            self.update_volume(req.img_uuid, parent.uuid, voltype=sc.INTERNAL)
+        block_size, alignment = self.geometry()
+        leases.init_resource(self.uuid, req.vol_uuid, self.held_path(sc.LEASES),
+                             (sc.RESERVED_LEASES + slot) * alignment, sector=block_size,
+                             align=alignment)
+        failpoints.hit("volume.create.after_lease")
+        progress(80)
+        with self.lock:
+            if req.legal:
+                self.write_slot(slot, md.replace(legality=sc.LEGAL).to_bytes())
+            try:
+                lvm.lv_change_tags(self.uuid, req.vol_uuid, self.devices,
+                                   remove=[sc.TAG_INITIALIZING])
+            except lvm.LVMError as e:
+                raise _lvm_error(errors.VolumeCreationError, req.vol_uuid, e) from None
+
+    def _format_qcow2(self, req: CreateVolumeRequest, parent: VolumeState | None,
+                      lv: lvm.LV) -> None:
+        acquired = [lv.name]
+        try:
+            self._activate(lv)
+            link = self._link_volume(req.img_uuid, req.vol_uuid)
+            backing = backing_fmt = None
+            if parent is not None and parent.md is not None:
+                self._link_volume(req.img_uuid, parent.uuid)
+                backing = parent.uuid
+                backing_fmt = "qcow2" if parent.md.format == "COW" else "raw"
+            qemuimg.create(str(link), qemuimg.QCOW2, req.capacity, backing=backing,
+                           backing_fmt=backing_fmt, cwd=str(link.parent))
+        except qemuimg.QemuImgError as e:
+            raise errors.VolumeCreationError(req.vol_uuid, str(e)) from None
+        finally:
+            for name in acquired:
+                with contextlib.suppress(errors.VdsmError):
+                    self._release(name)
+
+    def delete_volume(self, img_uuid: str, vol_uuid: str, *, post_zero: bool, force: bool,
+                      progress: Progress) -> None:
+        with self.lock:
+            state = self.check_deletable(img_uuid, vol_uuid, force)
+            lv = self.lv(vol_uuid)
+            if state.md is not None and state.slot is not None:
+                self.write_slot(state.slot, state.md.replace(legality=sc.ILLEGAL).to_bytes())
+        if post_zero:
+            path = self._activate(lv)
+            try:
+                block_size, _ = self.geometry()
+                directio.zero(path, 0, lv.size, block_size,
+                              progress=lambda done, total: progress(80 * done / total))
+            finally:
+                self._release(vol_uuid)
+        with self.lock:
+            self.activator.unmap(lv, self._pe_starts(), self.vg().extent_size, self.devices)
+            try:
+                lvm.lvremove(self.uuid, [vol_uuid], self.devices)
+            except lvm.LVMError as e:
+                raise _lvm_error(errors.CannotRemoveLogicalVolume, vol_uuid, e) from None
+            if state.slot is not None:
+                # The slot is free once the MD_ tag is gone; clearing it keeps a later
+                # reader from mistaking stale text for a volume.
+                self.write_slot(state.slot, b"")
+            self._unlink_volume(img_uuid, vol_uuid)
+            progress(95)
+            if state.md is not None:
+                self.relink_parent_after_delete(img_uuid, state.md.parent)
+
+    def extend_volume(self, img_uuid: str, vol_uuid: str, new_size: int) -> None:
+        with self.lock:
+            state = self.volume(img_uuid, vol_uuid)
+            if state.md is None:
+                raise errors.VolumeMetadataReadError(vol_uuid, state.problem or "")
+            if new_size < state.md.capacity:
+                raise errors.VolumeResizeValueError(new_size)
+            lv = self.lv(vol_uuid)
+            capacity = new_size
+            if state.md.format == "RAW" or state.md.type == "PREALLOCATED":
+                vg = self.vg()
+                needed = -(-(new_size - lv.size) // vg.extent_size)
+                if needed > vg.free_count:
+                    raise errors.NoSpaceLeftOnDomain(self.uuid)
+                if new_size > lv.size:
+                    try:
+                        lvm.lvextend(self.uuid, vol_uuid, new_size, self.devices)
+                    except lvm.LVMError as e:
+                        raise errors.LogicalVolumeExtendError(self.uuid, vol_uuid,
+                                                              new_size) from e
+                    lv = self.lv(vol_uuid)
+                    self.activator.refresh(lv, self._pe_starts(), vg.extent_size, self.devices)
+                if state.md.format == "RAW":
+                    capacity = lv.size
+            if state.md.format == "COW":
+                link = self._activate(lv)
+                try:
+                    qemuimg.resize(str(link), qemuimg.QCOW2, new_size)
+                except qemuimg.QemuImgError as e:
+                    raise errors.VolumeExtendingError(vol_uuid, str(e)) from None
+                finally:
+                    self._release(vol_uuid)
+            self.set_volume_metadata(img_uuid, vol_uuid, state.md.replace(capacity=capacity))
+
+    def prepare_volume(self, img_uuid: str, vol_uuid: str) -> Path:
+        lv = self.lv(vol_uuid)
+        if lv.tag_value(sc.TAG_IMAGE) != img_uuid:
+            raise errors.VolumeDoesNotExist(vol_uuid)
+        self._activate(lv)
+        return self._link_volume(img_uuid, vol_uuid)
+
+    def teardown_volume(self, img_uuid: str, vol_uuid: str) -> None:
+        refs_before = self.activator.refs(self.uuid, vol_uuid)
+        self._release(vol_uuid)
+        if refs_before <= 1:
+            link = self._image_link(img_uuid, vol_uuid)
+            with contextlib.suppress(FileNotFoundError):
+                link.unlink()
+
+    def format(self) -> None:
+        with self.lock:
+            self.close()
+            pe_starts = self._pe_starts()
+            extent = self.vg().extent_size
+            for lv in self.lvs().values():
+                self.activator.unmap(lv, pe_starts, extent, self.devices)
+            try:
+                lvm.vgremove(self.uuid, self.devices)
+                lvm.pvremove(self.devices)
+            except lvm.LVMError as e:
+                raise _lvm_error(errors.VolumeGroupRemoveError, self.uuid, e) from None
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+# --- creation --------------------------------------------------------------------------
+
+
+def create_vg(name: str, devices: list[str], *, force: bool) -> str:
+    """LVMVolumeGroup.create: PVs + VG tagged UNREADY; returns the VG UUID."""
+    try:
+        lvm.pvcreate(devices, metadata_size=sc.VG_METADATA_SIZE, force=force)
+        # Only the first PV carries VG metadata (VDSM keeps the others' areas ignored).
+        lvm.run("pvchange", devices, "--metadataignore", "n", devices[0])
+        lvm.vgcreate(name, devices, extent_size=sc.VG_EXTENT_SIZE,
+                     tags=[sc.TAG_DOMAIN_UNREADY])
+    except lvm.LVMError as e:
+        raise errors.VolumeGroupCreateError(name, ",".join(devices), e.stderr.strip()[-300:]) \
+            from None
+    return lvm.vgs(devices, [name])[name].uuid
+
+
+def create_block_domain(
+    *, vg_name: str, devices: list[str], storage_type: sc.StorageType, name: str,
+    domain_class: sc.DomainClass, block_size: int, alignment: int, io_timeout: int,
+    activator: Activator, repository: Path, guid_of: GuidOf,
+) -> BlockDomain:
+    vg = lvm.vgs(devices, [vg_name])[vg_name]
+    if set(vg.tags) != {sc.TAG_DOMAIN_UNREADY}:
+        raise errors.VolumeGroupHasDomainTag(vg_name, ",".join(vg.tags))
+    if lvm.lvs(vg_name, devices):
+        raise errors.StorageDomainNotEmpty(vg_name)
+    pvs = lvm.pvs(devices)
+    first_pv = vg.pv_names[0]
+    sizes = {
+        sc.LEASES: sc.LEASES_SLOTS * alignment,
+        sc.IDS: sc.SPECIAL_LV_SIZES_MIB[sc.IDS] * sc.MiB,
+        sc.INBOX: sc.SPECIAL_LV_SIZES_MIB[sc.INBOX] * sc.MiB,
+        sc.OUTBOX: sc.SPECIAL_LV_SIZES_MIB[sc.OUTBOX] * sc.MiB,
+        sc.XLEASES: sc.XLEASES_SLOTS * alignment,
+        sc.MASTER: sc.MASTER_LV_SIZE,
+    }
+    needed = sc.METADATA_LV_SIZE + sum(-(-s // vg.extent_size) * vg.extent_size
+                                       for s in sizes.values())
+    if vg.free < needed:
+        raise errors.VolumeGroupSizeError(vg_name, f"needs {needed} bytes, has {vg.free}")
+    try:
+        # metadata first, on the PV holding the VG metadata, so PV0 maps from extent 0.
+        lvm.lvcreate(vg_name, sc.METADATA, sc.METADATA_LV_SIZE, devices, on_pv=first_pv)
+        for lv_name, size in sizes.items():
+            lvm.lvcreate(vg_name, lv_name, size, devices)
+    except lvm.LVMError as e:
+        raise errors.StorageDomainCreationError(vg_name, e.stderr.strip()[-300:]) from None
+
+    domain = BlockDomain(vg_name, devices, activator, repository, guid_of)
+    try:
+        # Zero what VDSM zeroes: the metadata area (slots) and the mailboxes.
+        block = max(block_size, 512)
+        directio.zero(domain.held_path(sc.METADATA), 0, sc.RESERVED_METADATA_SIZE, block)
+        for box in (sc.INBOX, sc.OUTBOX):
+            path = domain._activate(domain.lv(box))
+            try:
+                directio.zero(path, 0, -(-sc.RESERVED_MAILBOX_SIZE // block) * block, block)
+            finally:
+                domain._release(box)
+        master = domain._activate(domain.lv(sc.MASTER))
+        try:
+            commands.run(["mkfs", "-t", "ext3", "-q", "-F", "-E", "nodiscard", str(master)],
+                         timeout=600)
+        finally:
+            domain._release(sc.MASTER)
+        leases.init_lockspace(vg_name, domain.held_path(sc.IDS), sector=block_size,
+                              align=alignment, io_timeout=io_timeout)
+        leases.init_resource(vg_name, sc.SDM_LEASE_NAME, domain.held_path(sc.LEASES),
+                             sc.SDM_LEASE_SLOT * alignment, sector=block_size, align=alignment)
+        extra = {K_VGUUID: vg.uuid}
+        mapoffset = 0
+        for i, pv_name in enumerate(vg.pv_names):
+            pv = pvs[pv_name]
+            extra[f"PV{i}"] = (f"pv:{guid_of(pv_name)},uuid:{pv.uuid},pestart:0,"
+                               f"pecount:{pv.pe_count},mapoffset:{mapoffset}")
+            mapoffset += pv.pe_count
+        md = initial_metadata(sd_uuid=vg_name, storage_type=storage_type, name=name,
+                              domain_class=domain_class, block_size=block_size,
+                              alignment=alignment, extra=extra)
+        lvm.vg_change_tags(vg_name, devices, add=persistent.dump_tags(md))
+        lvm.vg_change_tags(vg_name, devices, add=[sc.TAG_DOMAIN],
+                           remove=[sc.TAG_DOMAIN_UNREADY])
+    except (lvm.LVMError, commands.CommandError, OSError) as e:
+        domain.close()
+        raise errors.StorageDomainCreationError(vg_name, str(e)[-300:]) from None
+    except BaseException:
+        domain.close()
+        raise
+    return domain

@@ -1,0 +1,115 @@
+"""Domain metadata: KEY=VALUE pairs sealed with a SHA-1 checksum (`_SHA_CKSUM`).
+
+The format is VDSM's, so either agent can read a domain the other wrote:
+
+* the checksum is the SHA-1 hex digest of the sorted ``KEY=VALUE`` strings
+  (every key except ``_SHA_CKSUM``) concatenated without separators, encoded
+  as ASCII with XML character references for anything else;
+* a file domain keeps the pairs as sorted lines in ``dom_md/metadata``;
+* a block domain keeps them as VG tags ``MDT_<KEY>=<VALUE>``, where characters
+  LVM does not allow in tags are written as ``&<ord>&``.
+
+A seal that does not match is error 752, never a silent load. Metadata with
+no checksum at all is trusted (VDSM writes metadata in two steps in old
+versions), but every write of ours seals it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Mapping
+
+from vdsmlite import errors
+
+CHECKSUM_KEY = "_SHA_CKSUM"
+TAG_PREFIX = "MDT_"
+
+# Characters LVM accepts in tags, besides the '&' we use to escape the rest.
+_TAG_SAFE = re.compile(r"[A-Za-z0-9_+.\-/=!:#]")
+_TAG_ESCAPE = re.compile(r"&(\d+)&")
+_KEY_RE = re.compile(r"^[A-Za-z0-9_]+$")
+
+
+def checksum(md: Mapping[str, str]) -> str:
+    lines = sorted(f"{k}={v}" for k, v in md.items() if k != CHECKSUM_KEY)
+    digest = hashlib.sha1()
+    for line in lines:
+        digest.update(line.encode("ascii", "xmlcharrefreplace"))
+    return digest.hexdigest()
+
+
+def seal(md: Mapping[str, str]) -> dict[str, str]:
+    """A copy of `md` with a fresh checksum."""
+    out = {k: v for k, v in md.items() if k != CHECKSUM_KEY}
+    for k, v in out.items():
+        if not _KEY_RE.match(k) or "\n" in v or "\0" in v:
+            raise errors.MetaDataGeneralError(f"cannot store metadata {k!r}={v!r}")
+    out[CHECKSUM_KEY] = checksum(out)
+    return out
+
+
+def verify(md: Mapping[str, str]) -> dict[str, str]:
+    """The pairs without the checksum, after checking the seal (752 if broken)."""
+    stored = md.get(CHECKSUM_KEY)
+    pairs = {k: v for k, v in md.items() if k != CHECKSUM_KEY}
+    if stored is None:
+        return pairs
+    computed = checksum(pairs)
+    if stored != computed:
+        raise errors.MetaDataSealIsBroken(stored, computed)
+    return pairs
+
+
+# --- file domain: lines ------------------------------------------------------------
+
+
+def dump_lines(md: Mapping[str, str]) -> bytes:
+    sealed = seal(md)
+    body = "".join(f"{k}={v}\n" for k, v in sorted(sealed.items()))
+    return body.encode("ascii", "xmlcharrefreplace")
+
+
+def parse_lines(data: bytes) -> dict[str, str]:
+    """KEY=VALUE lines (stopping at NUL padding) -> verified dict."""
+    text = data.split(b"\0", 1)[0].decode("ascii", errors="replace")
+    md: dict[str, str] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        key, sep, value = line.partition("=")
+        if not sep:
+            raise errors.MetaDataGeneralError(f"malformed metadata line {line!r}")
+        md[key] = value
+    return verify(md)
+
+
+# --- block domain: VG tags ------------------------------------------------------------
+
+
+def tag_encode(value: str) -> str:
+    return "".join(c if _TAG_SAFE.match(c) else f"&{ord(c)}&" for c in value)
+
+
+def tag_decode(value: str) -> str:
+    return _TAG_ESCAPE.sub(lambda m: chr(int(m.group(1))), value)
+
+
+def dump_tags(md: Mapping[str, str]) -> list[str]:
+    return [f"{TAG_PREFIX}{k}={tag_encode(v)}" for k, v in sorted(seal(md).items())]
+
+
+def parse_tags(tags: Iterable[str]) -> dict[str, str]:
+    md = {}
+    for tag in tags:
+        if not tag.startswith(TAG_PREFIX):
+            continue
+        key, sep, value = tag[len(TAG_PREFIX):].partition("=")
+        if sep:
+            md[key] = tag_decode(value)
+    return verify(md)
+
+
+def metadata_tags(tags: Iterable[str]) -> list[str]:
+    return [t for t in tags if t.startswith(TAG_PREFIX)]

@@ -1,0 +1,65 @@
+"""qemu-img, for qcow2 volumes: create (with a backing file), info, resize."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from vdsmlite.storage import commands
+
+QEMU_IMG = "qemu-img"
+TIMEOUT = 600.0
+
+RAW = "raw"
+QCOW2 = "qcow2"
+
+
+class QemuImgError(Exception):
+    pass
+
+
+def _run(*args: str, timeout: float = TIMEOUT) -> commands.Result:
+    try:
+        return commands.run([QEMU_IMG, *args], timeout=timeout)
+    except commands.CommandError as e:
+        raise QemuImgError(str(e)) from None
+
+
+def create(path: str, fmt: str, size: int | None = None, *, backing: str | None = None,
+           backing_fmt: str | None = None, cwd: str | None = None) -> None:
+    """Create an image. qcow2 uses compat=1.1.
+
+    A backing file is stored exactly as given - VDSM stores the bare parent
+    volume UUID, resolved relative to the image directory, so a chain survives
+    being mounted elsewhere - and is not opened (``-u``): the parent may not be
+    active, and the size is always given.
+    """
+    args = ["create", "-q", "-f", fmt]
+    if fmt == QCOW2:
+        args += ["-o", "compat=1.1"]
+    if backing is not None:
+        args += ["-b", backing, "-F", backing_fmt or RAW, "-u"]
+    # "--": the path is never an option, whatever it looks like.
+    args += ["--", path]
+    if size is not None:
+        args.append(str(size))
+    try:
+        commands.run([QEMU_IMG, *args], timeout=TIMEOUT, cwd=cwd)
+    except commands.CommandError as e:
+        raise QemuImgError(str(e)) from None
+
+
+def info(path: str, fmt: str | None = None) -> dict[str, Any]:
+    args = ["info", "--output", "json", "-U"]
+    if fmt:
+        args += ["-f", fmt]
+    out = _run(*args, "--", path)
+    try:
+        result: dict[str, Any] = json.loads(out.out)
+    except ValueError as e:
+        raise QemuImgError(f"qemu-img info {path}: bad JSON: {e}") from None
+    return result
+
+
+def resize(path: str, fmt: str, size: int) -> None:
+    _run("resize", "-q", "-f", fmt, "--", path, str(size))

@@ -1,0 +1,380 @@
+"""Storage domains: what file and block domains share.
+
+A `Domain` is a view of a domain on storage; it holds no state that storage
+does not (metadata is re-read whenever it matters, because another host may
+have changed it). Subclasses implement the layout: `FileDomain` (a directory
+tree on a mount) and `BlockDomain` (an LVM VG). This module holds the parts
+that are the same for both: metadata keys and their meaning, the info/stats
+shapes VDSM returns, and the rules of volume chains (who may be a parent,
+what a snapshot must look like, what may be deleted).
+
+All methods block (disk I/O, LVM); the API layer runs them in the executor.
+A per-domain lock serializes structural changes made by this host.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vdsmlite import errors
+from vdsmlite.storage import constants as sc
+from vdsmlite.storage.volmeta import VolumeMetadata, truncate_description
+
+log = logging.getLogger("vdsmlite.storage.sd")
+
+Progress = Callable[[float], None]
+
+# Metadata keys
+K_ALIGNMENT = "ALIGNMENT"
+K_BLOCK_SIZE = "BLOCK_SIZE"
+K_CLASS = "CLASS"
+K_DESCRIPTION = "DESCRIPTION"
+K_POOL_UUID = "POOL_UUID"
+K_ROLE = "ROLE"
+K_SDUUID = "SDUUID"
+K_TYPE = "TYPE"
+K_VERSION = "VERSION"
+K_REMOTE_PATH = "REMOTE_PATH"
+K_VGUUID = "VGUUID"
+# pool keys, on the master domain only
+K_POOL_DESCRIPTION = "POOL_DESCRIPTION"
+K_POOL_DOMAINS = "POOL_DOMAINS"
+K_POOL_SPM_ID = "POOL_SPM_ID"
+K_POOL_SPM_LVER = "POOL_SPM_LVER"
+K_MASTER_VERSION = "MASTER_VERSION"
+
+LEASE_DEFAULTS = {"IOOPTIMEOUTSEC": "10", "LEASERETRIES": "3", "LEASETIMESEC": "60",
+                  "LOCKPOLICY": "", "LOCKRENEWALINTERVALSEC": "5"}
+
+
+def initial_metadata(*, sd_uuid: str, storage_type: sc.StorageType, name: str,
+                     domain_class: sc.DomainClass, block_size: int, alignment: int,
+                     extra: dict[str, str]) -> dict[str, str]:
+    md = {
+        K_ALIGNMENT: str(alignment),
+        K_BLOCK_SIZE: str(block_size),
+        K_CLASS: domain_class.name,
+        K_DESCRIPTION: name,
+        K_POOL_UUID: "",
+        K_ROLE: sc.ROLE_REGULAR,
+        K_SDUUID: sd_uuid,
+        K_TYPE: storage_type.name,
+        K_VERSION: "5",
+        **LEASE_DEFAULTS,
+    }
+    md.update(extra)
+    return md
+
+
+def parse_pools(value: str) -> list[str]:
+    return [p for p in value.split(",") if p and p != sc.BLANK_UUID]
+
+
+@dataclass(frozen=True)
+class CreateVolumeRequest:
+    img_uuid: str
+    vol_uuid: str
+    capacity: int
+    format: str  # RAW | COW
+    prealloc: str  # PREALLOCATED | SPARSE
+    disktype: str
+    description: str
+    parent_img: str
+    parent_vol: str
+    initial_size: int | None
+    legal: bool
+    sequence: int
+
+    @property
+    def has_parent(self) -> bool:
+        return self.parent_vol != sc.BLANK_UUID
+
+
+@dataclass
+class VolumeState:
+    """A volume as found on storage, complete or not."""
+
+    uuid: str
+    image: str
+    md: VolumeMetadata | None
+    apparent_size: int
+    true_size: int
+    initializing: bool = False
+    lease: tuple[str, int] | None = None
+    children: list[str] = field(default_factory=list)
+    slot: int | None = None
+    problem: str | None = None
+
+    @property
+    def legality(self) -> str:
+        if self.initializing or self.md is None:
+            return sc.ILLEGAL
+        return self.md.legality
+
+    @property
+    def status(self) -> str:
+        if self.md is None and not self.initializing:
+            return "INVALID"
+        return "ILLEGAL" if self.legality == sc.ILLEGAL else "OK"
+
+    def info(self, sd_uuid: str) -> dict[str, Any]:
+        """Volume.getInfo shape."""
+        out: dict[str, Any] = {
+            "uuid": self.uuid,
+            "domain": sd_uuid,
+            "image": self.image,
+            "pool": "",
+            "legality": self.legality,
+            "status": self.status,
+            "apparentsize": str(self.apparent_size),
+            "truesize": str(self.true_size),
+            "children": sorted(self.children),
+            "mtime": "0",
+        }
+        md = self.md
+        if md is not None:
+            out.update({
+                "type": md.type, "format": md.format, "disktype": md.disktype,
+                "voltype": md.voltype, "capacity": str(md.capacity), "parent": md.parent,
+                "description": md.description, "ctime": str(md.ctime),
+                "generation": md.generation, "sequence": md.sequence,
+            })
+        if self.lease is not None:
+            out["lease"] = {"path": self.lease[0], "offset": self.lease[1], "owners": [],
+                            "version": None}
+        if self.problem:
+            out["problem"] = self.problem
+        return out
+
+
+class Domain(ABC):
+    """One storage domain on storage this host can reach."""
+
+    def __init__(self, sd_uuid: str) -> None:
+        self.uuid = sd_uuid
+        self.lock = threading.RLock()
+
+    # --- metadata --------------------------------------------------------------
+
+    @abstractmethod
+    def read_metadata(self) -> dict[str, str]:
+        """The verified metadata, fresh from storage (752 if the seal is broken)."""
+
+    @abstractmethod
+    def write_metadata(self, md: dict[str, str]) -> None:
+        """Replace the metadata atomically (sealed)."""
+
+    def update_metadata(self, **changes: str) -> dict[str, str]:
+        with self.lock:
+            md = self.read_metadata()
+            md.update(changes)
+            self.write_metadata(md)
+            return md
+
+    def remove_metadata_keys(self, *keys: str) -> None:
+        with self.lock:
+            md = self.read_metadata()
+            for k in keys:
+                md.pop(k, None)
+            self.write_metadata(md)
+
+    @property
+    def md(self) -> dict[str, str]:
+        return self.read_metadata()
+
+    @property
+    def storage_type(self) -> sc.StorageType:
+        return sc.StorageType[self.md[K_TYPE]]
+
+    @property
+    def version(self) -> int:
+        return int(self.md.get(K_VERSION, "0"))
+
+    def geometry(self) -> tuple[int, int]:
+        """(block_size, alignment) from metadata."""
+        md = self.md
+        return int(md.get(K_BLOCK_SIZE, "512")), int(md.get(K_ALIGNMENT, str(sc.MiB)))
+
+    def pools(self) -> list[str]:
+        return parse_pools(self.md.get(K_POOL_UUID, ""))
+
+    @property
+    @abstractmethod
+    def path(self) -> Path:
+        """The domain directory (file: on the mount; block: the blockSD link dir)."""
+
+    def images_dir(self) -> Path:
+        return self.path / sc.DOMAIN_IMAGES
+
+    # --- info ----------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        md = self.md
+        return {
+            "uuid": self.uuid,
+            "type": md[K_TYPE],
+            "class": md.get(K_CLASS, "Data"),
+            "name": md.get(K_DESCRIPTION, ""),
+            "role": md.get(K_ROLE, sc.ROLE_REGULAR),
+            "pool": parse_pools(md.get(K_POOL_UUID, "")),
+            "version": md.get(K_VERSION, "0"),
+            "block_size": int(md.get(K_BLOCK_SIZE, "512")),
+            "alignment": int(md.get(K_ALIGNMENT, str(sc.MiB))),
+            **self._type_info(md),
+        }
+
+    @abstractmethod
+    def _type_info(self, md: dict[str, str]) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def stats(self) -> dict[str, Any]: ...
+
+    # --- volumes ---------------------------------------------------------------
+
+    @abstractmethod
+    def image_ids(self) -> list[str]: ...
+
+    @abstractmethod
+    def volume_ids(self, img_uuid: str) -> list[str]: ...
+
+    @abstractmethod
+    def volume(self, img_uuid: str, vol_uuid: str) -> VolumeState:
+        """The volume's state; raises VolumeDoesNotExist (201)."""
+
+    def volumes(self, img_uuid: str) -> dict[str, VolumeState]:
+        states = {v: self.volume(img_uuid, v) for v in self.volume_ids(img_uuid)}
+        for state in states.values():
+            if state.md is not None and state.md.parent in states:
+                states[state.md.parent].children.append(state.uuid)
+        return states
+
+    def volume_with_children(self, img_uuid: str, vol_uuid: str) -> VolumeState:
+        states = self.volumes(img_uuid)
+        if vol_uuid not in states:
+            raise errors.VolumeDoesNotExist(vol_uuid)
+        return states[vol_uuid]
+
+    def find_volume_image(self, vol_uuid: str) -> str | None:
+        for img in self.image_ids():
+            if vol_uuid in self.volume_ids(img):
+                return img
+        return None
+
+    def chain(self, img_uuid: str, leaf_uuid: str) -> list[VolumeState]:
+        """Base first, leaf last."""
+        states = self.volumes(img_uuid)
+        if leaf_uuid not in states:
+            raise errors.VolumeDoesNotExist(leaf_uuid)
+        chain = []
+        current: str | None = leaf_uuid
+        while current and current != sc.BLANK_UUID:
+            state = states.get(current)
+            if state is None:
+                raise errors.ImageIsNotLegalChain(img_uuid, f"missing volume {current}")
+            if state in chain:
+                raise errors.ImageIsNotLegalChain(img_uuid, "loop in chain")
+            chain.append(state)
+            current = state.md.parent if state.md else None
+        return list(reversed(chain))
+
+    def new_metadata(self, req: CreateVolumeRequest, capacity: int,
+                     legality: str) -> VolumeMetadata:
+        return VolumeMetadata(
+            domain=self.uuid, image=req.img_uuid, parent=req.parent_vol, capacity=capacity,
+            format=req.format, type=req.prealloc, voltype=sc.LEAF, disktype=req.disktype,
+            description=truncate_description(req.description), legality=legality,
+            ctime=int(time.time()), generation=0, sequence=req.sequence)
+
+    def validate_create(self, req: CreateVolumeRequest) -> VolumeState | None:
+        """Checks common to both layouts; returns the parent's state for snapshots."""
+        if self.find_volume_image(req.vol_uuid) is not None:
+            raise errors.VolumeAlreadyExists(req.vol_uuid)
+        if req.capacity < 1:
+            raise errors.CreateVolumeSizeError(req.capacity)
+        if req.disktype not in sc.DISK_TYPES:
+            raise errors.InvalidParameterException("diskType", req.disktype)
+        if req.initial_size is not None and req.initial_size > req.capacity:
+            raise errors.InvalidParameterException("initialSize", req.initial_size)
+        if not req.has_parent:
+            return None
+        if req.parent_img not in (req.img_uuid, sc.BLANK_UUID):
+            # Template clones (a parent in another image) need the parent shared into
+            # the new image; not supported yet.
+            raise errors.UnsupportedOperation(
+                "snapshot parent must be in the same image", req.parent_img)
+        if req.format != "COW":
+            raise errors.IncorrectFormat(req.vol_uuid, "a snapshot must be COW")
+        try:
+            parent = self.volume(req.img_uuid, req.parent_vol)
+        except errors.VolumeDoesNotExist:
+            raise errors.VolumeDoesNotExist(req.parent_vol) from None
+        if parent.legality != sc.LEGAL or parent.md is None:
+            raise errors.ImageIsNotLegalChain(req.img_uuid, f"parent {req.parent_vol} illegal")
+        if req.capacity < parent.md.capacity:
+            raise errors.InvalidParameterException(
+                "size", f"{req.capacity} < parent capacity {parent.md.capacity}")
+        return parent
+
+    @abstractmethod
+    def create_volume(self, req: CreateVolumeRequest, progress: Progress) -> None: ...
+
+    @abstractmethod
+    def delete_volume(self, img_uuid: str, vol_uuid: str, *, post_zero: bool, force: bool,
+                      progress: Progress) -> None: ...
+
+    @abstractmethod
+    def set_volume_metadata(self, img_uuid: str, vol_uuid: str, md: VolumeMetadata) -> None: ...
+
+    @abstractmethod
+    def extend_volume(self, img_uuid: str, vol_uuid: str, new_size: int) -> None: ...
+
+    @abstractmethod
+    def prepare_volume(self, img_uuid: str, vol_uuid: str) -> Path:
+        """Make the volume usable (activate); returns its path in the image dir."""
+
+    @abstractmethod
+    def teardown_volume(self, img_uuid: str, vol_uuid: str) -> None: ...
+
+    def check_deletable(self, img_uuid: str, vol_uuid: str, force: bool) -> VolumeState:
+        state = self.volume_with_children(img_uuid, vol_uuid)
+        if state.children and not force:
+            raise errors.VolumeImageHasChildren(vol_uuid, ",".join(state.children))
+        if state.md is not None and state.md.voltype == sc.SHARED and not force:
+            raise errors.CannotDeleteVolume(vol_uuid, "shared (template) volume")
+        return state
+
+    def update_volume(self, img_uuid: str, vol_uuid: str, **changes: object) -> VolumeMetadata:
+        with self.lock:
+            state = self.volume(img_uuid, vol_uuid)
+            if state.md is None:
+                raise errors.VolumeMetadataReadError(vol_uuid, state.problem or "no metadata")
+            md = state.md.replace(**changes)
+            self.set_volume_metadata(img_uuid, vol_uuid, md)
+            return md
+
+    def relink_parent_after_delete(self, img_uuid: str, parent_uuid: str) -> None:
+        """A parent that lost its last child becomes a leaf again."""
+        if parent_uuid == sc.BLANK_UUID:
+            return
+        try:
+            parent = self.volume_with_children(img_uuid, parent_uuid)
+        except errors.VolumeDoesNotExist:
+            return
+        if not parent.children and parent.md is not None and parent.md.voltype == sc.INTERNAL:
+            self.update_volume(img_uuid, parent_uuid, voltype=sc.LEAF)
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    @abstractmethod
+    def format(self) -> None:
+        """Destroy the domain and everything in it."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook: file domains hold nothing
+        """Release what this host holds for the domain (activations); idempotent."""
