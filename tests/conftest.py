@@ -12,6 +12,7 @@ import pytest
 from fake_storage.agent import Agent
 from fake_storage.lunfarm import LunFarm
 from tests.helpers import RawHttp
+from tests.storage_helpers import unmount_under
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -70,3 +71,27 @@ def lun_farm(tmp_path: Path) -> Iterator[LunFarm]:
     yield farm
     problems = farm.destroy()
     assert not problems, problems
+
+
+class StorageEnv:
+    """Daemons plus a LUN farm, torn down in the only safe order:
+    unmount, stop the daemons (they release LV mappings), then destroy the LUNs."""
+
+    def __init__(self, farm: LunFarm, start: Any, tmp_path: Path) -> None:
+        self.farm = farm
+        self._start = start
+        self.tmp_path = tmp_path
+        self.agents: list[Agent] = []
+
+    def agent(self, name: str = "agent", **kw: Any) -> Agent:
+        a = self._start(name, **kw)
+        self.agents.append(a)
+        return a
+
+
+@pytest.fixture
+def env(lun_farm: LunFarm, agent_factory: Any, tmp_path: Path) -> Iterator[StorageEnv]:
+    e = StorageEnv(lun_farm, agent_factory, tmp_path)
+    yield e
+    for a in e.agents:
+        unmount_under(a.state_dir)

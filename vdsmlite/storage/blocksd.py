@@ -66,6 +66,8 @@ class BlockDomain(Domain):
         self.repository = repository
         self.guid_of = guid_of
         self._held: set[str] = set()
+        # PV data offsets and the extent size never change for a domain's PVs.
+        self._layout: tuple[dict[str, int], int] | None = None
 
     @property
     def path(self) -> Path:
@@ -94,11 +96,19 @@ class BlockDomain(Domain):
             raise errors.LogicalVolumeDoesNotExistError(f"{self.uuid}/{name}")
         return found[name]
 
+    def layout(self) -> tuple[dict[str, int], int]:
+        """(pe_start per PV, extent size), read once."""
+        if self._layout is None:
+            pe_starts = {name: pv.pe_start for name, pv in lvm.pvs(self.devices).items()}
+            self._layout = (pe_starts, self.vg().extent_size)
+        return self._layout
+
     def _pe_starts(self) -> dict[str, int]:
-        return {name: pv.pe_start for name, pv in lvm.pvs(self.devices).items()}
+        return self.layout()[0]
 
     def _activate(self, lv: lvm.LV) -> Path:
-        return self.activator.acquire(lv, self._pe_starts(), self.vg().extent_size, self.devices)
+        pe_starts, extent = self.layout()
+        return self.activator.acquire(lv, pe_starts, extent, self.devices)
 
     def _release(self, name: str) -> None:
         self.activator.release(self.uuid, name, self.devices)
@@ -227,6 +237,19 @@ class BlockDomain(Domain):
             raise errors.VolumeDoesNotExist(vol_uuid)
         return self._state(lv)
 
+    def volumes(self, img_uuid: str) -> dict[str, VolumeState]:
+        # One lvs call for the whole image instead of one per volume.
+        states = {name: self._state(lv) for name, lv in self._volume_lvs().items()
+                  if lv.tag_value(sc.TAG_IMAGE) == img_uuid}
+        for state in states.values():
+            if state.md is not None and state.md.parent in states:
+                states[state.md.parent].children.append(state.uuid)
+        return states
+
+    def find_volume_image(self, vol_uuid: str) -> str | None:
+        lv = self.lvs([vol_uuid]).get(vol_uuid)
+        return None if lv is None else lv.tag_value(sc.TAG_IMAGE)
+
     def set_volume_metadata(self, img_uuid: str, vol_uuid: str, md: VolumeMetadata) -> None:
         state = self.volume(img_uuid, vol_uuid)
         if state.slot is None:
@@ -271,9 +294,8 @@ class BlockDomain(Domain):
         with self.lock:
             parent = self.validate_create(req)
             size = self._lv_size(req)
-            vg = self.vg()
-            if -(-size // vg.extent_size) > vg.free_count:
-                raise errors.NoSpaceLeftOnDomain(self.uuid)
+            # No free-space pre-check: lvcreate refuses atomically and its
+            # "insufficient free space" becomes 397 below.
             slot = self._free_slot(self.lvs())
             tags = [sc.TAG_INITIALIZING, sc.TAG_IMAGE + req.img_uuid,
                     sc.TAG_PARENT + req.parent_vol, sc.TAG_SLOT + str(slot)]
@@ -282,7 +304,7 @@ class BlockDomain(Domain):
             except lvm.LVMError as e:
                 if "already exists" in e.stderr:
                     raise errors.VolumeAlreadyExists(req.vol_uuid) from None
-                if "Insufficient free space" in e.stderr:
+                if "insufficient free space" in e.stderr.lower():
                     raise errors.NoSpaceLeftOnDomain(self.uuid) from None
                 raise _lvm_error(errors.CannotCreateLogicalVolume, req.vol_uuid, e) from None
             lv = self.lv(req.vol_uuid)
@@ -350,7 +372,8 @@ class BlockDomain(Domain):
             finally:
                 self._release(vol_uuid)
         with self.lock:
-            self.activator.unmap(lv, self._pe_starts(), self.vg().extent_size, self.devices)
+            pe_starts, extent = self.layout()
+            self.activator.unmap(lv, pe_starts, extent, self.devices)
             try:
                 lvm.lvremove(self.uuid, [vol_uuid], self.devices)
             except lvm.LVMError as e:
@@ -385,7 +408,8 @@ class BlockDomain(Domain):
                         raise errors.LogicalVolumeExtendError(self.uuid, vol_uuid,
                                                               new_size) from e
                     lv = self.lv(vol_uuid)
-                    self.activator.refresh(lv, self._pe_starts(), vg.extent_size, self.devices)
+                    pe_starts, extent = self.layout()
+                    self.activator.refresh(lv, pe_starts, extent, self.devices)
                 if state.md.format == "RAW":
                     capacity = lv.size
             if state.md.format == "COW":
@@ -416,8 +440,7 @@ class BlockDomain(Domain):
     def format(self) -> None:
         with self.lock:
             self.close()
-            pe_starts = self._pe_starts()
-            extent = self.vg().extent_size
+            pe_starts, extent = self.layout()
             for lv in self.lvs().values():
                 self.activator.unmap(lv, pe_starts, extent, self.devices)
             try:

@@ -163,17 +163,19 @@ class FileDomain(Domain):
             apparent = true = 0
             if not meta.exists():
                 raise errors.VolumeDoesNotExist(vol_uuid) from None
-        md, problem = None, None
+        md, problem, initializing = None, None, False
         try:
             md = VolumeMetadata.from_bytes(
                 directio.read_file(meta, sc.METADATA_SIZE * 2, block_size=4096))
         except FileNotFoundError:
-            problem = "no metadata: the volume was never completed"
+            # Data without .meta: a create that never reached its metadata step.
+            problem, initializing = "no metadata: the volume was never completed", True
         except errors.VolumeMetadataReadError as e:
             problem = str(e)
         lease_info = (str(lease), 0) if lease.exists() else None
         return VolumeState(uuid=vol_uuid, image=img_uuid, md=md, apparent_size=apparent,
-                           true_size=true, lease=lease_info, problem=problem)
+                           true_size=true, initializing=initializing, lease=lease_info,
+                           problem=problem)
 
     def set_volume_metadata(self, img_uuid: str, vol_uuid: str, md: VolumeMetadata) -> None:
         _, meta, _ = self._paths(img_uuid, vol_uuid)

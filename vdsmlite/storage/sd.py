@@ -160,6 +160,7 @@ class Domain(ABC):
     def __init__(self, sd_uuid: str) -> None:
         self.uuid = sd_uuid
         self.lock = threading.RLock()
+        self._geometry: tuple[int, int] | None = None
 
     # --- metadata --------------------------------------------------------------
 
@@ -198,9 +199,12 @@ class Domain(ABC):
         return int(self.md.get(K_VERSION, "0"))
 
     def geometry(self) -> tuple[int, int]:
-        """(block_size, alignment) from metadata."""
-        md = self.md
-        return int(md.get(K_BLOCK_SIZE, "512")), int(md.get(K_ALIGNMENT, str(sc.MiB)))
+        """(block_size, alignment): fixed when the domain is created, so read once."""
+        if self._geometry is None:
+            md = self.md
+            self._geometry = (int(md.get(K_BLOCK_SIZE, "512")),
+                              int(md.get(K_ALIGNMENT, str(sc.MiB))))
+        return self._geometry
 
     def pools(self) -> list[str]:
         return parse_pools(self.md.get(K_POOL_UUID, ""))

@@ -1,0 +1,188 @@
+"""Volume create+delete latency on a file and a block domain, next to the raw cost.
+
+100 volumes are created and then deleted on each domain type through the API
+(Volume.create / Volume.delete, completion taken from the job's
+``|jobs|status|<id>`` WebSocket event, so no polling delay is counted). In the
+same run the raw cost of the same storage change is measured with nothing
+else: ``lvcreate``/``lvremove`` of an LV of the same size in the same VG, and for
+the file domain an exclusive create + ftruncate + fsync / unlink of a file in
+the same directory. Reported: median and p90 per operation, and the ratio
+vdsmlite / raw (the price of metadata, tags, leases and task bookkeeping).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fake_storage.agent import Agent
+from fake_storage.lunfarm import LunFarm
+from tests.storage_helpers import (
+    BLANK,
+    PREALLOCATED,
+    RAW,
+    SPARSE,
+    make_block_domain,
+    make_localfs_domain,
+    unmount_under,
+)
+
+MiB = 1 << 20
+SIZE = 128 * MiB
+
+
+class Events:
+    """One WebSocket: send calls, await replies and job completions."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        self.replies: dict[int, asyncio.Future[Any]] = {}
+        self.done: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self.ids = iter(range(1, 10**9))
+        self.reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        async for msg in self.ws:
+            data = json.loads(msg.data)
+            if "id" in data:
+                self.replies.pop(data["id"]).set_result(data)
+            elif data["method"].startswith("|jobs|status|"):
+                params = data["params"]
+                if params["status"] in ("done", "failed", "aborted"):
+                    fut = self.done.setdefault(params["id"], asyncio.Future())
+                    if not fut.done():
+                        fut.set_result(params)
+
+    async def call(self, method: str, params: dict[str, Any]) -> Any:
+        msg_id = next(self.ids)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.replies[msg_id] = fut
+        await self.ws.send_str(json.dumps({"jsonrpc": "2.0", "id": msg_id, "method": method,
+                                           "params": params}))
+        reply = await fut
+        if "error" in reply:
+            raise RuntimeError(f"{method}: {reply['error']}")
+        return reply["result"]
+
+    async def task(self, method: str, params: dict[str, Any]) -> float:
+        t0 = time.perf_counter()
+        task_id = await self.call(method, params)
+        result = await self.done.setdefault(task_id, asyncio.Future())
+        elapsed = time.perf_counter() - t0
+        if result["status"] != "done":
+            raise RuntimeError(f"{method} failed: {result}")
+        await self.call("Task.clear", {"taskID": task_id})
+        return elapsed
+
+
+async def api_round(url: str, sd: str, count: int, block: bool) -> tuple[list[float], list[float]]:
+    creates, deletes = [], []
+    async with aiohttp.ClientSession() as s, s.ws_connect(url + "/jsonrpc") as ws:
+        ev = Events(ws)
+        vols = []
+        for _ in range(count):
+            img, vol = str(uuid.uuid4()), str(uuid.uuid4())
+            vols.append((img, vol))
+            creates.append(await ev.task("Volume.create", {
+                "volumeID": vol, "storagepoolID": BLANK, "storagedomainID": sd,
+                "imageID": img, "size": str(SIZE), "volFormat": RAW,
+                "preallocate": PREALLOCATED if block else SPARSE, "diskType": "DATA",
+                "desc": "", "srcImgUUID": BLANK, "srcVolUUID": BLANK}))
+        for img, vol in vols:
+            deletes.append(await ev.task("Volume.delete", {
+                "volumeID": vol, "storagepoolID": BLANK, "storagedomainID": sd,
+                "imageID": img, "postZero": False, "force": False}))
+        ev.reader.cancel()
+    return creates, deletes
+
+
+def raw_lvm(vg: str, pv: str, count: int) -> tuple[list[float], list[float]]:
+    from vdsmlite.storage import lvm  # noqa: PLC0415 - the very same command builder
+
+    creates, deletes = [], []
+    names = [f"bench-{i}" for i in range(count)]
+    for name in names:
+        t0 = time.perf_counter()
+        lvm.lvcreate(vg, name, SIZE, [pv])
+        creates.append(time.perf_counter() - t0)
+    for name in names:
+        t0 = time.perf_counter()
+        lvm.lvremove(vg, [name], [pv])
+        deletes.append(time.perf_counter() - t0)
+    return creates, deletes
+
+
+def raw_files(directory: Path, count: int) -> tuple[list[float], list[float]]:
+    creates, deletes = [], []
+    paths = [directory / f"bench-{i}" for i in range(count)]
+    for p in paths:
+        t0 = time.perf_counter()
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o660)
+        os.ftruncate(fd, SIZE)
+        os.fsync(fd)
+        os.close(fd)
+        creates.append(time.perf_counter() - t0)
+    for p in paths:
+        t0 = time.perf_counter()
+        os.unlink(p)
+        deletes.append(time.perf_counter() - t0)
+    return creates, deletes
+
+
+def row(name: str, op: str, ours: list[float], raw: list[float]) -> str:
+    med, p90 = statistics.median(ours), sorted(ours)[int(len(ours) * 0.9)]
+    rmed = statistics.median(raw)
+    return (f"{name:>8} {op:>7} {med * 1000:>9.1f} {p90 * 1000:>9.1f} {rmed * 1000:>9.1f} "
+            f"{med / rmed:>7.1f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--count", type=int, default=100)
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-volumes-", dir="/var/tmp") as tmp:
+        farm = LunFarm(Path(tmp) / "farm")
+        agent = Agent(Path(tmp) / "agent", config={
+            "daemon": {"log_level": "INFO"}, "devel": {"validate_returns": False}}).start()
+        try:
+            assert agent.url is not None
+            local = make_localfs_domain(agent, Path(tmp) / "local")
+            block = make_block_domain(agent, farm, size=f"{(args.count * SIZE >> 30) + 12}G")
+            assert block.lun is not None
+            c, d = asyncio.run(api_round(agent.url, local.sd, args.count, block=False))
+            rc, rd = raw_files(Path(tmp) / "local", args.count)
+            rows += [row("file", "create", c, rc), row("file", "delete", d, rd)]
+            c, d = asyncio.run(api_round(agent.url, block.sd, args.count, block=True))
+            rc, rd = raw_lvm(block.sd, block.lun.loop, args.count)
+            rows += [row("block", "create", c, rc), row("block", "delete", d, rd)]
+        finally:
+            unmount_under(agent.state_dir)
+            agent.stop()
+            problems = farm.destroy()
+            if problems:
+                print("cleanup problems:", problems, file=sys.stderr)
+    print(f"volumes: {args.count} x {SIZE // MiB} MiB volumes, create then delete, "
+          "per operation (ms)")
+    print(f"{'domain':>8} {'op':>7} {'median':>9} {'p90':>9} {'raw med':>9} {'ratio':>7}")
+    for r in rows:
+        print(r)
+    print("raw = lvcreate/lvremove of the same LV (block); create+ftruncate+fsync/unlink "
+          "(file)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Building domains and volumes through the real API, for storage tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fake_storage.agent import Agent
+from fake_storage.lunfarm import FakeLun, LunFarm
+from vdsmlite.client import Client, ServerError
+from vdsmlite.storage import mountinfo
+
+BLANK = "00000000-0000-0000-0000-000000000000"
+GiB = 1 << 30
+MiB = 1 << 20
+
+LOCALFS, POSIXFS, ISCSI = 4, 6, 3
+RAW, COW = 5, 4
+PREALLOCATED, SPARSE = 1, 2
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def wait_task(c: Client, task: str, timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        st = c.call("Task.getStatus", {"taskID": task})
+        if st["taskState"] == "finished":
+            c.call("Task.clear", {"taskID": task})
+            return st
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"task {task} not finished: {st}")
+        time.sleep(0.05)
+
+
+def run_task(c: Client, method: str, params: dict[str, Any]) -> None:
+    """Call a task verb and wait; raise ServerError with the task's code if it failed."""
+    st = wait_task(c, c.call(method, params))
+    if st["taskResult"] != "success":
+        raise ServerError(st["code"], st["message"])
+
+
+@dataclass
+class DomainUnderTest:
+    agent: Agent
+    sd: str
+    kind: str  # "localfs" | "posixfs" | "block"
+    block_size: int
+    data_dir: Path | None = None  # file domains: the directory behind the mount/link
+    lun: FakeLun | None = None  # block domains: the LUN holding the VG
+
+    @property
+    def client(self) -> Client:
+        return self.agent.client()
+
+    @property
+    def is_block(self) -> bool:
+        return self.kind == "block"
+
+    def create_volume(self, img: str | None = None, vol: str | None = None, *,
+                      size: int = GiB, fmt: int = RAW, prealloc: int | None = None,
+                      parent: str = BLANK, desc: str = "", disk_type: str = "DATA",
+                      pool: str = BLANK, **extra: Any) -> tuple[str, str]:
+        img = img or new_id()
+        vol = vol or new_id()
+        if prealloc is None:
+            prealloc = PREALLOCATED if (self.is_block and fmt == RAW) else SPARSE
+        params = {"volumeID": vol, "storagepoolID": pool, "storagedomainID": self.sd,
+                  "imageID": img, "size": str(size), "volFormat": fmt, "preallocate": prealloc,
+                  "diskType": disk_type, "desc": desc,
+                  "srcImgUUID": img if parent != BLANK else BLANK, "srcVolUUID": parent,
+                  **extra}
+        with self.client as c:
+            run_task(c, "Volume.create", params)
+        return img, vol
+
+    def vol_params(self, img: str, vol: str, pool: str = BLANK) -> dict[str, Any]:
+        return {"volumeID": vol, "storagepoolID": pool, "storagedomainID": self.sd,
+                "imageID": img}
+
+    def info(self, img: str, vol: str) -> dict[str, Any]:
+        with self.client as c:
+            return c.call("Volume.getInfo", self.vol_params(img, vol))
+
+    def delete_volume(self, img: str, vol: str, post_zero: bool = False,
+                      force: bool = False) -> None:
+        with self.client as c:
+            run_task(c, "Volume.delete", {**self.vol_params(img, vol), "postZero": post_zero,
+                                          "force": force})
+
+    def prepare(self, img: str, vol: str) -> str:
+        with self.client as c:
+            return c.call("Image.prepare", {"storagepoolID": BLANK, "storagedomainID": self.sd,
+                                            "imageID": img, "volumeID": vol})["path"]
+
+    def teardown(self, img: str, vol: str) -> None:
+        with self.client as c:
+            c.call("Image.teardown", {"storagepoolID": BLANK, "storagedomainID": self.sd,
+                                      "imageID": img, "volumeID": vol})
+
+
+def connect(agent: Agent, domain_type: int, conn: dict[str, Any]) -> None:
+    with agent.client() as c:
+        result = c.call("StoragePool.connectStorageServer", {
+            "storagepoolID": BLANK, "domainType": domain_type, "connectionParams": [conn]})
+    assert result[0]["status"] == 0, result
+
+
+def make_localfs_domain(agent: Agent, data_dir: Path, *, block_size: int = 512,
+                        sd: str | None = None) -> DomainUnderTest:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    connect(agent, LOCALFS, {"id": new_id(), "connection": str(data_dir)})
+    sd = sd or new_id()
+    with agent.client() as c:
+        c.call("StorageDomain.create", {"storagedomainID": sd, "domainType": LOCALFS,
+                                        "typeArgs": str(data_dir), "name": "local-data",
+                                        "domainClass": 1, "version": "5",
+                                        "blockSize": block_size})
+    return DomainUnderTest(agent, sd, "localfs", block_size, data_dir=data_dir)
+
+
+def make_posixfs_domain(agent: Agent, farm: LunFarm) -> DomainUnderTest:
+    """ext4 on a loop LUN, mounted by connectStorageServer (posixfs): sanlock leases too."""
+    lun = farm.add("4G")
+    subprocess.run(["mkfs.ext4", "-q", lun.loop], check=True)
+    connect(agent, POSIXFS, {"id": new_id(), "connection": lun.loop, "vfs_type": "ext4"})
+    sd = new_id()
+    with agent.client() as c:
+        c.call("StorageDomain.create", {"storagedomainID": sd, "domainType": POSIXFS,
+                                        "typeArgs": lun.loop, "name": "posix-data",
+                                        "domainClass": 1, "version": "5", "blockSize": 512})
+    mountpoint = agent.state_dir / "data-center" / "mnt" / lun.loop.replace("/", "_")
+    return DomainUnderTest(agent, sd, "posixfs", 512, data_dir=mountpoint, lun=lun)
+
+
+def make_block_domain(agent: Agent, farm: LunFarm, *, sector_size: int = 512,
+                      size: str = "20G", name: str = "block-data") -> DomainUnderTest:
+    lun = farm.add(size, sector_size=sector_size)
+    sd = new_id()
+    with agent.client() as c:
+        vg_uuid = c.call("LVMVolumeGroup.create", {"name": sd, "devlist": [lun.guid]})
+        c.call("StorageDomain.create", {"storagedomainID": sd, "domainType": ISCSI,
+                                        "typeArgs": vg_uuid, "name": name, "domainClass": 1,
+                                        "version": "5", "blockSize": sector_size})
+    return DomainUnderTest(agent, sd, "block", sector_size, lun=lun)
+
+
+def unmount_under(path: Path) -> None:
+    for m in reversed(mountinfo.read()):
+        if m.mountpoint.startswith(str(path)):
+            subprocess.run(["umount", "-l", m.mountpoint], check=False)
+
+
+def lvm_cmd(*argv: str, devices: list[str]) -> str:
+    filt = ",".join(f'"a|^{d}$|"' for d in devices) + ',"r|.*|"'
+    return subprocess.run(
+        [argv[0], "--config", f"devices {{ filter=[{filt}] use_devicesfile=0 }}",
+         "--driverloaded", "n", *argv[1:]],
+        check=True, capture_output=True, text=True,
+        env={**os.environ, "LVM_SUPPRESS_FD_WARNINGS": "1"}).stdout
+
+
+def lv_offset(lun: FakeLun, vg: str, lv: str) -> tuple[int, int]:
+    """(byte offset on the PV, size) of a single-segment LV, computed from LVM alone."""
+    out = lvm_cmd("lvs", "--noheadings", "--units", "b", "--nosuffix", "-o",
+                  "lv_size,seg_pe_ranges", f"{vg}/{lv}", devices=[lun.loop]).split()
+    size, ranges = int(out[0]), out[1]
+    first_pe = int(ranges.rsplit(":", 1)[1].split("-")[0])
+    pe = lvm_cmd("pvs", "--noheadings", "--units", "b", "--nosuffix", "-o",
+                 "pe_start,vg_extent_size", lun.loop, devices=[lun.loop]).split()
+    return int(pe[0]) + first_pe * int(pe[1]), size
