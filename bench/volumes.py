@@ -5,9 +5,10 @@
 ``|jobs|status|<id>`` WebSocket event, so no polling delay is counted). In the
 same run the raw cost of the same storage change is measured with nothing
 else: ``lvcreate``/``lvremove`` of an LV of the same size in the same VG, and for
-the file domain an exclusive create + ftruncate + fsync / unlink of a file in
-the same directory. Reported: median and p90 per operation, and the ratio
-vdsmlite / raw (the price of metadata, tags, leases and task bookkeeping).
+the file domain an exclusive create + ftruncate + fsync of a file in the same
+directory (unlink + directory fsync for delete). Reported: median and p90 per
+operation, and the ratio vdsmlite / raw (the price of metadata, tags, leases
+and task bookkeeping).
 """
 
 from __future__ import annotations
@@ -138,6 +139,9 @@ def raw_files(directory: Path, count: int) -> tuple[list[float], list[float]]:
     for p in paths:
         t0 = time.perf_counter()
         os.unlink(p)
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)  # a durable unlink
+        os.fsync(dfd)
+        os.close(dfd)
         deletes.append(time.perf_counter() - t0)
     return creates, deletes
 
@@ -180,8 +184,8 @@ def main() -> None:
     print(f"{'domain':>8} {'op':>7} {'median':>9} {'p90':>9} {'raw med':>9} {'ratio':>7}")
     for r in rows:
         print(r)
-    print("raw = lvcreate/lvremove of the same LV (block); create+ftruncate+fsync/unlink "
-          "(file)")
+    print("raw = lvcreate/lvremove of the same LV (block); create+ftruncate+fsync and "
+          "unlink+dir fsync (file)")
 
 
 if __name__ == "__main__":

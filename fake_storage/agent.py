@@ -111,6 +111,7 @@ class Agent:
         config: dict[str, dict[str, Any]] | None = None,
         env: dict[str, str] | None = None,
         args: list[str] | None = None,
+        embedded: bool = False,
     ) -> None:
         self.workdir = workdir
         self.state_dir = workdir / "state"
@@ -128,6 +129,8 @@ class Agent:
         self.config = sections
         self.extra_env = env or {}
         self.extra_args = args or []
+        # embedded=True: no config file at all, only flags (the `make run` default).
+        self.embedded = embedded
         self.proc: subprocess.Popen[bytes] | None = None
         self.notify: NotifyListener | None = None
         self.notifications: list[dict[str, str]] = []
@@ -154,9 +157,13 @@ class Agent:
         env["NOTIFY_SOCKET"] = str(self.notify.path)
         env.update(self.extra_env)
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - outlives this call
+        if self.embedded:
+            cmd = ["--state-dir", str(self.state_dir), "--port", "0"]
+            self.run_dir = self.state_dir / "run"
+        else:
+            cmd = ["--config", str(self.config_path)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vdsmlite", "--config", str(self.config_path),
-             *self.extra_args],
+            [sys.executable, "-m", "vdsmlite", *cmd, *self.extra_args],
             env=env, stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while True:

@@ -77,6 +77,9 @@ class StorageSection:
     mount_timeout: float = 90.0
     # Seconds an iscsiadm command may take (discovery, login).
     iscsi_timeout: float = 60.0
+    # A local file domain served from this directory, created on first start.
+    # The embedded default (no config file) puts one under the state dir.
+    local_domain: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,7 @@ class Config:
         out = dataclasses.asdict(self)
         out["daemon"]["run_dir"] = self.run_dir
         out["storage"]["repository"] = self.repository
+        out["storage"]["local_domain"] = self.storage.local_domain
         return _stringify(out)
 
 
@@ -272,6 +276,10 @@ def load(
     storage: StorageSection = sections["storage"]
     if storage.repository is not None:
         storage = dataclasses.replace(storage, repository=storage.repository.absolute())
+    if storage.local_domain is not None:
+        storage = dataclasses.replace(storage, local_domain=storage.local_domain.absolute())
+    elif source == "embedded defaults":
+        storage = dataclasses.replace(storage, local_domain=daemon.state_dir / "local-domain")
     cfg = Config(daemon=daemon, rpc=sections["rpc"], storage=storage,
                  sanlock=sections["sanlock"], devel=sections["devel"], source=source)
     _validate(cfg)

@@ -39,6 +39,7 @@ from vdsmlite.rpc.dispatch import Dispatcher
 from vdsmlite.rpc.schema import default_schema
 from vdsmlite.sdnotify import Notifier
 from vdsmlite.services import Services
+from vdsmlite.storage import provision
 
 log = logging.getLogger("vdsmlite.daemon")
 
@@ -127,6 +128,10 @@ class Daemon:
         await runner.setup()
         try:
             await self._listen(runner)
+            if cfg.storage.local_domain is not None:
+                # Calls are answered 99 (initializing) until the local domain is ready.
+                sd = await provision.ensure_local_domain(services, cfg.storage.local_domain)
+                log.info("serving local storage domain %s from %s", sd, cfg.storage.local_domain)
             dispatcher.ready = True
             status = "Serving on " + ", ".join(self.addresses)
             # Machine-readable addresses for harnesses that start us on port 0.

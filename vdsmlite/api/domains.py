@@ -3,22 +3,16 @@ Host.getStorageDomains and LVMVolumeGroup.create."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 from vdsmlite import errors
 from vdsmlite.api.base import verb
 from vdsmlite.services import Services
-from vdsmlite.storage import blocksd, connections, filesd, lvm, mountinfo
+from vdsmlite.storage import blocksd, lvm, provision
 from vdsmlite.storage import constants as sc
 from vdsmlite.storage import devices as devmod
+from vdsmlite.storage.provision import device_block_size
 from vdsmlite.storage.sd import K_CLASS, K_REMOTE_PATH, K_TYPE, Domain, parse_pools
-
-
-def _device_block_size(node: str) -> int:
-    name = os.path.basename(os.path.realpath(node))
-    return int(Path(f"/sys/class/block/{name}/queue/logical_block_size").read_text())
 
 
 class DomainsApi:
@@ -47,7 +41,7 @@ class DomainsApi:
             raise errors.InvalidParameterException("devlist", "duplicate devices")
         if lvm.vgs(devices, [name]):
             raise errors.VolumeGroupAlreadyExistsError(name)
-        sizes = {_device_block_size(d) for d in devices}
+        sizes = {device_block_size(d) for d in devices}
         if len(sizes) != 1:
             raise errors.VolumeGroupBlockSizeError(name, sorted(sizes))
         luns = [lun for lun in devmod.discover() if lun.guid in set(devlist)]
@@ -77,62 +71,10 @@ class DomainsApi:
             raise errors.InvalidParameterException("name", name)
         if blockSize not in (0, 512, 4096):
             raise errors.InvalidParameterException("blockSize", blockSize)
-        dom = await self._s.run_blocking(
-            self._create, storagedomainID, st, typeArgs, name=name,
+        await self._s.run_blocking(
+            provision.create_domain, self._s, storagedomainID, st, typeArgs, name=name,
             domain_class=sc.DomainClass(domainClass), block_size=blockSize, max_hosts=maxHosts)
-        self._s.domains.add(dom)
         return True
-
-    def _create(self, sd_uuid: str, st: sc.StorageType, type_args: str, *, name: str,
-                domain_class: sc.DomainClass, block_size: int, max_hosts: int) -> Domain:
-        store = self._s.domains
-        if sd_uuid in store.scan():
-            raise errors.StorageDomainAlreadyExists(sd_uuid)
-        io_timeout = self._s.config.sanlock.io_timeout
-        if st.is_file:
-            root = connections.mount_root(int(st), type_args, self._s.config.repository)
-            if st == sc.StorageType.LOCALFS:
-                ready = root.is_symlink() and root.is_dir()
-            else:
-                ready = mountinfo.find(str(root)) is not None
-            if not ready:
-                raise errors.StorageDomainFSNotMounted(type_args)
-            if st == sc.StorageType.NFS:
-                if block_size not in (0, 512):
-                    raise errors.StorageDomainBlockSizeMismatch(block_size, 512)
-                block_size = 512
-            elif block_size == 0:
-                block_size = filesd.detect_block_size(root)
-            alignment = sc.alignment_for(block_size, max_hosts)
-            remote = (connections.normalize_abs(type_args) if st == sc.StorageType.LOCALFS
-                      else connections.normalize_remote(type_args)) or type_args
-            return filesd.create_file_domain(
-                root, sd_uuid=sd_uuid, storage_type=st, name=name, domain_class=domain_class,
-                block_size=block_size, alignment=alignment, remote_path=remote,
-                io_timeout=io_timeout)
-        if st.is_block:
-            nodes = list(store.lun_nodes())
-            vgs = lvm.vgs(nodes) if nodes else {}
-            vg = next((v for v in vgs.values() if v.uuid == type_args), None)
-            if vg is None:
-                raise errors.VolumeGroupDoesNotExist(type_args)
-            if vg.name != sd_uuid:
-                raise errors.StorageDomainCreationError(
-                    sd_uuid, f"VG {type_args} was created for domain {vg.name}")
-            devices = list(vg.pv_names)
-            sizes = {_device_block_size(d) for d in devices}
-            if len(sizes) != 1:
-                raise errors.VolumeGroupBlockSizeError(sd_uuid, sorted(sizes))
-            device_size = sizes.pop()
-            if block_size not in (0, device_size):
-                raise errors.StorageDomainBlockSizeMismatch(block_size, device_size)
-            return blocksd.create_block_domain(
-                vg_name=sd_uuid, devices=devices, storage_type=st, name=name,
-                domain_class=domain_class, block_size=device_size,
-                alignment=sc.alignment_for(device_size, max_hosts), io_timeout=io_timeout,
-                activator=self._s.activator, repository=self._s.config.repository,
-                guid_of=store.guid_of)
-        raise errors.StorageDomainTypeError(int(st))
 
     @verb("StorageDomain.getInfo")
     async def get_info(self, *, storagedomainID: str) -> dict[str, Any]:
