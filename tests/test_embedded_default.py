@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from fake_storage.agent import Agent
-from vdsmlite import config
 from tests.storage_helpers import BLANK, DomainUnderTest
+from vdsmlite import config
 
 pytestmark = pytest.mark.root
 
