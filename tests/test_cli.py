@@ -105,3 +105,15 @@ def test_unreachable_daemon_exits_3(tmp_path: Path) -> None:
 ])
 def test_value_parsing(pair: str, expected: dict) -> None:
     assert parse_params([pair]) == expected
+
+
+def test_a_reader_that_leaves_early_is_no_error(shared_agent: Agent) -> None:
+    # `vdsmlite-client Host getVerbs | head -1`: a big answer, a reader gone after a line.
+    proc = subprocess.Popen([*CLIENT, "--unix", str(shared_agent.unix_socket), "Host",
+                             "getVerbs"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().strip() == b"{"
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0
+    assert b"Traceback" not in stderr and b"BrokenPipe" not in stderr, stderr

@@ -120,6 +120,30 @@ def test_data_written_through_prepare_is_on_storage(dom: DomainUnderTest) -> Non
     assert pread(where, base + 16 * MiB, 4 * MiB) == pattern
 
 
+def test_another_hosts_write_is_seen_through_a_prepared_volume(env: StorageEnv) -> None:
+    # Another host writes the LUN through its own path (here: the LUN's backing
+    # file). This host must read the new bytes, not a copy cached on its side of
+    # the volume's mapping (dm-linear caches nothing; its loop stand-in must not).
+    dom = make_block_domain(env.agent(), env.farm)
+    assert dom.lun is not None
+    img, vol = dom.create_volume(size=256 * MiB)
+    path = dom.prepare(img, vol)
+    offset, _ = lv_offset(dom.lun, dom.sd, vol)
+    assert pread(path, 0, MiB) == bytes(MiB)  # this host has looked at it once
+    pattern = os.urandom(MiB)
+    fd = os.open(dom.lun.backing, os.O_WRONLY | os.O_DIRECT)
+    try:
+        import mmap  # noqa: PLC0415
+
+        buf = mmap.mmap(-1, MiB)
+        buf[:] = pattern
+        os.pwritev(fd, [buf], offset)
+    finally:
+        os.close(fd)
+    assert pread(path, 0, MiB) == pattern
+    dom.teardown(img, vol)
+
+
 def test_snapshot_chain(dom: DomainUnderTest) -> None:
     img, base = dom.create_volume(size=GiB)
     _, top = dom.create_volume(img, size=GiB, fmt=COW, prealloc=SPARSE, parent=base)

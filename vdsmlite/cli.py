@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -139,8 +140,15 @@ def main(argv: list[str] | None = None) -> None:
     except ClientError as e:
         print(f"vdsmlite-client: cannot reach the daemon: {e}", file=sys.stderr)
         sys.exit(3)
-    json.dump(result, sys.stdout, indent=4, sort_keys=True)
-    sys.stdout.write("\n")
+    try:
+        json.dump(result, sys.stdout, indent=4, sort_keys=True)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `vdsmlite-client ... | head`: the reader left; that is no error of ours.
+        # Point stdout at /dev/null so the interpreter's final flush is quiet too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
 
 
 if __name__ == "__main__":

@@ -77,6 +77,12 @@ class StorageSection:
     mount_timeout: float = 90.0
     # Seconds an iscsiadm command may take (discovery, login).
     iscsi_timeout: float = 60.0
+    # Seconds an upload may go without receiving a byte before it is abandoned.
+    upload_stall_timeout: float = 60.0
+    # Processes that check and summarize OVF documents (vdsmlite.ovf.workers), and
+    # the address space each may use: a hostile OVF costs at most that.
+    ovf_parser_processes: int = 2
+    ovf_parser_memory_mib: int = 1024
     # A local file domain served from this directory, created on first start.
     # The embedded default (no config file) puts one under the state dir.
     local_domain: Path | None = None
@@ -206,8 +212,13 @@ def _validate(cfg: Config) -> None:
         raise InvalidConfiguration(f"[rpc] port: {r.port} is not a TCP port")
     if r.max_request_size < 1024:
         raise InvalidConfiguration("[rpc] max_request_size: must be at least 1024 bytes")
-    if cfg.storage.mount_timeout <= 0 or cfg.storage.iscsi_timeout <= 0:
+    st = cfg.storage
+    if st.mount_timeout <= 0 or st.iscsi_timeout <= 0 or st.upload_stall_timeout <= 0:
         raise InvalidConfiguration("[storage] timeouts must be positive")
+    if not 1 <= st.ovf_parser_processes <= 64:
+        raise InvalidConfiguration("[storage] ovf_parser_processes: must be within 1..64")
+    if st.ovf_parser_memory_mib < 256:
+        raise InvalidConfiguration("[storage] ovf_parser_memory_mib: must be at least 256")
     if not 1 <= cfg.sanlock.io_timeout <= 300:
         raise InvalidConfiguration("[sanlock] io_timeout: must be within 1..300 seconds")
     if r.max_concurrent_calls < 1:

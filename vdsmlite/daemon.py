@@ -31,9 +31,10 @@ from pathlib import Path
 
 from aiohttp import web
 
-from vdsmlite import __version__, config, logs
+from vdsmlite import __version__, config, http, logs
 from vdsmlite.api import build_handlers
 from vdsmlite.errors import InvalidConfiguration
+from vdsmlite.ovfservice import OvfService
 from vdsmlite.rpc import transport
 from vdsmlite.rpc.dispatch import Dispatcher
 from vdsmlite.rpc.schema import default_schema
@@ -81,9 +82,10 @@ def _claim_unix_socket(path: Path) -> None:
 def build_app(services: Services) -> tuple[web.Application, Dispatcher]:
     """The HTTP application with every door, wired to `services` (tests reuse it)."""
     cfg = services.config
+    ovf = OvfService(services)
     dispatcher = Dispatcher(
         default_schema(),
-        build_handlers(services),
+        build_handlers(services, ovf),
         services.metrics,
         max_concurrent=cfg.rpc.max_concurrent_calls,
         validate_returns=cfg.devel.validate_returns,
@@ -92,7 +94,13 @@ def build_app(services: Services) -> tuple[web.Application, Dispatcher]:
     app = web.Application(client_max_size=cfg.rpc.max_request_size)
     transport.add_routes(app, dispatcher, services.events, cfg.rpc.max_request_size)
     app.router.add_get("/metrics", services.metrics.handle)
+    http.add_routes(app, services, ovf)
     return app, dispatcher
+
+
+def _log_warm_up(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("could not start the OVF parser processes: %s", task.exception())
 
 
 class Daemon:
@@ -104,6 +112,7 @@ class Daemon:
         # Set once *we* bound the unix socket; a daemon refused at start-up must
         # not remove the socket of the one already running.
         self._own_socket: Path | None = None
+        self._warm_up: asyncio.Future[None] | None = None
 
     def request_stop(self, signame: str) -> None:
         if self._stop.is_set():
@@ -138,6 +147,10 @@ class Daemon:
             self.notifier.ready(status, *(f"VDSMLITE_{a.split(':', 1)[0].upper()}={a}"
                                           for a in self.addresses))
             self.notifier.start_watchdog()
+            # In the background: a failure here only means starting them on first use.
+            self._warm_up = asyncio.ensure_future(
+                services.run_blocking(services.ovf_workers.start))
+            self._warm_up.add_done_callback(_log_warm_up)
             log.info("vdsmlite %s ready (host %s, config: %s); %s", __version__,
                      services.host_uuid, cfg.source, status)
             await self._stop.wait()

@@ -85,6 +85,8 @@ class VdsmError(VdsmLiteError):
 
     code: ClassVar[int] = 100
     msg: ClassVar[str] = "General Exception"
+    # How the HTTP stream doors answer this error.
+    http_status: ClassVar[int] = 500
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
@@ -236,6 +238,7 @@ class StorageException(VdsmError):
 class InvalidParameterException(_Fields):
     code = 1000
     msg = "Invalid parameter"
+    http_status = 400
 
     def __init__(self, name: str, value: Any) -> None:
         super().__init__(name, value)
@@ -245,6 +248,30 @@ class InvalidParameterException(_Fields):
 class MiscFileReadException(StorageException):
     code = 2001
     msg = "Internal file read failure"
+
+
+class TransferStalled(MiscFileReadException):
+    """The client stopped sending before the stream was complete."""
+
+    msg = "Transfer stalled: no data received in time"
+    http_status = 408
+
+
+class TransferInterrupted(MiscFileReadException):
+    msg = "Transfer interrupted: the connection was closed before the end of the data"
+    http_status = 400
+
+
+class InvalidOvfStore(StorageException):
+    code = 1000
+    msg = "Invalid OVF_STORE archive"
+    http_status = 400
+
+
+class OvfStoreTooLarge(StorageException):
+    code = 1000
+    msg = "Data does not fit the volume"
+    http_status = 413
 
 
 class MiscFileWriteException(StorageException):
@@ -268,6 +295,7 @@ class ShuttingDownError(StorageException):
 class VolumeDoesNotExist(StorageException):
     code = 201
     msg = "Volume does not exist"
+    http_status = 404
 
 
 class IncorrectFormat(StorageException):
@@ -366,6 +394,7 @@ class ImageDeleteError(StorageException):
 class CopyImageError(StorageException):
     code = 261
     msg = "low level Image copy failed"
+    http_status = 400
 
 
 class ImageIsNotLegalChain(StorageException):
@@ -377,6 +406,7 @@ class ImageDoesNotExistInSD(_Fields):
     code = 268
     msg = "Image does not exist in domain"
     fields = ("image", "domain")
+    http_status = 404
 
 
 # pools
@@ -421,6 +451,7 @@ class StoragePoolAlreadyExists(StorageException):
 class MissingOvfFileFromVM(StorageException):
     code = 320
     msg = "Missing OVF file from VM"
+    http_status = 404
 
 
 class StoragePoolWrongMaster(_Fields):
@@ -476,6 +507,7 @@ class StorageDomainDeactivateError(StorageException):
 class StorageDomainDoesNotExist(StorageException):
     code = 358
     msg = "Storage domain does not exist"
+    http_status = 404
 
 
 class StorageDomainActivateError(StorageException):

@@ -22,6 +22,7 @@ from vdsmlite.fsutil import write_file_durably
 from vdsmlite.jobs import JobRegistry
 from vdsmlite.locks import LockTable
 from vdsmlite.metrics import Metrics
+from vdsmlite.ovf.workers import OvfWorkers
 from vdsmlite.rpc.types import parse_uuid
 from vdsmlite.storage.activation import Activator
 from vdsmlite.storage.connections import ConnectionManager
@@ -52,6 +53,9 @@ class Services:
         self.domains = DomainStore(config.repository, self.activator,
                                    io_timeout=config.sanlock.io_timeout)
         self.pools = PoolManager(self.domains, config.repository)
+        # Untrusted OVF documents are checked and summarized in these processes.
+        self.ovf_workers = OvfWorkers(config.storage.ovf_parser_processes,
+                                      config.storage.ovf_parser_memory_mib * 1024 * 1024)
         # Serializes changes to one image (create/delete/extend of its volumes).
         self.image_locks = LockTable()
         # Set by the daemon once the dispatcher exists (Host.getStats reports it).
@@ -74,6 +78,7 @@ class Services:
         await self.jobs.close(grace=self.config.daemon.shutdown_timeout)
         # Held activations (loop devices of special LVs) are released on a clean stop.
         await self.run_blocking(self.domains.close)
+        await self.run_blocking(self.ovf_workers.close)
         self.executor.shutdown(wait=True, cancel_futures=True)
 
 

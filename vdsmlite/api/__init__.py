@@ -11,17 +11,20 @@ from vdsmlite.api.base import collect
 from vdsmlite.api.devices import DevicesApi
 from vdsmlite.api.domains import DomainsApi
 from vdsmlite.api.host import HostApi
+from vdsmlite.api.ovf import OvfApi
 from vdsmlite.api.storage_server import StorageServerApi
 from vdsmlite.api.task import TaskApi
 from vdsmlite.api.volumes import VolumesApi
+from vdsmlite.ovfservice import OvfService
 from vdsmlite.rpc.dispatch import Handler
 from vdsmlite.services import Services
 
 
-def build_handlers(services: Services) -> dict[str, Handler]:
+def build_handlers(services: Services, ovf: OvfService) -> dict[str, Handler]:
     handlers: dict[str, Handler] = {}
     namespaces = (HostApi(services), TaskApi(services), DevicesApi(services),
-                  StorageServerApi(services), DomainsApi(services), VolumesApi(services))
+                  StorageServerApi(services), DomainsApi(services), VolumesApi(services),
+                  OvfApi(services, ovf))
     for namespace in namespaces:
         for name, fn in collect(namespace).items():
             if name in handlers:

@@ -130,11 +130,26 @@ class Dispatcher:
             out = [r for r in replies if r is not None]
             if not out:
                 return None
-            # Encoded one by one so a single unencodable result spoils only its own reply.
-            return b"[" + b",".join(_dumps(r) for r in out) + b"]"
+
+            def encode_batch() -> bytes:
+                # One by one, so a single unencodable result spoils only its own reply.
+                return b"[" + b",".join(_dumps(r) for r in out) + b"]"
+
+            if any(self._is_bulk(m) for m in msg):
+                return await asyncio.get_running_loop().run_in_executor(None, encode_batch)
+            return encode_batch()
 
         reply = await self._one(msg, ctx)
-        return _dumps(reply) if reply is not None else None
+        if reply is None:
+            return None
+        if self._is_bulk(msg):
+            return await asyncio.get_running_loop().run_in_executor(None, _dumps, reply)
+        return _dumps(reply)
+
+    def _is_bulk(self, msg: Any) -> bool:
+        method = msg.get("method") if isinstance(msg, dict) else None
+        verb = self.schema.verbs.get(method) if isinstance(method, str) else None
+        return verb is not None and verb.bulk
 
     # --- one call ---------------------------------------------------------------
 

@@ -54,6 +54,9 @@ class Verb:
     errors: tuple[type[errors.VdsmError], ...]
     # Long-running verbs that return a task id the caller polls with Task.getStatus.
     task: bool = False
+    # Answers that can run to megabytes (thousands of entities or devices): encoded
+    # off the event loop, which would otherwise stall every other call meanwhile.
+    bulk: bool = False
     _by_name: dict[str, Param] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -121,7 +124,7 @@ class Schema:
     def _verb(self, name: str, v: dict[str, Any], known_errors: dict[str, Any]) -> Verb:
         if name.count(".") != 1:
             raise SchemaError(f"verb {name!r}: expected Namespace.method")
-        unknown = set(v) - {"doc", "params", "returns", "errors", "task"}
+        unknown = set(v) - {"doc", "params", "returns", "errors", "task", "bulk"}
         if unknown:
             raise SchemaError(f"verb {name}: unknown keys {sorted(unknown)}")
         if not v.get("doc"):
@@ -164,6 +167,7 @@ class Schema:
             returns=returns,
             errors=tuple(errs),
             task=bool(v.get("task", False)),
+            bulk=bool(v.get("bulk", False)),
         )
 
     def check_return(self, verb: Verb, value: Any) -> list[str]:

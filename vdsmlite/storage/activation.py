@@ -127,9 +127,11 @@ class LoopActivation:
                 self._set_sizelimit(existing, size)
             return existing
         try:
-            out = commands.run(["losetup", "--find", "--show", "--offset", str(offset),
-                                "--sizelimit", str(size), "--sector-size",
-                                str(_sector_size(pv)), pv], timeout=60)
+            # Direct I/O: dm-linear caches nothing, and neither may its stand-in, or
+            # this host could read its own stale copy of what another host wrote.
+            out = commands.run(["losetup", "--find", "--show", "--direct-io=on",
+                                "--offset", str(offset), "--sizelimit", str(size),
+                                "--sector-size", str(_sector_size(pv)), pv], timeout=60)
         except commands.CommandError as e:
             raise errors.CannotActivateLogicalVolume(f"{lv.vg_name}/{lv.name}", e.err.strip()) \
                 from None

@@ -1,0 +1,110 @@
+"""The OVF parser processes: results, errors, a dying worker, a hostile OVF, orphans."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.ovf_helpers import entity_ovf
+from vdsmlite.ovf.parser import OvfError
+from vdsmlite.ovf.workers import OvfWorkers
+
+ENVELOPE = b'<ovf:Envelope xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1/">'
+UNBOUND_PREFIX = ENVELOPE + b"<Content><x:Name/></Content></ovf:Envelope>"
+NOT_AN_OVF = b"<html/>"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def workers() -> Iterator[OvfWorkers]:
+    w = OvfWorkers(processes=2, memory_limit=512 * 1024 * 1024)
+    try:
+        yield w
+    finally:
+        w.close()
+
+
+def test_summaries_and_reasons_come_back_in_order(workers: OvfWorkers) -> None:
+    (id0, doc0), (id1, doc1) = entity_ovf("vm-0"), entity_ovf("vm-1")
+    got = workers.summarize([doc0, UNBOUND_PREFIX, doc1, NOT_AN_OVF]).result(timeout=60)
+    assert isinstance(got[0], dict) and got[0]["id"] == id0 and got[0]["name"] == "vm-0"
+    assert isinstance(got[1], str) and "prefix" in got[1]
+    assert isinstance(got[2], dict) and got[2]["id"] == id1
+    assert isinstance(got[3], str) and "not an OVF Envelope" in got[3]
+
+
+def test_check_names_the_first_bad_member(workers: OvfWorkers) -> None:
+    good = entity_ovf("vm")[1]
+    workers.check([("a.ovf", good), ("b.ovf", good)]).result(timeout=60)
+    with pytest.raises(OvfError, match=r"^b\.ovf: .*not an OVF Envelope"):
+        workers.check([("a.ovf", good), ("b.ovf", NOT_AN_OVF),
+                       ("c.ovf", b"<broken")]).result(timeout=60)
+
+
+def test_a_killed_worker_costs_one_batch_at_most(workers: OvfWorkers) -> None:
+    doc = entity_ovf("vm")[1]
+    workers.summarize([doc]).result(timeout=60)
+    victims = workers.pids()
+    assert victims
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    failures = 0
+    for _ in range(3):
+        try:
+            assert workers.summarize([doc]).result(timeout=60)[0]["name"] == "vm"
+            break
+        except OvfError as e:
+            assert "died" in str(e)
+            failures += 1
+    assert failures <= 1
+    assert not set(workers.pids()) & set(victims)
+
+
+def test_a_hostile_ovf_hits_the_memory_limit_not_the_daemon() -> None:
+    # 7 M empty elements: ~28 MB of XML (under the 32 MB OVF limit) whose tree
+    # needs about a gigabyte - far over this pool's 256 MiB.
+    hostile = ENVELOPE + b"<a/>" * 7_000_000 + b"</ovf:Envelope>"
+    workers = OvfWorkers(processes=1, memory_limit=256 * 1024 * 1024)
+    try:
+        try:
+            result = workers.summarize([hostile]).result(timeout=300)[0]
+            # Refused for want of memory: with room to parse it, the complaint would be
+            # that it holds no virtual system.
+            assert isinstance(result, str), result
+            assert "virtual system" not in result
+        except OvfError as e:
+            assert "died" in str(e)  # or the worker did not survive its malloc failure
+        assert workers.summarize([entity_ovf("vm")[1]]).result(timeout=60)[0]["name"] == "vm"
+    finally:
+        workers.close()
+
+
+ORPHAN_SCRIPT = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+from tests.ovf_helpers import entity_ovf
+from vdsmlite.ovf.workers import OvfWorkers
+w = OvfWorkers(processes=2, memory_limit=512 * 1024 * 1024)
+w.summarize([entity_ovf("vm")[1]]).result(timeout=60)
+print(" ".join(map(str, w.pids())), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_workers_leave_when_their_daemon_is_killed() -> None:
+    out = subprocess.run([sys.executable, "-c", ORPHAN_SCRIPT, str(REPO)],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == -signal.SIGKILL, out.stderr
+    pids = [int(p) for p in out.stdout.split()]
+    assert pids
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in pids):
+        assert time.monotonic() < deadline, f"orphaned workers {pids}"
+        time.sleep(0.2)

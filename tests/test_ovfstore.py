@@ -1,0 +1,430 @@
+"""OVF_STORE end to end: both upload doors, reads, entities, and every way an upload fails.
+
+Runs on a local file domain and a block domain (loop LUN). After every failed
+upload the previous good store must still be served byte for byte.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import socket
+import tarfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fake_storage.agent import Agent
+from tests.conftest import StorageEnv
+from tests.ovf_helpers import entity_ovf, make_store, store_tar
+from tests.storage_helpers import (
+    BLANK,
+    DomainUnderTest,
+    make_block_domain,
+    make_localfs_domain,
+    wait_task,
+)
+from tests.test_tarstream import ADVERSARIAL
+from vdsmlite.client import ServerError
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture(params=["localfs", "block"])
+def dom(request: pytest.FixtureRequest, env: StorageEnv, tmp_path: Path) -> DomainUnderTest:
+    a = env.agent(config={"storage": {"upload_stall_timeout": 2.0}})
+    if request.param == "localfs":
+        return make_localfs_domain(a, tmp_path / "data")
+    return make_block_domain(a, env.farm)
+
+
+def conn(agent: Agent) -> http.client.HTTPConnection:
+    assert agent.tcp_address is not None
+    return http.client.HTTPConnection(*agent.tcp_address, timeout=120)
+
+
+def put_store(agent: Agent, sd: str, data: bytes, chunked: bool = False) -> tuple[int, Any]:
+    c = conn(agent)
+    try:
+        if chunked:
+            chunks = (data[i:i + 65536] for i in range(0, len(data), 65536))
+            c.request("PUT", f"/ovfstore/{sd}", body=chunks,
+                      headers={"Transfer-Encoding": "chunked"}, encode_chunked=True)
+        else:
+            c.request("PUT", f"/ovfstore/{sd}", body=data)
+        resp = c.getresponse()
+        return resp.status, json.loads(resp.read() or b"null")
+    finally:
+        c.close()
+
+
+def get_store(agent: Agent, sd: str) -> tuple[int, dict[str, str], bytes]:
+    c = conn(agent)
+    try:
+        c.request("GET", f"/ovfstore/{sd}")
+        resp = c.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        c.close()
+
+
+def entities(dom: DomainUnderTest) -> dict[str, Any]:
+    with dom.client as c:
+        return c.call("StorageDomain.getOVFEntities", {"storagedomainID": dom.sd})
+
+
+def stores(dom: DomainUnderTest) -> dict[str, dict[str, Any]]:
+    """vol -> description JSON of each OVF_STORE volume."""
+    out = {}
+    with dom.client as c:
+        for img in c.call("StorageDomain.getImages", {"storagedomainID": dom.sd}):
+            for vol in c.call("StorageDomain.getVolumes", {"storagedomainID": dom.sd,
+                                                           "storagepoolID": BLANK,
+                                                           "imageID": img}):
+                info = c.call("Volume.getInfo", dom.vol_params(img, vol))
+                if info.get("disktype") == "OVFS":
+                    out[vol] = json.loads(info["description"])
+    return out
+
+
+def test_upload_both_framings_read_back_and_list(dom: DomainUnderTest) -> None:
+    a = dom.agent
+    tar1, names1 = make_store(dom.sd, 5, "first")
+    status, reply = put_store(a, dom.sd, tar1, chunked=True)
+    assert status == 200, reply
+    assert reply["size"] == len(tar1) and reply["entities"] == 5
+    status, headers, body = get_store(a, dom.sd)
+    assert status == 200 and body == tar1
+    assert headers["x-ovf-store-volume"] == reply["volumeID"]
+    listed = entities(dom)
+    assert {e["id"]: e["name"] for e in listed["entities"]} == names1
+    assert listed["lastUpdated"] == reply["lastUpdated"]
+    assert all(e["type"] == "VM" and e["memory"] for e in listed["entities"])
+    descs = stores(dom)
+    assert len(descs) == 2  # created on first use
+    assert descs[reply["volumeID"]] == {
+        "Updated": True, "Size": len(tar1), "Last Updated": reply["lastUpdated"],
+        "Storage Domains": [{"uuid": dom.sd}], "Disk Description": "OVF_STORE"}
+    with dom.client as c:
+        jobs = c.call("Host.getJobs")
+    assert jobs[reply["taskID"]]["bytes_done"] == len(tar1)
+    assert jobs[reply["taskID"]]["status"] == "done"
+
+    time.sleep(1.1)  # Last Updated has one-second resolution
+    tar2, names2 = make_store(dom.sd, 3, "second")
+    status, reply2 = put_store(a, dom.sd, tar2)  # Content-Length this time
+    assert status == 200, reply2
+    assert reply2["volumeID"] != reply["volumeID"]  # never the newest good store
+    assert get_store(a, dom.sd)[2] == tar2
+    assert {e["id"]: e["name"] for e in entities(dom)["entities"]} == names2
+
+
+def test_every_bad_upload_is_refused_and_the_good_store_survives(dom: DomainUnderTest) -> None:
+    a = dom.agent
+    good, names = make_store(dom.sd, 2)
+    assert put_store(a, dom.sd, good)[0] == 200
+    for case, (data, complaint) in sorted(ADVERSARIAL.items()):
+        if case == "empty":
+            continue
+        status, reply = put_store(a, dom.sd, data, chunked=True)
+        assert status == 400, (case, reply)
+        assert complaint.lower() in reply["error"]["message"].lower(), (case, reply)
+        assert reply["error"]["code"] == 1000
+        assert get_store(a, dom.sd)[2] == good, case
+    assert {e["id"] for e in entities(dom)["entities"]} == set(names)
+    # The store that took the refused uploads says so.
+    assert sorted(d["Updated"] for d in stores(dom).values()) == [False, True]
+
+
+def test_archive_larger_than_the_volume(dom: DomainUnderTest) -> None:
+    a = dom.agent
+    if dom.is_block:
+        # Block stores are at least one 128 MiB extent: declare more than that and
+        # expect 413 before a byte of the body is read.
+        put_store(a, dom.sd, make_store(dom.sd, 1)[0])
+        assert a.tcp_address is not None
+        s = socket.create_connection(a.tcp_address)
+        s.sendall(f"PUT /ovfstore/{dom.sd} HTTP/1.1\r\nHost: x\r\n"
+                  f"Content-Length: {200 << 20}\r\n\r\n".encode())
+        s.settimeout(30)
+        assert s.recv(100).startswith(b"HTTP/1.1 413")
+        s.close()
+        return
+    with dom.client as c:  # small stores, so "too large" is cheap to reach
+        for _ in range(2):
+            img, vol = str(uuid.uuid4()), str(uuid.uuid4())
+            wait_task(c, c.call("Volume.create", {
+                "volumeID": vol, "storagepoolID": BLANK, "storagedomainID": dom.sd,
+                "imageID": img, "size": str(1 << 20), "volFormat": 5,
+                "preallocate": 1 if dom.is_block else 2, "diskType": "OVFS",
+                "desc": '{"DiskAlias":"OVF_STORE","DiskDescription":"OVF_STORE"}',
+                "srcImgUUID": BLANK, "srcVolUUID": BLANK}))
+    small, _ = make_store(dom.sd, 1)
+    assert put_store(a, dom.sd, small)[0] == 200
+    big = store_tar(dom.sd, [entity_ovf(f"vm-{i}") for i in range(300)])
+    assert len(big) > 1 << 20
+    status, reply = put_store(a, dom.sd, big)  # Content-Length: refused before writing
+    assert status == 413, reply
+    status, reply = put_store(a, dom.sd, big, chunked=True)  # refused when it overflows
+    assert status == 413, reply
+    assert get_store(a, dom.sd)[2] == small
+
+
+def test_vdsm_door_as_the_engine_uses_it(dom: DomainUnderTest) -> None:
+    """setDescription(Updated:false) -> PUT / -> Task -> setDescription(Updated:true) -> GET /."""
+    a = dom.agent
+    good, _ = make_store(dom.sd, 1)
+    put_store(a, dom.sd, good)  # creates the two stores
+    target_vol, target = next((v, d) for v, d in stores(dom).items() if d.get("Size") is None)
+    with dom.client as c:
+        img = next(i for i in c.call("StorageDomain.getImages", {"storagedomainID": dom.sd})
+                   if target_vol in c.call("StorageDomain.getVolumes", {
+                       "storagedomainID": dom.sd, "storagepoolID": BLANK, "imageID": i}))
+    tar, names = make_store(dom.sd, 4, "engine")
+    headers = {"Storage-Pool-Id": BLANK, "Storage-Domain-Id": dom.sd, "Image-Id": img,
+               "Volume-Id": target_vol, "Content-Type": "application/octet-stream"}
+    c = conn(a)
+    c.request("PUT", "/", body=tar, headers=headers)
+    resp = c.getresponse()
+    assert resp.status == 200 and resp.read() == b""
+    task = resp.getheader("Task-Id")
+    c.close()
+    with dom.client as rpc:
+        st = rpc.call("Task.getStatus", {"taskID": task})
+        assert (st["taskState"], st["taskResult"]) == ("finished", "success")
+        rpc.call("Task.clear", {"taskID": task})
+        rpc.call("Volume.setDescription", {**dom.vol_params(img, target_vol), "description":
+                 json.dumps({"Updated": True, "Size": len(tar),
+                             "Last Updated": "Sat Nov 21 23:59:59 UTC 2099",
+                             "Storage Domains": [{"uuid": dom.sd}],
+                             "Disk Description": "OVF_STORE"})})
+    c = conn(a)
+    c.request("GET", "/", headers={**headers, "Range": f"bytes=0-{len(tar) - 1}"})
+    resp = c.getresponse()
+    assert resp.status == 206
+    assert resp.getheader("Content-Range") == f"bytes 0-{len(tar) - 1}"
+    assert resp.getheader("Task-Id")
+    assert resp.read() == tar
+    c.close()
+    assert {e["id"]: e["name"] for e in entities(dom)["entities"]} == names
+    assert target == {"DiskAlias": "OVF_STORE", "DiskDescription": "OVF_STORE"}  # as created
+
+
+def test_vdsm_door_errors(dom: DomainUnderTest) -> None:
+    a = dom.agent
+    put_store(a, dom.sd, make_store(dom.sd, 1)[0])
+    with dom.client as rpc:
+        img = rpc.call("StorageDomain.getImages", {"storagedomainID": dom.sd})[0]
+    base = {"Storage-Pool-Id": BLANK, "Storage-Domain-Id": dom.sd, "Image-Id": img}
+
+    def request(method: str, headers: dict[str, str], body: Any = None) -> tuple[int, Any]:
+        c = conn(a)
+        try:
+            c.putrequest(method, "/")
+            for k, v in headers.items():
+                c.putheader(k, v)
+            c.endheaders(body)
+            resp = c.getresponse()
+            return resp.status, json.loads(resp.read() or b"null")
+        finally:
+            c.close()
+
+    for missing in base:
+        h = {k: v for k, v in base.items() if k != missing}
+        status, body = request("PUT", {**h, "Content-Length": "0"})
+        assert status == 400 and missing in body["status"]["message"]
+    assert request("PUT", {**base, "Storage-Domain-Id": "../../etc",
+                           "Content-Length": "0"})[0] == 400
+    assert request("PUT", base)[0] == 411  # no Content-Length, not chunked
+    assert request("GET", base)[0] == 400  # no Range
+    assert request("GET", {**base, "Range": "bytes=5-10"})[0] == 400
+    status, body = request("PUT", {**base, "Image-Id": str(uuid.uuid4()), "Content-Length": "1"},
+                           b"x")
+    assert status == 404 and body["status"]["code"] == 268
+    status, body = request("PUT", {**base, "Storage-Domain-Id": str(uuid.uuid4()),
+                                   "Content-Length": "1"}, b"x")
+    assert status == 404 and body["status"]["code"] == 358
+
+
+def test_cut_connection_and_stalled_client(dom: DomainUnderTest) -> None:
+    a = dom.agent
+    good, _ = make_store(dom.sd, 2)
+    put_store(a, dom.sd, good)
+    big = store_tar(dom.sd, [entity_ovf(f"vm-{i}") for i in range(50)])
+    assert a.tcp_address is not None
+    # Cut: half the body of a sized request, then the socket is closed.
+    s = socket.create_connection(a.tcp_address)
+    s.sendall(f"PUT /ovfstore/{dom.sd} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(big)}\r\n\r\n"
+              .encode() + big[:len(big) // 2])
+    s.close()
+    # Stall: half the body, then silence longer than the stall timeout (2 s).
+    s = socket.create_connection(a.tcp_address)
+    s.sendall(f"PUT /ovfstore/{dom.sd} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(big)}\r\n\r\n"
+              .encode() + big[:len(big) // 2])
+    s.settimeout(30)
+    reply = b""
+    while b"\r\n\r\n" not in reply:
+        part = s.recv(65536)
+        if not part:
+            break
+        reply += part
+    s.close()
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    deadline = time.monotonic() + 30
+    with dom.client as c:
+        while time.monotonic() < deadline:
+            failed = [j for j in c.call("Host.getJobs").values()
+                      if j["description"].startswith("upload OVF_STORE") and j["status"] ==
+                      "failed"]
+            if len(failed) >= 2:
+                break
+            time.sleep(0.2)
+    assert {j["error"]["code"] for j in failed} == {2001}
+    assert get_store(a, dom.sd)[2] == good
+
+
+def test_sigkill_mid_upload_keeps_the_previous_store(dom: DomainUnderTest) -> None:
+    a = dom.agent
+    good, _ = make_store(dom.sd, 2)
+    put_store(a, dom.sd, good)
+    big = store_tar(dom.sd, [entity_ovf(f"vm-{i}") for i in range(50)])
+    assert a.tcp_address is not None
+    s = socket.create_connection(a.tcp_address)
+    s.sendall(f"PUT /ovfstore/{dom.sd} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(big)}\r\n\r\n"
+              .encode() + big[:len(big) // 2])
+    deadline = time.monotonic() + 30
+    with dom.client as c:  # wait until the daemon is writing
+        while time.monotonic() < deadline:
+            if any(j["status"] == "running" and j.get("bytes_done")
+                   for j in c.call("Host.getJobs").values()):
+                break
+            time.sleep(0.05)
+    helpers = children(a.pid)
+    assert helpers, "the upload's XML checks run in parser processes"
+    a.kill()
+    s.close()
+    # The parser processes notice their daemon is gone and leave: no orphans.
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in helpers):
+        assert time.monotonic() < deadline, f"orphaned parser processes: {helpers}"
+        time.sleep(0.2)
+    a.start()
+    assert get_store(a, dom.sd)[2] == good
+    assert sorted(d["Updated"] for d in stores(dom).values()) == [False, True]
+
+
+def children(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (from /proc; never by name)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_an_unreadable_ovf_is_listed_apart(dom: DomainUnderTest) -> None:
+    # Well-formed XML 1.0 that is no VM: an unbound prefix, and an OVF without an id.
+    # Uploads check the XML; what an OVF means is read per entity, so one bad
+    # entity neither blocks the upload nor hides the others.
+    ents = [entity_ovf("vm-0"), entity_ovf("vm-1")]
+    unbound, no_id = str(uuid.uuid4()), str(uuid.uuid4())
+    envelope = '<ovf:Envelope xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1/">'
+    bad = [(unbound, f"{envelope}<Content><x:Name/></Content></ovf:Envelope>".encode()),
+           (no_id, f"{envelope}<Content><Name>x</Name></Content></ovf:Envelope>".encode())]
+    status, reply = put_store(dom.agent, dom.sd, store_tar(dom.sd, ents + bad))
+    assert status == 200, reply
+    listed = entities(dom)
+    assert sorted(e["name"] for e in listed["entities"]) == ["vm-0", "vm-1"]
+    why = {e["id"]: e["error"] for e in listed["invalidEntities"]}
+    assert set(why) == {unbound, no_id}
+    assert "malformed" in why[unbound] and "prefix" in why[unbound]
+    assert "id is missing" in why[no_id]
+
+
+def test_single_entity_update_and_remove(dom: DomainUnderTest) -> None:
+    a = dom.agent
+    ents = [entity_ovf(f"vm-{i}") for i in range(3)]
+    put_store(a, dom.sd, store_tar(dom.sd, ents, {ents[0][0]: 1}))
+    target, _ = ents[1]
+    renamed = entity_ovf("renamed", target)[1]
+    with dom.client as c:
+        result = c.call("StorageDomain.updateOVFEntity", {"storagedomainID": dom.sd,
+                                                          "entityID": target,
+                                                          "ovf": renamed.decode()})
+        assert result["entities"] == 3
+        got = c.call("StorageDomain.getOVFEntity", {"storagedomainID": dom.sd,
+                                                    "entityID": target})
+        assert got["ovf"].encode() == renamed
+        assert got["entity"]["name"] == "renamed"
+        listed = {e["id"]: e for e in entities(dom)["entities"]}
+        assert listed[ents[0][0]]["status"] == 1  # metadata.json carried over
+        new_id, new_ovf = entity_ovf("added")
+        c.call("StorageDomain.updateOVFEntity", {"storagedomainID": dom.sd,
+                                                 "entityID": new_id, "ovf": new_ovf.decode()})
+        c.call("StorageDomain.removeOVFEntity", {"storagedomainID": dom.sd,
+                                                 "entityID": ents[2][0]})
+        assert {e["id"] for e in entities(dom)["entities"]} == {ents[0][0], target, new_id}
+        with pytest.raises(ServerError) as e:
+            c.call("StorageDomain.removeOVFEntity", {"storagedomainID": dom.sd,
+                                                     "entityID": ents[2][0]})
+        assert e.value.code == 320
+        with pytest.raises(ServerError) as e:  # OVF for another entity
+            c.call("StorageDomain.updateOVFEntity", {"storagedomainID": dom.sd,
+                                                     "entityID": str(uuid.uuid4()),
+                                                     "ovf": renamed.decode()})
+        assert e.value.code == 1000
+    # The rebuilt tar is a proper archive anybody can read.
+    _, _, body = get_store(a, dom.sd)
+    with tarfile.open(fileobj=io.BytesIO(body)) as tar:
+        names = tar.getnames()
+    assert names[0] == "info.json" and names[-1] == "metadata.json"
+
+
+def test_unregistered_disks(dom: DomainUnderTest) -> None:
+    img_claimed, _ = dom.create_volume(size=1 << 20)
+    img_floating, vol_floating = dom.create_volume(
+        size=1 << 20, desc='{"DiskAlias":"orphan-disk","DiskDescription":"left behind"}')
+    eid, ovf = entity_ovf("owner")
+    text = ovf.decode()
+    # point the sample's image disk at our claimed image
+    old_img = text.split('ovf:fileRef="', 1)[1].split("/", 1)[0]
+    ovf = text.replace(old_img, img_claimed).encode()
+    put_store(dom.agent, dom.sd, store_tar(dom.sd, [(eid, ovf)]))
+    with dom.client as c:
+        floating = c.call("StorageDomain.getUnregisteredDisks", {"storagedomainID": dom.sd})
+    assert [d["imageID"] for d in floating] == [img_floating]
+    assert floating[0]["volumeIDs"] == [vol_floating]
+    assert (floating[0]["alias"], floating[0]["description"]) == ("orphan-disk", "left behind")
+
+
+def test_entities_survive_detach_and_attach_to_a_new_pool(env: StorageEnv,
+                                                          tmp_path: Path) -> None:
+    a = env.agent()
+    master1 = make_localfs_domain(a, tmp_path / "m1")
+    master2 = make_localfs_domain(a, tmp_path / "m2")
+    data = make_block_domain(a, env.farm)
+    tar, names = make_store(data.sd, 3)
+    assert put_store(a, data.sd, tar)[0] == 200
+    sp1, sp2 = str(uuid.uuid4()), str(uuid.uuid4())
+    with a.client() as c:
+        c.call("StoragePool.create", {"storagepoolID": sp1, "name": "dc1",
+                                      "masterSdUUID": master1.sd, "masterVersion": 1,
+                                      "domainList": [master1.sd, data.sd]})
+        c.call("StorageDomain.detach", {"storagedomainID": data.sd, "storagepoolID": sp1})
+        c.call("StoragePool.create", {"storagepoolID": sp2, "name": "dc2",
+                                      "masterSdUUID": master2.sd, "masterVersion": 1,
+                                      "domainList": [master2.sd]})
+        c.call("StorageDomain.attach", {"storagedomainID": data.sd, "storagepoolID": sp2})
+    other = env.agent("other-host")  # a host that never saw the domain
+    with other.client() as c:
+        listed = c.call("StorageDomain.getOVFEntities", {"storagedomainID": data.sd})
+    assert {e["id"]: e["name"] for e in listed["entities"]} == names
+    assert get_store(other, data.sd)[2] == tar

@@ -1,0 +1,160 @@
+"""The streaming OVF_STORE tar validator and writer, against Python's tarfile."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import uuid
+
+import pytest
+
+from tests.ovf_helpers import build_tar, entity_ovf, store_tar
+from vdsmlite.storage.tarstream import (
+    RECORD,
+    TarError,
+    TarValidator,
+    TarWriter,
+    iter_members,
+)
+
+SD = "c2a6d7c8-8d81-4e01-9ed4-7eb670713448"
+XXE = (b'<?xml version="1.0"?><!DOCTYPE x [<!ENTITY e SYSTEM "file:///etc/passwd">]>'
+       b'<ovf:Envelope xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1/">&e;</ovf:Envelope>')
+LAUGHS = (b'<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol">'
+          + b"".join(b'<!ENTITY lol%d "%s">' % (i, b"&lol%d;" % (i - 1) * 10 if i > 1
+                                                  else b"&lol;" * 10) for i in range(1, 10))
+          + b']><ovf:Envelope xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1/">&lol9;'
+          b"</ovf:Envelope>")
+
+
+def validate(data: bytes, chunk: int = 65536, max_total: int = 1 << 30):
+    v = TarValidator(max_total)
+    for i in range(0, len(data), chunk):
+        v.feed(data[i:i + chunk])
+    return v.finish()
+
+
+def good_store(n: int = 3) -> tuple[bytes, list[str]]:
+    entities = [entity_ovf(f"vm-{i}") for i in range(n)]
+    return store_tar(SD, entities, {entities[0][0]: 1}), [e[0] for e in entities]
+
+
+@pytest.mark.parametrize("chunk", [1, 511, 512, 4096, 10**6])
+def test_valid_store_in_any_chunking(chunk: int) -> None:
+    data, ids = good_store()
+    summary = validate(data, chunk)
+    assert summary.entity_ids == ids
+    assert summary.info["Storage Domains"] == [{"uuid": SD}]
+    assert summary.metadata == {"VM Status": {ids[0]: 1}}
+    assert summary.end <= len(data)
+
+
+def member(name: str, data: bytes = b"{}", **kw: object) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    for k, v in kw.items():
+        setattr(info, k, v)
+    return info
+
+
+def raw_tar(infos: list[tuple[tarfile.TarInfo, bytes]], fmt: int = tarfile.USTAR_FORMAT) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for info, data in infos:
+            tar.addfile(info, io.BytesIO(data) if info.isfile() else None)
+    return buf.getvalue()
+
+
+OVF_ID = str(uuid.uuid4())
+GOOD_OVF = entity_ovf("x", OVF_ID)[1]
+
+
+def _bad_checksum() -> bytes:
+    data = bytearray(build_tar([("info.json", b"{}")]))
+    data[0] ^= 0x01  # name byte changes, stored checksum does not
+    return bytes(data)
+
+
+def _trailing_garbage() -> bytes:
+    data = bytearray(build_tar([("info.json", b"{}")]))
+    data[-1] = 0x41
+    return bytes(data)
+
+
+def _longer_than_declared() -> bytes:
+    data = bytearray(build_tar([("info.json", b"{}")]))
+    # Declare 2 bytes but follow them with text where the next header should be.
+    data[512:512 + 40] = b'{} and then much more than was declared.'
+    return bytes(data)
+
+
+ADVERSARIAL = {
+    "dotdot": (raw_tar([(member("../x.ovf", GOOD_OVF), GOOD_OVF)]), "member name"),
+    "absolute": (raw_tar([(member("/etc/x.ovf", GOOD_OVF), GOOD_OVF)]), "member name"),
+    "nested": (raw_tar([(member(f"d/{OVF_ID}.ovf", GOOD_OVF), GOOD_OVF)]), "member name"),
+    "symlink": (raw_tar([(member(f"{OVF_ID}.ovf", b"", type=tarfile.SYMTYPE,
+                                 linkname="/etc/passwd"), b"")]), "symbolic link"),
+    "hardlink": (raw_tar([(member(f"{OVF_ID}.ovf", b"", type=tarfile.LNKTYPE,
+                                  linkname="info.json"), b"")]), "hard link"),
+    "device": (raw_tar([(member(f"{OVF_ID}.ovf", b"", type=tarfile.CHRTYPE), b"")]),
+               "character device"),
+    "directory": (raw_tar([(member("images", b"", type=tarfile.DIRTYPE), b"")]), "directory"),
+    "fifo": (raw_tar([(member("info.json", b"", type=tarfile.FIFOTYPE), b"")]), "FIFO"),
+    "pax": (raw_tar([(member("info.json", b"{}", pax_headers={"comment": "x"}), b"{}")],
+                    fmt=tarfile.PAX_FORMAT), "pax header"),
+    "gnu-longname": (raw_tar([(member("a" * 120 + ".ovf", GOOD_OVF), GOOD_OVF)],
+                             fmt=tarfile.GNU_FORMAT), "GNU long name"),
+    "duplicate": (build_tar([("info.json", b"{}"), ("info.json", b"{}")]), "duplicate"),
+    "bad-checksum": (_bad_checksum(), "bad checksum"),
+    "truncated": (build_tar([(f"{OVF_ID}.ovf", GOOD_OVF)])[:1000], "truncated"),
+    "no-end-marker": (build_tar([("info.json", b"{}")])[:1024], "no end-of-archive"),
+    "longer-than-declared": (_longer_than_declared(), "longer than its declared size"),
+    "after-end": (_trailing_garbage(), "after the end-of-archive"),
+    "xxe": (build_tar([(f"{OVF_ID}.ovf", XXE)]), ".ovf"),
+    "billion-laughs": (build_tar([(f"{OVF_ID}.ovf", LAUGHS)]), ".ovf"),
+    "bad-xml": (build_tar([(f"{OVF_ID}.ovf", b"<ovf:Envelope")]), ".ovf"),
+    "bad-json": (build_tar([("metadata.json", b"{nope")]), "invalid JSON"),
+    "not-a-tar": (b"PK\x03\x04" + b"\0" * 2000, "header"),
+    "empty": (b"", "no end-of-archive"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ADVERSARIAL))
+def test_adversarial_archives_are_refused(case: str) -> None:
+    data, complaint = ADVERSARIAL[case]
+    with pytest.raises(TarError) as e:
+        validate(data, chunk=700)
+    assert complaint.lower() in str(e.value).lower(), str(e.value)
+
+
+def test_archive_larger_than_the_volume() -> None:
+    data, _ = good_store()
+    with pytest.raises(TarError) as e:
+        validate(data, max_total=len(data) - 1)
+    assert e.value.too_large
+
+
+def test_writer_output_is_read_by_tarfile_and_by_the_validator() -> None:
+    w = TarWriter(mtime=1700000000)
+    chunks = [*w.member("info.json", b'{"a": 1}'), *w.member(f"{OVF_ID}.ovf", GOOD_OVF),
+              *w.end()]
+    data = b"".join(chunks)
+    assert len(data) == w.length
+    assert len(data) % RECORD == 0
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        assert tar.getnames() == ["info.json", f"{OVF_ID}.ovf"]
+        f = tar.extractfile(f"{OVF_ID}.ovf")
+        assert f is not None and f.read() == GOOD_OVF
+    assert validate(data).entity_ids == [OVF_ID]
+
+
+def test_iter_members_hands_members_on_byte_for_byte() -> None:
+    data, _ = good_store(2)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        expected = []
+        for m in tar.getmembers():
+            f = tar.extractfile(m)
+            assert f is not None
+            expected.append((m.name, f.read()))
+    chunks = [data[i:i + 1000] for i in range(0, len(data), 1000)]
+    assert list(iter_members(chunks, len(data))) == expected

@@ -1,0 +1,64 @@
+"""What both stream doors share: app keys, request bodies as chunks, errors as answers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+
+from vdsmlite import errors
+from vdsmlite.jobs import JobBody
+from vdsmlite.ovfservice import OvfService
+from vdsmlite.services import Services
+
+log = logging.getLogger("vdsmlite.http")
+
+SERVICES = web.AppKey("services", Services)
+OVF = web.AppKey("ovf", OvfService)
+
+
+async def body_chunks(request: web.Request) -> AsyncIterator[bytes]:
+    """The request body as it arrives (chunked or sized), never whole in memory."""
+    while True:
+        chunk = await request.content.readany()
+        if not chunk:
+            return
+        yield chunk
+
+
+def has_body_framing(request: web.Request) -> bool:
+    """Content-Length or chunked: how HTTP/1.1 says where a body ends."""
+    chunked = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+    return request.content_length is not None or chunked
+
+
+def error_status(exc: BaseException) -> tuple[int, int, str]:
+    """(HTTP status, VDSM code, message) for what a transfer raised."""
+    if isinstance(exc, errors.VdsmError):
+        return exc.http_status, exc.code, exc.message
+    return 500, errors.GeneralException.code, f"{type(exc).__name__}: {exc}"
+
+
+def json_error(status: int, body: dict[str, Any],
+               headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(body, status=status, headers=headers)
+
+
+async def send_stream(request: web.Request, response: web.StreamResponse, services: Services,
+                      body: JobBody, *, description: str, verb: str) -> web.StreamResponse:
+    """Send `response`, whose body a job writes; its Task-Id header names the job."""
+    job = services.jobs.start(body, description=description, verb=verb)
+    response.headers["Task-Id"] = job.id
+    await response.prepare(request)
+    await job.wait()
+    if job.error is not None:
+        # The status line is gone already: a short body is the only honest signal left,
+        # and closing the connection makes sure the client sees it.
+        log.warning("%s failed after %s bytes: %s", description, job.bytes_done, job.error)
+        if request.transport is not None:
+            request.transport.close()
+        return response
+    await response.write_eof()
+    return response

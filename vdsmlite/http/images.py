@@ -1,0 +1,146 @@
+"""VDSM's image stream door: ``PUT /`` (engine -> host) and ``GET /`` (host -> engine).
+
+Answers exactly as VDSM's ``lib/vdsm/rpc/http.py`` does, so the engine's
+UploadStream / RetrieveImageData commands work unchanged:
+
+* both need ``Storage-Pool-Id``, ``Storage-Domain-Id`` and ``Image-Id``
+  (missing -> 400); ``Volume-Id`` is optional (the image's only volume);
+* PUT needs ``Content-Length`` (neither it nor chunked framing -> 411); unlike
+  VDSM a chunked body is accepted; it answers ``200`` with a ``Task-Id`` header
+  once the data is on storage;
+* GET needs ``Range: bytes=0-<last>`` and answers ``206`` with
+  ``content-range: bytes 0-<last>`` (no ``/total``) and ``Task-Id``;
+* errors carry VDSM's JSON ``{"status": {"code": N, "message": ...}}``.
+
+Writes into an OVF_STORE volume are validated as archives while they stream;
+the engine itself flips the store's ``Updated`` flag around the PUT.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from aiohttp import web
+
+from vdsmlite import errors
+from vdsmlite.http import common
+from vdsmlite.jobs import Job
+from vdsmlite.rpc.types import parse_uuid
+
+log = logging.getLogger("vdsmlite.http.images")
+
+_RANGE = re.compile(r"^bytes=0-(\d+)$")
+_REQUIRED = ("Storage-Pool-Id", "Storage-Domain-Id", "Image-Id")
+
+
+def _error(status: int, code: int, message: str, task_id: str | None = None) -> web.Response:
+    headers = {"Task-Id": task_id} if task_id else None
+    return common.json_error(status, {"status": {"code": code, "message": message}}, headers)
+
+
+def _from(exc: BaseException, task_id: str | None = None) -> web.Response:
+    status, code, message = common.error_status(exc)
+    return _error(status, code, message, task_id)
+
+
+def _ids(request: web.Request) -> tuple[str, str, str | None]:
+    """(domain, image, volume or None) from the headers; raises with a 400 answer."""
+    values = []
+    for name in _REQUIRED:
+        raw = request.headers.get(name)
+        if raw is None:
+            raise _IdError(errors.MissingParameter.code, f"missing header {name}")
+        value = parse_uuid(raw.strip())
+        if value is None:
+            raise _IdError(errors.InvalidParameterException.code,
+                           f"header {name}: {raw[:60]!r} is not a UUID")
+        values.append(value)
+    vol = None
+    raw_vol = request.headers.get("Volume-Id")
+    if raw_vol is not None:
+        vol = parse_uuid(raw_vol.strip())
+        if vol is None:
+            raise _IdError(errors.InvalidParameterException.code,
+                           f"header Volume-Id: {raw_vol[:60]!r} is not a UUID")
+    return values[1], values[2], vol
+
+
+class _IdError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+async def _target_volume(request: web.Request, sd: str, img: str, vol: str | None) -> str:
+    services = request.app[common.SERVICES]
+    dom = await services.run_blocking(services.domains.get, sd)
+    volumes = await services.run_blocking(dom.volume_ids, img)
+    if not volumes:
+        raise errors.ImageDoesNotExistInSD(img, sd)
+    if vol is not None:
+        if vol not in volumes:
+            raise errors.VolumeDoesNotExist(vol)
+        return vol
+    if len(volumes) != 1:
+        # VDSM streams only into single-volume images (CopyImageError, 261).
+        raise errors.CopyImageError(img, f"image has {len(volumes)} volumes; name Volume-Id")
+    return volumes[0]
+
+
+async def handle_put(request: web.Request) -> web.StreamResponse:
+    try:
+        sd, img, vol = _ids(request)
+    except _IdError as e:
+        return _error(400, e.code, e.message)
+    if not common.has_body_framing(request):
+        return _error(411, errors.MissingParameter.code,
+                      "Content-Length (or chunked Transfer-Encoding) required")
+    services = request.app[common.SERVICES]
+    ovf = request.app[common.OVF]
+    length = request.content_length
+
+    async def transfer(job: Job) -> int:
+        target = await _target_volume(request, sd, img, vol)
+        return await ovf.write_volume(sd, img, target, common.body_chunks(request),
+                                      length=length, job=job)
+
+    job = services.jobs.start(transfer, description=f"write image {img} from HTTP PUT",
+                              verb="Image.downloadFromStream")
+    await job.wait()
+    if job.error is not None:
+        log.warning("PUT / into %s/%s failed: %s", sd, img, job.error)
+        return _from(job.error, job.id)
+    return web.Response(status=200, headers={"Task-Id": job.id})
+
+
+async def handle_get(request: web.Request) -> web.StreamResponse:
+    try:
+        sd, img, vol = _ids(request)
+    except _IdError as e:
+        return _error(400, e.code, e.message)
+    m = _RANGE.match(request.headers.get("Range", "").strip())
+    if m is None:
+        return _error(400, errors.MissingParameter.code, "Range must be 'bytes=0-<last>'")
+    last = int(m.group(1))
+    services = request.app[common.SERVICES]
+    ovf = request.app[common.OVF]
+    try:
+        target = await _target_volume(request, sd, img, vol)
+        dom, store = await ovf.volume_range(sd, img, target, last + 1)
+    except errors.VdsmError as e:
+        return _from(e)
+    response = web.StreamResponse(status=206, headers={
+        "Content-Type": "application/octet-stream",
+        "Content-Length": str(last + 1),
+        "Content-Range": f"bytes 0-{last}",
+    })
+
+    async def stream(job: Job) -> None:
+        async for chunk in ovf.stream_volume(dom, store, job):
+            await response.write(chunk)
+
+    return await common.send_stream(request, response, services, stream,
+                                    description=f"read image {img} for HTTP GET",
+                                    verb="Image.uploadToStream")

@@ -1,0 +1,91 @@
+"""The agent's own OVF_STORE door: ``PUT`` and ``GET /ovfstore/<sdUUID>``.
+
+PUT takes a tar (chunked or with Content-Length) and runs the whole commit
+protocol (`OvfService.upload`): the agent picks which store to write, never
+the newest good one. The answer is JSON: the store written, its size, the
+number of entities, the time taken. GET returns the newest store that
+validates. Errors are JSON ``{"error": {"code": N, "message": ...}}``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+
+from vdsmlite import errors
+from vdsmlite.http import common
+from vdsmlite.jobs import Job
+from vdsmlite.rpc.types import parse_uuid
+
+log = logging.getLogger("vdsmlite.http.ovfstore")
+
+
+def _error(status: int, code: int, message: str, task_id: str | None = None) -> web.Response:
+    body = {"error": {"code": code, "message": message}}
+    if task_id:
+        body["taskID"] = task_id  # type: ignore[assignment]
+    return common.json_error(status, body)
+
+
+def _domain(request: web.Request) -> str | None:
+    # The path segment is only ever a UUID: it never becomes a path.
+    return parse_uuid(request.match_info["sd"])
+
+
+async def handle_put(request: web.Request) -> web.StreamResponse:
+    sd = _domain(request)
+    if sd is None:
+        return _error(400, errors.InvalidParameterException.code,
+                      "storage domain id must be a UUID")
+    if not common.has_body_framing(request):
+        return _error(411, errors.MissingParameter.code,
+                      "Content-Length or chunked Transfer-Encoding required")
+    services = request.app[common.SERVICES]
+    ovf = request.app[common.OVF]
+
+    async def upload(job: Job) -> dict[str, object]:
+        return await ovf.upload(sd, common.body_chunks(request),
+                                length=request.content_length, job=job)
+
+    job = services.jobs.start(upload, description=f"upload OVF_STORE of {sd}",
+                              verb="StorageDomain.uploadOVFStore")
+    await job.wait()
+    if job.error is not None:
+        status, code, message = common.error_status(job.error)
+        log.warning("OVF_STORE upload to %s refused: %s", sd, message)
+        return _error(status, code, message, job.id)
+    return web.json_response(job.result)
+
+
+async def handle_get(request: web.Request) -> web.StreamResponse:
+    sd = _domain(request)
+    if sd is None:
+        return _error(400, errors.InvalidParameterException.code,
+                      "storage domain id must be a UUID")
+    services = request.app[common.SERVICES]
+    ovf = request.app[common.OVF]
+    try:
+        contents = await ovf.contents(sd)
+        if contents is None:
+            raise errors.MissingOvfFileFromVM(sd, "no good OVF_STORE on the domain")
+        dom = await services.run_blocking(services.domains.get, sd)
+    except errors.VdsmError as e:
+        status, code, message = common.error_status(e)
+        return _error(status, code, message)
+    store = contents.store
+    response = web.StreamResponse(status=200, headers={
+        "Content-Type": "application/x-tar",
+        "Content-Length": str(store.size),
+        "X-OVF-Store-Image": store.img,
+        "X-OVF-Store-Volume": store.vol,
+        "X-OVF-Store-Last-Updated": store.last_updated or "",
+    })
+
+    async def stream(job: Job) -> None:
+        async for chunk in ovf.stream_volume(dom, store, job):
+            await response.write(chunk)
+
+    return await common.send_stream(request, response, services, stream,
+                                    description=f"read OVF_STORE of {sd}",
+                                    verb="StorageDomain.downloadOVFStore")

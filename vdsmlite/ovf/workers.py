@@ -1,0 +1,174 @@
+"""Worker processes that check and summarize untrusted OVF documents.
+
+Why processes: an OVF_STORE holds thousands of documents and the agent reads
+every byte of them - checking each on upload, summarizing each to list a
+store. libxml2 is fast, but the Python around it holds the GIL, so threads do
+not add up; processes do (listing 10,000 entities takes half the time on two).
+They also keep libxml2 - fed bytes that anyone with write access to the
+storage domain chose - out of the daemon's address space, under an address
+space limit: a parser crash or blow-up costs one batch, not the agent.
+
+The daemon starts the pool once it serves (the ``spawn`` method: a fresh
+interpreter that imports only this module and the parser, never a copy of the
+daemon's threads, sockets or locks); other users start it on first use.
+Workers leave when the daemon closes the pool, or by themselves within a
+second of the daemon's death, so a SIGKILLed daemon leaves no orphans. A
+pool whose worker died is replaced on the next call.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import resource
+import signal
+import threading
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+from vdsmlite.ovf.parser import OvfError, OvfValidator, parse
+
+log = logging.getLogger("vdsmlite.ovf.workers")
+
+# A summary, or why the document could not be summarized.
+Summary = dict[str, Any] | str
+
+
+class OvfWorkers:
+    def __init__(self, processes: int, memory_limit: int) -> None:
+        if processes < 1:
+            raise ValueError("at least one worker process")
+        self.processes = processes
+        self.memory_limit = memory_limit
+        self._pool: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def check(self, docs: list[tuple[str, bytes]]) -> Future[None]:
+        """Check (name, document) pairs as the upload validator does; the future
+        fails with OvfError("<name>: <why>") for the first bad one."""
+        return self._submit(_check_batch, docs)
+
+    def summarize(self, docs: list[bytes]) -> Future[list[Summary]]:
+        """Each document's summary (`Entity.to_dict()`), or the reason it has none."""
+        return self._submit(_summarize_batch, docs)
+
+    def start(self) -> None:
+        """Start every worker now rather than on first use (blocking; ~0.1 s each).
+
+        The daemon calls this once it serves, so the first listing after start-up -
+        typically the engine reading a domain just attached - pays no process start.
+        """
+        pool = self._get_pool()
+        # One task per worker, submitted before any can finish, makes the pool
+        # spawn them all (it spawns when no worker is idle).
+        for future in [pool.submit(os.getpid) for _ in range(self.processes)]:
+            future.result()
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def pids(self) -> list[int]:
+        """The worker processes alive now (for tests and diagnostics)."""
+        with self._lock:
+            pool = self._pool
+        if pool is None:
+            return []
+        processes = getattr(pool, "_processes", None) or {}
+        return sorted(pid for pid, proc in processes.items() if proc.is_alive())
+
+    def _submit(self, fn: Any, docs: Any) -> Future[Any]:
+        pool = self._get_pool()
+        try:
+            inner = pool.submit(fn, docs)
+        except BrokenProcessPool:
+            self._discard(pool)
+            pool = self._get_pool()
+            inner = pool.submit(fn, docs)
+        outer: Future[Any] = Future()
+
+        def relay(done: Future[Any]) -> None:
+            if done.cancelled():
+                outer.cancel()
+                return
+            error = done.exception()
+            if isinstance(error, BrokenProcessPool):
+                self._discard(pool)
+                outer.set_exception(OvfError("an OVF parser process died while reading "
+                                             "this batch"))
+            elif error is not None:
+                outer.set_exception(error)
+            else:
+                outer.set_result(done.result())
+
+        inner.add_done_callback(relay)
+        return outer
+
+    def _get_pool(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(
+                    max_workers=self.processes,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_init_worker, initargs=(os.getpid(), self.memory_limit))
+            return self._pool
+
+    def _discard(self, pool: ProcessPoolExecutor) -> None:
+        with self._lock:
+            if self._pool is pool:
+                self._pool = None
+            else:
+                return
+        log.warning("an OVF parser process died; starting a new pool")
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+# --- in the worker processes ---------------------------------------------------------
+
+
+def _init_worker(daemon_pid: int, memory_limit: int) -> None:
+    # The daemon handles SIGINT/SIGTERM and closes the pool; a terminal's Ctrl-C
+    # must not print a traceback from every worker as well.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if memory_limit > 0:
+        resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
+    threading.Thread(target=_exit_with_daemon, args=(daemon_pid,), daemon=True,
+                     name="parent-watch").start()
+
+
+def _exit_with_daemon(daemon_pid: int) -> None:
+    # Workers block reading their task queue, whose write end they hold too, so
+    # they would never see the daemon go: watch for being re-parented instead.
+    while os.getppid() == daemon_pid:
+        time.sleep(1.0)
+    os._exit(0)
+
+
+def _check_batch(docs: list[tuple[str, bytes]]) -> None:
+    for name, data in docs:
+        validator = OvfValidator()
+        try:
+            validator.feed(data)
+            validator.close()
+        except OvfError as e:
+            raise OvfError(f"{name}: {e}") from None
+        except MemoryError:
+            raise OvfError(f"{name}: too large to check within the parser's memory "
+                           "limit") from None
+
+
+def _summarize_batch(docs: list[bytes]) -> list[Summary]:
+    out: list[Summary] = []
+    for data in docs:
+        try:
+            out.append(parse(data).to_dict())
+        except OvfError as e:
+            out.append(str(e))
+        except MemoryError:
+            out.append("too large to parse within the parser's memory limit")
+    return out

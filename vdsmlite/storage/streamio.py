@@ -1,0 +1,221 @@
+"""Streaming bytes into and out of volumes with O_DIRECT, in bounded memory.
+
+`DirectWriter` takes a stream of chunks of any size (network reads) from the
+event loop and packs them into page-aligned buffers. Each full buffer goes
+through two lanes, each a task handing the blocking work to the executor:
+the *inspect* lane shows it to an optional callback (the OVF_STORE validator,
+which sees every byte in order, off the event loop) and the *write* lane
+writes it with O_DIRECT. While buffer N is written, N+1 is inspected and N+2
+is filled from the network, so receiving, validating and writing overlap and
+the slowest of the three sets the pace; memory stays at three buffers whatever
+the stream's size. `finish` pads the last block with zeros, writes it, and
+fdatasyncs: when it returns, the data is on the storage.
+
+`read_chunks` reads a byte range back with O_DIRECT (other hosts may have
+written it; the page cache must not answer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import mmap
+import os
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, NamedTuple
+
+DEFAULT_BUFFER = 8 << 20  # ovirt-imageio's measured sweet spot for storage writes
+BUFFERS = 3  # one filling, one being inspected, one being written
+
+RunBlocking = Callable[..., Awaitable[Any]]
+Inspect = Callable[[memoryview], None]
+
+
+class CapacityExceeded(Exception):
+    pass
+
+
+class _Full(NamedTuple):
+    """A buffer on its way through the lanes."""
+
+    index: int
+    length: int        # bytes to write (the last one is padded to a block)
+    offset: int        # where on the volume
+    inspect_len: int   # bytes of stream data in it (without the padding)
+
+
+class DirectWriter:
+    def __init__(self, path: str, capacity: int, block_size: int, run_blocking: RunBlocking,
+                 *, inspect: Inspect | None = None, buffer_size: int = DEFAULT_BUFFER) -> None:
+        if buffer_size % 4096:
+            raise ValueError("buffer size must be a multiple of 4096")
+        self.path = path
+        self.capacity = capacity
+        self.block_size = block_size
+        self._run = run_blocking
+        self._inspect = inspect
+        self._buffers = [mmap.mmap(-1, buffer_size) for _ in range(BUFFERS)]
+        self._free: asyncio.Queue[int] = asyncio.Queue()
+        for index in range(1, BUFFERS):
+            self._free.put_nowait(index)
+        self._to_inspect: asyncio.Queue[_Full | None] = asyncio.Queue()
+        self._to_write: asyncio.Queue[_Full | None] = asyncio.Queue()
+        self._lanes: list[asyncio.Task[None]] = []
+        self._error: BaseException | None = None
+        self._aborting = False
+        self._current = 0
+        self._fill = 0
+        self._offset = 0  # where the current buffer goes on the volume
+        self._fd: int | None = None
+        self.written = 0  # bytes accepted so far (before padding)
+
+    async def open(self) -> None:
+        self._fd = await self._run(os.open, self.path,
+                                   os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+        self._lanes = [asyncio.ensure_future(self._inspect_lane()),
+                       asyncio.ensure_future(self._write_lane())]
+
+    # --- the lanes ----------------------------------------------------------------------
+
+    async def _inspect_lane(self) -> None:
+        try:
+            while (full := await self._to_inspect.get()) is not None and not self._aborting:
+                if self._inspect is not None and full.inspect_len:
+                    await self._run(self._inspect_sync, full)
+                self._to_write.put_nowait(full)
+        except BaseException as e:
+            self._fail(e)
+            raise
+        finally:
+            self._to_write.put_nowait(None)
+
+    async def _write_lane(self) -> None:
+        try:
+            while (full := await self._to_write.get()) is not None:
+                if self._error is not None or self._aborting:
+                    return  # the inspect lane refused something: write nothing after it
+                await self._run(self._write_sync, full)
+                self._free.put_nowait(full.index)
+        except BaseException as e:
+            self._fail(e)
+            raise
+
+    def _fail(self, error: BaseException) -> None:
+        if self._error is None:
+            self._error = error
+        # Wake a writer waiting for a free buffer; it will see the error.
+        self._free.put_nowait(-1)
+
+    def _inspect_sync(self, full: _Full) -> None:
+        assert self._inspect is not None
+        with memoryview(self._buffers[full.index]) as whole, \
+                whole[:full.inspect_len] as seen:
+            self._inspect(seen)
+
+    def _write_sync(self, full: _Full) -> None:
+        assert self._fd is not None
+        with memoryview(self._buffers[full.index]) as whole:
+            done = 0
+            while done < full.length:
+                with whole[done:full.length] as rest:
+                    done += os.pwritev(self._fd, [rest], full.offset + done)
+
+    # --- the caller's side --------------------------------------------------------------
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._raise_if_failed()
+        view = memoryview(data)
+        if self.written + len(view) > self.capacity:
+            raise CapacityExceeded(f"stream is larger than the volume ({self.capacity} bytes)")
+        pos = 0
+        while pos < len(view):
+            buf = self._buffers[self._current]
+            take = min(len(buf) - self._fill, len(view) - pos)
+            buf[self._fill:self._fill + take] = view[pos:pos + take]
+            self._fill += take
+            pos += take
+            if self._fill == len(buf):
+                self._to_inspect.put_nowait(_Full(self._current, len(buf), self._offset,
+                                                  len(buf)))
+                self._offset += len(buf)
+                self._fill = 0
+                # Back-pressure: with every buffer in the lanes, wait for one.
+                self._current = await self._free.get()
+                self._raise_if_failed()
+        self.written += len(view)
+
+    async def finish(self) -> int:
+        """Write what is buffered (zero-padded to a block), fdatasync, close."""
+        self._raise_if_failed()
+        if self._fill:
+            buf = self._buffers[self._current]
+            padded = -(-self._fill // self.block_size) * self.block_size
+            buf[self._fill:padded] = b"\0" * (padded - self._fill)
+            self._to_inspect.put_nowait(_Full(self._current, padded, self._offset, self._fill))
+        self._to_inspect.put_nowait(None)
+        await asyncio.gather(*self._lanes, return_exceptions=True)
+        self._raise_if_failed()
+        await self._run(self._sync_close)
+        return self.written
+
+    def _sync_close(self) -> None:
+        if self._fd is not None:
+            try:
+                os.fdatasync(self._fd)
+            finally:
+                os.close(self._fd)
+                self._fd = None
+        self._release()
+
+    async def abort(self) -> None:
+        """Stop without syncing; what was written stays (the caller marks it invalid).
+
+        The lanes are told to stop, not cancelled: a cancelled task would leave its
+        thread writing into a descriptor we are about to close. Shielded, so a
+        second cancellation of the caller cannot skip the cleanup either.
+        """
+        self._aborting = True
+        self._to_inspect.put_nowait(None)
+        await asyncio.shield(asyncio.ensure_future(self._drain_and_close()))
+
+    async def _drain_and_close(self) -> None:
+        await asyncio.gather(*self._lanes, return_exceptions=True)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._release()
+
+    def _release(self) -> None:
+        for buf in self._buffers:
+            if not buf.closed:
+                try:
+                    buf.close()
+                except BufferError:
+                    # A traceback (a refused upload) still holds a view of it; the
+                    # mapping is freed with the last view.
+                    pass
+
+
+def read_chunks(path: str, size: int, block_size: int,
+                chunk: int = DEFAULT_BUFFER) -> Iterator[bytes]:
+    """Yield the first `size` bytes of `path`, read with O_DIRECT (blocking generator)."""
+    buf = mmap.mmap(-1, chunk)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+    try:
+        offset = 0
+        with memoryview(buf) as whole:
+            while offset < size:
+                want = min(chunk, -(-(size - offset) // block_size) * block_size)
+                with whole[:want] as view:
+                    n = os.preadv(fd, [view], offset)
+                if n <= 0:
+                    raise OSError(f"{path}: unexpected end after {offset} of {size} bytes")
+                keep = min(n, size - offset)
+                yield bytes(whole[:keep])
+                offset += keep
+    finally:
+        os.close(fd)
+        buf.close()
