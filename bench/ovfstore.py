@@ -38,6 +38,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fake_storage.agent import Agent
+from fake_storage.cluster import SimHost
 from fake_storage.lunfarm import LunFarm
 from tests.ovf_helpers import ENGINE_SAMPLE, sample_id
 from tests.storage_helpers import (
@@ -228,7 +229,7 @@ def listing(agent: Agent, dom: DomainUnderTest, tmp: Path, count: int) -> tuple[
     size, n = write_store_file(path, dom.sd, 0, count)
     assert agent.url is not None
     curl_put(f"{agent.url}/ovfstore/{dom.sd}", path, chunked=False)
-    # Cold means nothing cached and no parser process running: a fresh daemon.
+    # Cold means nothing cached: a fresh daemon (its parser processes start with it).
     agent.stop()
     agent.start()
     t0 = time.perf_counter()
@@ -252,8 +253,11 @@ def main() -> None:
         tmp = Path(tmpname)
         tar = tmp / "store.tar"
         farm = LunFarm(tmp / "farm")
-        agent = Agent(tmp / "agent", config={
+        # A simulated host: its own sanlock daemon (the OVF_STORE commit holds the
+        # domain's SDM lease) and the agent.
+        host = SimHost(tmp / "host", "bench-ovfstore", config={
             "daemon": {"log_level": "INFO"}, "devel": {"validate_returns": False}}).start()
+        agent = host.agent
         try:
             local = make_localfs_domain(agent, tmp / "local")
             block = make_block_domain(agent, farm, size=f"{2 * args.size // 1024 + 14}G")
@@ -265,7 +269,7 @@ def main() -> None:
             cold, warm = listing(agent, local, tmp, args.entities)
         finally:
             unmount_under(agent.state_dir)
-            agent.stop()
+            host.stop()
             problems = farm.destroy()
             if problems:
                 print("cleanup problems:", problems, file=sys.stderr)

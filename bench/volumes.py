@@ -29,7 +29,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fake_storage.agent import Agent
+from fake_storage.cluster import SimHost
 from fake_storage.lunfarm import LunFarm
 from tests.storage_helpers import (
     BLANK,
@@ -160,8 +160,11 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-volumes-", dir="/var/tmp") as tmp:
         farm = LunFarm(Path(tmp) / "farm")
-        agent = Agent(Path(tmp) / "agent", config={
+        # A simulated host: its own sanlock daemon (shared domains need the host id
+        # and the SDM lease for every change) and the agent.
+        host = SimHost(Path(tmp) / "host", "bench-volumes", config={
             "daemon": {"log_level": "INFO"}, "devel": {"validate_returns": False}}).start()
+        agent = host.agent
         try:
             assert agent.url is not None
             local = make_localfs_domain(agent, Path(tmp) / "local")
@@ -175,7 +178,7 @@ def main() -> None:
             rows += [row("block", "create", c, rc), row("block", "delete", d, rd)]
         finally:
             unmount_under(agent.state_dir)
-            agent.stop()
+            host.stop()
             problems = farm.destroy()
             if problems:
                 print("cleanup problems:", problems, file=sys.stderr)

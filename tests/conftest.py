@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from fake_storage.agent import Agent
+from fake_storage.cluster import SimHost
 from fake_storage.lunfarm import LunFarm
 from tests.helpers import RawHttp
 from tests.storage_helpers import unmount_under
@@ -74,24 +75,40 @@ def lun_farm(tmp_path: Path) -> Iterator[LunFarm]:
 
 
 class StorageEnv:
-    """Daemons plus a LUN farm, torn down in the only safe order:
-    unmount, stop the daemons (they release LV mappings), then destroy the LUNs."""
+    """Simulated hosts (each: its own sanlock daemon and agent) plus a LUN farm, torn
+    down in the only safe order: unmount, stop the hosts (the agents release LV
+    mappings, sanlock lets go of the lockspaces), then destroy the LUNs."""
 
-    def __init__(self, farm: LunFarm, start: Any, tmp_path: Path) -> None:
+    def __init__(self, farm: LunFarm, tmp_path: Path) -> None:
         self.farm = farm
-        self._start = start
         self.tmp_path = tmp_path
-        self.agents: list[Agent] = []
+        self.hosts: list[SimHost] = []
 
-    def agent(self, name: str = "agent", **kw: Any) -> Agent:
-        a = self._start(name, **kw)
-        self.agents.append(a)
-        return a
+    @property
+    def agents(self) -> list[Agent]:
+        return [h.agent for h in self.hosts]
+
+    def host(self, name: str = "agent", **kw: Any) -> SimHost:
+        host = SimHost(self.tmp_path / name, name, **kw)
+        self.hosts.append(host)
+        return host.start()
+
+    def agent(self, name: str = "agent", *, config: dict[str, dict[str, Any]] | None = None,
+              env: dict[str, str] | None = None) -> Agent:
+        host = SimHost(self.tmp_path / name, name, config=config)
+        if env:
+            host.agent.extra_env.update(env)
+        self.hosts.append(host)
+        return host.start().agent
 
 
 @pytest.fixture
-def env(lun_farm: LunFarm, agent_factory: Any, tmp_path: Path) -> Iterator[StorageEnv]:
-    e = StorageEnv(lun_farm, agent_factory, tmp_path)
+def env(lun_farm: LunFarm, tmp_path: Path) -> Iterator[StorageEnv]:
+    e = StorageEnv(lun_farm, tmp_path)
     yield e
-    for a in e.agents:
-        unmount_under(a.state_dir)
+    for host in e.hosts:
+        unmount_under(host.agent.state_dir)
+    for host in e.hosts:
+        host.stop()
+    for host in e.hosts:
+        _check_clean(host.agent)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import os
@@ -10,6 +11,10 @@ import tarfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
+
+from fake_storage.agent import Agent
+from tests.storage_helpers import BLANK, DomainUnderTest
 
 # Real OVFs from oVirt projects (see SOURCES.md there); VDSMLITE_OVF_SAMPLES points elsewhere.
 SAMPLES = Path(os.environ.get("VDSMLITE_OVF_SAMPLES",
@@ -67,3 +72,55 @@ def make_store(sd: str, count: int, prefix: str = "vm") -> tuple[bytes, dict[str
         names[eid] = f"{prefix}-{i}"
         assert data
     return store_tar(sd, entities), names
+
+
+# --- talking to an agent's OVF_STORE doors ---------------------------------------
+
+
+def conn(agent: Agent) -> http.client.HTTPConnection:
+    assert agent.tcp_address is not None
+    return http.client.HTTPConnection(*agent.tcp_address, timeout=120)
+
+
+def put_store(agent: Agent, sd: str, data: bytes, chunked: bool = False) -> tuple[int, Any]:
+    c = conn(agent)
+    try:
+        if chunked:
+            chunks = (data[i:i + 65536] for i in range(0, len(data), 65536))
+            c.request("PUT", f"/ovfstore/{sd}", body=chunks,
+                      headers={"Transfer-Encoding": "chunked"}, encode_chunked=True)
+        else:
+            c.request("PUT", f"/ovfstore/{sd}", body=data)
+        resp = c.getresponse()
+        return resp.status, json.loads(resp.read() or b"null")
+    finally:
+        c.close()
+
+
+def get_store(agent: Agent, sd: str) -> tuple[int, dict[str, str], bytes]:
+    c = conn(agent)
+    try:
+        c.request("GET", f"/ovfstore/{sd}")
+        resp = c.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        c.close()
+
+
+def entities(dom: DomainUnderTest) -> dict[str, Any]:
+    with dom.client as c:
+        return c.call("StorageDomain.getOVFEntities", {"storagedomainID": dom.sd})
+
+
+def stores(dom: DomainUnderTest) -> dict[str, dict[str, Any]]:
+    """vol -> description JSON of each OVF_STORE volume."""
+    out = {}
+    with dom.client as c:
+        for img in c.call("StorageDomain.getImages", {"storagedomainID": dom.sd}):
+            for vol in c.call("StorageDomain.getVolumes", {"storagedomainID": dom.sd,
+                                                           "storagepoolID": BLANK,
+                                                           "imageID": img}):
+                info = c.call("Volume.getInfo", dom.vol_params(img, vol))
+                if info.get("disktype") == "OVFS":
+                    out[vol] = json.loads(info["description"])
+    return out

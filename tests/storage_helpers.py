@@ -126,7 +126,7 @@ def make_localfs_domain(agent: Agent, data_dir: Path, *, block_size: int = 512,
     return DomainUnderTest(agent, sd, "localfs", block_size, data_dir=data_dir)
 
 
-def make_posixfs_domain(agent: Agent, farm: LunFarm) -> DomainUnderTest:
+def make_posixfs_domain(agent: Agent, farm: LunFarm, *, join: bool = True) -> DomainUnderTest:
     """ext4 on a loop LUN, mounted by connectStorageServer (posixfs): sanlock leases too."""
     lun = farm.add("4G")
     subprocess.run(["mkfs.ext4", "-q", lun.loop], check=True)
@@ -137,11 +137,33 @@ def make_posixfs_domain(agent: Agent, farm: LunFarm) -> DomainUnderTest:
                                         "typeArgs": lun.loop, "name": "posix-data",
                                         "domainClass": 1, "version": "5", "blockSize": 512})
     mountpoint = agent.state_dir / "data-center" / "mnt" / lun.loop.replace("/", "_")
+    if join:
+        join_lockspace(agent, sd)
     return DomainUnderTest(agent, sd, "posixfs", 512, data_dir=mountpoint, lun=lun)
 
 
+def join_lockspace(agent: Agent, sd: str, host_id: int = 1, timeout: float = 90) -> None:
+    """Host.startMonitoringDomain, then wait until the host id is acquired (about
+    2 x io_timeout; shared domains refuse metadata changes before that)."""
+    with agent.client() as c:
+        c.call("Host.startMonitoringDomain", {"sdUUID": sd, "hostID": host_id})
+        wait_acquired(c, sd, timeout)
+
+
+def wait_acquired(c: Client, sd: str, timeout: float = 90) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = c.call("Host.getStorageRepoStats", {"domains": [sd]}).get(sd)
+        if stats and stats["acquired"]:
+            return stats
+        if time.monotonic() > deadline:
+            raise AssertionError(f"host id not acquired in {sd} within {timeout}s: {stats}")
+        time.sleep(0.2)
+
+
 def make_block_domain(agent: Agent, farm: LunFarm, *, sector_size: int = 512,
-                      size: str = "20G", name: str = "block-data") -> DomainUnderTest:
+                      size: str = "20G", name: str = "block-data",
+                      join: bool = True) -> DomainUnderTest:
     lun = farm.add(size, sector_size=sector_size)
     sd = new_id()
     with agent.client() as c:
@@ -149,6 +171,8 @@ def make_block_domain(agent: Agent, farm: LunFarm, *, sector_size: int = 512,
         c.call("StorageDomain.create", {"storagedomainID": sd, "domainType": ISCSI,
                                         "typeArgs": vg_uuid, "name": name, "domainClass": 1,
                                         "version": "5", "blockSize": sector_size})
+    if join:
+        join_lockspace(agent, sd)
     return DomainUnderTest(agent, sd, "block", sector_size, lun=lun)
 
 

@@ -20,6 +20,7 @@ from tests.storage_helpers import (
     COW,
     SPARSE,
     DomainUnderTest,
+    join_lockspace,
     lv_offset,
     lvm_cmd,
     make_block_domain,
@@ -52,6 +53,8 @@ def test_sigkill_mid_create_is_recovered(env: StorageEnv, kind: str, step: str) 
 
     a.extra_env = {}
     a.start()
+    # As after any restart, the engine connects the host to its domains again.
+    join_lockspace(a, dom.sd)
     with a.client() as c:
         assert c.call("StorageDomain.getVolumes", {"storagedomainID": dom.sd,
                                                    "storagepoolID": BLANK,

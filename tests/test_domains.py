@@ -89,7 +89,7 @@ def test_posixfs_domain_has_sanlock_lockspace_and_sdm_lease(env: StorageEnv) -> 
     ids = sanlock_leader(f"-s {d.sd}:1:{md_dir / 'ids'}:0")
     assert ids["magic"] == "0x12212010"  # delta lease (lockspace)
     assert ids["space_name"] == d.sd
-    assert ids["io_timeout"] == "10"
+    assert ids["io_timeout"] == "1"  # the agent's [sanlock] io_timeout (tests use 1)
     sdm = sanlock_leader(f"-r {d.sd}:SDM:{md_dir / 'leases'}:{MiB}")
     assert sdm["magic"] == "0x6152010"  # paxos lease
     assert sdm["resource_name"] == "SDM"

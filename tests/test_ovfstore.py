@@ -6,7 +6,6 @@ upload the previous good store must still be served byte for byte.
 
 from __future__ import annotations
 
-import http.client
 import io
 import json
 import socket
@@ -18,9 +17,17 @@ from typing import Any
 
 import pytest
 
-from fake_storage.agent import Agent
 from tests.conftest import StorageEnv
-from tests.ovf_helpers import entity_ovf, make_store, store_tar
+from tests.ovf_helpers import (
+    conn,
+    entities,
+    entity_ovf,
+    get_store,
+    make_store,
+    put_store,
+    store_tar,
+    stores,
+)
 from tests.storage_helpers import (
     BLANK,
     DomainUnderTest,
@@ -40,55 +47,6 @@ def dom(request: pytest.FixtureRequest, env: StorageEnv, tmp_path: Path) -> Doma
     if request.param == "localfs":
         return make_localfs_domain(a, tmp_path / "data")
     return make_block_domain(a, env.farm)
-
-
-def conn(agent: Agent) -> http.client.HTTPConnection:
-    assert agent.tcp_address is not None
-    return http.client.HTTPConnection(*agent.tcp_address, timeout=120)
-
-
-def put_store(agent: Agent, sd: str, data: bytes, chunked: bool = False) -> tuple[int, Any]:
-    c = conn(agent)
-    try:
-        if chunked:
-            chunks = (data[i:i + 65536] for i in range(0, len(data), 65536))
-            c.request("PUT", f"/ovfstore/{sd}", body=chunks,
-                      headers={"Transfer-Encoding": "chunked"}, encode_chunked=True)
-        else:
-            c.request("PUT", f"/ovfstore/{sd}", body=data)
-        resp = c.getresponse()
-        return resp.status, json.loads(resp.read() or b"null")
-    finally:
-        c.close()
-
-
-def get_store(agent: Agent, sd: str) -> tuple[int, dict[str, str], bytes]:
-    c = conn(agent)
-    try:
-        c.request("GET", f"/ovfstore/{sd}")
-        resp = c.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        c.close()
-
-
-def entities(dom: DomainUnderTest) -> dict[str, Any]:
-    with dom.client as c:
-        return c.call("StorageDomain.getOVFEntities", {"storagedomainID": dom.sd})
-
-
-def stores(dom: DomainUnderTest) -> dict[str, dict[str, Any]]:
-    """vol -> description JSON of each OVF_STORE volume."""
-    out = {}
-    with dom.client as c:
-        for img in c.call("StorageDomain.getImages", {"storagedomainID": dom.sd}):
-            for vol in c.call("StorageDomain.getVolumes", {"storagedomainID": dom.sd,
-                                                           "storagepoolID": BLANK,
-                                                           "imageID": img}):
-                info = c.call("Volume.getInfo", dom.vol_params(img, vol))
-                if info.get("disktype") == "OVFS":
-                    out[vol] = json.loads(info["description"])
-    return out
 
 
 def test_upload_both_framings_read_back_and_list(dom: DomainUnderTest) -> None:

@@ -90,9 +90,39 @@ class StorageSection:
 
 @dataclass(frozen=True)
 class SanlockSection:
-    # sanlock io_timeout written into lockspaces this host creates; every other
-    # sanlock timeout derives from it (renewal 2x, failure 8x). VDSM uses 10.
+    # sanlock io_timeout written into lockspaces this host creates and used to join
+    # them; every other sanlock timeout derives from it (renewal 2x, failure 8x,
+    # another host declared dead 8x + 60 s). VDSM uses 10.
     io_timeout: int = 10
+    # The sanlock daemon's run dir (its socket); unset: sanlock's default, /run/sanlock.
+    run_dir: Path | None = None
+    # Seconds a metadata change waits for the domain's SDM lease while another
+    # host holds it, before failing with 651.
+    lease_timeout: float = 30.0
+    # Seconds between domain monitor cycles (VDSM: [irs] sd_health_check_delay).
+    monitor_interval: float = 10.0
+
+
+@dataclass(frozen=True)
+class WatchdogSection:
+    # "device": a Linux watchdog device (keepalive ioctl, magic close on clean stop);
+    # "emulated": fake_storage's emulated watchdog (tests); "none": nothing resets
+    # this host when fenced through storage (it only logs). On hosts where wdmd owns
+    # /dev/watchdog, point `device` at a second watchdog (e.g. a softdog instance).
+    backend: str = "none"
+    device: Path = Path("/dev/watchdog")
+    # The emulated watchdog's socket (backend = "emulated").
+    socket: Path | None = None
+    # Seconds without a keepalive before the watchdog resets the host.
+    timeout: int = 60
+
+
+@dataclass(frozen=True)
+class FencingSection:
+    # Where Host.fenceNode finds fence_<agent> programs (agents other than "sanlock").
+    agents_dir: Path = Path("/usr/sbin")
+    # Seconds a fence agent may run.
+    agent_timeout: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -107,6 +137,8 @@ class Config:
     rpc: RpcSection = field(default_factory=RpcSection)
     storage: StorageSection = field(default_factory=StorageSection)
     sanlock: SanlockSection = field(default_factory=SanlockSection)
+    watchdog: WatchdogSection = field(default_factory=WatchdogSection)
+    fencing: FencingSection = field(default_factory=FencingSection)
     devel: DevelSection = field(default_factory=DevelSection)
     # Where the values came from, for logs and --show-config.
     source: str = "embedded defaults"
@@ -152,6 +184,8 @@ _SECTIONS: dict[str, type] = {
     "rpc": RpcSection,
     "storage": StorageSection,
     "sanlock": SanlockSection,
+    "watchdog": WatchdogSection,
+    "fencing": FencingSection,
     "devel": DevelSection,
 }
 
@@ -221,6 +255,17 @@ def _validate(cfg: Config) -> None:
         raise InvalidConfiguration("[storage] ovf_parser_memory_mib: must be at least 256")
     if not 1 <= cfg.sanlock.io_timeout <= 300:
         raise InvalidConfiguration("[sanlock] io_timeout: must be within 1..300 seconds")
+    if cfg.sanlock.lease_timeout < 0 or cfg.sanlock.monitor_interval <= 0:
+        raise InvalidConfiguration("[sanlock] lease_timeout and monitor_interval: "
+                                   "must be positive")
+    w = cfg.watchdog
+    if w.backend not in ("device", "emulated", "none"):
+        raise InvalidConfiguration(
+            f"[watchdog] backend: expected device, emulated or none, got {w.backend!r}")
+    if w.backend == "emulated" and w.socket is None:
+        raise InvalidConfiguration("[watchdog] backend = emulated needs socket")
+    if not 2 <= w.timeout <= 3600:
+        raise InvalidConfiguration("[watchdog] timeout: must be within 2..3600 seconds")
     if r.max_concurrent_calls < 1:
         raise InvalidConfiguration("[rpc] max_concurrent_calls: must be at least 1")
     tls = (r.tls_cert, r.tls_key, r.tls_ca)
@@ -292,6 +337,7 @@ def load(
     elif source == "embedded defaults":
         storage = dataclasses.replace(storage, local_domain=daemon.state_dir / "local-domain")
     cfg = Config(daemon=daemon, rpc=sections["rpc"], storage=storage,
-                 sanlock=sections["sanlock"], devel=sections["devel"], source=source)
+                 sanlock=sections["sanlock"], watchdog=sections["watchdog"],
+                 fencing=sections["fencing"], devel=sections["devel"], source=source)
     _validate(cfg)
     return cfg

@@ -34,6 +34,7 @@ from aiohttp import web
 from vdsmlite import __version__, config, http, logs
 from vdsmlite.api import build_handlers
 from vdsmlite.errors import InvalidConfiguration
+from vdsmlite.locking.watchdog import WatchdogError
 from vdsmlite.ovfservice import OvfService
 from vdsmlite.rpc import transport
 from vdsmlite.rpc.dispatch import Dispatcher
@@ -131,6 +132,11 @@ class Daemon:
             d.mkdir(parents=True, exist_ok=True)
 
         services = Services(cfg)
+        # Armed before serving: from now on a fence request can reset this host.
+        try:
+            await services.watchdog.start()
+        except WatchdogError as e:
+            raise StartupError(str(e)) from None
         app, dispatcher = build_app(services)
         runner = web.AppRunner(app, handle_signals=False, access_log=None,
                                shutdown_timeout=cfg.daemon.shutdown_timeout)

@@ -869,6 +869,16 @@ class AcquireLockFailure(_Fields):
     code = 651
     msg = "Cannot obtain lock"
     fields = ("id", "rc", "out", "err")
+    http_status = 409
+
+
+class LeaseLost(StorageException):
+    """A lease this host held is gone (its lockspace was lost and sanlock revoked it):
+    what was done under it may be incomplete; nothing more is done."""
+
+    code = 651
+    msg = "Lease lost"
+    http_status = 409
 
 
 class SpmStatusError(StorageException):

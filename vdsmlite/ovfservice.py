@@ -36,6 +36,8 @@ import aiohttp
 
 from vdsmlite import errors
 from vdsmlite.jobs import Job
+from vdsmlite.locking import sdm
+from vdsmlite.locking.leases import Lease
 from vdsmlite.ovf import parser as ovfparser
 from vdsmlite.ovf.workers import OvfWorkers, Summary
 from vdsmlite.services import Services
@@ -81,7 +83,7 @@ class OvfService:
                      job: Job) -> dict[str, Any]:
         """The commit protocol above; returns what was stored."""
         dom = await self._s.run_blocking(self._s.domains.get, sd_uuid)
-        async with self._s.image_locks.hold(("ovf", sd_uuid)):
+        async with self._s.image_locks.hold(("ovf", sd_uuid)), sdm.hold(self._s, dom) as lease:
             stores = await self._s.run_blocking(ovfstore.ensure_stores, dom)
             target = ovfstore.pick_target(stores)
             if length is not None and length > target.capacity:
@@ -92,7 +94,8 @@ class OvfService:
                 dom.update_volume, target.img, target.vol,
                 description=ovfstore.description(sd_uuid, updated=False,
                                                  last_updated=target.last_updated))
-            size, summary = await self._write(dom, target, body, job, validate=True)
+            size, summary = await self._write(dom, target, body, job, validate=True,
+                                              lease=lease)
             assert summary is not None
             stamp = ovfstore.next_stamp([s for s in stores if s != target])
             await self._s.run_blocking(
@@ -111,7 +114,7 @@ class OvfService:
         """The VDSM door: raw bytes into a given volume (the engine drives the
         description itself). OVF_STORE volumes still only take a valid archive."""
         dom = await self._s.run_blocking(self._s.domains.get, sd_uuid)
-        async with self._s.image_locks.hold(("ovf", sd_uuid)):
+        async with self._s.image_locks.hold(("ovf", sd_uuid)), sdm.hold(self._s, dom) as lease:
             state = await self._s.run_blocking(dom.volume, img_uuid, vol_uuid)
             if state.md is None:
                 raise errors.VolumeDoesNotExist(vol_uuid)
@@ -120,11 +123,11 @@ class OvfService:
                 raise errors.OvfStoreTooLarge(f"{length} bytes for a {store.capacity} byte "
                                               f"volume {vol_uuid}")
             size, _ = await self._write(dom, store, body, job,
-                                        validate=ovfstore.is_store(state))
+                                        validate=ovfstore.is_store(state), lease=lease)
             return size
 
     async def _write(self, dom: Domain, store: ovfstore.Store, body: AsyncIterator[bytes],
-                     job: Job, *, validate: bool
+                     job: Job, *, validate: bool, lease: Lease | None
                      ) -> tuple[int, tarstream.ArchiveSummary | None]:
         path = await self._s.run_blocking(dom.prepare_volume, store.img, store.vol)
         try:
@@ -138,6 +141,8 @@ class OvfService:
             await writer.open()
             try:
                 async for chunk in _with_stall_timeout(body, self.stall_timeout):
+                    if lease is not None:
+                        lease.check()  # another host may own the domain now: stop
                     await writer.write(chunk)
                     job.update(bytes_done=writer.written)
                 size = await writer.finish()

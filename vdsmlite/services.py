@@ -10,6 +10,7 @@ import asyncio
 import contextvars
 import functools
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -20,6 +21,11 @@ from vdsmlite.config import Config
 from vdsmlite.events import EventBus
 from vdsmlite.fsutil import write_file_durably
 from vdsmlite.jobs import JobRegistry
+from vdsmlite.locking import watchdog
+from vdsmlite.locking.fencing import FenceService
+from vdsmlite.locking.leases import LeaseManager
+from vdsmlite.locking.monitor import MonitorManager
+from vdsmlite.locking.watchdog import WatchdogService
 from vdsmlite.locks import LockTable
 from vdsmlite.metrics import Metrics
 from vdsmlite.ovf.workers import OvfWorkers
@@ -37,6 +43,9 @@ T = TypeVar("T")
 class Services:
     def __init__(self, config: Config) -> None:
         self.config = config
+        if config.sanlock.run_dir is not None:
+            # libsanlock reads it once, at its first connection (one daemon per process).
+            os.environ["SANLOCK_RUN_DIR"] = str(config.sanlock.run_dir)
         self.started = time.monotonic()
         self.metrics = Metrics()
         self.events = EventBus()
@@ -56,6 +65,20 @@ class Services:
         # Untrusted OVF documents are checked and summarized in these processes.
         self.ovf_workers = OvfWorkers(config.storage.ovf_parser_processes,
                                       config.storage.ovf_parser_memory_mib * 1024 * 1024)
+        # Sanlock: leases held by helper processes, monitors holding host ids,
+        # fencing through storage and the watchdog it stops petting.
+        lease_env = ({"SANLOCK_RUN_DIR": str(config.sanlock.run_dir)}
+                     if config.sanlock.run_dir is not None else {})
+        self.leases = LeaseManager(lease_env, acquire_timeout=config.sanlock.lease_timeout)
+        self.monitors = MonitorManager(self.domains, self.run_blocking,
+                                       interval=config.sanlock.monitor_interval,
+                                       io_timeout=config.sanlock.io_timeout)
+        w = config.watchdog
+        self.watchdog = WatchdogService(watchdog.from_config(
+            w.backend, device=w.device, socket_path=w.socket, timeout=w.timeout))
+        self.fencing = FenceService(self.monitors, self.watchdog, self.run_blocking,
+                                    self.events.publish)
+        self.monitors.listener = self.fencing
         # Serializes changes to one image (create/delete/extend of its volumes).
         self.image_locks = LockTable()
         # Set by the daemon once the dispatcher exists (Host.getStats reports it).
@@ -64,6 +87,25 @@ class Services:
                                 self.jobs.count_by_status)
         self.metrics.add_gauge("vdsmlite_event_subscribers", "Connected event subscribers",
                                lambda: self.events.subscriber_count)
+        self.metrics.add_gauge("vdsmlite_watchdog_petting",
+                               "1 while this host pets its watchdog, 0 once fenced or unarmed",
+                               lambda: float(self.watchdog.status()["petting"]))
+        self.metrics.add_gauge("vdsmlite_watchdog_keepalives", "Watchdog keepalives sent",
+                               lambda: float(self.watchdog.keepalives))
+        self.metrics.add_gauges("vdsmlite_lockspace_acquired",
+                                "1 where this host holds its id in the domain's lockspace",
+                                "domain", lambda: {sd: float(st["acquired"]) for sd, st in
+                                                   self.monitors.stats().items()})
+        self.metrics.add_gauges("vdsmlite_domain_check_delay_seconds",
+                                "Last direct-I/O metadata read time, by domain", "domain",
+                                lambda: {sd: float(st["delay"]) for sd, st in
+                                         self.monitors.stats().items()})
+        self.metrics.add_gauge("vdsmlite_fence_requests_received",
+                               "Reset requests for this host taken from storage",
+                               lambda: float(len(self.fencing.received)))
+        self.metrics.add_gauge("vdsmlite_fence_requests_sent",
+                               "Reset requests this host sent through storage",
+                               lambda: float(len(self.fencing.requests)))
         self.metrics.add_gauge("vdsmlite_events_dropped", "Events dropped for slow subscribers",
                                lambda: self.events.dropped_total)
 
@@ -76,6 +118,10 @@ class Services:
 
     async def close(self) -> None:
         await self.jobs.close(grace=self.config.daemon.shutdown_timeout)
+        await self.leases.close()
+        await self.fencing.close()
+        await self.monitors.close()
+        await self.watchdog.close()
         # Held activations (loop devices of special LVs) are released on a clean stop.
         await self.run_blocking(self.domains.close)
         await self.run_blocking(self.ovf_workers.close)

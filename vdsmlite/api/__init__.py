@@ -11,6 +11,7 @@ from vdsmlite.api.base import collect
 from vdsmlite.api.devices import DevicesApi
 from vdsmlite.api.domains import DomainsApi
 from vdsmlite.api.host import HostApi
+from vdsmlite.api.locking import LockingApi
 from vdsmlite.api.ovf import OvfApi
 from vdsmlite.api.storage_server import StorageServerApi
 from vdsmlite.api.task import TaskApi
@@ -24,7 +25,7 @@ def build_handlers(services: Services, ovf: OvfService) -> dict[str, Handler]:
     handlers: dict[str, Handler] = {}
     namespaces = (HostApi(services), TaskApi(services), DevicesApi(services),
                   StorageServerApi(services), DomainsApi(services), VolumesApi(services),
-                  OvfApi(services, ovf))
+                  OvfApi(services, ovf), LockingApi(services))
     for namespace in namespaces:
         for name, fn in collect(namespace).items():
             if name in handlers:

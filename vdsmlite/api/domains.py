@@ -133,22 +133,34 @@ class DomainsApi:
     @verb("StorageDomain.detach")
     async def detach(self, *, storagedomainID: str, storagepoolID: str, masterSdUUID: str | None,
                      masterVersion: int, force: bool) -> bool:
+        await self._s.monitors.stop_monitoring(storagedomainID, pool_uuid=storagepoolID)
         await self._s.run_blocking(self._s.pools.detach, storagedomainID, storagepoolID, force)
         return True
 
     @verb("StorageDomain.activate")
     async def activate(self, *, storagedomainID: str, storagepoolID: str) -> bool:
         await self._s.run_blocking(self._s.pools.activate, storagedomainID, storagepoolID)
+        pool = self._s.pools.connected
+        if pool is not None and pool.uuid == storagepoolID:
+            await self._s.monitors.start_monitoring(storagedomainID, pool.host_id,
+                                                    pool_uuid=storagepoolID)
         return True
 
     @verb("StorageDomain.deactivate")
     async def deactivate(self, *, storagedomainID: str, storagepoolID: str,
                          masterSdUUID: str | None, masterVersion: int) -> bool:
+        await self._s.monitors.stop_monitoring(storagedomainID, pool_uuid=storagepoolID)
         await self._s.run_blocking(self._s.pools.deactivate, storagedomainID, storagepoolID)
         return True
 
     @verb("StorageDomain.format")
     async def format(self, *, storagedomainID: str, autoDetach: bool) -> bool:
+        dom = await self._s.run_blocking(self._s.domains.get, storagedomainID)
+        pools = await self._s.run_blocking(dom.pools)
+        if pools and not autoDetach:
+            raise errors.CannotFormatAttachedStorageDomain(storagedomainID, ",".join(pools))
+        # Leave the lockspace first: sanlock must let go of the ids volume.
+        await self._s.monitors.stop_monitoring(storagedomainID, force=True)
         await self._s.run_blocking(self._format, storagedomainID, autoDetach)
         return True
 
@@ -204,13 +216,19 @@ class DomainsApi:
     async def connect_pool(self, *, storagepoolID: str, hostID: int, scsiKey: str,
                            masterSdUUID: str, masterVersion: int,
                            domainDict: dict[str, str] | None) -> bool:
-        await self._s.run_blocking(self._s.pools.connect, storagepoolID, hostID, masterSdUUID,
-                                   masterVersion, domainDict)
+        pool = await self._s.run_blocking(self._s.pools.connect, storagepoolID, hostID,
+                                          masterSdUUID, masterVersion, domainDict)
+        # Each member domain gets a monitor that joins its lockspace as hostID
+        # (asynchronously: Host.getStorageRepoStats tells when it is acquired).
+        for sd_uuid in pool.domains:
+            await self._s.monitors.start_monitoring(sd_uuid, hostID, pool_uuid=storagepoolID)
         return True
 
     @verb("StoragePool.disconnect")
     async def disconnect_pool(self, *, storagepoolID: str, hostID: int, scsiKey: str,
                               remove: bool) -> bool:
+        # Leave the lockspaces first: refused (662) while a lease is held in one.
+        await self._s.monitors.stop_pool(storagepoolID)
         await self._s.run_blocking(self._s.pools.disconnect, storagepoolID)
         return True
 

@@ -79,7 +79,9 @@ class HostApi:
             "memUsed": f"{100 * (total - available) / total:.0f}",
             "threadCount": str(threading.active_count()),
             "rpcCallsInFlight": self._s.calls_in_flight(),
-            "storageDomains": {},
+            "storageDomains": self._s.monitors.stats(),
+            "watchdog": self._s.watchdog.status(),
+            "fencing": self._s.fencing.status_json(),
         }
 
     @verb("Host.getVerbs")

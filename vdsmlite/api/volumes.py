@@ -15,6 +15,7 @@ from typing import Any
 from vdsmlite import errors
 from vdsmlite.api.base import verb
 from vdsmlite.jobs import Job
+from vdsmlite.locking import sdm
 from vdsmlite.services import Services
 from vdsmlite.storage import constants as sc
 from vdsmlite.storage.sd import CreateVolumeRequest, Domain
@@ -33,10 +34,14 @@ class VolumesApi:
                 raise errors.StorageDomainNotInPool(sp_uuid, sd_uuid)
         return dom
 
-    def _start(self, verb_name: str, description: str, sd_uuid: str, img_uuid: str,
-               work: Callable[[Job], Any]) -> str:
+    async def _start(self, verb_name: str, description: str, dom: Domain, img_uuid: str,
+                     work: Callable[[Job], Any]) -> str:
+        """Run `work` as a job, under the image lock and the domain's SDM lease."""
+        await sdm.require_host_id(self._s, dom)  # refused now, not in the job
+
         async def body(job: Job) -> None:
-            async with self._s.image_locks.hold((sd_uuid, img_uuid)):
+            async with self._s.image_locks.hold((dom.uuid, img_uuid)), \
+                    sdm.hold(self._s, dom):
                 await self._s.run_blocking(work, job)
 
         return self._s.jobs.start(body, description=description, verb=verb_name).id
@@ -68,8 +73,9 @@ class VolumesApi:
         def work(job: Job) -> None:
             dom.create_volume(req, lambda p: job.update(progress=p))
 
-        return self._start("Volume.create", f"create volume {volumeID} in image {imageID}",
-                           storagedomainID, imageID, work)
+        return await self._start("Volume.create",
+                                 f"create volume {volumeID} in image {imageID}", dom, imageID,
+                                 work)
 
     @verb("Volume.getInfo")
     async def get_info(self, *, volumeID: str, storagepoolID: str, storagedomainID: str,
@@ -88,7 +94,7 @@ class VolumesApi:
     async def _update(self, sd_uuid: str, sp_uuid: str, img_uuid: str, vol_uuid: str,
                       **changes: object) -> None:
         dom = await self._domain(sd_uuid, sp_uuid)
-        async with self._s.image_locks.hold((sd_uuid, img_uuid)):
+        async with self._s.image_locks.hold((sd_uuid, img_uuid)), sdm.hold(self._s, dom):
             await self._s.run_blocking(lambda: dom.update_volume(img_uuid, vol_uuid, **changes))
 
     @verb("Volume.setDescription")
@@ -114,8 +120,8 @@ class VolumesApi:
             dom.delete_volume(imageID, volumeID, post_zero=postZero, force=force,
                               progress=lambda p: job.update(progress=p))
 
-        return self._start("Volume.delete", f"delete volume {volumeID}", storagedomainID,
-                           imageID, work)
+        return await self._start("Volume.delete", f"delete volume {volumeID}", dom, imageID,
+                                 work)
 
     @verb("Volume.extendSize")
     async def extend_size(self, *, volumeID: str, storagepoolID: str, storagedomainID: str,
@@ -128,8 +134,8 @@ class VolumesApi:
         def work(job: Job) -> None:
             dom.extend_volume(imageID, volumeID, newSize)
 
-        return self._start("Volume.extendSize", f"extend volume {volumeID} to {newSize}",
-                           storagedomainID, imageID, work)
+        return await self._start("Volume.extendSize",
+                                 f"extend volume {volumeID} to {newSize}", dom, imageID, work)
 
     # --- Image ---------------------------------------------------------------------------
 
@@ -207,5 +213,5 @@ class VolumesApi:
                 remaining = dom.volumes(imageID)
                 job.update(progress=100 * (total - len(remaining)) / total)
 
-        return self._start("Image.delete", f"delete image {imageID}", storagedomainID,
-                           imageID, work)
+        return await self._start("Image.delete", f"delete image {imageID}", dom, imageID,
+                                 work)

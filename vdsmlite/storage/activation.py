@@ -234,8 +234,15 @@ class Activator:
                 seg = lv.segments[0]
                 if seg.pv in pe_starts:
                     offset = pe_starts[seg.pv] + seg.first_pe * extent_size
+                    detached: set[str] = set()
                     while (stale := self.strategy.find(seg.pv, offset)) is not None:
+                        if stale in detached:
+                            # Detaching an open loop device only marks it to go away
+                            # on last close: someone (sanlock?) still has it open.
+                            raise errors.VolumeIsBusy(f"{lv.vg_name}/{lv.name}",
+                                                      f"{stale} is still open")
                         self.strategy.detach(stale)
+                        detached.add(stale)
 
     def _deactivate(self, vg_name: str, lv_name: str, devices: Sequence[str]) -> None:
         link = self.link(vg_name, lv_name)

@@ -121,6 +121,15 @@ class BlockDomain(Domain):
                 self._held.add(name)
             return self.activator.link(self.uuid, name)
 
+    def lockspace(self) -> tuple[str, str, int] | None:
+        return self.uuid, str(self.held_path(sc.IDS)), 0
+
+    def leases_path(self) -> str:
+        return str(self.held_path(sc.LEASES))
+
+    def health_path(self) -> Path:
+        return self.held_path(sc.METADATA)
+
     def close(self) -> None:
         with self.lock:
             for name in list(self._held):

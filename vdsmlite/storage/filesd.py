@@ -99,6 +99,17 @@ class FileDomain(Domain):
     def exists(self) -> bool:
         return self.md_path.exists()
 
+    def lockspace(self) -> tuple[str, str, int] | None:
+        if self.is_local:
+            return None  # VDSM's LocalLock: one host, no sanlock
+        return self.uuid, str(self.path / sc.DOMAIN_META_DATA / sc.IDS), 0
+
+    def leases_path(self) -> str:
+        return str(self.path / sc.DOMAIN_META_DATA / sc.LEASES)
+
+    def health_path(self) -> Path:
+        return self.md_path
+
     # --- metadata -------------------------------------------------------------------
 
     def read_metadata(self) -> dict[str, str]:

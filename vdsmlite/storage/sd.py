@@ -25,6 +25,7 @@ from typing import Any
 
 from vdsmlite import errors
 from vdsmlite.storage import constants as sc
+from vdsmlite.storage import directio
 from vdsmlite.storage.volmeta import VolumeMetadata, truncate_description
 
 log = logging.getLogger("vdsmlite.storage.sd")
@@ -373,6 +374,36 @@ class Domain(ABC):
             return
         if not parent.children and parent.md is not None and parent.md.voltype == sc.INTERNAL:
             self.update_volume(img_uuid, parent_uuid, voltype=sc.LEAF)
+
+    # --- sanlock and health -------------------------------------------------------
+
+    @abstractmethod
+    def lockspace(self) -> tuple[str, str, int] | None:
+        """(name, path, offset) of the domain's sanlock lockspace; None for domains
+        that use no sanlock (local ones)."""
+
+    @abstractmethod
+    def leases_path(self) -> str:
+        """The volume holding the domain's paxos leases (SDM at slot 1)."""
+
+    def sdm_lease(self) -> tuple[str, str, list[tuple[str, int]]]:
+        """(lockspace, resource, disks) of the lease that guards metadata changes."""
+        _, alignment = self.geometry()
+        return (self.uuid, sc.SDM_LEASE_NAME,
+                [(self.leases_path(), sc.SDM_LEASE_SLOT * alignment)])
+
+    @abstractmethod
+    def health_path(self) -> Path:
+        """What the domain monitor reads every cycle (the metadata, with direct I/O)."""
+
+    def check_health(self) -> float:
+        """Seconds one 4 KiB direct-I/O read of the metadata takes (VDSM's `delay`)."""
+        start = time.monotonic()
+        try:
+            directio.read(self.health_path(), 0, 4096, block_size=4096)
+        except OSError as e:
+            raise errors.StorageDomainAccessError(self.uuid, str(e)) from None
+        return time.monotonic() - start
 
     # --- lifecycle ---------------------------------------------------------------
 

@@ -1,0 +1,70 @@
+"""Helpers for tests with sanlock: calls, waits, a stalled upload that holds SDM."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from typing import Any
+
+import pytest
+
+from fake_storage.cluster import SimHost
+from vdsmlite.client import ServerError
+
+
+def call(agent: Any, method: str, /, **params: Any) -> Any:
+    with agent.client() as c:
+        return c.call(method, params)
+
+
+def code_of(agent: Any, method: str, /, **params: Any) -> int:
+    with pytest.raises(ServerError) as e:
+        call(agent, method, **params)
+    return e.value.code
+
+
+def wait_for(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def sanlock_lockspaces(host: SimHost) -> str:
+    """`sanlock client gets` of the host's daemon: one "s LS:ID:PATH:OFFSET" line each."""
+    out = subprocess.run(["sanlock", "client", "gets"], env={**os.environ, **host.sanlock.env},
+                         capture_output=True, text=True, timeout=30, check=True)
+    return out.stdout
+
+
+def holds(host: SimHost, resource: str) -> bool:
+    """Whether any process of the host holds a lease named `resource`."""
+    return f":{resource}:" in host.sanlock.status()
+
+
+class StalledUpload:
+    """A chunked PUT /ovfstore that sends nothing after its headers: the domain's SDM
+    lease is held until the body ends (on exit: an empty store is sent)."""
+
+    def __init__(self, agent: Any, sd: str) -> None:
+        self.agent = agent
+        self.sd = sd
+        self.sock: socket.socket | None = None
+
+    def __enter__(self) -> StalledUpload:
+        assert self.agent.tcp_address is not None
+        self.sock = socket.create_connection(self.agent.tcp_address, timeout=120)
+        self.sock.sendall(f"PUT /ovfstore/{self.sd} HTTP/1.1\r\nHost: x\r\n"
+                          "Transfer-Encoding: chunked\r\n\r\n".encode())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.sock is not None
+        with self.sock:
+            # An empty store is a valid one: the two zero blocks, one chunk, then the end.
+            end = b"\0" * 1024
+            self.sock.sendall(b"%x\r\n" % len(end) + end + b"\r\n0\r\n\r\n")
+            reply = self.sock.recv(65536)
+        assert b" 200 " in reply.split(b"\r\n", 1)[0], reply[:500]

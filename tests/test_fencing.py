@@ -1,0 +1,185 @@
+"""Several simulated hosts on one block domain: the SDM lease and fencing through storage.
+
+Each host is its own sanlock daemon + vdsmlite agent (+ emulated watchdog), all on
+the same loop LUN, with io_timeout 1. sanlock 3.8.5 declares a host dead only
+8 x io_timeout + 60 s after its last renewal (the 60 s watchdog term is
+hard-coded), so the full fencing test takes a good minute and a half.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fake_storage.cluster import SimHost
+from tests.conftest import StorageEnv
+from tests.locking_helpers import StalledUpload, call, code_of, holds, wait_for
+from tests.storage_helpers import DomainUnderTest, join_lockspace, make_block_domain
+from vdsmlite.client import ServerError
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+MiB = 1 << 20
+
+
+def same_domain(dom: DomainUnderTest, host: SimHost) -> DomainUnderTest:
+    return DomainUnderTest(host.agent, dom.sd, "block", dom.block_size, lun=dom.lun)
+
+
+def fence(host: SimHost, action: str, host_map: dict[str, int], **kw: Any) -> dict[str, Any]:
+    return call(host.agent, "Host.fenceNode", addr="target", agent=kw.pop("agent", "sanlock"),
+                action=action, policy={"storageDomainHostIdMap": host_map}, **kw)
+
+
+def test_only_one_host_at_a_time_changes_a_domain(env: StorageEnv) -> None:
+    a = env.host("host-a", config={"storage": {"upload_stall_timeout": 120.0}})
+    b = env.host("host-b", lease_timeout=3.0)
+    dom = make_block_domain(a.agent, env.farm)  # host id 1
+    join_lockspace(b.agent, dom.sd, host_id=2)
+    on_b = same_domain(dom, b)
+    with StalledUpload(a.agent, dom.sd):
+        wait_for(lambda: holds(a, "SDM"), 30, "A holding SDM during its OVF_STORE upload")
+        # Its two OVF_STORE volumes are created under the lease too.
+        wait_for(lambda: len(call(b.agent, "StorageDomain.getImages",
+                                  storagedomainID=dom.sd)) == 2, 30, "OVF_STORE volumes")
+        images = call(b.agent, "StorageDomain.getImages", storagedomainID=dom.sd)
+        with pytest.raises(ServerError) as e:
+            on_b.create_volume(size=128 * MiB)
+        assert e.value.code == 651
+        assert "held by another host" in e.value.message
+        assert call(b.agent, "StorageDomain.getImages", storagedomainID=dom.sd) == images
+    wait_for(lambda: not holds(a, "SDM"), 30, "A releasing SDM")
+    img, vol = on_b.create_volume(size=128 * MiB)  # now B may
+    assert same_domain(dom, a).info(img, vol)["legality"] == "LEGAL"
+
+
+def test_fencing_resets_the_target_and_frees_what_it_held(env: StorageEnv) -> None:
+    a = env.host("host-a", watchdog_timeout=3, lease_timeout=30.0)
+    # B's watchdog gives its sanlock a few renewals (<= 3 s apart at io_timeout 1) to
+    # carry the acknowledgement before the reset silences it.
+    b = env.host("host-b", watchdog_timeout=8,
+                 config={"storage": {"upload_stall_timeout": 600.0}})
+    c = env.host("host-c", watchdog_timeout=3)
+    assert a.watchdog and b.watchdog and c.watchdog
+    dom = make_block_domain(a.agent, env.farm)
+    join_lockspace(b.agent, dom.sd, host_id=2)
+    join_lockspace(c.agent, dom.sd, host_id=3)
+    wait_for(lambda: dom.sd in call(b.agent, "Host.getStats")["fencing"]["listening"], 30,
+             "B listening for fence requests")
+    assert fence(a, "status", {dom.sd: 2}) | {"hosts": None} == {
+        "operationStatus": "initiated", "power": "on", "acknowledged": False, "hosts": None}
+
+    # B holds the domain's SDM lease (an OVF_STORE upload that never ends)...
+    upload = socket.create_connection(b.agent.tcp_address or ("", 0), timeout=60)
+    upload.sendall(f"PUT /ovfstore/{dom.sd} HTTP/1.1\r\nHost: x\r\n"
+                   "Transfer-Encoding: chunked\r\n\r\n".encode())
+    wait_for(lambda: holds(b, "SDM"), 30, "B holding SDM")
+
+    # ...and A fences it.
+    reply = fence(a, "reboot", {dom.sd: 2})
+    assert reply["operationStatus"] == "initiated"
+    reset = b.watchdog.wait_reset(60)
+    assert not b.sanlock.alive()  # the simulated reset took the whole host down
+    log = b.agent.log_text()
+    assert "this host is being fenced" in log and "stopped petting" in log
+    wait_for(lambda: fence(a, "status", {dom.sd: 2})["acknowledged"], 30, "B's ack")
+    # B stopped petting right after it took the request: the watchdog fired one
+    # timeout later, not at some unrelated moment.
+    assert 8 <= reset.at - reset.last_keepalive < 11
+
+    # Until sanlock declares B dead, A must not take what B held.
+    with pytest.raises(ServerError) as e:
+        same_domain(dom, a).create_volume(size=128 * MiB)
+    assert e.value.code == 651
+    # sanlock: dead 8 x io_timeout + 60 s after B's last renewal seen by A.
+    wait_for(lambda: fence(a, "status", {dom.sd: 2})["power"] == "off", 150, "B dead")
+    img, vol = same_domain(dom, a).create_volume(size=128 * MiB)
+    assert same_domain(dom, a).info(img, vol)["legality"] == "LEGAL"
+    upload.close()
+
+    # C was never addressed: it kept petting and heard nothing for itself.
+    assert c.watchdog.resets == [] and c.agent.proc is not None
+    assert c.agent.proc.poll() is None
+    fencing = call(c.agent, "Host.getStats")["fencing"]
+    assert fencing["received"] == []
+    assert call(a.agent, "Host.getStats")["fencing"]["requests"][0]["acknowledged"]
+
+
+def test_a_request_for_a_previous_incarnation_is_ignored(env: StorageEnv) -> None:
+    a = env.host("host-a")
+    b = env.host("host-b", watchdog_timeout=3)
+    assert b.watchdog is not None
+    dom = make_block_domain(a.agent, env.farm)
+    join_lockspace(b.agent, dom.sd, host_id=2)
+    old = listening_generation(b, dom.sd)
+    b.restart()  # a new incarnation: sanlock gives it the next generation
+    join_lockspace(b.agent, dom.sd, host_id=2)
+    new = listening_generation(b, dom.sd)
+    assert new > old
+    keepalives = b.watchdog.keepalives
+    # What a fencer that had not seen the restart would send (sanlock does not filter
+    # by generation: the new incarnation receives it).
+    subprocess.run(["sanlock", "client", "set_event", "-s", dom.sd, "-i", "2", "-g", str(old),
+                    "-e", "1", "-d", "0x5eed"], env={**os.environ, **a.sanlock.env},
+                   check=True, capture_output=True, timeout=30)
+    wait_for(lambda: "previous incarnation" in b.agent.log_text(), 60, "B ignoring it")
+    time.sleep(5)  # more than the watchdog timeout
+    assert b.watchdog.resets == []
+    assert b.watchdog.keepalives > keepalives
+    fencing = call(b.agent, "Host.getStats")["fencing"]
+    assert fencing["received"] == [] and fencing["ignored"] >= 1
+
+
+def listening_generation(host: SimHost, sd: str) -> int:
+    def listening() -> Any:
+        return call(host.agent, "Host.getStats")["fencing"]["listening"].get(sd)
+
+    wait_for(lambda: listening() is not None, 60, "listening for fence requests")
+    return int(listening()["generation"])
+
+
+def test_fence_requests_that_must_not_be_sent(env: StorageEnv, tmp_path: Path) -> None:
+    agents = tmp_path / "agents"
+    agents.mkdir()
+    script = agents / "fence_fake"
+    script.write_text(f"#!/bin/sh\ncat > {tmp_path}/stdin\n"
+                      'grep -q "^action=status" ' f"{tmp_path}/stdin && exit 2\nexit 0\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    a = env.host("host-a", config={"fencing": {"agents_dir": str(agents)}})
+    dom = make_block_domain(a.agent, env.farm)
+    other = make_block_domain(a.agent, env.farm, join=False)
+
+    def refused(action: str, host_map: dict[str, int]) -> str:
+        with pytest.raises(ServerError) as e:
+            fence(a, action, host_map)
+        assert e.value.code == 1000
+        return e.value.message
+
+    assert "has not joined" in refused("reboot", {other.sd: 2})
+    assert "never fences itself" in refused("reboot", {dom.sd: 1})
+    assert "at least one" in refused("reboot", {})
+    assert "no host id 5" in refused("off", {dom.sd: 5})
+    assert "power it on" in refused("on", {dom.sd: 2})
+    assert fence(a, "status", {dom.sd: 2})["power"] == "unknown"  # never seen
+    assert code_of(a.agent, "Host.fenceNode", addr="x", agent="sanlock", action="reboot",
+                   policy={"storageDomainHostIdMap": {"not-a-uuid": 2}}) == 1000
+
+    # Other agents run as VDSM runs them...
+    assert fence(a, "status", {}, agent="fake", username="u", password="secret",
+                 port="623", options="lanplus=1\n")["power"] == "off"
+    assert (tmp_path / "stdin").read_text().splitlines() == [
+        "agent=fence_fake", "ipaddr=target", "login=u", "action=status", "passwd=secret",
+        "port=623", "lanplus=1"]
+    assert "secret" not in a.agent.log_text()
+    # ...but not while the target still renews its lease in a listed domain.
+    assert fence(a, "reboot", {dom.sd: 1}, agent="fake")["operationStatus"] == "skipped"
+    assert fence(a, "reboot", {}, agent="fake")["operationStatus"] == "initiated"
+    assert code_of(a.agent, "Host.fenceNode", addr="x", agent="nope", action="status") == 43
+    assert code_of(a.agent, "Host.fenceNode", addr="x", agent="../fake", action="status") == 43

@@ -1,0 +1,232 @@
+"""One host and its sanlock daemon: domain monitors, host ids, the SDM lease, the watchdog.
+
+Multi-host behaviour (exclusive SDM across hosts, fencing) is in test_fencing.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import StorageEnv
+from tests.locking_helpers import (
+    StalledUpload,
+    call,
+    code_of,
+    holds,
+    sanlock_lockspaces,
+    wait_for,
+)
+from tests.ovf_helpers import get_store, make_store, put_store, stores
+from tests.storage_helpers import (
+    join_lockspace,
+    make_block_domain,
+    make_localfs_domain,
+    new_id,
+    wait_acquired,
+)
+from vdsmlite.client import ServerError
+
+pytestmark = pytest.mark.root
+
+MiB = 1 << 20
+
+
+def test_monitoring_joins_and_leaves_the_lockspace(env: StorageEnv) -> None:
+    host = env.host()
+    a = host.agent
+    dom = make_block_domain(a, env.farm, join=False)
+    assert call(a, "Host.getStorageRepoStats") == {}
+    call(a, "Host.startMonitoringDomain", sdUUID=dom.sd, hostID=7)
+    with a.client() as c:
+        stats = wait_acquired(c, dom.sd)
+    assert stats["valid"] and stats["code"] == 0 and stats["actual"]
+    assert stats["version"] == 5
+    assert 0 < float(stats["delay"]) < 10
+    assert float(stats["lastCheck"]) < 10
+    assert f"s {dom.sd}:7:" in sanlock_lockspaces(host)  # sanlock holds id 7 for us
+    # Asking again with the same id is fine; with another one it is not.
+    call(a, "Host.startMonitoringDomain", sdUUID=dom.sd, hostID=7)
+    assert code_of(a, "Host.startMonitoringDomain", sdUUID=dom.sd, hostID=8) == 700
+    metrics = _metrics(a)
+    assert f'vdsmlite_lockspace_acquired{{domain="{dom.sd}"}} 1.0' in metrics
+
+    call(a, "Host.stopMonitoringDomain", sdUUID=dom.sd)
+    assert call(a, "Host.getStorageRepoStats") == {}
+    assert dom.sd not in sanlock_lockspaces(host)
+    assert code_of(a, "Host.startMonitoringDomain", sdUUID=new_id(), hostID=1) == 358
+
+
+def _metrics(agent: Any) -> str:
+    import urllib.request  # noqa: PLC0415
+
+    assert agent.url is not None
+    with urllib.request.urlopen(f"{agent.url}/metrics", timeout=30) as r:
+        return r.read().decode()
+
+
+def test_monitor_reports_a_broken_domain(env: StorageEnv, tmp_path: Path) -> None:
+    a = env.agent()
+    dom = make_localfs_domain(a, tmp_path / "data")
+    call(a, "Host.startMonitoringDomain", sdUUID=dom.sd, hostID=1)
+    with a.client() as c:
+        stats = wait_acquired(c, dom.sd)  # a local domain: the id is ours, no sanlock
+    assert stats["valid"]
+    (tmp_path / "data" / dom.sd / "dom_md" / "metadata").unlink()
+    deadline = time.monotonic() + 30
+    while (stats := call(a, "Host.getStorageRepoStats", domains=[dom.sd])[dom.sd])["valid"]:
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.2)
+    assert stats["code"] == 379  # StorageDomainAccessError: the metadata cannot be read
+    call(a, "Host.stopMonitoringDomain", sdUUID=dom.sd)
+
+
+def test_pool_connect_monitors_its_domains(env: StorageEnv, tmp_path: Path) -> None:
+    a = env.agent()
+    master = make_localfs_domain(a, tmp_path / "data")
+    block = make_block_domain(a, env.farm, join=False)
+    sp = new_id()
+    call(a, "StoragePool.create", storagepoolID=sp, name="dc", masterSdUUID=master.sd,
+         masterVersion=1, domainList=[master.sd, block.sd])
+    call(a, "StoragePool.connect", storagepoolID=sp, hostID=3, scsiKey=sp,
+         masterSdUUID=master.sd, masterVersion=1)
+    with a.client() as c:
+        wait_acquired(c, block.sd)
+        wait_acquired(c, master.sd)
+    # The pool owns these monitors: stopping one alone is VDSM's 900.
+    assert code_of(a, "Host.stopMonitoringDomain", sdUUID=block.sd) == 900
+    call(a, "StoragePool.disconnect", storagepoolID=sp, hostID=3, scsiKey=sp)
+    assert call(a, "Host.getStorageRepoStats") == {}
+
+
+def test_changes_to_a_shared_domain_need_the_host_id(env: StorageEnv) -> None:
+    a = env.agent()
+    dom = make_block_domain(a, env.farm, join=False)
+    # Refused at once, before any task starts, and nothing was created.
+    with pytest.raises(ServerError) as e:
+        dom.create_volume(size=128 * MiB)
+    assert e.value.code == 651
+    assert "startMonitoringDomain" in e.value.message
+    assert call(a, "StorageDomain.getImages", storagedomainID=dom.sd) == []
+    join_lockspace(a, dom.sd)
+    img, vol = dom.create_volume(size=128 * MiB)
+    assert dom.info(img, vol)["legality"] == "LEGAL"
+
+
+def test_leaving_is_refused_while_a_lease_is_held(env: StorageEnv) -> None:
+    host = env.host(config={"storage": {"upload_stall_timeout": 60.0}})
+    a = host.agent
+    dom = make_block_domain(a, env.farm)
+    with StalledUpload(a, dom.sd):
+        wait_for(lambda: "SDM" in host.sanlock.status(), 30, "SDM held by the upload")
+        assert code_of(a, "Host.stopMonitoringDomain", sdUUID=dom.sd) == 662
+    wait_for(lambda: "SDM" not in host.sanlock.status(), 30, "SDM released")
+    call(a, "Host.stopMonitoringDomain", sdUUID=dom.sd)
+
+
+# --- the watchdog --------------------------------------------------------------------
+
+
+def test_watchdog_is_petted_disarmed_on_stop_and_fires_for_a_hung_agent(
+        env: StorageEnv) -> None:
+    host = env.host(watchdog_timeout=3)
+    assert host.watchdog is not None
+    wait_for(lambda: host.watchdog.keepalives >= 3, 30, "keepalives")  # type: ignore[union-attr]
+    stats = call(host.agent, "Host.getStats")["watchdog"]
+    assert stats["backend"] == "emulated" and stats["armed"] and stats["petting"]
+    assert stats["timeout"] == 3 and stats["fenced"] is None
+    assert "vdsmlite_watchdog_petting 1.0" in _metrics(host.agent)
+
+    # A clean stop disarms it: no reset follows.
+    host.agent.stop()
+    time.sleep(4)
+    assert host.watchdog.resets == [] and not host.watchdog.armed
+
+    # A hung agent (stopped, not dead) pets no more: the host is reset.
+    host.agent.start()
+    wait_for(lambda: host.watchdog.armed, 30, "re-armed")  # type: ignore[union-attr]
+    host.agent.signal(signal.SIGSTOP)
+    reset = host.watchdog.wait_reset(30)
+    assert 3 <= reset.at - reset.last_keepalive < 5
+    assert not host.sanlock.alive()  # the whole simulated host went down
+
+
+def test_device_backend_protocol_with_mocked_ioctl_no_watchdog_device_here(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # These machines have no /dev/watchdog: the ioctls are recorded instead of sent,
+    # against a plain file standing in for the device node.
+    from vdsmlite.locking import watchdog  # noqa: PLC0415
+
+    calls: list[tuple[int, bytes]] = []
+
+    def fake_ioctl(fd: int, request: int, arg: bytes) -> bytes:
+        calls.append((request, arg))
+        return arg
+
+    monkeypatch.setattr(watchdog.fcntl, "ioctl", fake_ioctl)
+    device = tmp_path / "watchdog"
+    device.write_bytes(b"")
+    wd = watchdog.DeviceWatchdog(device, 17)
+    wd.arm()
+    wd.keepalive()
+    wd.abandon()
+    wd.keepalive()
+    wd.disarm()
+    assert [c[0] for c in calls] == [watchdog.WDIOC_SETTIMEOUT, watchdog.WDIOC_KEEPALIVE,
+                                     watchdog.WDIOC_KEEPALIVE]
+    assert calls[0][1] == (17).to_bytes(4, "little")
+    assert device.read_bytes() == b"V"  # the magic close
+    with pytest.raises(watchdog.WatchdogError, match="cannot open"):
+        watchdog.DeviceWatchdog(tmp_path / "missing", 10).arm()
+
+
+def test_unusable_watchdog_device_stops_start_up(tmp_path: Path) -> None:
+    from fake_storage.agent import Agent  # noqa: PLC0415
+
+    a = Agent(tmp_path / "a", config={"watchdog": {"backend": "device",
+                                                   "device": str(tmp_path / "nope")}})
+    with pytest.raises(RuntimeError, match="cannot open watchdog"):
+        a.start()
+    a.stop()
+
+
+
+def test_losing_the_lockspace_aborts_what_depended_on_it(env: StorageEnv) -> None:
+    host = env.host(config={"storage": {"upload_stall_timeout": 60.0}})
+    a = host.agent
+    dom = make_block_domain(a, env.farm)
+    good, _ = make_store(dom.sd, 2, "good")
+    assert put_store(a, dom.sd, good)[0] == 200
+    new, _ = make_store(dom.sd, 3, "new")
+    assert a.tcp_address is not None
+    with socket.create_connection(a.tcp_address, timeout=120) as s:
+        s.sendall(f"PUT /ovfstore/{dom.sd} HTTP/1.1\r\nHost: x\r\n"
+                  f"Content-Length: {len(new)}\r\n\r\n".encode() + new[:len(new) // 2])
+        wait_for(lambda: holds(host, "SDM"), 30, "SDM held by the upload")
+        # The lockspace goes away under the agent (as when storage is lost): sanlock
+        # kills the process holding leases there - the agent's lease holder.
+        spec = next(line.split()[1] for line in sanlock_lockspaces(host).splitlines()
+                    if line.startswith(f"s {dom.sd}:"))
+        subprocess.run(["sanlock", "client", "rem_lockspace", "-s", spec],
+                       env={**os.environ, **host.sanlock.env}, check=True,
+                       capture_output=True, timeout=60)
+        s.sendall(new[len(new) // 2:])
+        reply = s.recv(65536)
+    status_line, _, rest = reply.partition(b"\r\n")
+    assert b" 409 " in status_line, reply[:300]
+    assert b'"code": 651' in rest and b"Lease lost" in rest, rest[-300:]
+    # Nothing was committed: the previous store is still the one served.
+    assert get_store(a, dom.sd)[2] == good
+    assert sorted(d["Updated"] for d in stores(dom).values()) == [False, True]
+    # The monitor joins again, and the domain can be changed again.
+    with a.client() as c:
+        wait_acquired(c, dom.sd)
+    assert put_store(a, dom.sd, new)[0] == 200
+
