@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import socket
 import tarfile
 import time
 import uuid
@@ -124,3 +125,13 @@ def stores(dom: DomainUnderTest) -> dict[str, dict[str, Any]]:
                 if info.get("disktype") == "OVFS":
                     out[vol] = json.loads(info["description"])
     return out
+
+
+def start_put(agent: Agent, sd: str, body: bytes, send: int) -> socket.socket:
+    """A sized PUT /ovfstore of `body` of which only the first `send` bytes are sent
+    (the caller sends more, stalls, or cuts the connection)."""
+    assert agent.tcp_address is not None
+    s = socket.create_connection(agent.tcp_address, timeout=120)
+    s.sendall(f"PUT /ovfstore/{sd} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+              .encode() + body[:send])
+    return s

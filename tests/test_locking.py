@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from tests.locking_helpers import (
     sanlock_lockspaces,
     wait_for,
 )
-from tests.ovf_helpers import get_store, make_store, put_store, stores
+from tests.ovf_helpers import get_store, make_store, put_store, start_put, stores
 from tests.storage_helpers import (
     join_lockspace,
     make_block_domain,
@@ -205,10 +204,7 @@ def test_losing_the_lockspace_aborts_what_depended_on_it(env: StorageEnv) -> Non
     good, _ = make_store(dom.sd, 2, "good")
     assert put_store(a, dom.sd, good)[0] == 200
     new, _ = make_store(dom.sd, 3, "new")
-    assert a.tcp_address is not None
-    with socket.create_connection(a.tcp_address, timeout=120) as s:
-        s.sendall(f"PUT /ovfstore/{dom.sd} HTTP/1.1\r\nHost: x\r\n"
-                  f"Content-Length: {len(new)}\r\n\r\n".encode() + new[:len(new) // 2])
+    with start_put(a, dom.sd, new, len(new) // 2) as s:
         wait_for(lambda: holds(host, "SDM"), 30, "SDM held by the upload")
         # The lockspace goes away under the agent (as when storage is lost): sanlock
         # kills the process holding leases there - the agent's lease holder.

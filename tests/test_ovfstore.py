@@ -25,6 +25,7 @@ from tests.ovf_helpers import (
     get_store,
     make_store,
     put_store,
+    start_put,
     store_tar,
     stores,
 )
@@ -213,16 +214,10 @@ def test_cut_connection_and_stalled_client(dom: DomainUnderTest) -> None:
     good, _ = make_store(dom.sd, 2)
     put_store(a, dom.sd, good)
     big = store_tar(dom.sd, [entity_ovf(f"vm-{i}") for i in range(50)])
-    assert a.tcp_address is not None
     # Cut: half the body of a sized request, then the socket is closed.
-    s = socket.create_connection(a.tcp_address)
-    s.sendall(f"PUT /ovfstore/{dom.sd} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(big)}\r\n\r\n"
-              .encode() + big[:len(big) // 2])
-    s.close()
+    start_put(a, dom.sd, big, len(big) // 2).close()
     # Stall: half the body, then silence longer than the stall timeout (2 s).
-    s = socket.create_connection(a.tcp_address)
-    s.sendall(f"PUT /ovfstore/{dom.sd} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(big)}\r\n\r\n"
-              .encode() + big[:len(big) // 2])
+    s = start_put(a, dom.sd, big, len(big) // 2)
     s.settimeout(30)
     reply = b""
     while b"\r\n\r\n" not in reply:
@@ -250,10 +245,7 @@ def test_sigkill_mid_upload_keeps_the_previous_store(dom: DomainUnderTest) -> No
     good, _ = make_store(dom.sd, 2)
     put_store(a, dom.sd, good)
     big = store_tar(dom.sd, [entity_ovf(f"vm-{i}") for i in range(50)])
-    assert a.tcp_address is not None
-    s = socket.create_connection(a.tcp_address)
-    s.sendall(f"PUT /ovfstore/{dom.sd} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(big)}\r\n\r\n"
-              .encode() + big[:len(big) // 2])
+    s = start_put(a, dom.sd, big, len(big) // 2)
     deadline = time.monotonic() + 30
     with dom.client as c:  # wait until the daemon is writing
         while time.monotonic() < deadline:

@@ -48,6 +48,8 @@ EVENT_RESETTING = 2
 EVENT_REBOOT = 4
 EVENT_REBOOTING = 8
 
+MAX_REQUESTS_KEPT = 100  # the newest requests sent, for status and acknowledgements
+
 RunBlocking = Callable[..., Awaitable[Any]]
 Publish = Callable[[str, dict[str, Any]], None]
 
@@ -136,19 +138,28 @@ class FenceService:
         listening = self._listening.get(sd_uuid)
         if listening is None:
             return
+        # Even this non-blocking recv goes through the executor, like every sanlock
+        # call; the fd is not watched meanwhile (it stays readable until drained).
+        asyncio.get_running_loop().remove_reader(listening.fd)
+        task = asyncio.ensure_future(self._drain(sd_uuid, listening))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _drain(self, sd_uuid: str, listening: _Listening) -> None:
         try:
-            # A non-blocking recv on the event socket: fine on the loop.
-            events = sanlock.get_events(listening.fd)
+            events = await self._run(sanlock.get_events, listening.fd)
         except sanlock.SanlockError as e:
             log.warning("event connection of lockspace %s closed (%s); will re-register",
                         sd_uuid, e)
-            asyncio.get_running_loop().remove_reader(listening.fd)
-            del self._listening[sd_uuid]
-            with contextlib.suppress(OSError):
-                os.close(listening.fd)
-            # The monitor announces the lockspace again once it is joined again.
-            self._monitors.forget_announcement(sd_uuid)
+            if self._listening.get(sd_uuid) is listening:
+                del self._listening[sd_uuid]
+                with contextlib.suppress(OSError):
+                    os.close(listening.fd)
+                # The monitor announces the lockspace again once it is joined again.
+                self._monitors.forget_announcement(sd_uuid)
             return
+        if self._listening.get(sd_uuid) is listening:
+            asyncio.get_running_loop().add_reader(listening.fd, self._readable, sd_uuid)
         for event in events:
             self._on_event(sd_uuid, listening, event)
 
@@ -263,6 +274,8 @@ class FenceService:
         event = EVENT_RESET | (EVENT_REBOOT if action == "reboot" else 0)
         request = FenceRequest(nonce, dict(host_map), generations, action)
         self.requests[nonce] = request
+        while len(self.requests) > MAX_REQUESTS_KEPT:
+            del self.requests[next(iter(self.requests))]
         for sd_uuid, host_id in host_map.items():
             await self._run(sanlock.set_event, sd_uuid, host_id, generations[sd_uuid], event,
                             data=nonce, flags=sanlock.SETEV_REPLACE_EVENT)

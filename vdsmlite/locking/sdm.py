@@ -23,7 +23,11 @@ from vdsmlite.storage.sd import Domain
 
 
 async def require_host_id(services: Any, dom: Domain) -> None:
-    """Refuse (651) a change to a shared domain whose lockspace this host has not joined."""
+    """Refuse (651) a change to a shared domain whose lockspace this host has not joined,
+    or any change once this host is being fenced (it must not write any more)."""
+    if services.watchdog.fenced is not None:
+        raise errors.AcquireLockFailure("SDM", 0, "",
+                                        f"this host is being fenced: {services.watchdog.fenced}")
     if await services.run_blocking(dom.lockspace) is None:
         return
     if services.monitors.host_id(dom.uuid) is None:
