@@ -95,14 +95,15 @@ class SanlockDaemon:
             os.kill(self.proc.pid, signal.SIGKILL)
         self._reap()
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 2.0) -> None:
         if self.alive():
             assert self.proc is not None
             os.kill(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                # It keeps running while it holds lockspaces: that is by design.
+                # It keeps running while it holds lockspaces (by design: a host that
+                # crashed keeps its ids); the simulated host is going away anyway.
                 os.kill(self.proc.pid, signal.SIGKILL)
         self._reap()
 

@@ -99,6 +99,14 @@ def build_app(services: Services) -> tuple[web.Application, Dispatcher]:
     return app, dispatcher
 
 
+OVF_WORKERS_DELAY = 5.0
+
+
+async def _warm_up_ovf_workers(services: Services) -> None:
+    await asyncio.sleep(OVF_WORKERS_DELAY)
+    await services.run_blocking(services.ovf_workers.start)
+
+
 def _log_warm_up(task: asyncio.Future[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.warning("could not start the OVF parser processes: %s", task.exception())
@@ -153,14 +161,16 @@ class Daemon:
             self.notifier.ready(status, *(f"VDSMLITE_{a.split(':', 1)[0].upper()}={a}"
                                           for a in self.addresses))
             self.notifier.start_watchdog()
-            # In the background: a failure here only means starting them on first use.
-            self._warm_up = asyncio.ensure_future(
-                services.run_blocking(services.ovf_workers.start))
+            # In the background, a little after start-up (a daemon started for one call
+            # never spawns them); a failure only means starting them on first use.
+            self._warm_up = asyncio.ensure_future(_warm_up_ovf_workers(services))
             self._warm_up.add_done_callback(_log_warm_up)
             log.info("vdsmlite %s ready (host %s, config: %s); %s", __version__,
                      services.host_uuid, cfg.source, status)
             await self._stop.wait()
         finally:
+            if self._warm_up is not None:
+                self._warm_up.cancel()
             self.notifier.stopping()
             dispatcher.begin_shutdown()
             for site in list(runner.sites):

@@ -120,7 +120,7 @@ class Services:
         await self.jobs.close(grace=self.config.daemon.shutdown_timeout)
         await self.leases.close()
         await self.fencing.close()
-        await self.monitors.close()
+        await self.monitors.close(leave=self.watchdog.fenced is None)
         await self.watchdog.close()
         # Held activations (loop devices of special LVs) are released on a clean stop.
         await self.run_blocking(self.domains.close)

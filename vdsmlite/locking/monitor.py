@@ -179,8 +179,9 @@ class DomainMonitor:
                 ) from None
             raise
 
-    async def stop(self) -> None:
-        """Stop checking and leave the lockspace (refused while a lease is held)."""
+    async def stop(self, *, wait: bool = True) -> None:
+        """Stop checking and leave the lockspace (refused while a lease is held).
+        wait=False: ask sanlock to leave and return (shutdown must not hang on storage)."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -193,7 +194,7 @@ class DomainMonitor:
         name, path, offset = self._lockspace
         try:
             await self._run(sanlock.rem_lockspace, name, self.host_id, path, offset,
-                            wait=True, unused=True)
+                            wait=wait, unused=True)
             log.info("left lockspace %s (host id %d)", name, self.host_id)
         except sanlock.SanlockError as e:
             if e.errno == errno.ENOENT:
@@ -277,10 +278,14 @@ class MonitorManager:
         return {sd: m.status.to_json() for sd, m in self.monitors.items()
                 if wanted is None or sd in wanted}
 
-    async def close(self) -> None:
+    async def close(self, *, leave: bool = True) -> None:
+        """Stop every monitor; leave the lockspaces unless `leave` is False (a fenced
+        host: its lockspaces are marked used and sanlock would block the removal)."""
         for sd_uuid, monitor in list(self.monitors.items()):
+            if not leave:
+                monitor.host_id = None  # stop checking only
             try:
-                await monitor.stop()
+                await monitor.stop(wait=False)
             except errors.VdsmError as e:
                 log.warning("leaving lockspace of %s at shutdown: %s", sd_uuid, e)
         self.monitors.clear()
