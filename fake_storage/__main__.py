@@ -1,4 +1,4 @@
-"""fake_storage command line: ``python -m fake_storage lunfarm create|destroy|list``."""
+"""fake_storage command line: ``python -m fake_storage lunfarm create|destroy|list|reap``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from fake_storage.lunfarm import FarmError, LunFarm, parse_size
+from fake_storage.lunfarm import FarmError, LunFarm, parse_size, reap_orphans
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,9 +26,15 @@ def main(argv: list[str] | None = None) -> None:
     destroy.add_argument("--dir", type=Path, required=True)
     listing = ops.add_parser("list", help="print the farm's LUNs as JSON")
     listing.add_argument("--dir", type=Path, required=True)
+    ops.add_parser("reap", help="remove farms left by test or benchmark runs that died")
     args = p.parse_args(argv)
 
-    lf = LunFarm(args.dir)
+    if args.op == "reap":
+        for line in reap_orphans():
+            print(line)
+        return
+    # Made by hand: stays until `lunfarm destroy`, never reaped as an orphan.
+    lf = LunFarm(args.dir, persistent=True)
     try:
         if args.op == "create":
             for lun in lf.create(args.count, parse_size(args.size),

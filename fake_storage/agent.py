@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fake_storage.children import tied_to_this_process
 from vdsmlite.client import Client
 
 
@@ -163,7 +164,7 @@ class Agent:
         else:
             cmd = ["--config", str(self.config_path)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vdsmlite", *cmd, *self.extra_args],
+            tied_to_this_process([sys.executable, "-m", "vdsmlite", *cmd, *self.extra_args]),
             env=env, stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while True:

@@ -12,6 +12,12 @@ GUIDs look like the NAA WWIDs of a LIO target (``36001405`` + 25 hex digits);
 Everything created is recorded in ``<dir>/lunfarm.json``; `destroy` removes
 exactly that, and refuses to detach a loop device whose backing file is not
 the farm's own, or to delete a udev file or symlink it did not write.
+
+A farm made by a program (a test session, a benchmark) records that process;
+`reap_orphans` removes farms whose process is gone, so a run that was killed
+(loop devices and udev files are kernel and tmpfs state: they outlive it) does
+not leave LUNs that the next run would see. Farms made from the command line
+are persistent and only go away with ``lunfarm destroy``.
 """
 
 from __future__ import annotations
@@ -93,8 +99,25 @@ def _loop_backing(loop: str) -> str | None:
         return None
 
 
+def _process_start(pid: int) -> int | None:
+    """Start time of a process in clock ticks since boot, or None if it is gone.
+
+    A pid alone can be reused; pid + start time names one process for good.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 22, counted after the parenthesised command name (which may hold spaces).
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def _owner_alive(owner: dict[str, int]) -> bool:
+    return _process_start(owner["pid"]) == owner["start"]
+
+
 class LunFarm:
-    def __init__(self, directory: Path, *, vendor: str = "LIO-ORG",
+    def __init__(self, directory: Path, *, persistent: bool = False, vendor: str = "LIO-ORG",
                  initiator_portal: str = "10.35.0.10:3260",
                  iqn: str = "iqn.2003-01.org.linux-iscsi.storage:target1") -> None:
         self.dir = Path(directory).absolute()
@@ -103,8 +126,14 @@ class LunFarm:
         self.portal = initiator_portal
         self.iqn = iqn
         self.luns: list[FakeLun] = []
+        self.owner: dict[str, int] | None = None
+        if not persistent:
+            pid = os.getpid()
+            self.owner = {"pid": pid, "start": _process_start(pid) or 0}
         if self.manifest.exists():
-            self.luns = [FakeLun(**d) for d in json.loads(self.manifest.read_text())["luns"]]
+            saved = json.loads(self.manifest.read_text())
+            self.luns = [FakeLun(**d) for d in saved["luns"]]
+            self.owner = saved.get("owner")
 
     # --- creation ----------------------------------------------------------------
 
@@ -242,7 +271,8 @@ class LunFarm:
 
     def _save(self) -> None:
         tmp = self.manifest.with_name("lunfarm.json.tmp")
-        tmp.write_text(json.dumps({"luns": [asdict(x) for x in self.luns]}, indent=1))
+        tmp.write_text(json.dumps({"owner": self.owner, "luns": [asdict(x) for x in self.luns]},
+                                  indent=1))
         os.rename(tmp, self.manifest)
 
     def by_guid(self, guid: str) -> FakeLun:
@@ -250,3 +280,58 @@ class LunFarm:
             if lun.guid == guid:
                 return lun
         raise KeyError(guid)
+
+
+def reap_orphans() -> list[str]:
+    """Remove the LUNs of farms whose creating process is gone.
+
+    Farms are found through their udev files (the marker names the farm
+    directory), so a farm whose directory was deleted is found too. Returns
+    what was done or could not be done, one line each.
+    """
+    farm_dirs: dict[Path, list[Path]] = {}
+    for udev_file in UDEV_DATA.glob("b*"):
+        with contextlib.suppress(OSError):
+            for line in udev_file.read_text().splitlines():
+                if line.startswith(f"E:{MARKER}="):
+                    farm_dirs.setdefault(Path(line.split("=", 1)[1]), []).append(udev_file)
+    report = []
+    for farm_dir, udev_files in farm_dirs.items():
+        if (farm_dir / "lunfarm.json").exists():
+            farm = LunFarm(farm_dir)
+            if farm.owner is None or _owner_alive(farm.owner):
+                continue
+            problems = farm.destroy()
+        else:
+            problems = [p for f in udev_files for p in _reap_unrecorded(farm_dir, f)]
+        report.append(f"reaped orphaned farm {farm_dir}")
+        report += problems
+    return report
+
+
+def _reap_unrecorded(farm_dir: Path, udev_file: Path) -> list[str]:
+    """Remove one LUN whose farm manifest is gone, knowing only its udev file."""
+    major, minor = udev_file.name[1:].split(":")
+    loop = next((f"/dev/{p.name}" for p in Path("/sys/block").glob("loop*")
+                 if p.joinpath("dev").read_text().strip() == f"{major}:{minor}"), None)
+    problems = []
+    links = [Path("/dev") / line[2:] for line in udev_file.read_text().splitlines()
+             if line.startswith("S:")]
+    backing = _loop_backing(loop) if loop is not None else None
+    if loop is not None and backing is not None:
+        if not backing.startswith(f"{farm_dir}/"):
+            return [f"{loop} is backed by {backing!r}, not by {farm_dir}: left alone"]
+        for p in Path("/sys/block").glob("loop*"):
+            if _loop_backing(p.name) == loop:
+                with contextlib.suppress(FarmError):
+                    _run("losetup", "--detach", f"/dev/{p.name}")
+        try:
+            _run("losetup", "--detach", loop)
+        except FarmError as e:
+            problems.append(str(e))
+    for link in links:
+        with contextlib.suppress(OSError):
+            if loop is not None and link.is_symlink() and os.path.realpath(link) == loop:
+                link.unlink()
+    udev_file.unlink(missing_ok=True)
+    return problems

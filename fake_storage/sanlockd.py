@@ -21,6 +21,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from fake_storage.children import tied_to_this_process
+
 SANLOCK = "/usr/sbin/sanlock"
 
 
@@ -53,8 +55,11 @@ class SanlockDaemon:
         env = {**os.environ, "SANLOCK_RUN_DIR": str(self.run_dir), "SANLOCK_PRIVILEGED": "0"}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [SANLOCK, "daemon", "-D", "-w", "0", "-l", "0", "-h", "0", "-U", "root",
-                 "-G", "root", "-L", "-1", "-S", "-1", "-e", self.host_name],
+                # Killed, not stopped, with a dead runner: it is a test host's lock
+                # manager, and a clean shutdown would wait on lockspaces.
+                tied_to_this_process(
+                    [SANLOCK, "daemon", "-D", "-w", "0", "-l", "0", "-h", "0", "-U", "root",
+                     "-G", "root", "-L", "-1", "-S", "-1", "-e", self.host_name], "KILL"),
                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while not self._answers():

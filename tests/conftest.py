@@ -11,9 +11,19 @@ import pytest
 
 from fake_storage.agent import Agent
 from fake_storage.cluster import SimHost
-from fake_storage.lunfarm import LunFarm
+from fake_storage.lunfarm import LunFarm, reap_orphans
 from tests.helpers import RawHttp
 from tests.storage_helpers import unmount_under
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # A run killed before its teardown (CI timeout, a closed terminal) leaves its
+    # loop LUNs behind: kernel state outlives the process. Every device-listing
+    # test would see them, so they go before anything runs. Only farms whose
+    # creating process is dead are touched; a concurrent run keeps its own.
+    if os.geteuid() == 0:
+        for line in reap_orphans():
+            print(f"lunfarm: {line}")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import pyudev
 
-from fake_storage.lunfarm import BY_ID, BY_PATH, FarmError, LunFarm, parse_size
+from fake_storage.lunfarm import BY_ID, BY_PATH, FarmError, LunFarm, parse_size, reap_orphans
 
 pytestmark = pytest.mark.root
 
@@ -116,3 +116,64 @@ def test_parse_size() -> None:
     assert parse_size("512M") == 512 << 20
     assert parse_size("1GiB") == 1 << 30
     assert parse_size("4096") == 4096
+
+
+def _farm_in_a_killed_process(farm_dir: Path, *, persistent: bool = False) -> list[dict]:
+    """Create a two-LUN farm (one LUN with a loop stacked on it, as a killed daemon's LV
+    mapping would be) in a child process, then SIGKILL the child before any cleanup."""
+    script = (
+        "import json, os, signal, subprocess, sys\n"
+        "from dataclasses import asdict\n"
+        "from pathlib import Path\n"
+        "from fake_storage.lunfarm import LunFarm\n"
+        f"farm = LunFarm(Path({str(farm_dir)!r}), persistent={persistent})\n"
+        "luns = farm.create(2, '16M')\n"
+        "subprocess.run(['losetup', '-f', '--offset', '1048576', '--sizelimit', '1048576',"
+        " luns[0].loop], check=True)\n"
+        "print(json.dumps([asdict(x) for x in luns]), flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == -9, out.stderr
+    return json.loads(out.stdout)
+
+
+def _gone(luns: list[dict]) -> bool:
+    def attached_to(loop: str, backing: str) -> bool:
+        f = Path(f"/sys/block/{Path(loop).name}/loop/backing_file")
+        return f.exists() and f.read_text().strip() == backing
+    return not any(attached_to(x["loop"], x["backing"]) or Path(x["udev_file"]).exists()
+                   or any(os.path.lexists(link) and os.path.realpath(link) == x["loop"]
+                          for link in x["links"])
+                   for x in luns)
+
+
+def test_farm_of_a_killed_run_is_reaped(tmp_path: Path) -> None:
+    before = loops_attached()
+    luns = _farm_in_a_killed_process(tmp_path / "farm")
+    assert not _gone(luns)
+    assert len(loops_attached() - before) == 3  # two LUNs and the stacked mapping
+    report = reap_orphans()
+    assert f"reaped orphaned farm {tmp_path / 'farm'}" in report
+    assert _gone(luns)
+    assert loops_attached() == before
+
+
+def test_farm_whose_manifest_was_deleted_is_reaped_from_its_udev_files(tmp_path: Path) -> None:
+    before = loops_attached()
+    luns = _farm_in_a_killed_process(tmp_path / "farm")
+    (tmp_path / "farm" / "lunfarm.json").unlink()
+    reap_orphans()
+    assert _gone(luns)
+    assert loops_attached() == before
+
+
+def test_live_and_persistent_farms_are_not_reaped(lun_farm: LunFarm, tmp_path: Path) -> None:
+    live = lun_farm.add("16M")
+    kept = _farm_in_a_killed_process(tmp_path / "kept", persistent=True)
+    try:
+        reap_orphans()
+        assert not _gone(kept)
+        assert Path(live.udev_file).exists() and live.loop in loops_attached()
+    finally:
+        assert LunFarm(tmp_path / "kept").destroy() == []
+    assert _gone(kept)
