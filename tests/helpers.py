@@ -6,6 +6,8 @@ import asyncio
 import http.client
 import json
 import socket
+import subprocess
+import sys
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -51,3 +53,12 @@ def free_port() -> int:
 def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine to completion from a synchronous test."""
     return asyncio.run(coro)
+
+
+def output_of_a_killed_runner(script: str) -> str:
+    """Run `script` in a fresh Python that SIGKILLs itself at the end (no atexit, no
+    finally, no fixture teardown: a CI timeout), and return what it printed."""
+    script += "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == -9, out.stderr
+    return out.stdout

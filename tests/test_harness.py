@@ -9,24 +9,22 @@ import time
 from pathlib import Path
 
 from fake_storage.children import tied_to_this_process
+from tests.helpers import output_of_a_killed_runner
 
 
 def test_daemon_started_by_a_killed_runner_does_not_outlive_it() -> None:
     # The runner dies only once the daemon runs (setpriv has set the signal by then:
     # a parent gone before that is a race the harness never has, it waits for READY).
     script = (
-        "import os, signal, subprocess, time\n"
+        "import subprocess, time\n"
         "from pathlib import Path\n"
         "from fake_storage.children import tied_to_this_process\n"
         "p = subprocess.Popen(tied_to_this_process(['sleep', '300'], 'KILL'),"
         " start_new_session=True, stdout=subprocess.DEVNULL)\n"
         "while Path(f'/proc/{p.pid}/comm').read_text().strip() != 'sleep':\n"
         "    time.sleep(0.01)\n"
-        "print(p.pid, flush=True)\n"
-        "os.kill(os.getpid(), signal.SIGKILL)\n")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert out.returncode == -9, out.stderr
-    daemon = int(out.stdout)
+        "print(p.pid, flush=True)\n")
+    daemon = int(output_of_a_killed_runner(script))
     deadline = time.monotonic() + 30
     while True:
         try:

@@ -12,6 +12,7 @@ import pytest
 import pyudev
 
 from fake_storage.lunfarm import BY_ID, BY_PATH, FarmError, LunFarm, parse_size, reap_orphans
+from tests.helpers import output_of_a_killed_runner
 
 pytestmark = pytest.mark.root
 
@@ -122,7 +123,7 @@ def _farm_in_a_killed_process(farm_dir: Path, *, persistent: bool = False) -> li
     """Create a two-LUN farm (one LUN with a loop stacked on it, as a killed daemon's LV
     mapping would be) in a child process, then SIGKILL the child before any cleanup."""
     script = (
-        "import json, os, signal, subprocess, sys\n"
+        "import json, subprocess\n"
         "from dataclasses import asdict\n"
         "from pathlib import Path\n"
         "from fake_storage.lunfarm import LunFarm\n"
@@ -130,11 +131,8 @@ def _farm_in_a_killed_process(farm_dir: Path, *, persistent: bool = False) -> li
         "luns = farm.create(2, '16M')\n"
         "subprocess.run(['losetup', '-f', '--offset', '1048576', '--sizelimit', '1048576',"
         " luns[0].loop], check=True)\n"
-        "print(json.dumps([asdict(x) for x in luns]), flush=True)\n"
-        "os.kill(os.getpid(), signal.SIGKILL)\n")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert out.returncode == -9, out.stderr
-    return json.loads(out.stdout)
+        "print(json.dumps([asdict(x) for x in luns]), flush=True)\n")
+    return json.loads(output_of_a_killed_runner(script))
 
 
 def _gone(luns: list[dict]) -> bool:
