@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import subprocess
 import time
@@ -200,3 +201,26 @@ def lv_offset(lun: FakeLun, vg: str, lv: str) -> tuple[int, int]:
     pe = lvm_cmd("pvs", "--noheadings", "--units", "b", "--nosuffix", "-o",
                  "pe_start,vg_extent_size", lun.loop, devices=[lun.loop]).split()
     return int(pe[0]) + first_pe * int(pe[1]), size
+
+
+def write_durably(path: str, offset: int, data: bytes) -> None:
+    """Write `data` at `offset` and fsync, as a guest's flush would."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_direct(path: str, offset: int, size: int) -> bytes:
+    """Read with O_DIRECT (aligned offset and size), so the bytes come from storage,
+    not from a page cache that another host's writes never reach."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, size)  # page-aligned, as O_DIRECT needs
+        with memoryview(buf) as view:
+            os.preadv(fd, [view], offset)
+            return bytes(view)
+    finally:
+        os.close(fd)

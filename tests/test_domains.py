@@ -23,6 +23,8 @@ from tests.storage_helpers import (
     make_localfs_domain,
     make_posixfs_domain,
     new_id,
+    read_direct,
+    write_durably,
 )
 from vdsmlite.client import ServerError
 from vdsmlite.storage import persistent
@@ -223,23 +225,6 @@ def test_get_storage_domains_filters(env: StorageEnv, tmp_path: Path) -> None:
 # --- pools, detach and re-attach, import -------------------------------------------------
 
 
-def write_pattern(path: str, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_at(path: str, offset: int, size: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.pread(fd, size, offset)
-    finally:
-        os.close(fd)
-
-
 @pytest.mark.parametrize("kind", ["block", "posixfs"])
 def test_pool_detach_and_reattach_keeps_images(env: StorageEnv, tmp_path: Path,
                                                kind: str) -> None:
@@ -269,7 +254,7 @@ def test_pool_detach_and_reattach_keeps_images(env: StorageEnv, tmp_path: Path,
                                         "imageID": img, "volumeID": vol})["path"]
     assert path.startswith(str(repo / sp1 / data.sd))
     pattern = os.urandom(MiB)
-    write_pattern(path, 3 * MiB, pattern)
+    write_durably(path, 3 * MiB, pattern)
     data.teardown(img, vol)
 
     assert error_code(a, "StorageDomain.detach", storagedomainID=m1.sd, storagepoolID=sp1) \
@@ -297,7 +282,7 @@ def test_pool_detach_and_reattach_keeps_images(env: StorageEnv, tmp_path: Path,
     with a.client() as c:
         path = c.call("Image.prepare", {"storagepoolID": sp2, "storagedomainID": data.sd,
                                         "imageID": img, "volumeID": vol})["path"]
-    assert read_at(path, 3 * MiB, MiB) == pattern
+    assert read_direct(path, 3 * MiB, MiB) == pattern
     data.teardown(img, vol)
     assert error_code(a, "StorageDomain.attach", storagedomainID=data.sd,
                       storagepoolID=sp1) == 380
@@ -311,7 +296,7 @@ def test_domain_written_by_one_host_is_imported_by_another(env: StorageEnv,
     img, vol = block.create_volume(size=128 * MiB)
     path = block.prepare(img, vol)
     pattern = os.urandom(64 * 1024)
-    write_pattern(path, 0, pattern)
+    write_durably(path, 0, pattern)
     block.teardown(img, vol)
     local_img, local_vol = local.create_volume(size=MiB)
 
@@ -325,7 +310,7 @@ def test_domain_written_by_one_host_is_imported_by_another(env: StorageEnv,
     with host_b.client() as c:
         path_b = c.call("Image.prepare", {"storagepoolID": BLANK, "storagedomainID": block.sd,
                                           "imageID": img, "volumeID": vol})["path"]
-        assert read_at(path_b, 0, len(pattern)) == pattern
+        assert read_direct(path_b, 0, len(pattern)) == pattern
         c.call("Image.teardown", {"storagepoolID": BLANK, "storagedomainID": block.sd,
                                   "imageID": img, "volumeID": vol})
         info = c.call("Volume.getInfo", {"volumeID": local_vol, "storagepoolID": BLANK,

@@ -26,7 +26,9 @@ from tests.storage_helpers import (
     make_block_domain,
     make_localfs_domain,
     new_id,
+    read_direct,
     wait_task,
+    write_durably,
 )
 from vdsmlite.client import Client, ServerError
 
@@ -51,28 +53,6 @@ def independent_path(dom: DomainUnderTest, img: str, vol: str) -> tuple[str, int
         return dom.lun.loop, offset
     assert dom.data_dir is not None
     return str(dom.data_dir / dom.sd / "images" / img / vol), 0
-
-
-def pwrite(path: str, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def pread(path: str, offset: int, size: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        import mmap  # noqa: PLC0415
-
-        buf = mmap.mmap(-1, size)
-        with memoryview(buf) as view:
-            os.preadv(fd, [view], offset)
-            return bytes(view)
-    finally:
-        os.close(fd)
 
 
 def code_of(fn: Any, *args: Any, **kw: Any) -> int:
@@ -114,10 +94,10 @@ def test_data_written_through_prepare_is_on_storage(dom: DomainUnderTest) -> Non
     img, vol = dom.create_volume(size=512 * MiB)
     path = dom.prepare(img, vol)
     pattern = os.urandom(4 * MiB)
-    pwrite(path, 16 * MiB, pattern)
+    write_durably(path, 16 * MiB, pattern)
     dom.teardown(img, vol)
     where, base = independent_path(dom, img, vol)
-    assert pread(where, base + 16 * MiB, 4 * MiB) == pattern
+    assert read_direct(where, base + 16 * MiB, 4 * MiB) == pattern
 
 
 def test_another_hosts_write_is_seen_through_a_prepared_volume(env: StorageEnv) -> None:
@@ -129,7 +109,7 @@ def test_another_hosts_write_is_seen_through_a_prepared_volume(env: StorageEnv) 
     img, vol = dom.create_volume(size=256 * MiB)
     path = dom.prepare(img, vol)
     offset, _ = lv_offset(dom.lun, dom.sd, vol)
-    assert pread(path, 0, MiB) == bytes(MiB)  # this host has looked at it once
+    assert read_direct(path, 0, MiB) == bytes(MiB)  # this host has looked at it once
     pattern = os.urandom(MiB)
     fd = os.open(dom.lun.backing, os.O_WRONLY | os.O_DIRECT)
     try:
@@ -140,7 +120,7 @@ def test_another_hosts_write_is_seen_through_a_prepared_volume(env: StorageEnv) 
         os.pwritev(fd, [buf], offset)
     finally:
         os.close(fd)
-    assert pread(path, 0, MiB) == pattern
+    assert read_direct(path, 0, MiB) == pattern
     dom.teardown(img, vol)
 
 
@@ -195,15 +175,15 @@ def test_extend(dom: DomainUnderTest) -> None:
     img, raw = dom.create_volume(size=256 * MiB)
     path = dom.prepare(img, raw)
     pattern = os.urandom(MiB)
-    pwrite(path, 0, pattern)
+    write_durably(path, 0, pattern)
     with dom.client as c:
         st = wait_task(c, c.call("Volume.extendSize", {**dom.vol_params(img, raw),
                                                        "newSize": str(512 * MiB)}))
         assert st["taskResult"] == "success", st
         assert dom.info(img, raw)["capacity"] == str(512 * MiB)
         # the prepared device grew in place: the new end is writable, old data intact
-        pwrite(path, 511 * MiB, pattern)
-        assert pread(path, 0, MiB) == pattern
+        write_durably(path, 511 * MiB, pattern)
+        assert read_direct(path, 0, MiB) == pattern
         dom.teardown(img, raw)
         with pytest.raises(ServerError) as e:
             c.call("Volume.extendSize", {**dom.vol_params(img, raw), "newSize": str(MiB)})
@@ -309,11 +289,11 @@ def test_block_post_zero(env: StorageEnv) -> None:
     dom = make_block_domain(env.agent(), env.farm)
     img, vol = dom.create_volume(size=128 * MiB)
     path = dom.prepare(img, vol)
-    pwrite(path, 0, b"\xab" * MiB)
+    write_durably(path, 0, b"\xab" * MiB)
     dom.teardown(img, vol)
     where, offset = independent_path(dom, img, vol)
     dom.delete_volume(img, vol, post_zero=True)
-    assert pread(where, offset, MiB) == b"\0" * MiB
+    assert read_direct(where, offset, MiB) == b"\0" * MiB
 
 
 def test_block_multi_segment_lv_is_a_clear_error_without_device_mapper(env: StorageEnv) -> None:

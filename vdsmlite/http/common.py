@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiohttp import web
 
 from vdsmlite import errors
-from vdsmlite.jobs import JobBody
+from vdsmlite.jobs import Job
 from vdsmlite.ovfservice import OvfService
 from vdsmlite.services import Services
 
@@ -47,8 +47,15 @@ def json_error(status: int, body: dict[str, Any],
 
 
 async def send_stream(request: web.Request, response: web.StreamResponse, services: Services,
-                      body: JobBody, *, description: str, verb: str) -> web.StreamResponse:
-    """Send `response`, whose body a job writes; its Task-Id header names the job."""
+                      chunks: Callable[[Job], AsyncIterator[bytes]], *, description: str,
+                      verb: str) -> web.StreamResponse:
+    """Send `response` with the body `chunks(job)` yields, written by a job whose id
+    the Task-Id header names (so Host.getJobs shows the transfer and its bytes)."""
+
+    async def body(job: Job) -> None:
+        async for chunk in chunks(job):
+            await response.write(chunk)
+
     job = services.jobs.start(body, description=description, verb=verb)
     response.headers["Task-Id"] = job.id
     await response.prepare(request)

@@ -137,10 +137,7 @@ async def handle_get(request: web.Request) -> web.StreamResponse:
         "Content-Range": f"bytes 0-{last}",
     })
 
-    async def stream(job: Job) -> None:
-        async for chunk in ovf.stream_volume(dom, store, job):
-            await response.write(chunk)
-
-    return await common.send_stream(request, response, services, stream,
+    return await common.send_stream(request, response, services,
+                                    lambda job: ovf.stream_volume(dom, store, job),
                                     description=f"read image {img} for HTTP GET",
                                     verb="Image.uploadToStream")

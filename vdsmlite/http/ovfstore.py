@@ -82,10 +82,7 @@ async def handle_get(request: web.Request) -> web.StreamResponse:
         "X-OVF-Store-Last-Updated": store.last_updated or "",
     })
 
-    async def stream(job: Job) -> None:
-        async for chunk in ovf.stream_volume(dom, store, job):
-            await response.write(chunk)
-
-    return await common.send_stream(request, response, services, stream,
+    return await common.send_stream(request, response, services,
+                                    lambda job: ovf.stream_volume(dom, store, job),
                                     description=f"read OVF_STORE of {sd}",
                                     verb="StorageDomain.downloadOVFStore")

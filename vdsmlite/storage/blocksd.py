@@ -396,40 +396,35 @@ class BlockDomain(Domain):
             if state.md is not None:
                 self.relink_parent_after_delete(img_uuid, state.md.parent)
 
-    def extend_volume(self, img_uuid: str, vol_uuid: str, new_size: int) -> None:
-        with self.lock:
-            state = self.volume(img_uuid, vol_uuid)
-            if state.md is None:
-                raise errors.VolumeMetadataReadError(vol_uuid, state.problem or "")
-            if new_size < state.md.capacity:
-                raise errors.VolumeResizeValueError(new_size)
-            lv = self.lv(vol_uuid)
-            capacity = new_size
-            if state.md.format == "RAW" or state.md.type == "PREALLOCATED":
-                vg = self.vg()
-                needed = -(-(new_size - lv.size) // vg.extent_size)
-                if needed > vg.free_count:
-                    raise errors.NoSpaceLeftOnDomain(self.uuid)
-                if new_size > lv.size:
-                    try:
-                        lvm.lvextend(self.uuid, vol_uuid, new_size, self.devices)
-                    except lvm.LVMError as e:
-                        raise errors.LogicalVolumeExtendError(self.uuid, vol_uuid,
-                                                              new_size) from e
-                    lv = self.lv(vol_uuid)
-                    pe_starts, extent = self.layout()
-                    self.activator.refresh(lv, pe_starts, extent, self.devices)
-                if state.md.format == "RAW":
-                    capacity = lv.size
-            if state.md.format == "COW":
-                link = self._activate(lv)
+    def _grow_volume(self, img_uuid: str, vol_uuid: str, md: VolumeMetadata,
+                     new_size: int) -> int:
+        lv = self.lv(vol_uuid)
+        capacity = new_size
+        if md.format == "RAW" or md.type == "PREALLOCATED":
+            vg = self.vg()
+            needed = -(-(new_size - lv.size) // vg.extent_size)
+            if needed > vg.free_count:
+                raise errors.NoSpaceLeftOnDomain(self.uuid)
+            if new_size > lv.size:
                 try:
-                    qemuimg.resize(str(link), qemuimg.QCOW2, new_size)
-                except qemuimg.QemuImgError as e:
-                    raise errors.VolumeExtendingError(vol_uuid, str(e)) from None
-                finally:
-                    self._release(vol_uuid)
-            self.set_volume_metadata(img_uuid, vol_uuid, state.md.replace(capacity=capacity))
+                    lvm.lvextend(self.uuid, vol_uuid, new_size, self.devices)
+                except lvm.LVMError as e:
+                    raise errors.LogicalVolumeExtendError(self.uuid, vol_uuid,
+                                                          new_size) from e
+                lv = self.lv(vol_uuid)
+                pe_starts, extent = self.layout()
+                self.activator.refresh(lv, pe_starts, extent, self.devices)
+            if md.format == "RAW":
+                capacity = lv.size
+        if md.format == "COW":
+            link = self._activate(lv)
+            try:
+                qemuimg.resize(str(link), qemuimg.QCOW2, new_size)
+            except qemuimg.QemuImgError as e:
+                raise errors.VolumeExtendingError(vol_uuid, str(e)) from None
+            finally:
+                self._release(vol_uuid)
+        return capacity
 
     def prepare_volume(self, img_uuid: str, vol_uuid: str) -> Path:
         lv = self.lv(vol_uuid)

@@ -284,29 +284,24 @@ class FileDomain(Domain):
             with contextlib.suppress(OSError):
                 data.parent.rmdir()  # only when the image is now empty
 
-    def extend_volume(self, img_uuid: str, vol_uuid: str, new_size: int) -> None:
-        with self.lock:
-            state = self.volume(img_uuid, vol_uuid)
-            if state.md is None:
-                raise errors.VolumeMetadataReadError(vol_uuid, state.problem or "")
-            if new_size < state.md.capacity:
-                raise errors.VolumeResizeValueError(new_size)
-            data, _, _ = self._paths(img_uuid, vol_uuid)
-            if state.md.format == "RAW":
-                fd = os.open(data, os.O_WRONLY | os.O_CLOEXEC)
-                try:
-                    if state.md.type == "PREALLOCATED":
-                        os.posix_fallocate(fd, 0, new_size)
-                    os.ftruncate(fd, new_size)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            else:
-                try:
-                    qemuimg.resize(str(data), qemuimg.QCOW2, new_size)
-                except qemuimg.QemuImgError as e:
-                    raise errors.VolumeExtendingError(vol_uuid, str(e)) from None
-            self.set_volume_metadata(img_uuid, vol_uuid, state.md.replace(capacity=new_size))
+    def _grow_volume(self, img_uuid: str, vol_uuid: str, md: VolumeMetadata,
+                     new_size: int) -> int:
+        data, _, _ = self._paths(img_uuid, vol_uuid)
+        if md.format == "RAW":
+            fd = os.open(data, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                if md.type == "PREALLOCATED":
+                    os.posix_fallocate(fd, 0, new_size)
+                os.ftruncate(fd, new_size)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        else:
+            try:
+                qemuimg.resize(str(data), qemuimg.QCOW2, new_size)
+            except qemuimg.QemuImgError as e:
+                raise errors.VolumeExtendingError(vol_uuid, str(e)) from None
+        return new_size
 
     def prepare_volume(self, img_uuid: str, vol_uuid: str) -> Path:
         data, _, _ = self._paths(img_uuid, vol_uuid)

@@ -337,8 +337,21 @@ class Domain(ABC):
     @abstractmethod
     def set_volume_metadata(self, img_uuid: str, vol_uuid: str, md: VolumeMetadata) -> None: ...
 
+    def extend_volume(self, img_uuid: str, vol_uuid: str, new_size: int) -> None:
+        with self.lock:
+            state = self.volume(img_uuid, vol_uuid)
+            if state.md is None:
+                raise errors.VolumeMetadataReadError(vol_uuid, state.problem or "")
+            if new_size < state.md.capacity:
+                raise errors.VolumeResizeValueError(new_size)
+            capacity = self._grow_volume(img_uuid, vol_uuid, state.md, new_size)
+            self.set_volume_metadata(img_uuid, vol_uuid, state.md.replace(capacity=capacity))
+
     @abstractmethod
-    def extend_volume(self, img_uuid: str, vol_uuid: str, new_size: int) -> None: ...
+    def _grow_volume(self, img_uuid: str, vol_uuid: str, md: VolumeMetadata,
+                     new_size: int) -> int:
+        """Grow the volume's storage (and its qcow2 image) to `new_size`, under the
+        domain lock; returns the capacity to record (a raw LV's is what LVM gave)."""
 
     @abstractmethod
     def prepare_volume(self, img_uuid: str, vol_uuid: str) -> Path:
