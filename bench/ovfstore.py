@@ -58,7 +58,7 @@ def write_store_file(path: Path, sd: str, target_bytes: int,
                      count: int | None = None) -> tuple[int, int]:
     """A tar of engine OVFs (`count` of them, or about `target_bytes` worth),
     streamed to `path`; returns (size, entities)."""
-    from vdsmlite.storage.tarstream import TarWriter  # noqa: PLC0415
+    from vdsmlite.ovf.tarstream import TarWriter  # noqa: PLC0415
 
     text = ENGINE_SAMPLE.read_text()
     old = sample_id(text)

@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from tests.ovf_helpers import build_tar, entity_ovf, store_tar
-from vdsmlite.storage.tarstream import (
+from vdsmlite.ovf.tarstream import (
     RECORD,
     TarError,
     TarValidator,

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from vdsmlite.errors import InvalidConfiguration
-from vdsmlite.rpc.types import parse_uuid
+from vdsmlite.ids import parse_uuid
+from vdsmlite.units import MiB
 
 SYSTEM_CONFIG = Path("/etc/vdsmlite/vdsmlite.conf")
-MiB = 1024 * 1024
 
 
 def _default_state_dir() -> Path:
@@ -83,6 +83,9 @@ class StorageSection:
     # the address space each may use: a hostile OVF costs at most that.
     ovf_parser_processes: int = 2
     ovf_parser_memory_mib: int = 1024
+    # Seconds after start-up before the parser processes are spawned (a daemon started
+    # for one call never spawns them); negative: only on first use.
+    ovf_parser_warmup_delay: float = 5.0
     # A local file domain served from this directory, created on first start.
     # The embedded default (no config file) puts one under the state dir.
     local_domain: Path | None = None

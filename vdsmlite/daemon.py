@@ -36,7 +36,7 @@ from vdsmlite.api import build_handlers
 from vdsmlite.errors import InvalidConfiguration
 from vdsmlite.locking.watchdog import WatchdogError
 from vdsmlite.ovfservice import OvfService
-from vdsmlite.rpc import transport
+from vdsmlite.rpc import http as rpc_http
 from vdsmlite.rpc.dispatch import Dispatcher
 from vdsmlite.rpc.schema import default_schema
 from vdsmlite.sdnotify import Notifier
@@ -93,17 +93,14 @@ def build_app(services: Services) -> tuple[web.Application, Dispatcher]:
     )
     services.calls_in_flight = lambda: dispatcher.in_flight
     app = web.Application(client_max_size=cfg.rpc.max_request_size)
-    transport.add_routes(app, dispatcher, services.events, cfg.rpc.max_request_size)
+    rpc_http.add_routes(app, dispatcher, services.events, cfg.rpc.max_request_size)
     app.router.add_get("/metrics", services.metrics.handle)
     http.add_routes(app, services, ovf)
     return app, dispatcher
 
 
-OVF_WORKERS_DELAY = 5.0
-
-
-async def _warm_up_ovf_workers(services: Services) -> None:
-    await asyncio.sleep(OVF_WORKERS_DELAY)
+async def _warm_up_ovf_workers(services: Services, delay: float) -> None:
+    await asyncio.sleep(delay)
     await services.run_blocking(services.ovf_workers.start)
 
 
@@ -163,8 +160,10 @@ class Daemon:
             self.notifier.start_watchdog()
             # In the background, a little after start-up (a daemon started for one call
             # never spawns them); a failure only means starting them on first use.
-            self._warm_up = asyncio.ensure_future(_warm_up_ovf_workers(services))
-            self._warm_up.add_done_callback(_log_warm_up)
+            delay = cfg.storage.ovf_parser_warmup_delay
+            if delay >= 0:
+                self._warm_up = asyncio.ensure_future(_warm_up_ovf_workers(services, delay))
+                self._warm_up.add_done_callback(_log_warm_up)
             log.info("vdsmlite %s ready (host %s, config: %s); %s", __version__,
                      services.host_uuid, cfg.source, status)
             await self._stop.wait()
@@ -177,7 +176,7 @@ class Daemon:
                 with contextlib.suppress(Exception):
                     await site.stop()
             await dispatcher.drain(grace=cfg.daemon.shutdown_timeout)
-            await transport.close_websockets(app)
+            await rpc_http.close_websockets(app)
             await runner.cleanup()
             await services.close()
             if self._own_socket is not None:

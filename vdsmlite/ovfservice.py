@@ -39,9 +39,10 @@ from vdsmlite.jobs import Job
 from vdsmlite.locking import sdm
 from vdsmlite.locking.leases import Lease
 from vdsmlite.ovf import parser as ovfparser
+from vdsmlite.ovf import tarstream
 from vdsmlite.ovf.workers import OvfWorkers, Summary
 from vdsmlite.services import Services
-from vdsmlite.storage import ovfstore, streamio, tarstream
+from vdsmlite.storage import ovfstore, streamio
 from vdsmlite.storage.sd import Domain
 
 log = logging.getLogger("vdsmlite.ovfservice")

@@ -18,7 +18,7 @@ from typing import Any
 
 from vdsmlite import errors
 from vdsmlite.api.base import verb
-from vdsmlite.rpc.types import parse_uuid
+from vdsmlite.ids import parse_uuid
 from vdsmlite.services import Services
 
 log = logging.getLogger("vdsmlite.api.locking")

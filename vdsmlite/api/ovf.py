@@ -12,9 +12,10 @@ from typing import Any
 from vdsmlite import errors
 from vdsmlite.api.base import verb
 from vdsmlite.jobs import Job
+from vdsmlite.ovf import tarstream
 from vdsmlite.ovfservice import OvfService
 from vdsmlite.services import Services
-from vdsmlite.storage import streamio, tarstream
+from vdsmlite.storage import streamio
 
 
 class OvfApi:

@@ -25,8 +25,8 @@ from aiohttp import web
 
 from vdsmlite import errors
 from vdsmlite.http import common
+from vdsmlite.ids import parse_uuid
 from vdsmlite.jobs import Job
-from vdsmlite.rpc.types import parse_uuid
 
 log = logging.getLogger("vdsmlite.http.images")
 

@@ -31,11 +31,12 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from vdsmlite import errors
+from vdsmlite.blocking import RunBlocking
 from vdsmlite.locking import sanlock
 from vdsmlite.locking.monitor import MonitorManager
 from vdsmlite.locking.watchdog import WatchdogService
@@ -50,7 +51,6 @@ EVENT_REBOOTING = 8
 
 MAX_REQUESTS_KEPT = 100  # the newest requests sent, for status and acknowledgements
 
-RunBlocking = Callable[..., Awaitable[Any]]
 Publish = Callable[[str, dict[str, Any]], None]
 
 

@@ -28,16 +28,15 @@ import contextlib
 import errno
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from vdsmlite import errors
+from vdsmlite.blocking import RunBlocking
 from vdsmlite.locking import sanlock
 
 log = logging.getLogger("vdsmlite.locking.monitor")
 
-RunBlocking = Callable[..., Awaitable[Any]]
 
 
 class LockspaceListener(Protocol):

@@ -44,6 +44,8 @@ from typing import Any, NamedTuple, NoReturn
 
 from lxml import etree
 
+from vdsmlite.ids import BLANK_UUID, UUID_PATTERN
+
 MAX_OVF_SIZE = 32 * 1024 * 1024
 
 OVF_NAMESPACES = (
@@ -54,7 +56,6 @@ RASD_NS = "http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocat
 XSI_NS = "http://www.w3.org/2001/XMLSchema-instance"
 OVIRT_NS = "http://www.ovirt.org/ovf"
 
-BLANK_UUID = "00000000-0000-0000-0000-000000000000"
 
 
 class OvfError(ValueError):
@@ -258,8 +259,7 @@ class OvfValidator:
         raise error
 
 
-_UUID_PATTERN = "[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
-_MEMBER_RE = re.compile(rf"({_UUID_PATTERN})\.ovf")
+_MEMBER_RE = re.compile(rf"({UUID_PATTERN})\.ovf")
 
 
 def entity_id_from_name(member_name: str) -> str | None:
@@ -441,7 +441,7 @@ _NAMED_UNITS = {"kilobytes": 10, "kb": 10, "kib": 10, "megabytes": 20, "mb": 20,
 _MIB_SHIFT = 20
 _GIB_SHIFT = 30
 
-_UUID_RE = re.compile(rf"\s*({_UUID_PATTERN})\s*")
+_UUID_RE = re.compile(rf"\s*({UUID_PATTERN})\s*")
 
 
 def _kind(el: etree._Element, name: str) -> str:

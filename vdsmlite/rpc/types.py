@@ -18,11 +18,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from vdsmlite.errors import JsonRpcInvalidParams
+from vdsmlite.ids import parse_uuid
 
 Coercer = Callable[[Any, str], Any]
 
-UUID_RE = re.compile(
-    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 _INT_RE = re.compile(r"^[+-]?[0-9]+$")
 
 PRIMITIVES = ("any", "string", "int", "number", "size", "boolean", "uuid", "list", "map", "object")
@@ -30,13 +29,6 @@ SPEC_KEYS = {
     "type", "doc", "items", "values", "properties", "additional", "min", "max",
     "maxLength", "minLength", "pattern", "nullable", "keys",
 }
-
-
-def parse_uuid(value: Any) -> str | None:
-    """The canonical (lower case) form of a UUID string, or None."""
-    if isinstance(value, str) and UUID_RE.match(value):
-        return value.lower()
-    return None
 
 
 class Enum:

@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from vdsmlite import errors, failpoints
-from vdsmlite.rpc.types import parse_uuid
-from vdsmlite.storage import commands, directio, leases, lvm, persistent, qemuimg
+from vdsmlite.ids import parse_uuid
+from vdsmlite.storage import clusterlock, commands, directio, lvm, persistent, qemuimg
 from vdsmlite.storage import constants as sc
 from vdsmlite.storage.activation import Activator
 from vdsmlite.storage.sd import (
@@ -331,7 +331,7 @@ class BlockDomain(Domain):
         if parent is not None and parent.md is not None and parent.md.voltype == sc.LEAF:
             self.update_volume(req.img_uuid, parent.uuid, voltype=sc.INTERNAL)
         block_size, alignment = self.geometry()
-        leases.init_resource(self.uuid, req.vol_uuid, self.held_path(sc.LEASES),
+        clusterlock.init_resource(self.uuid, req.vol_uuid, self.held_path(sc.LEASES),
                              (sc.RESERVED_LEASES + slot) * alignment, sector=block_size,
                              align=alignment)
         failpoints.hit("volume.create.after_lease")
@@ -521,9 +521,9 @@ def create_block_domain(
                          timeout=600)
         finally:
             domain._release(sc.MASTER)
-        leases.init_lockspace(vg_name, domain.held_path(sc.IDS), sector=block_size,
+        clusterlock.init_lockspace(vg_name, domain.held_path(sc.IDS), sector=block_size,
                               align=alignment, io_timeout=io_timeout)
-        leases.init_resource(vg_name, sc.SDM_LEASE_NAME, domain.held_path(sc.LEASES),
+        clusterlock.init_resource(vg_name, sc.SDM_LEASE_NAME, domain.held_path(sc.LEASES),
                              sc.SDM_LEASE_SLOT * alignment, sector=block_size, align=alignment)
         extra = {K_VGUUID: vg.uuid}
         mapoffset = 0

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from vdsmlite import errors
+from vdsmlite.blocking import RunBlocking
 from vdsmlite.fsutil import write_file_durably
 from vdsmlite.storage import commands, mount
 from vdsmlite.storage.iscsi import (
@@ -61,7 +62,6 @@ _NFS_VERSIONS = {"3": "nfsvers=3,nolock", "4": "nfsvers=4", "4.0": "nfsvers=4,mi
                  "4.1": "nfsvers=4,minorversion=1", "4.2": "nfsvers=4,minorversion=2",
                  "auto": "", "": ""}
 
-RunBlocking = Callable[..., Awaitable[Any]]
 
 
 # --- parsed connections ----------------------------------------------------------

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import enum
 
-KiB = 1 << 10
-MiB = 1 << 20
-GiB = 1 << 30
+from vdsmlite.ids import BLANK_UUID
+from vdsmlite.units import GiB, KiB, MiB
 
-BLANK_UUID = "00000000-0000-0000-0000-000000000000"
+__all__ = ["BLANK_UUID", "GiB", "KiB", "MiB"]  # re-exported: storage code says sc.MiB
 
 # Domain layout
 DOMAIN_META_DATA = "dom_md"

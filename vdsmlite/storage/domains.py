@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 
 from vdsmlite import errors
-from vdsmlite.rpc.types import parse_uuid
+from vdsmlite.ids import parse_uuid
 from vdsmlite.storage import constants as sc
 from vdsmlite.storage import devices, lvm
 from vdsmlite.storage.activation import Activator

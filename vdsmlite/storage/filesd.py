@@ -29,9 +29,9 @@ from typing import Any
 
 from vdsmlite import errors, failpoints
 from vdsmlite.fsutil import fsync_dir
-from vdsmlite.rpc.types import parse_uuid
+from vdsmlite.ids import parse_uuid
+from vdsmlite.storage import clusterlock, directio, persistent, qemuimg
 from vdsmlite.storage import constants as sc
-from vdsmlite.storage import directio, leases, persistent, qemuimg
 from vdsmlite.storage.sd import (
     K_REMOTE_PATH,
     CreateVolumeRequest,
@@ -226,7 +226,7 @@ class FileDomain(Domain):
             fd = os.open(lease, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, sc.FILE_VOLUME_PERMISSIONS)
             os.close(fd)
             block_size, alignment = self.geometry()
-            leases.init_resource(self.uuid, req.vol_uuid, lease, 0, sector=block_size,
+            clusterlock.init_resource(self.uuid, req.vol_uuid, lease, 0, sector=block_size,
                                  align=alignment)
         failpoints.hit("volume.create.after_lease")
         progress(90)
@@ -348,9 +348,9 @@ def create_file_domain(
             os.close(fd)
         if not local:
             # sanlock formats the lockspace and the SDM lease on the new files.
-            leases.init_lockspace(sd_uuid, md_dir / sc.IDS, sector=block_size, align=alignment,
+            clusterlock.init_lockspace(sd_uuid, md_dir / sc.IDS, sector=block_size, align=alignment,
                                   io_timeout=io_timeout)
-            leases.init_resource(sd_uuid, sc.SDM_LEASE_NAME, md_dir / sc.LEASES,
+            clusterlock.init_resource(sd_uuid, sc.SDM_LEASE_NAME, md_dir / sc.LEASES,
                                  sc.SDM_LEASE_SLOT * alignment, sector=block_size,
                                  align=alignment)
         md = initial_metadata(sd_uuid=sd_uuid, storage_type=storage_type, name=name,

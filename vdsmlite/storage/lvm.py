@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vdsmlite.storage import commands
+from vdsmlite.units import MiB
 
 LVM_TIMEOUT = 120.0
 # LVM's own regex syntax delimits with '|'; device paths outside this alphabet are refused.
@@ -32,7 +33,6 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.+-][A-Za-z0-9_.+-]{0,127}$")
 _SAFE_TAG = re.compile(r"^[A-Za-z0-9_+.\-/=!:#&]{1,1024}$")
 _ENV = {"LVM_SUPPRESS_FD_WARNINGS": "1"}
 
-MiB = 1 << 20
 
 
 class LVMError(Exception):

@@ -20,13 +20,14 @@ from __future__ import annotations
 import asyncio
 import mmap
 import os
-from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
+
+from vdsmlite.blocking import RunBlocking
 
 DEFAULT_BUFFER = 8 << 20  # ovirt-imageio's measured sweet spot for storage writes
 BUFFERS = 3  # one filling, one being inspected, one being written
 
-RunBlocking = Callable[..., Awaitable[Any]]
 Inspect = Callable[[memoryview], None]
 
 
