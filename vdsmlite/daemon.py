@@ -34,14 +34,13 @@ from aiohttp import web
 from vdsmlite import __version__, config, http, logs
 from vdsmlite.api import build_handlers
 from vdsmlite.errors import InvalidConfiguration
+from vdsmlite.http.common import StreamDoors
 from vdsmlite.locking.watchdog import WatchdogError
-from vdsmlite.ovfservice import OvfService
 from vdsmlite.rpc import http as rpc_http
 from vdsmlite.rpc.dispatch import Dispatcher
 from vdsmlite.rpc.schema import default_schema
 from vdsmlite.sdnotify import Notifier
 from vdsmlite.services import Services
-from vdsmlite.storage import provision
 
 log = logging.getLogger("vdsmlite.daemon")
 
@@ -83,19 +82,19 @@ def _claim_unix_socket(path: Path) -> None:
 def build_app(services: Services) -> tuple[web.Application, Dispatcher]:
     """The HTTP application with every door, wired to `services` (tests reuse it)."""
     cfg = services.config
-    ovf = OvfService(services)
     dispatcher = Dispatcher(
         default_schema(),
-        build_handlers(services, ovf),
+        build_handlers(services),
         services.metrics,
         max_concurrent=cfg.rpc.max_concurrent_calls,
         validate_returns=cfg.devel.validate_returns,
     )
-    services.calls_in_flight = lambda: dispatcher.in_flight
     app = web.Application(client_max_size=cfg.rpc.max_request_size)
     rpc_http.add_routes(app, dispatcher, services.events, cfg.rpc.max_request_size)
     app.router.add_get("/metrics", services.metrics.handle)
-    http.add_routes(app, services, ovf)
+    http.add_routes(app, StreamDoors(jobs=services.jobs, ovf=services.ovf,
+                                     transfers=services.transfers,
+                                     stall_timeout=cfg.storage.upload_stall_timeout))
     return app, dispatcher
 
 
@@ -150,7 +149,7 @@ class Daemon:
             await self._listen(runner)
             if cfg.storage.local_domain is not None:
                 # Calls are answered 99 (initializing) until the local domain is ready.
-                sd = await provision.ensure_local_domain(services, cfg.storage.local_domain)
+                sd = await services.provisioner.ensure_local_domain(cfg.storage.local_domain)
                 log.info("serving local storage domain %s from %s", sd, cfg.storage.local_domain)
             dispatcher.ready = True
             status = "Serving on " + ", ".join(self.addresses)

@@ -53,6 +53,14 @@ class Metrics:
         self.events_published = Counter(
             "vdsmlite_events_published", "Events published on the bus", registry=r)
 
+    def calls_in_flight(self) -> int:
+        """JSON-RPC calls executing now (Host.getStats reports it), from the gauge the
+        dispatcher keeps, so the number has one source."""
+        for metric in self.in_flight.collect():
+            for sample in metric.samples:
+                return int(sample.value)
+        return 0
+
     def add_gauges(self, name: str, doc: str, label: str,
                    fn: Callable[[], dict[str, float]]) -> None:
         """A gauge family whose samples come from `fn()` at scrape time."""

@@ -1,22 +1,19 @@
-"""The daemon's shared services, handed to every verb namespace.
+"""The composition root: every long-lived object of the daemon, built once, in order.
 
-One object instead of globals: tests can build several (one per simulated
-host) and each handler says exactly what it depends on.
+Nothing below this module knows about it: each service receives exactly the
+objects it uses, here, at construction, and nothing is attached afterwards.
+Tests can build several (one per simulated host). The daemon adds the doors
+on top (`api.build_handlers`, `http.add_routes`) and calls `close()` last.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
-import functools
 import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
 
+from vdsmlite.blocking import BlockingExecutor
 from vdsmlite.config import Config
 from vdsmlite.events import EventBus
 from vdsmlite.fsutil import write_file_durably
@@ -24,20 +21,25 @@ from vdsmlite.ids import parse_uuid
 from vdsmlite.imagelocks import LockTable
 from vdsmlite.jobs import JobRegistry
 from vdsmlite.locking import watchdog
+from vdsmlite.locking.fenceagents import FenceAgents
 from vdsmlite.locking.fencing import FenceService
 from vdsmlite.locking.leases import LeaseManager
 from vdsmlite.locking.monitor import MonitorManager
 from vdsmlite.locking.watchdog import WatchdogService
 from vdsmlite.metrics import Metrics
 from vdsmlite.ovf.workers import OvfWorkers
+from vdsmlite.sdm.lease import SdmLease
+from vdsmlite.sdm.ovfstore import OvfService
+from vdsmlite.sdm.pools import PoolService
+from vdsmlite.sdm.provision import DomainProvisioner
+from vdsmlite.sdm.transfers import ImageTransfers
+from vdsmlite.sdm.volumes import VolumeService
 from vdsmlite.storage.activation import Activator
 from vdsmlite.storage.connections import ConnectionManager
 from vdsmlite.storage.domains import DomainStore
 from vdsmlite.storage.pool import PoolManager
 
 log = logging.getLogger("vdsmlite.services")
-
-T = TypeVar("T")
 
 
 class Services:
@@ -51,70 +53,86 @@ class Services:
         self.events = EventBus()
         self.jobs = JobRegistry(self.events)
         # Blocking work (LVM, fsync, O_DIRECT, sanlock) runs here, never on the loop.
-        self.executor = ThreadPoolExecutor(
-            max_workers=config.daemon.worker_threads, thread_name_prefix="vdsmlite-io")
+        self.executor = BlockingExecutor(config.daemon.worker_threads)
+        run_blocking = self.run_blocking = self.executor.run
         self.host_uuid = load_host_uuid(config)
+
+        # Storage: connections, domains and pools as found on storage.
+        st = config.storage
         self.connections = ConnectionManager(
-            config.repository, config.state_dir / "connections.json", self.run_blocking,
-            mount_timeout=config.storage.mount_timeout,
-            iscsi_timeout=config.storage.iscsi_timeout)
+            config.repository, config.state_dir / "connections.json", run_blocking,
+            mount_timeout=st.mount_timeout, iscsi_timeout=st.iscsi_timeout)
         self.activator = Activator(config.run_dir / "lv")
         self.domains = DomainStore(config.repository, self.activator,
                                    io_timeout=config.sanlock.io_timeout)
         self.pools = PoolManager(self.domains, config.repository)
         # Untrusted OVF documents are checked and summarized in these processes.
-        self.ovf_workers = OvfWorkers(config.storage.ovf_parser_processes,
-                                      config.storage.ovf_parser_memory_mib * 1024 * 1024)
+        self.ovf_workers = OvfWorkers(st.ovf_parser_processes,
+                                      st.ovf_parser_memory_mib * 1024 * 1024)
+
         # Sanlock: leases held by helper processes, monitors holding host ids,
         # fencing through storage and the watchdog it stops petting.
         lease_env = ({"SANLOCK_RUN_DIR": str(config.sanlock.run_dir)}
                      if config.sanlock.run_dir is not None else {})
         self.leases = LeaseManager(lease_env, acquire_timeout=config.sanlock.lease_timeout)
-        self.monitors = MonitorManager(self.domains, self.run_blocking,
+        self.monitors = MonitorManager(self.domains, run_blocking,
                                        interval=config.sanlock.monitor_interval,
                                        io_timeout=config.sanlock.io_timeout)
         w = config.watchdog
         self.watchdog = WatchdogService(watchdog.from_config(
             w.backend, device=w.device, socket_path=w.socket, timeout=w.timeout))
-        self.fencing = FenceService(self.monitors, self.watchdog, self.run_blocking,
+        self.fencing = FenceService(self.monitors, self.watchdog, run_blocking,
                                     self.events.publish)
-        self.monitors.listener = self.fencing
+        self.fence_agents = FenceAgents(config.fencing.agents_dir, config.fencing.agent_timeout)
+
+        # Coordination: what combines storage, locks, leases and jobs.
         # Serializes changes to one image (create/delete/extend of its volumes).
         self.image_locks = LockTable()
-        # Set by the daemon once the dispatcher exists (Host.getStats reports it).
-        self.calls_in_flight: Callable[[], int] = lambda: 0
-        self.metrics.add_gauges("vdsmlite_jobs", "Jobs by state", "state",
-                                self.jobs.count_by_status)
-        self.metrics.add_gauge("vdsmlite_event_subscribers", "Connected event subscribers",
-                               lambda: self.events.subscriber_count)
-        self.metrics.add_gauge("vdsmlite_watchdog_petting",
-                               "1 while this host pets its watchdog, 0 once fenced or unarmed",
-                               lambda: float(self.watchdog.status()["petting"]))
-        self.metrics.add_gauge("vdsmlite_watchdog_keepalives", "Watchdog keepalives sent",
-                               lambda: float(self.watchdog.keepalives))
-        self.metrics.add_gauges("vdsmlite_lockspace_acquired",
-                                "1 where this host holds its id in the domain's lockspace",
-                                "domain", lambda: {sd: float(st["acquired"]) for sd, st in
-                                                   self.monitors.stats().items()})
-        self.metrics.add_gauges("vdsmlite_domain_check_delay_seconds",
-                                "Last direct-I/O metadata read time, by domain", "domain",
-                                lambda: {sd: float(st["delay"]) for sd, st in
-                                         self.monitors.stats().items()})
-        self.metrics.add_gauge("vdsmlite_fence_requests_received",
-                               "Reset requests for this host taken from storage",
-                               lambda: float(len(self.fencing.received)))
-        self.metrics.add_gauge("vdsmlite_fence_requests_sent",
-                               "Reset requests this host sent through storage",
-                               lambda: float(len(self.fencing.requests)))
-        self.metrics.add_gauge("vdsmlite_events_dropped", "Events dropped for slow subscribers",
-                               lambda: self.events.dropped_total)
+        self.sdm = SdmLease(leases=self.leases, monitors=self.monitors, watchdog=self.watchdog,
+                            run_blocking=run_blocking)
+        self.volumes = VolumeService(domains=self.domains, pools=self.pools, jobs=self.jobs,
+                                     image_locks=self.image_locks, sdm=self.sdm,
+                                     run_blocking=run_blocking)
+        self.provisioner = DomainProvisioner(
+            domains=self.domains, pools=self.pools, monitors=self.monitors,
+            connections=self.connections, activator=self.activator,
+            repository=config.repository, state_dir=config.state_dir,
+            io_timeout=config.sanlock.io_timeout, run_blocking=run_blocking)
+        self.pool_service = PoolService(pools=self.pools, monitors=self.monitors,
+                                        run_blocking=run_blocking)
+        self.ovf = OvfService(domains=self.domains, image_locks=self.image_locks, sdm=self.sdm,
+                              workers=self.ovf_workers, jobs=self.jobs,
+                              run_blocking=run_blocking)
+        self.transfers = ImageTransfers(domains=self.domains, image_locks=self.image_locks,
+                                        sdm=self.sdm, ovf=self.ovf, run_blocking=run_blocking)
+        self._add_gauges()
 
-    async def run_blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run `fn` in the bounded executor, keeping the request id for its log lines."""
-        loop = asyncio.get_running_loop()
-        ctx = contextvars.copy_context()
-        call = functools.partial(ctx.run, fn, *args, **kwargs)
-        return await loop.run_in_executor(self.executor, call)
+    def _add_gauges(self) -> None:
+        m = self.metrics
+        m.add_gauges("vdsmlite_jobs", "Jobs by state", "state", self.jobs.count_by_status)
+        m.add_gauge("vdsmlite_event_subscribers", "Connected event subscribers",
+                    lambda: self.events.subscriber_count)
+        m.add_gauge("vdsmlite_watchdog_petting",
+                    "1 while this host pets its watchdog, 0 once fenced or unarmed",
+                    lambda: float(self.watchdog.status()["petting"]))
+        m.add_gauge("vdsmlite_watchdog_keepalives", "Watchdog keepalives sent",
+                    lambda: float(self.watchdog.keepalives))
+        m.add_gauges("vdsmlite_lockspace_acquired",
+                     "1 where this host holds its id in the domain's lockspace",
+                     "domain", lambda: {sd: float(st["acquired"]) for sd, st in
+                                        self.monitors.stats().items()})
+        m.add_gauges("vdsmlite_domain_check_delay_seconds",
+                     "Last direct-I/O metadata read time, by domain", "domain",
+                     lambda: {sd: float(st["delay"]) for sd, st in
+                              self.monitors.stats().items()})
+        m.add_gauge("vdsmlite_fence_requests_received",
+                    "Reset requests for this host taken from storage",
+                    lambda: float(len(self.fencing.received)))
+        m.add_gauge("vdsmlite_fence_requests_sent",
+                    "Reset requests this host sent through storage",
+                    lambda: float(len(self.fencing.requests)))
+        m.add_gauge("vdsmlite_events_dropped", "Events dropped for slow subscribers",
+                    lambda: self.events.dropped_total)
 
     async def close(self) -> None:
         await self.jobs.close(grace=self.config.daemon.shutdown_timeout)
@@ -125,7 +143,7 @@ class Services:
         # Held activations (loop devices of special LVs) are released on a clean stop.
         await self.run_blocking(self.domains.close)
         await self.run_blocking(self.ovf_workers.close)
-        self.executor.shutdown(wait=True, cancel_futures=True)
+        self.executor.shutdown()
 
 
 def load_host_uuid(config: Config) -> str:

@@ -1,8 +1,9 @@
-"""Verb handlers, grouped by VDSM namespace.
+"""Verb handlers, one class per area (several VDSM namespaces may share one).
 
 Handlers are thin: they take coerced params (named exactly as in the schema),
-call domain code, and shape the result VDSM's way. Each namespace is a class
-whose methods carry `@verb("Namespace.method")`; `build_handlers` binds them.
+call one operation of the services below, and shape the result VDSM's way.
+Each class gets the services it uses at construction; its methods carry
+`@verb("Namespace.method")`, and `build_handlers` binds them.
 """
 
 from __future__ import annotations
@@ -16,16 +17,26 @@ from vdsmlite.api.ovf import OvfApi
 from vdsmlite.api.storage_server import StorageServerApi
 from vdsmlite.api.task import TaskApi
 from vdsmlite.api.volumes import VolumesApi
-from vdsmlite.ovfservice import OvfService
 from vdsmlite.rpc.dispatch import Handler
 from vdsmlite.services import Services
 
 
-def build_handlers(services: Services, ovf: OvfService) -> dict[str, Handler]:
+def build_handlers(s: Services) -> dict[str, Handler]:
+    namespaces = (
+        HostApi(host_uuid=s.host_uuid, started=s.started, jobs=s.jobs, monitors=s.monitors,
+                watchdog=s.watchdog, fencing=s.fencing, metrics=s.metrics,
+                run_blocking=s.run_blocking),
+        TaskApi(s.jobs),
+        DevicesApi(s.connections, s.run_blocking),
+        StorageServerApi(s.connections),
+        DomainsApi(domains=s.domains, provisioner=s.provisioner, pools=s.pool_service,
+                   volumes=s.volumes, run_blocking=s.run_blocking),
+        VolumesApi(s.volumes),
+        OvfApi(s.ovf),
+        LockingApi(domains=s.domains, monitors=s.monitors, fencing=s.fencing,
+                   agents=s.fence_agents, run_blocking=s.run_blocking),
+    )
     handlers: dict[str, Handler] = {}
-    namespaces = (HostApi(services), TaskApi(services), DevicesApi(services),
-                  StorageServerApi(services), DomainsApi(services), VolumesApi(services),
-                  OvfApi(services, ovf), LockingApi(services))
     for namespace in namespaces:
         for name, fn in collect(namespace).items():
             if name in handlers:

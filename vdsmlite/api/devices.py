@@ -6,9 +6,9 @@ import os
 from typing import Any
 
 from vdsmlite.api.base import verb
-from vdsmlite.services import Services
+from vdsmlite.blocking import RunBlocking
 from vdsmlite.storage import connections, devices
-from vdsmlite.storage.connections import FCP, ISCSI
+from vdsmlite.storage.connections import FCP, ISCSI, ConnectionManager
 
 _WANTED_DEVTYPES = {ISCSI: {devices.ISCSI, devices.MIXED}, FCP: {devices.FCP, devices.MIXED}}
 
@@ -50,17 +50,18 @@ def device_info(lun: devices.Lun, status: devices.Status) -> dict[str, Any]:
 
 
 class DevicesApi:
-    def __init__(self, services: Services) -> None:
-        self._s = services
+    def __init__(self, connections: ConnectionManager, run_blocking: RunBlocking) -> None:
+        self._connections = connections
+        self._run_blocking = run_blocking
 
     async def _refresh(self) -> None:
         # Only rescan what exists: no subprocess at all on a host without sessions.
-        if await self._s.run_blocking(connections.iscsi_sessions_exist):
-            await self._s.connections.iscsi.rescan_sessions()
-        await self._s.run_blocking(connections.rescan_scsi_hosts)
+        if await self._run_blocking(connections.iscsi_sessions_exist):
+            await self._connections.iscsi.rescan_sessions()
+        await self._run_blocking(connections.rescan_scsi_hosts)
 
     async def _discover(self) -> list[devices.Lun]:
-        return await self._s.run_blocking(devices.discover)
+        return await self._run_blocking(devices.discover)
 
     @verb("Host.getDeviceList")
     async def get_device_list(self, *, storageType: int | None, guids: list[str],
@@ -74,7 +75,7 @@ class DevicesApi:
         if guids:
             wanted_guids = set(guids)
             luns = [lun for lun in luns if lun.guid in wanted_guids]
-        statuses = await self._s.run_blocking(devices.statuses, luns, check=checkStatus)
+        statuses = await self._run_blocking(devices.statuses, luns, check=checkStatus)
         # A LUN that vanished between listing and probing is simply not there any more.
         return [device_info(lun, statuses[lun.guid]) for lun in luns if lun.guid in statuses]
 

@@ -6,23 +6,23 @@ from typing import Any
 
 from vdsmlite import errors
 from vdsmlite.api.base import verb
-from vdsmlite.services import Services
+from vdsmlite.storage.connections import ConnectionManager
 from vdsmlite.storage.iscsi import Chap, valid_host, valid_secret
 
 
 class StorageServerApi:
-    def __init__(self, services: Services) -> None:
-        self._s = services
+    def __init__(self, connections: ConnectionManager) -> None:
+        self._connections = connections
 
     @verb("StoragePool.connectStorageServer")
     async def connect(self, *, storagepoolID: str, domainType: int,
                       connectionParams: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return await self._s.connections.connect(domainType, connectionParams)
+        return await self._connections.connect(domainType, connectionParams)
 
     @verb("StoragePool.disconnectStorageServer")
     async def disconnect(self, *, storagepoolID: str, domainType: int,
                          connectionParams: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return await self._s.connections.disconnect(domainType, connectionParams)
+        return await self._connections.disconnect(domainType, connectionParams)
 
     @verb("ISCSIConnection.discoverSendTargets")
     async def discover_send_targets(self, *, host: str, port: int, user: str, password: str,
@@ -33,5 +33,5 @@ class StorageServerApi:
         if bool(user) != bool(password) or not (valid_secret(user) and valid_secret(password)):
             raise errors.InvalidParameterException("user/password", "CHAP needs both")
         chap = Chap(user, password) if user else None
-        return await self._s.connections.iscsi.discover(
+        return await self._connections.iscsi.discover(
             host.strip("[]"), port, chap, ipv6_enabled=ipv6_enabled)

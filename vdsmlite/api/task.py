@@ -5,27 +5,27 @@ from __future__ import annotations
 from typing import Any
 
 from vdsmlite.api.base import verb
-from vdsmlite.services import Services
+from vdsmlite.jobs import JobRegistry
 
 
 class TaskApi:
-    def __init__(self, services: Services) -> None:
-        self._s = services
+    def __init__(self, jobs: JobRegistry) -> None:
+        self._jobs = jobs
 
     @verb("Task.getStatus")
     async def get_status(self, *, taskID: str) -> dict[str, Any]:
-        return self._s.jobs.get(taskID).task_status()
+        return self._jobs.get(taskID).task_status()
 
     @verb("Task.getInfo")
     async def get_info(self, *, taskID: str) -> dict[str, Any]:
-        return self._s.jobs.get(taskID).task_info()
+        return self._jobs.get(taskID).task_info()
 
     @verb("Task.clear")
     async def clear(self, *, taskID: str) -> bool:
-        self._s.jobs.clear(taskID)
+        self._jobs.clear(taskID)
         return True
 
     @verb("Task.stop")
     async def stop(self, *, taskID: str) -> bool:
-        self._s.jobs.get(taskID).abort()
+        self._jobs.get(taskID).abort()
         return True

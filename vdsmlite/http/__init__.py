@@ -15,14 +15,11 @@ from __future__ import annotations
 from aiohttp import web
 
 from vdsmlite.http import images, ovfstore
-from vdsmlite.http.common import OVF, SERVICES
-from vdsmlite.ovfservice import OvfService
-from vdsmlite.services import Services
+from vdsmlite.http.common import DOORS, StreamDoors
 
 
-def add_routes(app: web.Application, services: Services, ovf: OvfService) -> None:
-    app[SERVICES] = services
-    app[OVF] = ovf
+def add_routes(app: web.Application, doors: StreamDoors) -> None:
+    app[DOORS] = doors
     app.router.add_put("/", images.handle_put)
     app.router.add_get("/", images.handle_get)
     app.router.add_put("/ovfstore/{sd}", ovfstore.handle_put)

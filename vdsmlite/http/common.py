@@ -1,28 +1,57 @@
-"""What both stream doors share: app keys, request bodies as chunks, errors as answers."""
+"""What both stream doors share: app keys, request bodies as chunks, errors as answers.
+
+The doors own their transport: a body that stops arriving (stall) or breaks
+off (a cut connection, a torn chunked encoding) becomes a VDSM error here, so
+the services below see only bytes or `TransferStalled`/`TransferInterrupted`.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from vdsmlite import errors
-from vdsmlite.jobs import Job
-from vdsmlite.ovfservice import OvfService
-from vdsmlite.services import Services
+from vdsmlite.jobs import Job, JobRegistry
+from vdsmlite.sdm.ovfstore import OvfService
+from vdsmlite.sdm.transfers import ImageTransfers
 
 log = logging.getLogger("vdsmlite.http")
 
-SERVICES = web.AppKey("services", Services)
-OVF = web.AppKey("ovf", OvfService)
+
+@dataclass(frozen=True)
+class StreamDoors:
+    """What the stream doors use, handed over once by the daemon."""
+
+    jobs: JobRegistry
+    ovf: OvfService
+    transfers: ImageTransfers
+    # Seconds an upload may go without a byte before it is abandoned.
+    stall_timeout: float
 
 
-async def body_chunks(request: web.Request) -> AsyncIterator[bytes]:
-    """The request body as it arrives (chunked or sized), never whole in memory."""
+DOORS = web.AppKey("stream_doors", StreamDoors)
+
+
+async def body_chunks(request: web.Request, stall_timeout: float) -> AsyncIterator[bytes]:
+    """The request body as it arrives (chunked or sized), never whole in memory.
+
+    Raises TransferStalled when nothing arrives for `stall_timeout` seconds and
+    TransferInterrupted when the client goes away mid-body.
+    """
     while True:
-        chunk = await request.content.readany()
+        try:
+            chunk = await asyncio.wait_for(request.content.readany(), stall_timeout)
+        except TimeoutError:
+            raise errors.TransferStalled(f"no data for {stall_timeout:.0f}s") from None
+        except (aiohttp.ClientPayloadError, ConnectionError,
+                asyncio.IncompleteReadError) as e:
+            raise errors.TransferInterrupted(str(e) or type(e).__name__) from e
         if not chunk:
             return
         yield chunk
@@ -46,7 +75,7 @@ def json_error(status: int, body: dict[str, Any],
     return web.json_response(body, status=status, headers=headers)
 
 
-async def send_stream(request: web.Request, response: web.StreamResponse, services: Services,
+async def send_stream(request: web.Request, response: web.StreamResponse, jobs: JobRegistry,
                       chunks: Callable[[Job], AsyncIterator[bytes]], *, description: str,
                       verb: str) -> web.StreamResponse:
     """Send `response` with the body `chunks(job)` yields, written by a job whose id
@@ -56,7 +85,7 @@ async def send_stream(request: web.Request, response: web.StreamResponse, servic
         async for chunk in chunks(job):
             await response.write(chunk)
 
-    job = services.jobs.start(body, description=description, verb=verb)
+    job = jobs.start(body, description=description, verb=verb)
     response.headers["Task-Id"] = job.id
     await response.prepare(request)
     await job.wait()

@@ -73,22 +73,6 @@ class _IdError(Exception):
         self.message = message
 
 
-async def _target_volume(request: web.Request, sd: str, img: str, vol: str | None) -> str:
-    services = request.app[common.SERVICES]
-    dom = await services.run_blocking(services.domains.get, sd)
-    volumes = await services.run_blocking(dom.volume_ids, img)
-    if not volumes:
-        raise errors.ImageDoesNotExistInSD(img, sd)
-    if vol is not None:
-        if vol not in volumes:
-            raise errors.VolumeDoesNotExist(vol)
-        return vol
-    if len(volumes) != 1:
-        # VDSM streams only into single-volume images (CopyImageError, 261).
-        raise errors.CopyImageError(img, f"image has {len(volumes)} volumes; name Volume-Id")
-    return volumes[0]
-
-
 async def handle_put(request: web.Request) -> web.StreamResponse:
     try:
         sd, img, vol = _ids(request)
@@ -97,16 +81,14 @@ async def handle_put(request: web.Request) -> web.StreamResponse:
     if not common.has_body_framing(request):
         return _error(411, errors.MissingParameter.code,
                       "Content-Length (or chunked Transfer-Encoding) required")
-    services = request.app[common.SERVICES]
-    ovf = request.app[common.OVF]
+    doors = request.app[common.DOORS]
     length = request.content_length
 
     async def transfer(job: Job) -> int:
-        target = await _target_volume(request, sd, img, vol)
-        return await ovf.write_volume(sd, img, target, common.body_chunks(request),
-                                      length=length, job=job)
+        body = common.body_chunks(request, doors.stall_timeout)
+        return await doors.transfers.write(sd, img, vol, body, length=length, job=job)
 
-    job = services.jobs.start(transfer, description=f"write image {img} from HTTP PUT",
+    job = doors.jobs.start(transfer, description=f"write image {img} from HTTP PUT",
                               verb="Image.downloadFromStream")
     await job.wait()
     if job.error is not None:
@@ -124,11 +106,9 @@ async def handle_get(request: web.Request) -> web.StreamResponse:
     if m is None:
         return _error(400, errors.MissingParameter.code, "Range must be 'bytes=0-<last>'")
     last = int(m.group(1))
-    services = request.app[common.SERVICES]
-    ovf = request.app[common.OVF]
+    doors = request.app[common.DOORS]
     try:
-        target = await _target_volume(request, sd, img, vol)
-        dom, store = await ovf.volume_range(sd, img, target, last + 1)
+        dom, target = await doors.transfers.open_read(sd, img, vol, last + 1)
     except errors.VdsmError as e:
         return _from(e)
     response = web.StreamResponse(status=206, headers={
@@ -137,7 +117,8 @@ async def handle_get(request: web.Request) -> web.StreamResponse:
         "Content-Range": f"bytes 0-{last}",
     })
 
-    return await common.send_stream(request, response, services,
-                                    lambda job: ovf.stream_volume(dom, store, job),
+    return await common.send_stream(request, response, doors.jobs,
+                                    lambda job: doors.transfers.read(dom, img, target,
+                                                                     last + 1, job),
                                     description=f"read image {img} for HTTP GET",
                                     verb="Image.uploadToStream")

@@ -41,14 +41,13 @@ async def handle_put(request: web.Request) -> web.StreamResponse:
     if not common.has_body_framing(request):
         return _error(411, errors.MissingParameter.code,
                       "Content-Length or chunked Transfer-Encoding required")
-    services = request.app[common.SERVICES]
-    ovf = request.app[common.OVF]
+    doors = request.app[common.DOORS]
 
     async def upload(job: Job) -> dict[str, object]:
-        return await ovf.upload(sd, common.body_chunks(request),
-                                length=request.content_length, job=job)
+        return await doors.ovf.upload(sd, common.body_chunks(request, doors.stall_timeout),
+                                      length=request.content_length, job=job)
 
-    job = services.jobs.start(upload, description=f"upload OVF_STORE of {sd}",
+    job = doors.jobs.start(upload, description=f"upload OVF_STORE of {sd}",
                               verb="StorageDomain.uploadOVFStore")
     await job.wait()
     if job.error is not None:
@@ -63,13 +62,9 @@ async def handle_get(request: web.Request) -> web.StreamResponse:
     if sd is None:
         return _error(400, errors.InvalidParameterException.code,
                       "storage domain id must be a UUID")
-    services = request.app[common.SERVICES]
-    ovf = request.app[common.OVF]
+    doors = request.app[common.DOORS]
     try:
-        contents = await ovf.contents(sd)
-        if contents is None:
-            raise errors.MissingOvfFileFromVM(sd, "no good OVF_STORE on the domain")
-        dom = await services.run_blocking(services.domains.get, sd)
+        contents = await doors.ovf.newest(sd)
     except errors.VdsmError as e:
         status, code, message = common.error_status(e)
         return _error(status, code, message)
@@ -82,7 +77,7 @@ async def handle_get(request: web.Request) -> web.StreamResponse:
         "X-OVF-Store-Last-Updated": store.last_updated or "",
     })
 
-    return await common.send_stream(request, response, services,
-                                    lambda job: ovf.stream_volume(dom, store, job),
+    return await common.send_stream(request, response, doors.jobs,
+                                    lambda job: doors.ovf.read_stream(sd, contents, job),
                                     description=f"read OVF_STORE of {sd}",
                                     verb="StorageDomain.downloadOVFStore")

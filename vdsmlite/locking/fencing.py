@@ -90,6 +90,7 @@ class FenceService:
         self.requests: dict[int, FenceRequest] = {}
         self.received: list[dict[str, Any]] = []   # reset requests taken (newest last)
         self.ignored = 0
+        monitors.subscribe(self)
         self._tasks: set[asyncio.Future[None]] = set()
 
     # --- listening (the target's side) --------------------------------------------------

@@ -213,9 +213,16 @@ class MonitorManager:
         self._run = run_blocking
         self.interval = interval
         self.io_timeout = io_timeout
-        self.listener: LockspaceListener | None = None
+        self._listener: LockspaceListener | None = None
         self.monitors: dict[str, DomainMonitor] = {}
         self._lock = asyncio.Lock()
+
+    def subscribe(self, listener: LockspaceListener) -> None:
+        """Tell `listener` when this host joins or leaves a lockspace (one listener:
+        the fence service, which subscribes itself when it is built)."""
+        if self._listener is not None:
+            raise RuntimeError("lockspace listener already subscribed")
+        self._listener = listener
 
     async def start_monitoring(self, sd_uuid: str, host_id: int | None, *,
                                pool_uuid: str | None = None) -> None:
@@ -233,7 +240,7 @@ class MonitorManager:
             monitor = DomainMonitor(sd_uuid, host_id, pool_uuid=pool_uuid,
                                     domains=self._domains, run_blocking=self._run,
                                     interval=self.interval, io_timeout=self.io_timeout,
-                                    listener=self.listener)
+                                    listener=self._listener)
             self.monitors[sd_uuid] = monitor
             monitor.start()
             log.info("monitoring domain %s%s", sd_uuid,

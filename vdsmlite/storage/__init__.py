@@ -1,5 +1,8 @@
-"""Storage: devices, connections, LVM, domains and volumes (all blocking code).
+"""Storage: devices, connections, LVM, domains, images and volumes.
 
-Modules here are synchronous unless their names say otherwise; verb handlers
-run them in the daemon's bounded executor so the event loop never blocks.
+Most modules here block (disk I/O, LVM and other commands) and are run in the
+daemon's bounded executor so the event loop never blocks. The exceptions are
+async and say so in their docstrings: the streams (`streamio`, `volumestream`)
+and the command runners that must time out (`commands`, `mount`, `iscsi`,
+`connections`).
 """

@@ -34,7 +34,9 @@ from vdsmlite import errors, failpoints
 from vdsmlite.ids import parse_uuid
 from vdsmlite.storage import clusterlock, commands, directio, lvm, persistent, qemuimg
 from vdsmlite.storage import constants as sc
+from vdsmlite.storage import devices as devmod
 from vdsmlite.storage.activation import Activator
+from vdsmlite.storage.image import Image
 from vdsmlite.storage.sd import (
     K_VGUUID,
     CreateVolumeRequest,
@@ -301,7 +303,7 @@ class BlockDomain(Domain):
         if req.format == "RAW" and req.initial_size is not None:
             raise errors.InvalidParameterException("initialSize", "not allowed for RAW")
         with self.lock:
-            parent = self.validate_create(req)
+            parent = Image(self, req.img_uuid).validate_create(req)
             size = self._lv_size(req)
             # No free-space pre-check: lvcreate refuses atomically and its
             # "insufficient free space" becomes 397 below.
@@ -368,7 +370,7 @@ class BlockDomain(Domain):
     def delete_volume(self, img_uuid: str, vol_uuid: str, *, post_zero: bool, force: bool,
                       progress: Progress) -> None:
         with self.lock:
-            state = self.check_deletable(img_uuid, vol_uuid, force)
+            state = Image(self, img_uuid).check_deletable(vol_uuid, force)
             lv = self.lv(vol_uuid)
             if state.md is not None and state.slot is not None:
                 self.write_slot(state.slot, state.md.replace(legality=sc.ILLEGAL).to_bytes())
@@ -394,7 +396,7 @@ class BlockDomain(Domain):
             self._unlink_volume(img_uuid, vol_uuid)
             progress(95)
             if state.md is not None:
-                self.relink_parent_after_delete(img_uuid, state.md.parent)
+                Image(self, img_uuid).relink_parent_after_delete(state.md.parent)
 
     def _grow_volume(self, img_uuid: str, vol_uuid: str, md: VolumeMetadata,
                      new_size: int) -> int:
@@ -456,6 +458,42 @@ class BlockDomain(Domain):
 
 
 # --- creation --------------------------------------------------------------------------
+
+
+def device_block_size(node: str) -> int:
+    """The logical block size the kernel reports for a block device."""
+    name = os.path.basename(os.path.realpath(node))
+    return int(Path(f"/sys/class/block/{name}/queue/logical_block_size").read_text())
+
+
+def check_new_vg(name: str, guids: list[str], nodes: dict[str, str], *,
+                 force: bool) -> list[str]:
+    """The device nodes of `guids` (GUID -> node in `nodes`) if they can become VG
+    `name`: all visible, distinct, one block size, big enough, and free unless `force`."""
+    if not guids:
+        raise errors.InvalidParameterException("devlist", "empty")
+    missing = [g for g in guids if g not in nodes]
+    if missing:
+        raise errors.InaccessiblePhysDev(missing)
+    devices = [nodes[g] for g in guids]
+    if len(set(devices)) != len(devices):
+        raise errors.InvalidParameterException("devlist", "duplicate devices")
+    if lvm.vgs(devices, [name]):
+        raise errors.VolumeGroupAlreadyExistsError(name)
+    sizes = {device_block_size(d) for d in devices}
+    if len(sizes) != 1:
+        raise errors.VolumeGroupBlockSizeError(name, sorted(sizes))
+    luns = [lun for lun in devmod.discover() if lun.guid in set(guids)]
+    total = sum(lun.capacity for lun in luns)
+    if total < sc.MIN_VG_SIZE:
+        raise errors.VolumeGroupSizeError(name, f"{total} < {sc.MIN_VG_SIZE} bytes")
+    if not force:
+        statuses = devmod.statuses(luns, check=True)
+        used = [g for g, st in statuses.items() if st.state != "free"]
+        if used:
+            raise errors.VolumeGroupCreateError(name, ",".join(used),
+                                                "LUNs are in use (force=true to wipe)")
+    return devices
 
 
 def create_vg(name: str, devices: list[str], *, force: bool) -> str:

@@ -52,12 +52,6 @@ class DomainStore:
     def guid_of(self, node: str) -> str:
         return self._guids.get(node) or Path(node).name
 
-    def node_of(self, guid: str) -> str:
-        for node, g in self.lun_nodes().items():
-            if g == guid:
-                return node
-        raise errors.InaccessiblePhysDev([guid])
-
     # --- scanning ------------------------------------------------------------------------
 
     def _scan_file(self) -> dict[str, Domain]:

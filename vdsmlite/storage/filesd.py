@@ -32,6 +32,7 @@ from vdsmlite.fsutil import fsync_dir
 from vdsmlite.ids import parse_uuid
 from vdsmlite.storage import clusterlock, directio, persistent, qemuimg
 from vdsmlite.storage import constants as sc
+from vdsmlite.storage.image import Image
 from vdsmlite.storage.sd import (
     K_REMOTE_PATH,
     CreateVolumeRequest,
@@ -194,7 +195,7 @@ class FileDomain(Domain):
 
     def create_volume(self, req: CreateVolumeRequest, progress: Progress) -> None:
         with self.lock:
-            parent = self.validate_create(req)
+            parent = Image(self, req.img_uuid).validate_create(req)
             if req.prealloc == "PREALLOCATED":
                 free = os.statvfs(self.path)
                 if req.capacity > free.f_frsize * free.f_bavail:
@@ -263,7 +264,7 @@ class FileDomain(Domain):
     def delete_volume(self, img_uuid: str, vol_uuid: str, *, post_zero: bool, force: bool,
                       progress: Progress) -> None:
         with self.lock:
-            state = self.check_deletable(img_uuid, vol_uuid, force)
+            state = Image(self, img_uuid).check_deletable(vol_uuid, force)
             data, meta, lease = self._paths(img_uuid, vol_uuid)
             if state.md is not None:
                 # First mark it: a crash from here on leaves an ILLEGAL volume, not a
@@ -280,7 +281,7 @@ class FileDomain(Domain):
             fsync_dir(data.parent)
             progress(90)
             if state.md is not None:
-                self.relink_parent_after_delete(img_uuid, state.md.parent)
+                Image(self, img_uuid).relink_parent_after_delete(state.md.parent)
             with contextlib.suppress(OSError):
                 data.parent.rmdir()  # only when the image is now empty
 

@@ -5,8 +5,8 @@ does not (metadata is re-read whenever it matters, because another host may
 have changed it). Subclasses implement the layout: `FileDomain` (a directory
 tree on a mount) and `BlockDomain` (an LVM VG). This module holds the parts
 that are the same for both: metadata keys and their meaning, the info/stats
-shapes VDSM returns, and the rules of volume chains (who may be a parent,
-what a snapshot must look like, what may be deleted).
+shapes VDSM returns. The rules of volume chains (who may be a parent, what a
+snapshot must look like, what may be deleted) are `storage.image`'s.
 
 All methods block (disk I/O, LVM); the API layer runs them in the executor.
 A per-domain lock serializes structural changes made by this host.
@@ -14,11 +14,12 @@ A per-domain lock serializes structural changes made by this host.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,14 @@ class CreateVolumeRequest:
     @property
     def has_parent(self) -> bool:
         return self.parent_vol != sc.BLANK_UUID
+
+
+@dataclass(frozen=True)
+class OpenVolume:
+    """A prepared volume: where to do I/O and in what units (the domain's block size)."""
+
+    path: Path
+    block_size: int
 
 
 @dataclass
@@ -260,34 +269,11 @@ class Domain(ABC):
                 states[state.md.parent].children.append(state.uuid)
         return states
 
-    def volume_with_children(self, img_uuid: str, vol_uuid: str) -> VolumeState:
-        states = self.volumes(img_uuid)
-        if vol_uuid not in states:
-            raise errors.VolumeDoesNotExist(vol_uuid)
-        return states[vol_uuid]
-
     def find_volume_image(self, vol_uuid: str) -> str | None:
         for img in self.image_ids():
             if vol_uuid in self.volume_ids(img):
                 return img
         return None
-
-    def chain(self, img_uuid: str, leaf_uuid: str) -> list[VolumeState]:
-        """Base first, leaf last."""
-        states = self.volumes(img_uuid)
-        if leaf_uuid not in states:
-            raise errors.VolumeDoesNotExist(leaf_uuid)
-        chain = []
-        current: str | None = leaf_uuid
-        while current and current != sc.BLANK_UUID:
-            state = states.get(current)
-            if state is None:
-                raise errors.ImageIsNotLegalChain(img_uuid, f"missing volume {current}")
-            if state in chain:
-                raise errors.ImageIsNotLegalChain(img_uuid, "loop in chain")
-            chain.append(state)
-            current = state.md.parent if state.md else None
-        return list(reversed(chain))
 
     def new_metadata(self, req: CreateVolumeRequest, capacity: int,
                      legality: str) -> VolumeMetadata:
@@ -296,36 +282,6 @@ class Domain(ABC):
             format=req.format, type=req.prealloc, voltype=sc.LEAF, disktype=req.disktype,
             description=truncate_description(req.description), legality=legality,
             ctime=int(time.time()), generation=0, sequence=req.sequence)
-
-    def validate_create(self, req: CreateVolumeRequest) -> VolumeState | None:
-        """Checks common to both layouts; returns the parent's state for snapshots."""
-        if self.find_volume_image(req.vol_uuid) is not None:
-            raise errors.VolumeAlreadyExists(req.vol_uuid)
-        if req.capacity < 1:
-            raise errors.CreateVolumeSizeError(req.capacity)
-        if req.disktype not in sc.DISK_TYPES:
-            raise errors.InvalidParameterException("diskType", req.disktype)
-        if req.initial_size is not None and req.initial_size > req.capacity:
-            raise errors.InvalidParameterException("initialSize", req.initial_size)
-        if not req.has_parent:
-            return None
-        if req.parent_img not in (req.img_uuid, sc.BLANK_UUID):
-            # Template clones (a parent in another image) need the parent shared into
-            # the new image; not supported yet.
-            raise errors.UnsupportedOperation(
-                "snapshot parent must be in the same image", req.parent_img)
-        if req.format != "COW":
-            raise errors.IncorrectFormat(req.vol_uuid, "a snapshot must be COW")
-        try:
-            parent = self.volume(req.img_uuid, req.parent_vol)
-        except errors.VolumeDoesNotExist:
-            raise errors.VolumeDoesNotExist(req.parent_vol) from None
-        if parent.legality != sc.LEGAL or parent.md is None:
-            raise errors.ImageIsNotLegalChain(req.img_uuid, f"parent {req.parent_vol} illegal")
-        if req.capacity < parent.md.capacity:
-            raise errors.InvalidParameterException(
-                "size", f"{req.capacity} < parent capacity {parent.md.capacity}")
-        return parent
 
     @abstractmethod
     def create_volume(self, req: CreateVolumeRequest, progress: Progress) -> None: ...
@@ -360,13 +316,15 @@ class Domain(ABC):
     @abstractmethod
     def teardown_volume(self, img_uuid: str, vol_uuid: str) -> None: ...
 
-    def check_deletable(self, img_uuid: str, vol_uuid: str, force: bool) -> VolumeState:
-        state = self.volume_with_children(img_uuid, vol_uuid)
-        if state.children and not force:
-            raise errors.VolumeImageHasChildren(vol_uuid, ",".join(state.children))
-        if state.md is not None and state.md.voltype == sc.SHARED and not force:
-            raise errors.CannotDeleteVolume(vol_uuid, "shared (template) volume")
-        return state
+    @contextlib.contextmanager
+    def opened(self, img_uuid: str, vol_uuid: str) -> Iterator[OpenVolume]:
+        """The volume prepared for I/O for the duration of the block, torn down after."""
+        path = self.prepare_volume(img_uuid, vol_uuid)
+        try:
+            block_size, _ = self.geometry()
+            yield OpenVolume(path, block_size)
+        finally:
+            self.teardown_volume(img_uuid, vol_uuid)
 
     def update_volume(self, img_uuid: str, vol_uuid: str, **changes: object) -> VolumeMetadata:
         with self.lock:
@@ -376,17 +334,6 @@ class Domain(ABC):
             md = state.md.replace(**changes)
             self.set_volume_metadata(img_uuid, vol_uuid, md)
             return md
-
-    def relink_parent_after_delete(self, img_uuid: str, parent_uuid: str) -> None:
-        """A parent that lost its last child becomes a leaf again."""
-        if parent_uuid == sc.BLANK_UUID:
-            return
-        try:
-            parent = self.volume_with_children(img_uuid, parent_uuid)
-        except errors.VolumeDoesNotExist:
-            return
-        if not parent.children and parent.md is not None and parent.md.voltype == sc.INTERNAL:
-            self.update_volume(img_uuid, parent_uuid, voltype=sc.LEAF)
 
     # --- sanlock and health -------------------------------------------------------
 

@@ -21,8 +21,6 @@ costs one pass.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -32,20 +30,21 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
-
 from vdsmlite import errors
-from vdsmlite.jobs import Job
-from vdsmlite.locking import sdm
+from vdsmlite.blocking import RunBlocking
+from vdsmlite.imagelocks import LockTable
+from vdsmlite.jobs import Job, JobRegistry
 from vdsmlite.locking.leases import Lease
 from vdsmlite.ovf import parser as ovfparser
 from vdsmlite.ovf import tarstream
 from vdsmlite.ovf.workers import OvfWorkers, Summary
-from vdsmlite.services import Services
-from vdsmlite.storage import ovfstore, streamio
+from vdsmlite.sdm.lease import SdmLease
+from vdsmlite.storage import ovfstore, streamio, volumestream
+from vdsmlite.storage.domains import DomainStore
+from vdsmlite.storage.image import Image
 from vdsmlite.storage.sd import Domain
 
-log = logging.getLogger("vdsmlite.ovfservice")
+log = logging.getLogger("vdsmlite.sdm.ovfstore")
 
 PARSE_BATCH_BYTES = 256 * 1024  # OVF bytes per task for the parser processes
 PARSE_AHEAD_BYTES = 8 * 1024 * 1024  # OVF bytes waiting for them at most
@@ -70,36 +69,43 @@ class StoreContents:
 class OvfService:
     CACHE_ENTRIES = 16
 
-    def __init__(self, services: Services) -> None:
-        self._s = services
+    def __init__(self, *, domains: DomainStore, image_locks: LockTable, sdm: SdmLease,
+                 workers: OvfWorkers, jobs: JobRegistry, run_blocking: RunBlocking) -> None:
+        self._domains = domains
+        self._image_locks = image_locks
+        self._sdm = sdm
+        self._workers = workers
+        self._jobs = jobs
+        self._run_blocking = run_blocking
         self._cache: OrderedDict[tuple[Any, ...], StoreContents] = OrderedDict()
 
-    @property
-    def stall_timeout(self) -> float:
-        return self._s.config.storage.upload_stall_timeout
+    async def _domain(self, sd_uuid: str) -> Domain:
+        dom: Domain = await self._run_blocking(self._domains.get, sd_uuid)
+        return dom
 
     # --- uploads ---------------------------------------------------------------------
 
     async def upload(self, sd_uuid: str, body: AsyncIterator[bytes], *, length: int | None,
                      job: Job) -> dict[str, Any]:
         """The commit protocol above; returns what was stored."""
-        dom = await self._s.run_blocking(self._s.domains.get, sd_uuid)
-        async with self._s.image_locks.hold(("ovf", sd_uuid)), sdm.hold(self._s, dom) as lease:
-            stores = await self._s.run_blocking(ovfstore.ensure_stores, dom)
+        dom = await self._domain(sd_uuid)
+        async with self._image_locks.hold(("ovf", sd_uuid)), self._sdm.hold(dom) as lease:
+            stores = await self._run_blocking(ovfstore.ensure_stores, dom)
             target = ovfstore.pick_target(stores)
             if length is not None and length > target.capacity:
                 raise errors.OvfStoreTooLarge(f"{length} bytes for a {target.capacity} byte "
                                               "OVF_STORE volume")
             start = time.monotonic()
-            await self._s.run_blocking(
+            await self._run_blocking(
                 dom.update_volume, target.img, target.vol,
                 description=ovfstore.description(sd_uuid, updated=False,
                                                  last_updated=target.last_updated))
-            size, summary = await self._write(dom, target, body, job, validate=True,
-                                              lease=lease)
+            size, summary = await self.write_store(dom, target.img, target.vol, body, job,
+                                                   capacity=target.capacity, validate=True,
+                                                   lease=lease)
             assert summary is not None
             stamp = ovfstore.next_stamp([s for s in stores if s != target])
-            await self._s.run_blocking(
+            await self._run_blocking(
                 dom.update_volume, target.img, target.vol,
                 description=ovfstore.description(sd_uuid, updated=True, size=size,
                                                  last_updated=stamp))
@@ -110,67 +116,41 @@ class OvfService:
                     "size": size, "entities": len(summary.entity_ids), "lastUpdated": stamp,
                     "seconds": round(elapsed, 3), "taskID": job.id}
 
-    async def write_volume(self, sd_uuid: str, img_uuid: str, vol_uuid: str,
-                           body: AsyncIterator[bytes], *, length: int | None, job: Job) -> int:
-        """The VDSM door: raw bytes into a given volume (the engine drives the
-        description itself). OVF_STORE volumes still only take a valid archive."""
-        dom = await self._s.run_blocking(self._s.domains.get, sd_uuid)
-        async with self._s.image_locks.hold(("ovf", sd_uuid)), sdm.hold(self._s, dom) as lease:
-            state = await self._s.run_blocking(dom.volume, img_uuid, vol_uuid)
-            if state.md is None:
-                raise errors.VolumeDoesNotExist(vol_uuid)
-            store = ovfstore.Store(img_uuid, vol_uuid, state.md.capacity, {})
-            if length is not None and length > store.capacity:
-                raise errors.OvfStoreTooLarge(f"{length} bytes for a {store.capacity} byte "
-                                              f"volume {vol_uuid}")
-            size, _ = await self._write(dom, store, body, job,
-                                        validate=ovfstore.is_store(state), lease=lease)
-            return size
-
-    async def _write(self, dom: Domain, store: ovfstore.Store, body: AsyncIterator[bytes],
-                     job: Job, *, validate: bool, lease: Lease | None
-                     ) -> tuple[int, tarstream.ArchiveSummary | None]:
-        path = await self._s.run_blocking(dom.prepare_volume, store.img, store.vol)
+    async def write_store(self, dom: Domain, img_uuid: str, vol_uuid: str,
+                          body: AsyncIterator[bytes], job: Job, *, capacity: int,
+                          validate: bool, lease: Lease | None
+                          ) -> tuple[int, tarstream.ArchiveSummary | None]:
+        """Stream `body` into the volume, validated as an OVF_STORE archive if `validate`,
+        checking the lease before every chunk; (bytes written, what the archive holds)."""
+        validator = (tarstream.TarValidator(capacity, check_xml=self._workers.check)
+                     if validate else None)
         try:
-            block_size, _ = await self._s.run_blocking(dom.geometry)
-            validator = (tarstream.TarValidator(store.capacity,
-                                                check_xml=self._s.ovf_workers.check)
-                         if validate else None)
-            writer = streamio.DirectWriter(
-                str(path), store.capacity, block_size, self._s.run_blocking,
-                inspect=validator.feed if validator else None)
-            await writer.open()
-            try:
-                async for chunk in _with_stall_timeout(body, self.stall_timeout):
-                    if lease is not None:
-                        lease.check()  # another host may own the domain now: stop
-                    await writer.write(chunk)
-                    job.update(bytes_done=writer.written)
-                size = await writer.finish()
-                # Waits for the last XML checks in the parser processes.
-                summary = await self._s.run_blocking(validator.finish) if validator else None
-            except BaseException:
-                await writer.abort()
-                if validator is not None:
-                    validator.abandon()
-                raise
-            return size, summary
-        except streamio.CapacityExceeded as e:
-            raise errors.OvfStoreTooLarge(str(e)) from None
-        except tarstream.TarError as e:
-            cls = errors.OvfStoreTooLarge if e.too_large else errors.InvalidOvfStore
-            raise cls(str(e)) from None
-        except (aiohttp.ClientPayloadError, ConnectionError, asyncio.IncompleteReadError) as e:
-            raise errors.TransferInterrupted(str(e) or type(e).__name__) from None
-        finally:
-            await self._s.run_blocking(dom.teardown_volume, store.img, store.vol)
+            size = await volumestream.write(
+                dom, img_uuid, vol_uuid, body, capacity=capacity,
+                run_blocking=self._run_blocking,
+                inspect=validator.feed if validator else None,
+                # another host may own the domain now: stop
+                before_chunk=lease.check if lease is not None else None,
+                progress=lambda done: job.update(bytes_done=done))
+            # Waits for the last XML checks in the parser processes.
+            summary = await self._run_blocking(validator.finish) if validator else None
+        except BaseException as e:
+            if validator is not None:
+                validator.abandon()
+            if isinstance(e, streamio.CapacityExceeded):
+                raise errors.OvfStoreTooLarge(str(e)) from e
+            if isinstance(e, tarstream.TarError):
+                cls = errors.OvfStoreTooLarge if e.too_large else errors.InvalidOvfStore
+                raise cls(str(e)) from e
+            raise
+        return size, summary
 
     # --- reads -------------------------------------------------------------------------
 
     async def contents(self, sd_uuid: str, job: Job | None = None) -> StoreContents | None:
         """The newest store that validates, with its entities; None if there is none."""
-        dom = await self._s.run_blocking(self._s.domains.get, sd_uuid)
-        stores = await self._s.run_blocking(ovfstore.find_stores, dom)
+        dom = await self._domain(sd_uuid)
+        stores = await self._run_blocking(ovfstore.find_stores, dom)
         for store in ovfstore.by_preference(stores):
             if not store.good:
                 continue
@@ -180,7 +160,7 @@ class OvfService:
                 self._cache.move_to_end(key)
                 return cached
             try:
-                contents = await self._s.run_blocking(self._load, dom, store, job)
+                contents = await self._run_blocking(self._load, dom, store, job)
             except (tarstream.TarError, ovfparser.OvfError, OSError, errors.VdsmError) as e:
                 log.warning("OVF_STORE %s/%s of %s is unreadable (%s); trying the next one",
                             store.img, store.vol, sd_uuid, e)
@@ -191,29 +171,62 @@ class OvfService:
             return contents
         return None
 
+    async def newest(self, sd_uuid: str) -> StoreContents:
+        """The newest good store; 228 if the domain has none."""
+        contents = await self.contents(sd_uuid)
+        if contents is None:
+            raise errors.MissingOvfFileFromVM(sd_uuid, "no good OVF_STORE on the domain")
+        return contents
+
+    async def read_stream(self, sd_uuid: str, contents: StoreContents,
+                          job: Job) -> AsyncIterator[bytes]:
+        """The store's tar as chunks (`contents` comes from `newest`, validated already)."""
+        dom = await self._domain(sd_uuid)
+        store = contents.store
+        assert store.size is not None
+        async for chunk in volumestream.read(dom, store.img, store.vol, store.size,
+                                             run_blocking=self._run_blocking,
+                                             progress=lambda done: job.update(bytes_done=done)):
+            yield chunk
+
+    async def entity(self, sd_uuid: str, entity_id: str) -> dict[str, Any]:
+        """One entity of the newest good store: its summary and its OVF document."""
+        contents = await self.contents(sd_uuid)
+        if contents is None or entity_id not in contents.entities:
+            raise errors.MissingOvfFileFromVM(entity_id)
+        dom = await self._domain(sd_uuid)
+        data = await self._run_blocking(self._read_member, dom, contents.store, entity_id)
+        return {"entity": contents.entities[entity_id], "ovf": data.decode("utf-8"),
+                "store": contents.describe()}
+
+    def _read_member(self, dom: Domain, store: ovfstore.Store, entity_id: str) -> bytes:
+        for name, data in self._members_of(dom, store):
+            if name.lower() == f"{entity_id}.ovf":
+                return data
+        raise errors.MissingOvfFileFromVM(entity_id)
+
     def _load(self, dom: Domain, store: ovfstore.Store, job: Job | None) -> StoreContents:
         assert store.size is not None
         start = time.monotonic()
         contents = StoreContents(store)
-        summaries = _Summaries(self._s.ovf_workers, contents)
-        path = dom.prepare_volume(store.img, store.vol)
+        summaries = _Summaries(self._workers, contents)
         try:
-            block_size, _ = dom.geometry()
-            # Every OVF is parsed in full by the workers, which checks it as strictly
-            # as the upload did, so the framing here need not check the XML again.
-            validator = tarstream.TarValidator(store.size, on_member=summaries.add,
-                                               validate_xml=False)
-            done = 0
-            for chunk in streamio.read_chunks(str(path), store.size, block_size):
-                validator.feed(chunk)
-                done += len(chunk)
-                if job is not None:
-                    job.update(bytes_done=done)
-            summary = validator.finish()
-            summaries.finish()
+            with dom.opened(store.img, store.vol) as volume:
+                # Every OVF is parsed in full by the workers, which checks it as strictly
+                # as the upload did, so the framing here need not check the XML again.
+                validator = tarstream.TarValidator(store.size, on_member=summaries.add,
+                                                   validate_xml=False)
+                done = 0
+                for chunk in streamio.read_chunks(str(volume.path), store.size,
+                                                  volume.block_size):
+                    validator.feed(chunk)
+                    done += len(chunk)
+                    if job is not None:
+                        job.update(bytes_done=done)
+                summary = validator.finish()
+                summaries.finish()
         finally:
             summaries.cancel()
-            dom.teardown_volume(store.img, store.vol)
         contents.info = summary.info
         if isinstance(summary.metadata, dict):
             statuses = summary.metadata.get("VM Status")
@@ -230,64 +243,36 @@ class OvfService:
                         next(iter(contents.invalid.items())))
         return contents
 
-    async def read_stream(self, sd_uuid: str, job: Job
-                          ) -> tuple[StoreContents, AsyncIterator[bytes]]:
-        """The newest good tar as chunks (validated first, so it is never half-bad)."""
-        contents = await self.contents(sd_uuid, job)
-        if contents is None:
-            raise errors.MissingOvfFileFromVM(sd_uuid, "no good OVF_STORE on the domain")
-        dom = await self._s.run_blocking(self._s.domains.get, sd_uuid)
-        return contents, self._stream_volume(dom, contents.store, job)
-
-    async def volume_range(self, sd_uuid: str, img_uuid: str, vol_uuid: str,
-                           length: int) -> tuple[Domain, ovfstore.Store]:
-        """The VDSM door's GET: check that the first `length` bytes can be read."""
-        dom = await self._s.run_blocking(self._s.domains.get, sd_uuid)
-        state = await self._s.run_blocking(dom.volume, img_uuid, vol_uuid)
-        if state.md is None or length > state.md.capacity:
-            raise errors.InvalidParameterException("Range", length)
-        return dom, ovfstore.Store(img_uuid, vol_uuid, state.md.capacity,
-                                   {"Size": length, "Updated": True})
-
-    def stream_volume(self, dom: Domain, store: ovfstore.Store,
-                      job: Job) -> AsyncIterator[bytes]:
-        return self._stream_volume(dom, store, job)
-
-    async def _stream_volume(self, dom: Domain, store: ovfstore.Store,
-                             job: Job) -> AsyncIterator[bytes]:
-        assert store.size is not None
-        path = await self._s.run_blocking(dom.prepare_volume, store.img, store.vol)
-        try:
-            block_size, _ = await self._s.run_blocking(dom.geometry)
-            chunks = streamio.read_chunks(str(path), store.size, block_size)
-            done = 0
-            try:
-                while True:
-                    chunk = await self._s.run_blocking(next, chunks, None)
-                    if chunk is None:
-                        break
-                    done += len(chunk)
-                    job.update(bytes_done=done)
-                    yield chunk
-            finally:
-                await self._s.run_blocking(chunks.close)
-        finally:
-            await self._s.run_blocking(dom.teardown_volume, store.img, store.vol)
-
     # --- single entities -------------------------------------------------------------
+
+    async def edit_entity(self, sd_uuid: str, entity_id: str, ovf: bytes | None,
+                          verb: str) -> dict[str, Any]:
+        """`replace_entity` as a job (Host.getJobs shows it); returns what was stored."""
+        what = "update" if ovf is not None else "remove"
+
+        async def body(job: Job) -> dict[str, Any]:
+            return await self.replace_entity(sd_uuid, entity_id, ovf, job)
+
+        job = self._jobs.start(body, description=f"{what} OVF of {entity_id} on {sd_uuid}",
+                               verb=verb)
+        await job.wait()
+        if job.error is not None:
+            raise job.error
+        result: dict[str, Any] = job.result
+        return result
 
     async def replace_entity(self, sd_uuid: str, entity_id: str, ovf: bytes | None,
                              job: Job) -> dict[str, Any]:
         """Write a new store with one entity updated (ovf) or removed (None)."""
         if ovf is not None:
-            entity = await self._s.run_blocking(ovfparser.parse, ovf)
+            entity = await self._run_blocking(ovfparser.parse, ovf)
             if entity.id != entity_id:
                 raise errors.InvalidParameterException(
                     "ovf", f"OVF is for entity {entity.id}, not {entity_id}")
         contents = await self.contents(sd_uuid)
         if ovf is None and (contents is None or entity_id not in contents.entities):
             raise errors.MissingOvfFileFromVM(entity_id)
-        dom = await self._s.run_blocking(self._s.domains.get, sd_uuid)
+        dom = await self._domain(sd_uuid)
         members = self._rebuilt_members(dom, sd_uuid, contents, entity_id, ovf)
         return await self.upload(sd_uuid, self._as_async(members), length=None, job=job)
 
@@ -320,31 +305,29 @@ class OvfService:
 
     def _members_of(self, dom: Domain, store: ovfstore.Store) -> Iterator[tuple[str, bytes]]:
         assert store.size is not None
-        path = dom.prepare_volume(store.img, store.vol)
-        try:
-            block_size, _ = dom.geometry()
+        with dom.opened(store.img, store.vol) as volume:
             yield from tarstream.iter_members(
-                streamio.read_chunks(str(path), store.size, block_size), store.size)
-        finally:
-            dom.teardown_volume(store.img, store.vol)
+                streamio.read_chunks(str(volume.path), store.size, volume.block_size),
+                store.size)
 
     async def _as_async(self, gen: Iterator[bytes]) -> AsyncIterator[bytes]:
         """A blocking generator (disk reads) driven from the executor."""
         try:
             while True:
-                chunk = await self._s.run_blocking(next, gen, None)
+                chunk = await self._run_blocking(next, gen, None)
                 if chunk is None:
                     return
                 yield chunk
         finally:
-            await self._s.run_blocking(gen.close)
+            await self._run_blocking(gen.close)
 
     # --- floating disks -----------------------------------------------------------------
 
     async def unregistered_disks(self, sd_uuid: str) -> list[dict[str, Any]]:
         contents = await self.contents(sd_uuid)
-        dom = await self._s.run_blocking(self._s.domains.get, sd_uuid)
-        return await self._s.run_blocking(_floating, dom, contents)
+        dom = await self._domain(sd_uuid)
+        floating: list[dict[str, Any]] = await self._run_blocking(_floating, dom, contents)
+        return floating
 
 
 class _Summaries:
@@ -418,7 +401,7 @@ def _floating(dom: Domain, contents: StoreContents | None) -> list[dict[str, Any
         desc = ovfstore.parse_description(leaf.md.description) or {}
         out.append({
             "imageID": img,
-            "volumeIDs": [s.uuid for s in dom.chain(img, leaf.uuid)],
+            "volumeIDs": [s.uuid for s in Image(dom, img).chain(leaf.uuid)],
             "alias": desc.get("DiskAlias") or "",
             "description": desc.get("DiskDescription", leaf.md.description if not desc else ""),
             "capacity": leaf.md.capacity,
@@ -427,19 +410,3 @@ def _floating(dom: Domain, contents: StoreContents | None) -> list[dict[str, Any
             "legality": leaf.legality,
         })
     return out
-
-
-async def _with_stall_timeout(body: AsyncIterator[bytes], timeout: float
-                              ) -> AsyncIterator[bytes]:
-    it = body.__aiter__()
-    while True:
-        try:
-            chunk = await asyncio.wait_for(it.__anext__(), timeout)
-        except StopAsyncIteration:
-            return
-        except TimeoutError:
-            with contextlib.suppress(Exception):
-                await it.aclose()  # type: ignore[attr-defined]
-            raise errors.TransferStalled(f"no data for {timeout:.0f}s") from None
-        yield chunk
-

@@ -1,0 +1,84 @@
+"""Volume streams: any volume's bytes to or from a stream of chunks (async).
+
+The two operations every door that moves image data needs, whatever the
+volume holds: `write` takes an async stream into a volume with O_DIRECT
+(`streamio.DirectWriter`), `read` yields a volume's first bytes read back
+with O_DIRECT. Each prepares the volume for the transfer and tears it down
+after, also when the transfer fails or its consumer goes away.
+
+Like ovirt-imageio's ops, they know nothing of what the bytes mean or who
+asked: callers pass `inspect` (sees every byte in order, e.g. an archive
+validator), `before_chunk` (e.g. "is the lease still ours?") and `progress`
+(bytes done so far) and translate errors into their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+
+from vdsmlite.blocking import RunBlocking
+from vdsmlite.storage import streamio
+from vdsmlite.storage.sd import Domain, OpenVolume
+
+Progress = Callable[[int], None]
+
+
+@contextlib.asynccontextmanager
+async def opened(dom: Domain, img_uuid: str, vol_uuid: str,
+                 run_blocking: RunBlocking) -> AsyncIterator[OpenVolume]:
+    """`Domain.opened` for async callers: prepare and teardown run in the executor."""
+    path = await run_blocking(dom.prepare_volume, img_uuid, vol_uuid)
+    try:
+        block_size, _ = await run_blocking(dom.geometry)
+        yield OpenVolume(path, block_size)
+    finally:
+        await run_blocking(dom.teardown_volume, img_uuid, vol_uuid)
+
+
+async def write(dom: Domain, img_uuid: str, vol_uuid: str, body: AsyncIterator[bytes], *,
+                capacity: int, run_blocking: RunBlocking,
+                inspect: streamio.Inspect | None = None,
+                before_chunk: Callable[[], None] | None = None,
+                progress: Progress | None = None) -> int:
+    """Write `body` from offset 0; returns its length once it is durable.
+
+    Raises `streamio.CapacityExceeded` past `capacity` bytes; whatever `inspect`
+    or `before_chunk` raise stops the transfer. A failed transfer leaves a
+    partial write behind: callers that need all-or-nothing mark the volume first.
+    """
+    async with opened(dom, img_uuid, vol_uuid, run_blocking) as volume:
+        writer = streamio.DirectWriter(str(volume.path), capacity, volume.block_size,
+                                       run_blocking, inspect=inspect)
+        await writer.open()
+        try:
+            async for chunk in body:
+                if before_chunk is not None:
+                    before_chunk()
+                await writer.write(chunk)
+                if progress is not None:
+                    progress(writer.written)
+            return await writer.finish()
+        except BaseException:
+            await writer.abort()
+            raise
+
+
+async def read(dom: Domain, img_uuid: str, vol_uuid: str, length: int, *,
+               run_blocking: RunBlocking,
+               progress: Progress | None = None) -> AsyncIterator[bytes]:
+    """The first `length` bytes of the volume, in chunks, read with O_DIRECT."""
+    async with opened(dom, img_uuid, vol_uuid, run_blocking) as volume:
+        chunks = streamio.read_chunks(str(volume.path), length, volume.block_size)
+        done = 0
+        try:
+            while True:
+                chunk = await run_blocking(next, chunks, None)
+                if chunk is None:
+                    break
+                done += len(chunk)
+                if progress is not None:
+                    progress(done)
+                yield chunk
+        finally:
+            await run_blocking(chunks.close)
