@@ -14,8 +14,9 @@ the request:
 * sanlock dead: A's sanlock daemon itself reports B DEAD (polled directly
   through the binding, every 0.1 s).
 
-Bounds (../shared/reference/sanlock.md §2, §5): a request reaches the target
-within about two renewal intervals plus the 1 s check, R = 2 x io_timeout + 1 s
+Bounds (sanlock's renewal and host-dead timing, both derived from io_timeout): a
+request reaches the target within about two renewal intervals plus the 1 s
+check, R = 2 x io_timeout + 1 s
 (target: taken <= 2R + 1); sanlock declares a host dead 8 x io_timeout + 60 s
 after its last renewal (at the latest the reset), as seen by the observer up to
 one renewal interval late (target: our "off" within 5 s of sanlock's DEAD).

@@ -5,7 +5,7 @@ socket and pid lock file; clients find it through ``SANLOCK_RUN_DIR``) and a
 stable host name (``-e``), so that a restart after a crash re-joins at once
 ("fast reacquire") instead of waiting for the old incarnation to be declared
 dead. ``SANLOCK_PRIVILEGED=0`` is what lets it start without CAP_SYS_RESOURCE
-(see ../shared/ENVIRONMENT.md); ``-w 0`` because these machines have no
+(sandboxes and containers withhold that capability); ``-w 0`` because these machines have no
 watchdog device (the simulated host's watchdog is `fake_storage.watchdog`).
 
 Stopping is by PID: SIGTERM (which sanlock honours only with no lockspace

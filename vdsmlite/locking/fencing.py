@@ -3,7 +3,8 @@
 A host that must be fenced may have lost its management network but still
 write to storage: every host renews its delta lease in each lockspace it has
 joined, and sanlock can carry a small event from one host to another in those
-renewals (see ../shared/reference/sanlock.md §2). With sanlk-reset's vocabulary:
+renewals (sanlock's "host events", sanlock_set_event / sanlock_get_event, the
+mechanism its sanlk-reset tool uses). With sanlk-reset's vocabulary:
 
 * the fencer (`FenceService.fence`, for Host.fenceNode with agent "sanlock")
   sets a RESET event for the target's host id and current generation in every
