@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.ovf_helpers import entity_ovf
-from vdsmlite.ovf.parser import OvfError
+from vdsmlite.ovf.model import OvfError
 from vdsmlite.ovf.workers import OvfWorkers
 
 ENVELOPE = b'<ovf:Envelope xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1/">'

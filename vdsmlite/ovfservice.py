@@ -38,8 +38,9 @@ from vdsmlite import errors
 from vdsmlite.jobs import Job
 from vdsmlite.locking import sdm
 from vdsmlite.locking.leases import Lease
-from vdsmlite.ovf import parser as ovfparser
+from vdsmlite.ovf import reader as ovfreader
 from vdsmlite.ovf import tarstream
+from vdsmlite.ovf.model import OvfError
 from vdsmlite.ovf.workers import OvfWorkers, Summary
 from vdsmlite.services import Services
 from vdsmlite.storage import ovfstore, streamio
@@ -181,7 +182,7 @@ class OvfService:
                 return cached
             try:
                 contents = await self._s.run_blocking(self._load, dom, store, job)
-            except (tarstream.TarError, ovfparser.OvfError, OSError, errors.VdsmError) as e:
+            except (tarstream.TarError, OvfError, OSError, errors.VdsmError) as e:
                 log.warning("OVF_STORE %s/%s of %s is unreadable (%s); trying the next one",
                             store.img, store.vol, sd_uuid, e)
                 continue
@@ -280,7 +281,7 @@ class OvfService:
                              job: Job) -> dict[str, Any]:
         """Write a new store with one entity updated (ovf) or removed (None)."""
         if ovf is not None:
-            entity = await self._s.run_blocking(ovfparser.parse, ovf)
+            entity = await self._s.run_blocking(ovfreader.parse, ovf)
             if entity.id != entity_id:
                 raise errors.InvalidParameterException(
                     "ovf", f"OVF is for entity {entity.id}, not {entity_id}")

@@ -29,7 +29,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from vdsmlite.ovf.parser import OvfError, OvfValidator
+from vdsmlite.ids import UUID_PATTERN
+from vdsmlite.ovf.model import OvfError
+from vdsmlite.ovf.safexml import OvfValidator
 
 BLOCK = 512
 RECORD = 10240  # commons-compress pads archives to 20 blocks, as the engine's are
@@ -44,6 +46,17 @@ _TYPE_NAMES = {b"1": "hard link", b"2": "symbolic link", b"3": "character device
                b"4": "block device", b"5": "directory", b"6": "FIFO",
                b"7": "contiguous file", b"x": "pax header", b"g": "pax global header",
                b"L": "GNU long name", b"K": "GNU long link name"}
+_OVF_MEMBER = re.compile(rf"({UUID_PATTERN})\.ovf")
+
+
+def entity_id_from_name(member_name: str) -> str | None:
+    """``<uuid>.ovf`` (an OVF_STORE tar member) -> the lower-case uuid, else None.
+
+    Only a bare name with the uuid in its canonical 8-4-4-4-12 form (either case) is
+    accepted, so a member name can never smuggle a path.
+    """
+    match = _OVF_MEMBER.fullmatch(member_name)
+    return match.group(1).lower() if match else None
 
 
 class TarError(ValueError):
@@ -120,7 +133,7 @@ class _JsonMember:
         self.name = name
         self.parts: list[bytes] = []
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
         self.parts.append(bytes(data))
 
     @property

@@ -9,11 +9,11 @@ storage domain chose - out of the daemon's address space, under an address
 space limit: a parser crash or blow-up costs one batch, not the agent.
 
 The daemon starts the pool once it serves (the ``spawn`` method: a fresh
-interpreter that imports only this module and the parser, never a copy of the
-daemon's threads, sockets or locks); other users start it on first use.
-Workers leave when the daemon closes the pool, or by themselves within a
-second of the daemon's death, so a SIGKILLed daemon leaves no orphans. A
-pool whose worker died is replaced on the next call.
+interpreter that imports only this module and the OVF readers - `safexml`,
+`reader`, `model` - never a copy of the daemon's threads, sockets or locks);
+other users start it on first use. Workers leave when the daemon closes the
+pool, or by themselves within a second of the daemon's death, so a SIGKILLed
+daemon leaves no orphans. A pool whose worker died is replaced on the next call.
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from vdsmlite.ovf.parser import OvfError, OvfValidator, parse
+from vdsmlite.ovf.model import OvfError
+from vdsmlite.ovf.reader import parse
+from vdsmlite.ovf.safexml import OvfValidator
 
 log = logging.getLogger("vdsmlite.ovf.workers")
 
