@@ -93,6 +93,9 @@ ADVERSARIAL = {
     "dotdot": (raw_tar([(member("../x.ovf", GOOD_OVF), GOOD_OVF)]), "member name"),
     "absolute": (raw_tar([(member("/etc/x.ovf", GOOD_OVF), GOOD_OVF)]), "member name"),
     "nested": (raw_tar([(member(f"d/{OVF_ID}.ovf", GOOD_OVF), GOOD_OVF)]), "member name"),
+    # Once let through (a "$" that also matched before a final newline) and then left
+    # out of every listing, since the name does not end in ".ovf".
+    "newline": (build_tar([(f"{OVF_ID}.ovf\n", GOOD_OVF)]), "member name"),
     "symlink": (raw_tar([(member(f"{OVF_ID}.ovf", b"", type=tarfile.SYMTYPE,
                                  linkname="/etc/passwd"), b"")]), "symbolic link"),
     "hardlink": (raw_tar([(member(f"{OVF_ID}.ovf", b"", type=tarfile.LNKTYPE,

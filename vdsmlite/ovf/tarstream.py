@@ -16,7 +16,8 @@ anything that is not exactly that:
   padding, and fits the volume.
 
 `TarWriter` produces such archives (for single-entity updates), and
-`iter_members` reads one back member by member.
+`iter_members` reads one back member by member. `entity_id_from_name` is the
+one statement of how an entity's member is named.
 """
 
 from __future__ import annotations
@@ -40,8 +41,6 @@ MAX_JSON_MEMBER = 16 * 1024 * 1024
 
 INFO = "info.json"
 METADATA = "metadata.json"
-_OVF_NAME = re.compile(
-    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\.ovf$")
 _TYPE_NAMES = {b"1": "hard link", b"2": "symbolic link", b"3": "character device",
                b"4": "block device", b"5": "directory", b"6": "FIFO",
                b"7": "contiguous file", b"x": "pax header", b"g": "pax global header",
@@ -118,7 +117,7 @@ def parse_header(block: bytes, offset: int) -> Header:
         name = raw_name.decode("ascii")
     except UnicodeDecodeError:
         raise TarError(f"{where}: non-ASCII member name") from None
-    if name not in (INFO, METADATA) and not _OVF_NAME.match(name):
+    if name not in (INFO, METADATA) and entity_id_from_name(name) is None:
         raise TarError(f"{where}: member name {name[:100]!r} is not info.json, "
                        "metadata.json or <uuid>.ovf")
     size = _octal(block[124:136], f"{where}: size")
