@@ -1,4 +1,5 @@
-"""The OVF parser processes: results, errors, a dying worker, a hostile OVF, orphans."""
+"""The OVF parser processes: results, errors, a dying worker, a hostile OVF, orphans;
+and the batcher that feeds them."""
 
 from __future__ import annotations
 
@@ -8,13 +9,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.ovf_helpers import entity_ovf
-from vdsmlite.ovf.parser import OvfError
-from vdsmlite.ovf.workers import OvfWorkers
+from tests.ovf_helpers import build_tar, entity_ovf
+from vdsmlite.ovf.model import OvfError
+from vdsmlite.ovf.tarstream import TarError, TarValidator
+from vdsmlite.ovf.workers import NamedDoc, OvfBatcher, OvfWorkers
 
 ENVELOPE = b'<ovf:Envelope xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1/">'
 UNBOUND_PREFIX = ENVELOPE + b"<Content><x:Name/></Content></ovf:Envelope>"
@@ -84,6 +88,87 @@ def test_a_hostile_ovf_hits_the_memory_limit_not_the_daemon() -> None:
         assert workers.summarize([entity_ovf("vm")[1]]).result(timeout=60)[0]["name"] == "vm"
     finally:
         workers.close()
+
+
+def test_worker_checks_refuse_a_bad_member_of_an_archive(workers: OvfWorkers) -> None:
+    (id0, doc0), (id1, _) = entity_ovf("vm-0"), entity_ovf("vm-1")
+    good = build_tar([(f"{id0}.ovf", doc0)])
+    validator = TarValidator(1 << 30, check_xml=workers.check, check_ahead=0)
+    validator.feed(good)
+    assert validator.finish().entity_ids == [id0]
+    bad = build_tar([(f"{id0}.ovf", doc0), (f"{id1}.ovf", NOT_AN_OVF)])
+    validator = TarValidator(1 << 30, check_xml=workers.check)
+    validator.feed(bad)
+    with pytest.raises(TarError, match=rf"^{id1}\.ovf: .*not an OVF Envelope"):
+        validator.finish()
+
+
+class _LazyFuture(Future[Any]):
+    """Done only when asked for its result, which the test records as a wait."""
+
+    def __init__(self, value: Any, waits: list[Any]) -> None:
+        super().__init__()
+        self._value = value
+        self._waits = waits
+
+    def result(self, timeout: float | None = None) -> Any:
+        if not self.done():
+            self._waits.append(self._value)
+            if isinstance(self._value, BaseException):
+                self.set_exception(self._value)
+            else:
+                self.set_result(self._value)
+        return super().result(timeout)
+
+
+def test_batcher_sends_batches_by_bytes_and_hands_results_on_in_order() -> None:
+    sent: list[list[NamedDoc]] = []
+    filed: list[tuple[list[str], int]] = []
+
+    def submit(docs: list[NamedDoc]) -> Future[int]:
+        sent.append(docs)
+        future: Future[int] = Future()
+        future.set_result(len(sent))
+        return future
+
+    batcher = OvfBatcher(submit, lambda names, n: filed.append((names, n)),
+                         batch_bytes=10, ahead_bytes=100)
+    for name in "abcde":
+        batcher.add(name, b"1234")
+    batcher.finish()
+    assert [[name for name, _ in docs] for docs in sent] == [["a", "b", "c"], ["d", "e"]]
+    assert filed == [(["a", "b", "c"], 1), (["d", "e"], 2)]
+
+
+def test_batcher_waits_only_when_too_much_is_out() -> None:
+    waits: list[Any] = []
+    batcher = OvfBatcher(lambda docs: _LazyFuture(docs[0][0], waits),
+                         batch_bytes=4, ahead_bytes=8)
+    batcher.add("a", b"1234")
+    batcher.add("b", b"1234")
+    assert waits == []  # 8 bytes out: not more than allowed
+    batcher.add("c", b"1234")
+    assert waits == ["a"]  # the oldest batch, and no more
+    batcher.finish()
+    assert waits == ["a", "b", "c"]
+
+
+def test_a_failed_batch_cancels_the_rest_and_is_raised() -> None:
+    waits: list[Any] = []
+    futures: list[Future[Any]] = []
+
+    def submit(docs: list[NamedDoc]) -> Future[Any]:
+        value = OvfError(f"{docs[0][0]}: bad") if docs[0][0] == "a" else None
+        futures.append(_LazyFuture(value, waits))
+        return futures[-1]
+
+    batcher = OvfBatcher(submit, batch_bytes=1, ahead_bytes=1 << 20)
+    for name in "abc":
+        batcher.add(name, b"x")
+    with pytest.raises(OvfError, match=r"^a: bad$"):
+        batcher.finish()
+    assert [f.cancelled() for f in futures] == [False, True, True]
+    batcher.finish()  # nothing left to wait for
 
 
 ORPHAN_SCRIPT = """

@@ -14,6 +14,7 @@ from vdsmlite.ovf.tarstream import (
     TarError,
     TarValidator,
     TarWriter,
+    entity_id_from_name,
     iter_members,
 )
 
@@ -92,6 +93,9 @@ ADVERSARIAL = {
     "dotdot": (raw_tar([(member("../x.ovf", GOOD_OVF), GOOD_OVF)]), "member name"),
     "absolute": (raw_tar([(member("/etc/x.ovf", GOOD_OVF), GOOD_OVF)]), "member name"),
     "nested": (raw_tar([(member(f"d/{OVF_ID}.ovf", GOOD_OVF), GOOD_OVF)]), "member name"),
+    # Once let through (a "$" that also matched before a final newline) and then left
+    # out of every listing, since the name does not end in ".ovf".
+    "newline": (build_tar([(f"{OVF_ID}.ovf\n", GOOD_OVF)]), "member name"),
     "symlink": (raw_tar([(member(f"{OVF_ID}.ovf", b"", type=tarfile.SYMTYPE,
                                  linkname="/etc/passwd"), b"")]), "symbolic link"),
     "hardlink": (raw_tar([(member(f"{OVF_ID}.ovf", b"", type=tarfile.LNKTYPE,
@@ -158,3 +162,27 @@ def test_iter_members_hands_members_on_byte_for_byte() -> None:
             expected.append((m.name, f.read()))
     chunks = [data[i:i + 1000] for i in range(0, len(data), 1000)]
     assert list(iter_members(chunks, len(data))) == expected
+
+
+# --- tar member names --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("70f24c82-a7b8-4e0b-9192-cffd5705cf5c.ovf", "70f24c82-a7b8-4e0b-9192-cffd5705cf5c"),
+    ("70F24C82-A7B8-4E0B-9192-CFFD5705CF5C.ovf", "70f24c82-a7b8-4e0b-9192-cffd5705cf5c"),
+    ("../x.ovf", None),
+    ("../70f24c82-a7b8-4e0b-9192-cffd5705cf5c.ovf", None),
+    ("./70f24c82-a7b8-4e0b-9192-cffd5705cf5c.ovf", None),
+    ("/70f24c82-a7b8-4e0b-9192-cffd5705cf5c.ovf", None),
+    ("x.ovf", None),
+    ("info.json", None),
+    ("metadata.json", None),
+    ("70f24c82-a7b8-4e0b-9192-cffd5705cf5c.ovf.tmp", None),
+    ("70f24c82-a7b8-4e0b-9192-cffd5705cf5c.ovf\n", None),
+    ("70f24c82-a7b8-4e0b-9192-cffd5705cf5c", None),
+    ("70f24c82a7b84e0b9192cffd5705cf5c.ovf", None),
+    ("{70f24c82-a7b8-4e0b-9192-cffd5705cf5c}.ovf", None),
+    ("", None),
+])
+def test_entity_id_from_name(name: str, expected: str | None) -> None:
+    assert entity_id_from_name(name) == expected

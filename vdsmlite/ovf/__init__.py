@@ -1,1 +1,14 @@
-"""oVirt OVF documents: the per-VM/template descriptors kept in OVF_STORE volumes."""
+"""The OVF_STORE format: oVirt OVF documents and the tar archive that holds them.
+
+Ground floor: nothing here knows about domains, volumes or the doors; callers
+hand in bytes and get values or errors back. One purpose per room:
+
+- `model`: what an OVF says (`Entity`, `Disk`, `Snapshot`) and `OvfError`;
+- `safexml`: the gate for untrusted XML (DTD refusal, safe parsers, `OvfValidator`);
+- `reader`: the OVF dialects read into the model (`parse`);
+- `tarstream`: the archive - member names, streaming validation, writing;
+- `workers`: the processes that check and read OVFs, and the batcher feeding them.
+
+Turning an OVF into VDSM VM parameters (start a VM from its OVF) will be a room
+of its own, `vmparams`, reading through `reader` and `model` like the rest.
+"""

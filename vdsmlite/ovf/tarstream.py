@@ -16,20 +16,23 @@ anything that is not exactly that:
   padding, and fits the volume.
 
 `TarWriter` produces such archives (for single-entity updates), and
-`iter_members` reads one back member by member.
+`iter_members` reads one back member by member. `entity_id_from_name` is the
+one statement of how an entity's member is named.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from vdsmlite.ovf.parser import OvfError, OvfValidator
+from vdsmlite.ids import UUID_PATTERN
+from vdsmlite.ovf.model import OvfError
+from vdsmlite.ovf.safexml import OvfValidator
+from vdsmlite.ovf.workers import AHEAD_BYTES, NamedDoc, OvfBatcher
 
 BLOCK = 512
 RECORD = 10240  # commons-compress pads archives to 20 blocks, as the engine's are
@@ -38,12 +41,21 @@ MAX_JSON_MEMBER = 16 * 1024 * 1024
 
 INFO = "info.json"
 METADATA = "metadata.json"
-_OVF_NAME = re.compile(
-    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\.ovf$")
 _TYPE_NAMES = {b"1": "hard link", b"2": "symbolic link", b"3": "character device",
                b"4": "block device", b"5": "directory", b"6": "FIFO",
                b"7": "contiguous file", b"x": "pax header", b"g": "pax global header",
                b"L": "GNU long name", b"K": "GNU long link name"}
+_OVF_MEMBER = re.compile(rf"({UUID_PATTERN})\.ovf")
+
+
+def entity_id_from_name(member_name: str) -> str | None:
+    """``<uuid>.ovf`` (an OVF_STORE tar member) -> the lower-case uuid, else None.
+
+    Only a bare name with the uuid in its canonical 8-4-4-4-12 form (either case) is
+    accepted, so a member name can never smuggle a path.
+    """
+    match = _OVF_MEMBER.fullmatch(member_name)
+    return match.group(1).lower() if match else None
 
 
 class TarError(ValueError):
@@ -105,7 +117,7 @@ def parse_header(block: bytes, offset: int) -> Header:
         name = raw_name.decode("ascii")
     except UnicodeDecodeError:
         raise TarError(f"{where}: non-ASCII member name") from None
-    if name not in (INFO, METADATA) and not _OVF_NAME.match(name):
+    if name not in (INFO, METADATA) and entity_id_from_name(name) is None:
         raise TarError(f"{where}: member name {name[:100]!r} is not info.json, "
                        "metadata.json or <uuid>.ovf")
     size = _octal(block[124:136], f"{where}: size")
@@ -120,7 +132,7 @@ class _JsonMember:
         self.name = name
         self.parts: list[bytes] = []
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
         self.parts.append(bytes(data))
 
     @property
@@ -136,14 +148,14 @@ class _JsonMember:
 
 # Hands a batch of (member name, document) to be XML-checked elsewhere; the future
 # fails with an error naming the first bad member.
-CheckBatch = Callable[[list[tuple[str, bytes]]], "Future[None]"]
+CheckBatch = Callable[[list[NamedDoc]], "Future[None]"]
 
 
 class _OvfMember:
     """An ``.ovf`` member: XML-checked as it streams, or whole by `checks`."""
 
     def __init__(self, name: str, keep: bool, validate_xml: bool,
-                 checks: _BatchedChecks | None) -> None:
+                 checks: OvfBatcher[None] | None) -> None:
         self.name = name
         self.checks = checks if validate_xml else None
         self.validator = OvfValidator() if validate_xml and checks is None else None
@@ -170,70 +182,13 @@ class _OvfMember:
             return None
         whole = self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
         if self.checks is not None:
-            self.checks.add(self.name, whole)
+            try:
+                self.checks.add(self.name, whole)
+            except OvfError as e:
+                # Not prefixed with this member's name: the error names the bad
+                # member, which may be an earlier one of the same batch.
+                raise TarError(str(e)) from None
         return whole if self.keep else None
-
-
-class _BatchedChecks:
-    """XML checks of whole ``.ovf`` members done elsewhere, in order, bounded in bytes.
-
-    Members go in batches (one task per 9 KB document would cost more than
-    checking it). At most `max_pending` bytes wait, so memory stays bounded and a
-    bad member is reported at most that far behind the framing - and always
-    before the archive is accepted.
-    """
-
-    BATCH_BYTES = 256 * 1024
-
-    def __init__(self, submit: CheckBatch, max_pending: int) -> None:
-        self._submit = submit
-        self._max_pending = max_pending
-        self._batch: list[tuple[str, bytes]] = []
-        self._batch_bytes = 0
-        self._pending: deque[tuple[Future[None], int]] = deque()
-        self._pending_bytes = 0
-
-    def add(self, name: str, data: bytes) -> None:
-        self._batch.append((name, data))
-        self._batch_bytes += len(data)
-        if self._batch_bytes >= self.BATCH_BYTES:
-            self._send()
-        # Collect what is done without waiting, so an error surfaces early...
-        while self._pending and self._pending[0][0].done():
-            self._collect_oldest()
-        # ...and wait only when too much is in flight.
-        while self._pending_bytes > self._max_pending:
-            self._collect_oldest()
-
-    def finish(self) -> None:
-        if self._batch:
-            self._send()
-        while self._pending:
-            self._collect_oldest()
-
-    def cancel(self) -> None:
-        for future, _ in self._pending:
-            future.cancel()
-        self._pending.clear()
-        self._pending_bytes = 0
-
-    def _send(self) -> None:
-        self._pending.append((self._submit(self._batch), self._batch_bytes))
-        self._pending_bytes += self._batch_bytes
-        self._batch = []
-        self._batch_bytes = 0
-
-    def _collect_oldest(self) -> None:
-        future, size = self._pending.popleft()
-        self._pending_bytes -= size
-        try:
-            future.result()
-        except OvfError as e:
-            self.cancel()
-            raise TarError(str(e)) from None
-        except BaseException:
-            self.cancel()
-            raise
 
 
 @dataclass
@@ -258,13 +213,13 @@ class TarValidator:
     def __init__(self, max_total: int, *, keep_ovfs: bool = False,
                  on_member: Callable[[str, bytes], None] | None = None,
                  validate_xml: bool = True, check_xml: CheckBatch | None = None,
-                 check_ahead: int = 8 * 1024 * 1024) -> None:
+                 check_ahead: int = AHEAD_BYTES) -> None:
         """`validate_xml=False` is only for readers that fully parse every ``.ovf``
         they are handed (with the same safe parser), which checks it anyway.
         `check_xml` checks whole ``.ovf`` members elsewhere (worker processes)
         instead of here as they stream, at most `check_ahead` bytes behind."""
         self.max_total = max_total
-        self._checks = (_BatchedChecks(check_xml, check_ahead)
+        self._checks = (OvfBatcher(check_xml, ahead_bytes=check_ahead)
                         if check_xml is not None and validate_xml else None)
         self.keep_ovfs = keep_ovfs or on_member is not None
         self.on_member = on_member
@@ -377,7 +332,10 @@ class TarValidator:
         every member checked."""
         if self._checks is not None:
             # Before the truncation checks: a bad member that came first is the error.
-            self._checks.finish()
+            try:
+                self._checks.finish()
+            except OvfError as e:
+                raise TarError(str(e)) from None
         if self._state in (_DATA, _PAD):
             raise TarError("archive truncated inside a member")
         if self._state != _TRAILER:

@@ -1,4 +1,4 @@
-"""Worker processes that check and summarize untrusted OVF documents.
+"""Worker processes that check and summarize untrusted OVF documents, fed in batches.
 
 Why processes: an OVF_STORE holds thousands of documents and the agent reads
 every byte of them - checking each on upload, summarizing each to list a
@@ -9,11 +9,14 @@ storage domain chose - out of the daemon's address space, under an address
 space limit: a parser crash or blow-up costs one batch, not the agent.
 
 The daemon starts the pool once it serves (the ``spawn`` method: a fresh
-interpreter that imports only this module and the parser, never a copy of the
-daemon's threads, sockets or locks); other users start it on first use.
-Workers leave when the daemon closes the pool, or by themselves within a
-second of the daemon's death, so a SIGKILLed daemon leaves no orphans. A
-pool whose worker died is replaced on the next call.
+interpreter that imports only this module and the OVF readers - `safexml`,
+`reader`, `model` - never a copy of the daemon's threads, sockets or locks);
+other users start it on first use. Workers leave when the daemon closes the
+pool, or by themselves within a second of the daemon's death, so a SIGKILLed
+daemon leaves no orphans. A pool whose worker died is replaced on the next call.
+
+`OvfBatcher` is how a stream of documents reaches the workers: in batches,
+bounded in bytes, results in order.
 """
 
 from __future__ import annotations
@@ -25,16 +28,26 @@ import resource
 import signal
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any
+from typing import Any, Generic, TypeVar
 
-from vdsmlite.ovf.parser import OvfError, OvfValidator, parse
+from vdsmlite.ovf.model import OvfError
+from vdsmlite.ovf.reader import parse
+from vdsmlite.ovf.safexml import OvfValidator
 
 log = logging.getLogger("vdsmlite.ovf.workers")
 
 # A summary, or why the document could not be summarized.
 Summary = dict[str, Any] | str
+
+# An OVF document and the name it goes by (its OVF_STORE member name).
+NamedDoc = tuple[str, bytes]
+
+BATCH_BYTES = 256 * 1024  # OVF bytes per task for the worker processes
+AHEAD_BYTES = 8 * 1024 * 1024  # OVF bytes in their hands at most
 
 
 class OvfWorkers:
@@ -126,6 +139,83 @@ class OvfWorkers:
                 return
         log.warning("an OVF parser process died; starting a new pool")
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+R = TypeVar("R")
+
+
+class OvfBatcher(Generic[R]):
+    """Documents handed to worker processes in batches, in order, bounded in bytes.
+
+    One task per 9 KB document would cost more than the work, so documents go
+    in batches of about `batch_bytes`. At most `ahead_bytes` are out at a time:
+    memory stays bounded, and a failure surfaces at most that far behind the
+    reader feeding `add` - always by `finish`.
+
+    `submit` hands one batch over (e.g. `OvfWorkers.check`); batches are
+    collected oldest first, so `on_result` sees them in document order, with the
+    names of the batch's documents. A failed batch cancels those still out, and
+    its exception is raised from `add` or `finish`.
+    """
+
+    def __init__(self, submit: Callable[[list[NamedDoc]], Future[R]],
+                 on_result: Callable[[list[str], R], None] | None = None, *,
+                 batch_bytes: int = BATCH_BYTES, ahead_bytes: int = AHEAD_BYTES) -> None:
+        self._submit = submit
+        self._on_result = on_result
+        self._batch_bytes_max = batch_bytes
+        self._ahead_bytes = ahead_bytes
+        self._batch: list[NamedDoc] = []
+        self._batch_bytes = 0
+        # Batches out: their documents' names, the result to come, their size.
+        self._pending: deque[tuple[list[str], Future[R], int]] = deque()
+        self._pending_bytes = 0
+
+    def add(self, name: str, data: bytes) -> None:
+        self._batch.append((name, data))
+        self._batch_bytes += len(data)
+        if self._batch_bytes >= self._batch_bytes_max:
+            self._send()
+        # Collect what is done without waiting, so an error surfaces early...
+        while self._pending and self._pending[0][1].done():
+            self._collect_oldest()
+        # ...and wait only when too much is out.
+        while self._pending_bytes > self._ahead_bytes:
+            self._collect_oldest()
+
+    def finish(self) -> None:
+        """Send what is left and wait for every result."""
+        if self._batch:
+            self._send()
+        while self._pending:
+            self._collect_oldest()
+
+    def cancel(self) -> None:
+        """Drop everything not yet collected (the reader failed, or a batch did)."""
+        for _, future, _ in self._pending:
+            future.cancel()
+        self._pending.clear()
+        self._pending_bytes = 0
+        self._batch = []
+        self._batch_bytes = 0
+
+    def _send(self) -> None:
+        names = [name for name, _ in self._batch]
+        self._pending.append((names, self._submit(self._batch), self._batch_bytes))
+        self._pending_bytes += self._batch_bytes
+        self._batch = []
+        self._batch_bytes = 0
+
+    def _collect_oldest(self) -> None:
+        names, future, size = self._pending.popleft()
+        self._pending_bytes -= size
+        try:
+            result = future.result()
+        except BaseException:
+            self.cancel()
+            raise
+        if self._on_result is not None:
+            self._on_result(names, result)
 
 
 # --- in the worker processes ---------------------------------------------------------

@@ -24,9 +24,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,9 +34,10 @@ from vdsmlite.blocking import RunBlocking
 from vdsmlite.imagelocks import LockTable
 from vdsmlite.jobs import Job, JobRegistry
 from vdsmlite.locking.leases import Lease
-from vdsmlite.ovf import parser as ovfparser
+from vdsmlite.ovf import reader as ovfreader
 from vdsmlite.ovf import tarstream
-from vdsmlite.ovf.workers import OvfWorkers, Summary
+from vdsmlite.ovf.model import OvfError
+from vdsmlite.ovf.workers import OvfBatcher, OvfWorkers, Summary
 from vdsmlite.sdm.lease import SdmLease
 from vdsmlite.storage import ovfstore, streamio, volumestream
 from vdsmlite.storage.domains import DomainStore
@@ -45,9 +45,6 @@ from vdsmlite.storage.image import Image
 from vdsmlite.storage.sd import Domain
 
 log = logging.getLogger("vdsmlite.sdm.ovfstore")
-
-PARSE_BATCH_BYTES = 256 * 1024  # OVF bytes per task for the parser processes
-PARSE_AHEAD_BYTES = 8 * 1024 * 1024  # OVF bytes waiting for them at most
 
 
 @dataclass
@@ -161,7 +158,7 @@ class OvfService:
                 return cached
             try:
                 contents = await self._run_blocking(self._load, dom, store, job)
-            except (tarstream.TarError, ovfparser.OvfError, OSError, errors.VdsmError) as e:
+            except (tarstream.TarError, OvfError, OSError, errors.VdsmError) as e:
                 log.warning("OVF_STORE %s/%s of %s is unreadable (%s); trying the next one",
                             store.img, store.vol, sd_uuid, e)
                 continue
@@ -265,7 +262,7 @@ class OvfService:
                              job: Job) -> dict[str, Any]:
         """Write a new store with one entity updated (ovf) or removed (None)."""
         if ovf is not None:
-            entity = await self._run_blocking(ovfparser.parse, ovf)
+            entity = await self._run_blocking(ovfreader.parse, ovf)
             if entity.id != entity_id:
                 raise errors.InvalidParameterException(
                     "ovf", f"OVF is for entity {entity.id}, not {entity_id}")
@@ -331,50 +328,23 @@ class OvfService:
 
 
 class _Summaries:
-    """Feeds a store's OVFs to the parser processes in batches, bounded in bytes,
-    and files each summary - or the reason there is none - in `contents`."""
+    """Files each of a store's OVFs' summary from the parser processes - or the
+    reason there is none - in `contents`."""
 
     def __init__(self, workers: OvfWorkers, contents: StoreContents) -> None:
-        self._workers = workers
         self._contents = contents
-        self._names: list[str] = []
-        self._docs: list[bytes] = []
-        self._batch_bytes = 0
-        self._pending: deque[tuple[list[str], Future[list[Summary]], int]] = deque()
-        self._pending_bytes = 0
+        self._batches = OvfBatcher(
+            lambda docs: workers.summarize([data for _, data in docs]), self._file)
+        self.finish = self._batches.finish
+        self.cancel = self._batches.cancel
 
     def add(self, name: str, data: bytes) -> None:
-        if not name.endswith(".ovf"):
-            return
-        self._names.append(name)
-        self._docs.append(data)
-        self._batch_bytes += len(data)
-        if self._batch_bytes >= PARSE_BATCH_BYTES:
-            self._send()
-            while self._pending_bytes > PARSE_AHEAD_BYTES:
-                self._collect_oldest()
+        # Handed every member; only the OVFs have summaries.
+        if name.endswith(".ovf"):
+            self._batches.add(name, data)
 
-    def finish(self) -> None:
-        if self._docs:
-            self._send()
-        while self._pending:
-            self._collect_oldest()
-
-    def cancel(self) -> None:
-        for _, future, _ in self._pending:
-            future.cancel()
-        self._pending.clear()
-
-    def _send(self) -> None:
-        future = self._workers.summarize(self._docs)
-        self._pending.append((self._names, future, self._batch_bytes))
-        self._pending_bytes += self._batch_bytes
-        self._names, self._docs, self._batch_bytes = [], [], 0
-
-    def _collect_oldest(self) -> None:
-        names, future, size = self._pending.popleft()
-        self._pending_bytes -= size
-        for name, result in zip(names, future.result(), strict=True):
+    def _file(self, names: list[str], results: list[Summary]) -> None:
+        for name, result in zip(names, results, strict=True):
             if isinstance(result, dict):
                 self._contents.entities[result["id"]] = result
             else:

@@ -1,4 +1,4 @@
-"""Safe, typed summaries of oVirt OVF documents (one VM or template each).
+"""Reading oVirt OVF documents (one VM or template each) into the `model`.
 
 An OVF_STORE volume holds one ``<uuid>.ovf`` per VM or template. We read them to
 list entities and to know which images and volumes each one owns, so the reader
@@ -25,360 +25,32 @@ id, and the entity id is ``VirtualSystem ovf:id`` (the OS section's ``ovf:id`` i
 DMTF OS number there). Direct LUN disks appear only as ``File`` + ``Disk`` with
 ``ovf:disk_storage_type="LUN"``, never in the hardware section.
 
-The input is untrusted - anyone who can write to the storage domain can write it.
-A DTD is refused outright, in the raw bytes before libxml2 sees them, so no entity
-is ever declared, let alone expanded (XXE, billion laughs); the parser also
-resolves no entities, loads no DTD and touches no network. Documents are decoded
-as UTF-8 whatever their declaration says, so a declared UTF-7 or EBCDIC encoding
-cannot hide a ``<!DOCTYPE`` from that byte scan. Size is capped, and errors say
-what is wrong without echoing the input.
+Documents come only through the gate in `safexml`; what it cannot check without a
+tree (the entity id, the fields' shapes) is checked here, and an error never
+quotes the input at length.
 """
 
 from __future__ import annotations
 
 import math
 import re
-import threading
-from dataclasses import dataclass
-from typing import Any, NamedTuple, NoReturn
+from typing import Any, NamedTuple, cast
 
 from lxml import etree
 
 from vdsmlite.ids import BLANK_UUID, UUID_PATTERN
+from vdsmlite.ovf.model import Disk, Entity, OvfError, Snapshot, excerpt
+from vdsmlite.ovf.safexml import OVF_NAMESPACES, read_envelope
 
-MAX_OVF_SIZE = 32 * 1024 * 1024
-
-OVF_NAMESPACES = (
-    "http://schemas.dmtf.org/ovf/envelope/1/",
-    "http://schemas.dmtf.org/ovf/envelope/1",
-)
 RASD_NS = "http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData"
 XSI_NS = "http://www.w3.org/2001/XMLSchema-instance"
 OVIRT_NS = "http://www.ovirt.org/ovf"
 
 
-
-class OvfError(ValueError):
-    """An OVF we refuse or cannot interpret; the message never quotes the input at length."""
-
-
-@dataclass(frozen=True, slots=True)
-class Disk:
-    """One disk of an entity: an image (all its volumes) or a direct LUN.
-
-    Attributes come from the image's leaf volume. Sizes are bytes.
-    """
-
-    disk_id: str                  # ovf:diskId: the leaf volume id in engine OVFs, the disk
-                                  # (image) id in OVA-style ones, the disk id for a LUN
-    image_id: str | None          # image group id; None for LUNs
-    volume_ids: tuple[str, ...]   # the image's volumes, base first, leaf (active) last;
-                                  # () for LUNs
-    domain_id: str | None         # rasd:StorageId of the leaf's hardware Item (None if
-                                  # absent or blank, as virt-v2v may leave it)
-    alias: str | None
-    description: str | None
-    size: int | None              # virtual size
-    actual_size: int | None
-    format: str | None            # "RAW" or "COW"
-    interface: str | None         # e.g. "VirtIO_SCSI"
-    boot: bool
-    read_only: bool
-    shareable: bool
-    lun_guid: str | None          # LUNs only: lun_id, or the disk id without one
-    storage_type: str             # "IMAGE", "LUN" (or another engine DiskStorageType name)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "diskId": self.disk_id,
-            "imageId": self.image_id,
-            "volumeIds": list(self.volume_ids),
-            "domainId": self.domain_id,
-            "alias": self.alias,
-            "description": self.description,
-            "size": self.size,
-            "actualSize": self.actual_size,
-            "format": self.format,
-            "interface": self.interface,
-            "boot": self.boot,
-            "readOnly": self.read_only,
-            "shareable": self.shareable,
-            "lunGuid": self.lun_guid,
-            "storageType": self.storage_type,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    """A VM snapshot from the SnapshotsSection (templates have none)."""
-
-    id: str
-    type: str | None
-    description: str | None
-    creation_date: str | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "type": self.type, "description": self.description,
-                "creationDate": self.creation_date}
-
-
-@dataclass(frozen=True, slots=True)
-class Entity:
-    """The VM or template one OVF describes."""
-
-    id: str                       # lower-case canonical UUID
-    name: str | None
-    type: str                     # "VM" or "TEMPLATE"
-    description: str | None
-    os: str | None                # oVirt os name, e.g. "rhel_7x64"
-    architecture: str | None      # derived from os; None without one
-    memory_mb: int | None
-    cpus: int | None              # sockets * cores * threads
-    max_cpus: int | None
-    creation_date: str | None     # as written: "yyyy/MM/dd HH:mm:ss", UTC
-    template_id: str | None       # a VM's base template; a template's own id
-    template_name: str | None
-    origin: int | None
-    snapshots: tuple[Snapshot, ...]
-    disks: tuple[Disk, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "name": self.name,
-            "type": self.type,
-            "description": self.description,
-            "os": self.os,
-            "architecture": self.architecture,
-            "memory": self.memory_mb,
-            "cpus": self.cpus,
-            "maxCpus": self.max_cpus,
-            "creationDate": self.creation_date,
-            "templateId": self.template_id,
-            "templateName": self.template_name,
-            "origin": self.origin,
-            "snapshots": [s.to_dict() for s in self.snapshots],
-            "disks": [d.to_dict() for d in self.disks],
-        }
-
-
-# --- public entry points ---------------------------------------------------------------
-
-
 def parse(data: bytes) -> Entity:
     """The summary of one OVF document; OvfError if it is refused or uninterpretable."""
-    if len(data) > MAX_OVF_SIZE:
-        raise OvfError(f"OVF is {len(data)} bytes, more than the limit of {MAX_OVF_SIZE}")
-    if _has_dtd_markup(data):
-        raise _dtd_error()
-    try:
-        root = etree.fromstring(data, _thread_parser())
-    except etree.XMLSyntaxError as e:
-        raise _malformed(e) from e
-    return _read_entity(root, _envelope_namespace(root))
-
-
-class OvfValidator:
-    """Incremental check that a streamed document is a well-formed, DTD-free OVF Envelope.
-
-    A tar streamer feeds each chunk of an ``.ovf`` member as it copies it. DTD markup
-    is looked for in every chunk - and across the seam with the previous one - before
-    lxml is given the chunk, so a billion-laughs payload is refused unexpanded.
-    Once an error has been raised, every later call raises too.
-
-    Uploads validate every byte, so this is the hot path of an OVF_STORE upload and
-    builds no tree: libxml2 checks well-formedness with no callbacks into Python and
-    without the GIL (a parser with a target that only has ``close``), which is two to
-    three times faster than building the tree. Only the root element is looked at, by
-    a second parser fed just the bytes up to the root's start tag. What this does not
-    check - namespace prefixes bound, the entity's id and fields - `parse` checks when
-    the store is read, per entity.
-    """
-
-    def __init__(self) -> None:
-        self._checker = _checkers.take()
-        self._root_probe: etree.XMLPullParser | None = _new_root_probe()
-        self._size = 0
-        # The last bytes fed, so a marker split across two chunks is still seen.
-        self._tail = b""
-        self._failure: OvfError | None = None
-        self._closed = False
-
-    def feed(self, data: bytes) -> None:
-        self._check_usable()
-        self._size += len(data)
-        if self._size > MAX_OVF_SIZE:
-            self._fail(OvfError(f"OVF is more than the limit of {MAX_OVF_SIZE} bytes"))
-        seam = self._tail + data[:_MARKER_TAIL]
-        if _has_dtd_markup(seam) or _has_dtd_markup(data):
-            self._fail(_dtd_error())
-        self._tail = data[-_MARKER_TAIL:] if len(data) >= _MARKER_TAIL else seam[-_MARKER_TAIL:]
-        try:
-            if self._root_probe is not None:
-                self._probe_root(data)
-            self._checker.feed(data)
-        except etree.XMLSyntaxError as e:
-            self._fail(_malformed(e))
-
-    def close(self) -> None:
-        self._check_usable()
-        self._closed = True
-        try:
-            self._checker.close()
-        except etree.XMLSyntaxError as e:
-            self._fail(_malformed(e))
-        if self._root_probe is not None:
-            # Unreachable for a document libxml2 accepted; kept so that a surprise
-            # cannot let a rootless document through.
-            self._fail(OvfError("OVF has no root element"))
-        _checkers.give_back(self._checker)
-
-    def _probe_root(self, data: bytes) -> None:
-        # Fed in small slices so the probe stops parsing (and building) right after
-        # the root start tag, which the engine writes within the first few hundred bytes.
-        assert self._root_probe is not None
-        for offset in range(0, len(data), _PROBE_SLICE):
-            self._root_probe.feed(data[offset:offset + _PROBE_SLICE])
-            for _event, element in self._root_probe.read_events():
-                self._root_probe = None
-                if element.tag not in _ENVELOPES:
-                    self._fail(OvfError("root element is not an OVF Envelope: "
-                                        f"{_excerpt(repr(element.tag))}"))
-                return
-
-    def _check_usable(self) -> None:
-        if self._failure is not None:
-            raise OvfError(f"OVF already refused: {self._failure}")
-        if self._closed:
-            raise OvfError("OVF validator already closed")
-
-    def _fail(self, error: OvfError) -> NoReturn:
-        # A parser that saw an error is dropped, never reused.
-        self._failure = error
-        self._root_probe = None
-        raise error
-
-
-_MEMBER_RE = re.compile(rf"({UUID_PATTERN})\.ovf")
-
-
-def entity_id_from_name(member_name: str) -> str | None:
-    """``<uuid>.ovf`` (an OVF_STORE tar member) -> the lower-case uuid, else None.
-
-    Only a bare name with the uuid in its canonical 8-4-4-4-12 form (either case) is
-    accepted, so a member name can never smuggle a path.
-    """
-    match = _MEMBER_RE.fullmatch(member_name)
-    return match.group(1).lower() if match else None
-
-
-# --- parsing safely --------------------------------------------------------------------
-
-# Markup that can only start a DTD. ENTITY is only legal inside a DOCTYPE, but is
-# refused on its own as well so the check does not depend on that reasoning.
-_DTD_MARKERS = (b"<!DOCTYPE", b"<!ENTITY")
-_MARKER_TAIL = max(len(m) for m in _DTD_MARKERS) - 1
-_EXCERPT = 200
-
-_ENVELOPES = {f"{{{ns}}}Envelope": ns for ns in OVF_NAMESPACES}
-
-
-def _new_parser() -> etree.XMLParser:
-    return etree.XMLParser(
-        resolve_entities=False, no_network=True, load_dtd=False, dtd_validation=False,
-        huge_tree=False, remove_comments=True, remove_pis=True, collect_ids=False,
-        remove_blank_text=True,
-        # Overrides the declared encoding: see the module docstring.
-        encoding="utf-8",
-    )
-
-
-_thread_state = threading.local()
-
-
-def _thread_parser() -> etree.XMLParser:
-    # Reusing a parser saves a tenth of the parse time. lxml serialises users of one
-    # parser with a lock, so give each thread its own instead of sharing one.
-    parser: etree.XMLParser | None = getattr(_thread_state, "parser", None)
-    if parser is None:
-        parser = _thread_state.parser = _new_parser()
-    return parser
-
-
-class _WellFormedOnly:
-    """A parser target that wants no events: libxml2 only checks the syntax."""
-
-    def close(self) -> None:
-        return None
-
-
-def _new_checker() -> etree.XMLParser:
-    return etree.XMLParser(
-        target=_WellFormedOnly(), resolve_entities=False, no_network=True, load_dtd=False,
-        huge_tree=False, encoding="utf-8")
-
-
-class _CheckerPool:
-    """Idle well-formedness parsers: creating one costs as much as checking a 9 KB OVF.
-
-    A pool rather than one per thread, because a validator may be fed from whichever
-    worker thread an upload's chunks land on. Only parsers that closed cleanly (and
-    so were reset by lxml) come back.
-    """
-
-    def __init__(self, keep: int) -> None:
-        self._idle: list[etree.XMLParser] = []
-        self._keep = keep
-        self._lock = threading.Lock()
-
-    def take(self) -> etree.XMLParser:
-        with self._lock:
-            if self._idle:
-                return self._idle.pop()
-        return _new_checker()
-
-    def give_back(self, checker: etree.XMLParser) -> None:
-        with self._lock:
-            if len(self._idle) < self._keep:
-                self._idle.append(checker)
-
-
-_checkers = _CheckerPool(keep=8)
-_PROBE_SLICE = 512
-
-
-def _new_root_probe() -> etree.XMLPullParser:
-    return etree.XMLPullParser(
-        events=("start",), resolve_entities=False, no_network=True, load_dtd=False,
-        huge_tree=False, encoding="utf-8")
-
-
-def _has_dtd_markup(data: bytes) -> bool:
-    # A memchr for "!" first: most OVFs contain none, and then no marker either.
-    return b"!" in data and any(marker in data for marker in _DTD_MARKERS)
-
-
-def _dtd_error() -> OvfError:
-    return OvfError("OVF must not contain a DTD (<!DOCTYPE> or <!ENTITY>)")
-
-
-def _excerpt(text: str) -> str:
-    return text if len(text) <= _EXCERPT else text[:_EXCERPT] + "..."
-
-
-def _malformed(error: etree.XMLSyntaxError) -> OvfError:
-    return OvfError(f"malformed OVF XML: {_excerpt(str(error))}")
-
-
-def _envelope_namespace(root: etree._Element) -> str:
-    """The OVF namespace spelling of a parsed document, after the checks scanning cannot do."""
-    # Defence in depth: the byte scan already refused any DOCTYPE it could see.
-    if root.getroottree().docinfo.doctype:
-        raise _dtd_error()
-    ns = _ENVELOPES.get(root.tag)
-    if ns is None:
-        raise OvfError(f"root element is not an OVF Envelope: {_excerpt(repr(root.tag))}")
-    return ns
+    root, ns = read_envelope(data)
+    return _read_entity(root, ns)
 
 
 # --- reading the tree ------------------------------------------------------------------
@@ -459,7 +131,9 @@ def _attrs(el: etree._Element, names: dict[str, str]) -> dict[str, str]:
     """The ovf: attributes of `el` by bare name, stripped, empty ones dropped."""
     # One pass over the attributes beats a namespaced lookup per attribute.
     found = {}
-    for key, raw in el.items():
+    # lxml hands out str for documents parsed from bytes; the stubs also allow bytes.
+    items = cast("list[tuple[str, str]]", el.items())
+    for key, raw in items:
         name = names.get(key)
         if name is not None:
             value = raw.strip()
@@ -626,7 +300,7 @@ def _read_entity(root: etree._Element, ns: str) -> Entity:
         raw_id = os_section.get(id_key)
     entity_id = _canonical_uuid(raw_id)
     if entity_id is None:
-        detail = "missing" if raw_id is None else f"not a UUID: {_excerpt(repr(raw_id))}"
+        detail = "missing" if raw_id is None else f"not a UUID: {excerpt(repr(raw_id))}"
         raise OvfError(f"OVF entity id is {detail}")
 
     os_name = None if os_section is None else _os_name(os_section)
@@ -685,7 +359,7 @@ def _read_hardware(section: etree._Element) -> _Hardware:
         if resource_type not in _RESOURCE_TYPES:
             continue
         item = type_el.getparent()
-        if item.getparent() is not section or _LOCAL.get(item.tag) != "Item":
+        if item is None or item.getparent() is not section or _LOCAL.get(item.tag) != "Item":
             continue
         fields = _rasd_fields(item)
         # First CPU and memory Items win, as in the engine and the HA agent.
