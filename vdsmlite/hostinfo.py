@@ -24,7 +24,7 @@ def iscsi_initiator_name() -> str:
 
 def fc_hbas() -> list[dict[str, str]]:
     """FC HBA ports as VDSM reports them in HBAInventory["FC"]."""
-    out = []
+    out: list[dict[str, str]] = []
     try:
         hosts = sorted(FC_HOST_DIR.iterdir())
     except OSError:

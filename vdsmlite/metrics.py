@@ -8,7 +8,7 @@ subscribers) are collected on scrape instead of being updated on every change.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import prometheus_client
 from aiohttp import web
@@ -62,7 +62,7 @@ class Metrics:
         return 0
 
     def add_gauges(self, name: str, doc: str, label: str,
-                   fn: Callable[[], dict[str, float]]) -> None:
+                   fn: Callable[[], Mapping[str, float]]) -> None:
         """A gauge family whose samples come from `fn()` at scrape time."""
 
         def collect() -> Iterable[Metric]:

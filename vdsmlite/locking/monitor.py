@@ -119,7 +119,7 @@ class DomainMonitor:
         try:
             dom = await self._run(self._domains.get, self.sd_uuid)
             status.delay = await self._run(dom.check_health)
-            status.version = await self._run(lambda: dom.version)
+            status.version = await self._run(dom.read_version)
             status.valid, status.code, status.problem = True, 0, None
         except errors.VdsmError as e:
             status.valid, status.code, status.problem = False, e.code, e.message

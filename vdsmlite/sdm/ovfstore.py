@@ -25,7 +25,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -274,7 +274,8 @@ class OvfService:
         return await self.upload(sd_uuid, self._as_async(members), length=None, job=job)
 
     def _rebuilt_members(self, dom: Domain, sd_uuid: str, contents: StoreContents | None,
-                         entity_id: str, ovf: bytes | None) -> Iterator[bytes]:
+                         entity_id: str, ovf: bytes | None
+                         ) -> Generator[bytes, None, None]:
         writer = tarstream.TarWriter(int(time.time()))
         target = f"{entity_id}.ovf"
         replaced = False
@@ -307,7 +308,7 @@ class OvfService:
                 streamio.read_chunks(str(volume.path), store.size, volume.block_size),
                 store.size)
 
-    async def _as_async(self, gen: Iterator[bytes]) -> AsyncIterator[bytes]:
+    async def _as_async(self, gen: Generator[bytes, None, None]) -> AsyncIterator[bytes]:
         """A blocking generator (disk reads) driven from the executor."""
         try:
             while True:

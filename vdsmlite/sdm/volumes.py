@@ -61,7 +61,7 @@ class VolumeService:
     async def create(self, sp_uuid: str, req: CreateVolumeRequest, sd_uuid: str) -> str:
         dom = await self.domain(sd_uuid, sp_uuid)
         if req.format == "RAW" and req.prealloc == "SPARSE" and \
-                await self._run_blocking(lambda: dom.storage_type.is_block):
+                (await self._run_blocking(dom.read_storage_type)).is_block:
             raise errors.IncorrectFormat(req.vol_uuid,
                                          "RAW volumes on block must be PREALLOCATED")
         await self._run_blocking(Image(dom, req.img_uuid).validate_create, req)
@@ -132,7 +132,7 @@ class VolumeService:
                     entry.update(leasePath=state.lease[0], leaseOffset=state.lease[1])
                 vols.append(entry)
             path = str(base / vol_uuid)
-            kind = "block" if dom.storage_type.is_block else "file"
+            kind = "block" if dom.read_storage_type().is_block else "file"
             return {"path": path, "info": {"type": kind, "path": path},
                     "imgVolumesInfo": vols}
 

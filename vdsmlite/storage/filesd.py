@@ -93,15 +93,15 @@ class FileDomain(Domain):
     def md_path(self) -> Path:
         return self.path / sc.DOMAIN_META_DATA / sc.METADATA
 
-    @property
     def is_local(self) -> bool:
-        return self.storage_type == sc.StorageType.LOCALFS
+        """A LOCALFS domain (no sanlock); reads the metadata."""
+        return self.read_storage_type() == sc.StorageType.LOCALFS
 
     def exists(self) -> bool:
         return self.md_path.exists()
 
     def lockspace(self) -> tuple[str, str, int] | None:
-        if self.is_local:
+        if self.is_local():
             return None  # VDSM's LocalLock: one host, no sanlock
         return self.uuid, str(self.path / sc.DOMAIN_META_DATA / sc.IDS), 0
 
@@ -223,7 +223,7 @@ class FileDomain(Domain):
         self.set_volume_metadata(req.img_uuid, req.vol_uuid, md)
         failpoints.hit("volume.create.after_metadata")
         progress(75)
-        if not self.is_local:
+        if not self.is_local():
             fd = os.open(lease, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, sc.FILE_VOLUME_PERMISSIONS)
             os.close(fd)
             block_size, alignment = self.geometry()

@@ -182,7 +182,7 @@ def pick_target(stores: list[Store]) -> Store:
 
 def create_store(dom: Domain, size: int = DEFAULT_STORE_SIZE) -> Store:
     """One more OVF_STORE volume, as the engine creates them (RAW, DISKTYPE=OVFS)."""
-    block = dom.storage_type.is_block
+    block = dom.read_storage_type().is_block
     img, vol = str(uuid.uuid4()), str(uuid.uuid4())
     req = CreateVolumeRequest(
         img_uuid=img, vol_uuid=vol, capacity=size, format="RAW",

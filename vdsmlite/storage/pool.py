@@ -193,7 +193,7 @@ class PoolManager:
             try:
                 dom = self.store.get(sd_uuid)
                 stats = dom.stats()
-                entry.update(version=dom.version, disktotal=stats["disktotal"],
+                entry.update(version=dom.read_version(), disktotal=stats["disktotal"],
                              diskfree=stats["diskfree"])
             except errors.VdsmError as e:
                 entry["alerts"] = [{"code": e.code, "message": e.message}]

@@ -196,28 +196,24 @@ class Domain(ABC):
                 md.pop(k, None)
             self.write_metadata(md)
 
-    @property
-    def md(self) -> dict[str, str]:
-        return self.read_metadata()
+    def read_storage_type(self) -> sc.StorageType:
+        """The domain's TYPE, read from its metadata (storage I/O: off the loop)."""
+        return sc.StorageType[self.read_metadata()[K_TYPE]]
 
-    @property
-    def storage_type(self) -> sc.StorageType:
-        return sc.StorageType[self.md[K_TYPE]]
-
-    @property
-    def version(self) -> int:
-        return int(self.md.get(K_VERSION, "0"))
+    def read_version(self) -> int:
+        """The domain format version, read from its metadata (storage I/O: off the loop)."""
+        return int(self.read_metadata().get(K_VERSION, "0"))
 
     def geometry(self) -> tuple[int, int]:
         """(block_size, alignment): fixed when the domain is created, so read once."""
         if self._geometry is None:
-            md = self.md
+            md = self.read_metadata()
             self._geometry = (int(md.get(K_BLOCK_SIZE, "512")),
                               int(md.get(K_ALIGNMENT, str(sc.MiB))))
         return self._geometry
 
     def pools(self) -> list[str]:
-        return parse_pools(self.md.get(K_POOL_UUID, ""))
+        return parse_pools(self.read_metadata().get(K_POOL_UUID, ""))
 
     @property
     @abstractmethod
@@ -230,7 +226,7 @@ class Domain(ABC):
     # --- info ----------------------------------------------------------------------
 
     def info(self) -> dict[str, Any]:
-        md = self.md
+        md = self.read_metadata()
         return {
             "uuid": self.uuid,
             "type": md[K_TYPE],
