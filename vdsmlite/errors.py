@@ -1,16 +1,16 @@
-"""Every error a vdsmlite client can see, in one place.
+"""The VDSM verb-error catalog: one class per VDSM code.
 
-Two families:
-
-* `JsonRpcError`: protocol errors of JSON-RPC 2.0 itself (-32700 ... -32603).
-* `VdsmError`: verb errors carrying VDSM's numeric codes and message style, so an
-  engine written for VDSM maps them exactly as it maps VDSM's own.  VDSM renders
-  an error as ``"<message>: <repr(value)>"`` where ``value`` is the tuple of
-  constructor arguments (``StorageDomainDoesNotExist(sd)`` ->
-  ``"Storage domain does not exist: ('<sd>',)"``); subclasses that take named
-  fields render them as one ``"k=v, ..."`` string, as VDSM does.
+`VdsmError`s carry VDSM's numeric codes and message style, so an engine written
+for VDSM maps them exactly as it maps VDSM's own.  VDSM renders an error as
+``"<message>: <repr(value)>"`` where ``value`` is the tuple of constructor
+arguments (``StorageDomainDoesNotExist(sd)`` ->
+``"Storage domain does not exist: ('<sd>',)"``); subclasses that take named
+fields render them as one ``"k=v, ..."`` string, as VDSM does.
 
 Codes above 5000 belong to the engine; nothing here may use them.
+
+The errors of the JSON-RPC protocol itself (-32700 ... -32603) live with the RPC
+layer, in `vdsmlite.rpc.errors`.
 """
 
 from __future__ import annotations
@@ -20,64 +20,6 @@ from typing import Any, ClassVar
 
 class VdsmLiteError(Exception):
     """Base of everything raised on purpose by vdsmlite."""
-
-
-# --------------------------------------------------------------------------
-# JSON-RPC 2.0 protocol errors
-
-
-class JsonRpcError(VdsmLiteError):
-    code: ClassVar[int] = -32603
-    msg: ClassVar[str] = "Internal JSON-RPC error"
-
-    def __init__(self, detail: str = "", data: Any = None) -> None:
-        super().__init__(detail)
-        self.detail = detail
-        self.data = data
-
-    @property
-    def message(self) -> str:
-        return f"{self.msg}: {self.detail}" if self.detail else self.msg
-
-    def to_json(self) -> dict[str, Any]:
-        err: dict[str, Any] = {"code": self.code, "message": self.message}
-        if self.data is not None:
-            err["data"] = self.data
-        return err
-
-
-class JsonRpcParseError(JsonRpcError):
-    code = -32700
-    msg = "Parse error"
-
-
-class JsonRpcInvalidRequest(JsonRpcError):
-    code = -32600
-    msg = "Invalid request"
-
-
-class JsonRpcMethodNotFound(JsonRpcError):
-    code = -32601
-    msg = "Method not found"
-
-
-class JsonRpcInvalidParams(JsonRpcError):
-    code = -32602
-    msg = "Invalid params"
-
-    def __init__(self, param: str, reason: str) -> None:
-        super().__init__(f"{param}: {reason}", data={"param": param, "reason": reason})
-        self.param = param
-        self.reason = reason
-
-
-class JsonRpcInternalError(JsonRpcError):
-    code = -32603
-    msg = "Internal JSON-RPC error"
-
-
-# --------------------------------------------------------------------------
-# VDSM verb errors
 
 
 class VdsmError(VdsmLiteError):

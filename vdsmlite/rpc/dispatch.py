@@ -31,6 +31,14 @@ from typing import Any
 
 from vdsmlite import errors, logs
 from vdsmlite.metrics import Metrics
+from vdsmlite.rpc.errors import (
+    JsonRpcError,
+    JsonRpcInternalError,
+    JsonRpcInvalidParams,
+    JsonRpcInvalidRequest,
+    JsonRpcMethodNotFound,
+    JsonRpcParseError,
+)
 from vdsmlite.rpc.schema import Schema, Verb
 
 log = logging.getLogger("vdsmlite.rpc")
@@ -66,20 +74,20 @@ def _error_response(msg_id: Any, error: dict[str, Any]) -> dict[str, Any]:
 
 def _parse_envelope(msg: Any) -> _Envelope:
     if not isinstance(msg, dict):
-        raise errors.JsonRpcInvalidRequest("request must be an object")
+        raise JsonRpcInvalidRequest("request must be an object")
     if msg.get("jsonrpc") != "2.0":
-        raise errors.JsonRpcInvalidRequest('"jsonrpc" must be exactly "2.0"')
+        raise JsonRpcInvalidRequest('"jsonrpc" must be exactly "2.0"')
     has_id = "id" in msg
     msg_id = msg.get("id")
     if has_id and not (msg_id is None or isinstance(msg_id, str)
                        or (isinstance(msg_id, int) and not isinstance(msg_id, bool))):
-        raise errors.JsonRpcInvalidRequest('"id" must be a string, an integer or null')
+        raise JsonRpcInvalidRequest('"id" must be a string, an integer or null')
     method = msg.get("method")
     if not isinstance(method, str) or not method:
-        raise errors.JsonRpcInvalidRequest('"method" must be a non-empty string')
+        raise JsonRpcInvalidRequest('"method" must be a non-empty string')
     params = msg.get("params")
     if "params" in msg and not isinstance(params, list | dict):
-        raise errors.JsonRpcInvalidRequest('"params" must be an object or an array')
+        raise JsonRpcInvalidRequest('"params" must be an object or an array')
     return _Envelope(method, params, has_id, msg_id)
 
 
@@ -119,12 +127,12 @@ class Dispatcher:
             # RecursionError: "[[[[...]]]]" nested deeper than the parser's stack.
             self._metrics.requests_rejected.labels("parse_error").inc()
             reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
-            return _dumps(_error_response(None, errors.JsonRpcParseError(reason).to_json()))
+            return _dumps(_error_response(None, JsonRpcParseError(reason).to_json()))
 
         if isinstance(msg, list):
             if not msg:
                 self._metrics.requests_rejected.labels("invalid_request").inc()
-                err = errors.JsonRpcInvalidRequest("empty batch")
+                err = JsonRpcInvalidRequest("empty batch")
                 return _dumps(_error_response(None, err.to_json()))
             replies = await asyncio.gather(*(self._one(m, ctx) for m in msg))
             out = [r for r in replies if r is not None]
@@ -156,7 +164,7 @@ class Dispatcher:
     async def _one(self, msg: Any, ctx: CallContext) -> dict[str, Any] | None:
         try:
             env = _parse_envelope(msg)
-        except errors.JsonRpcInvalidRequest as e:
+        except JsonRpcInvalidRequest as e:
             self._metrics.requests_rejected.labels("invalid_request").inc()
             msg_id = msg.get("id") if isinstance(msg, dict) else None
             if not isinstance(msg_id, str | int) or isinstance(msg_id, bool):
@@ -180,7 +188,7 @@ class Dispatcher:
         outcome = "success"
         try:
             if verb is None:
-                raise errors.JsonRpcMethodNotFound(env.method)
+                raise JsonRpcMethodNotFound(env.method)
             if self._stopping:
                 raise errors.ShuttingDownError()
             if not self.ready:
@@ -188,8 +196,8 @@ class Dispatcher:
             kwargs = verb.coerce_params(env.params)
             result = await self._call(verb, kwargs, ctx)
             response = {"jsonrpc": "2.0", "id": env.id, "result": result}
-        except errors.JsonRpcError as e:
-            outcome = "invalid_params" if isinstance(e, errors.JsonRpcInvalidParams) else "rejected"
+        except JsonRpcError as e:
+            outcome = "invalid_params" if isinstance(e, JsonRpcInvalidParams) else "rejected"
             log.info("%s rejected: %s", env.method, e.message)
             response = _error_response(env.id, e.to_json())
         except errors.VdsmError as e:
@@ -205,7 +213,7 @@ class Dispatcher:
         except Exception as e:
             outcome = "internal_error"
             log.exception("%s crashed", env.method)
-            err = errors.JsonRpcInternalError(f"{type(e).__name__}: {e}")
+            err = JsonRpcInternalError(f"{type(e).__name__}: {e}")
             response = _error_response(env.id, err.to_json())
 
         elapsed = time.monotonic() - start
@@ -234,7 +242,7 @@ class Dispatcher:
         if self._validate_returns:
             problems = self.schema.check_return(verb, result)
             if problems:
-                raise errors.JsonRpcInternalError(
+                raise JsonRpcInternalError(
                     f"{verb.name} returned a value outside its schema: {'; '.join(problems[:5])}")
         return result
 
@@ -268,7 +276,7 @@ def _dumps(obj: Any) -> bytes:
         # A handler returned something JSON cannot carry: a bug, reported as -32603.
         log.error("cannot encode response: %s", e)
         msg_id = obj.get("id") if isinstance(obj, dict) else None
-        err = errors.JsonRpcInternalError(f"result cannot be encoded: {e}")
+        err = JsonRpcInternalError(f"result cannot be encoded: {e}")
         return json.dumps(_error_response(msg_id, err.to_json())).encode()
 
 

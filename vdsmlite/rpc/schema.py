@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from vdsmlite import errors
-from vdsmlite.errors import JsonRpcInvalidParams
+from vdsmlite.rpc.errors import JsonRpcInvalidParams
 from vdsmlite.rpc.types import Coercer, Enum, check_return, compile_spec
 
 
