@@ -9,6 +9,9 @@ fields render them as one ``"k=v, ..."`` string, as VDSM does.
 
 Codes above 5000 belong to the engine; nothing here may use them.
 
+Every class here is raised somewhere, or is *reserved*: named for a verb not built
+yet (virt, SPM) and saying so in its docstring; tests/test_errors.py keeps it so.
+
 The errors of the JSON-RPC protocol itself (-32700 ... -32603) live with the RPC
 layer, in `vdsmlite.rpc.errors`.
 """
@@ -60,16 +63,24 @@ class _Fields(VdsmError):
 
 
 class NoSuchVM(VdsmError):
+    """Reserved for VM verbs (virt) naming a vmId this host does not run; nothing
+    raises it yet."""
+
     code = 1
     msg = "Virtual machine does not exist"
 
 
 class VMExists(VdsmError):
+    """Reserved for VM.create (virt) with a vmId this host already runs; nothing raises
+    it yet."""
+
     code = 4
     msg = "Virtual machine already exists"
 
 
 class CannotCreateVM(VdsmError):
+    """Reserved for VM.create (virt); nothing raises it yet."""
+
     code = 9
     msg = "Error creating the requested VM"
 
@@ -80,16 +91,25 @@ class MissingParameter(VdsmError):
 
 
 class ImageFileNotFound(VdsmError):
+    """Reserved for VM.create / VM.hotplugDisk (virt): a disk's volume cannot be
+    prepared; nothing raises it yet."""
+
     code = 13
     msg = "Image file not found"
 
 
 class UnexpectedError(VdsmError):
+    """Reserved for VM.create (virt): VDSM's answer to an unexpected failure there;
+    nothing raises it yet."""
+
     code = 16
     msg = "Unexpected exception"
 
 
 class LUNDoesNotExist(VdsmError):
+    """Reserved for VM.create / VM.hotplugDisk (virt): a direct-LUN disk's GUID is not
+    on this host; nothing raises it yet."""
+
     code = 37
     msg = "LUN does not exist"
 
@@ -100,28 +120,32 @@ class UnsupportedFenceAgent(VdsmError):
 
 
 class HotplugDiskFailed(VdsmError):
+    """Reserved for VM.hotplugDisk (virt); nothing raises it yet."""
+
     code = 45
     msg = "Failed to hotplug disk"
 
 
 class HotunplugDiskFailed(VdsmError):
+    """Reserved for VM.hotunplugDisk (virt); nothing raises it yet."""
+
     code = 46
     msg = "Failed to hotunplug disk"
 
 
 class MergeFailed(VdsmError):
+    """Reserved for VM.merge (virt); nothing raises it yet."""
+
     code = 52
     msg = "Merge failed"
 
 
 class NoSuchJob(VdsmError):
+    """Reserved for VM.merge block jobs (virt): an unknown job id; nothing raises it
+    yet."""
+
     code = 66
     msg = "Job does not exist"
-
-
-class JobNotDone(VdsmError):
-    code = 68
-    msg = "Job is not done"
 
 
 class JobExists(VdsmError):
@@ -134,12 +158,10 @@ class UnsupportedOperation(VdsmError):
     msg = "Operation not supported"
 
 
-class JobNotActive(VdsmError):
-    code = 84
-    msg = "Job not active"
-
-
 class InvalidParameter(VdsmError):
+    """Reserved for virt verbs' parameter checks (storage verbs answer 1000,
+    InvalidParameterException); nothing raises it yet."""
+
     code = 91
     msg = "Invalid parameter"
 
@@ -162,11 +184,6 @@ class InvalidConfiguration(VdsmError):
 class ActionStopped(VdsmError):
     code = 443
     msg = "Action was stopped"
-
-
-class ResourceExhausted(VdsmError):
-    code = 1100
-    msg = "Resource exhausted"
 
 
 # storage (lib/vdsm/storage/exception.py)
@@ -214,16 +231,6 @@ class OvfStoreTooLarge(StorageException):
     code = 1000
     msg = "Data does not fit the volume"
     http_status = 413
-
-
-class MiscFileWriteException(StorageException):
-    code = 2002
-    msg = "Internal file write failure"
-
-
-class MiscOperationInProgress(StorageException):
-    code = 2005
-    msg = "Operation is already in progress"
 
 
 class ShuttingDownError(StorageException):
@@ -275,11 +282,6 @@ class VolumeMetadataWriteError(StorageException):
     msg = "Error while updating volume meta data"
 
 
-class VolumeAccessError(StorageException):
-    code = 209
-    msg = "Error accessing a volume"
-
-
 class VolumeAlreadyExists(StorageException):
     code = 212
     msg = "Volume already exists"
@@ -288,11 +290,6 @@ class VolumeAlreadyExists(StorageException):
 class CannotDeleteVolume(StorageException):
     code = 222
     msg = "Volume deletion error"
-
-
-class VolumeCopyError(StorageException):
-    code = 225
-    msg = "Volume copy failed"
 
 
 class PrepareIllegalVolumeError(StorageException):
@@ -305,32 +302,12 @@ class CreateVolumeSizeError(StorageException):
     msg = "Requested size is too small. Must be larger or equal to 1"
 
 
-class IncorrectType(StorageException):
-    code = 231
-    msg = "Incorrect Volume Preallocate Type"
-
-
 class VolumeResizeValueError(StorageException):
     code = 232
     msg = "Incorrect size value for volume resize"
 
 
 # images
-
-
-class ImagesActionError(StorageException):
-    code = 250
-    msg = "Error images action"
-
-
-class ImagePathError(StorageException):
-    code = 254
-    msg = "Image path does not exist or cannot be accessed/created"
-
-
-class ImageDeleteError(StorageException):
-    code = 256
-    msg = "Could not remove all image's volumes"
 
 
 class CopyImageError(StorageException):
@@ -354,16 +331,6 @@ class ImageDoesNotExistInSD(_Fields):
 # pools
 
 
-class StoragePoolActionError(StorageException):
-    code = 300
-    msg = "Error storage pool action"
-
-
-class StoragePoolConnectionError(StorageException):
-    code = 302
-    msg = "Error storage pool connection"
-
-
 class StoragePoolMasterNotFound(_Fields):
     code = 304
     msg = "Cannot find master domain"
@@ -376,6 +343,9 @@ class StoragePoolUnknown(StorageException):
 
 
 class StoragePoolNotConnected(StorageException):
+    """Reserved for SPM and pool verbs called before StoragePool.connect; nothing
+    raises it yet."""
+
     code = 313
     msg = "Storage pool not connected"
 
@@ -383,11 +353,6 @@ class StoragePoolNotConnected(StorageException):
 class CannotConnectMultiplePools(StorageException):
     code = 323
     msg = "Cannot connect pool, already connected to another pool"
-
-
-class StoragePoolAlreadyExists(StorageException):
-    code = 316
-    msg = "Error creating a storage pool - pool already exists"
 
 
 class MissingOvfFileFromVM(StorageException):
@@ -403,6 +368,9 @@ class StoragePoolWrongMaster(_Fields):
 
 
 class StoragePoolConnected(StorageException):
+    """Reserved for pool verbs VDSM refuses on a connected pool (StoragePool.create, a
+    connect with another host id); nothing raises it yet."""
+
     code = 325
     msg = "Cannot perform action while storage pool is connected"
 
@@ -416,6 +384,9 @@ class StorageDomainBlockSizeMismatch(StorageException):
 
 
 class StorageDomainActionError(StorageException):
+    """Listed by schema.yml for StorageDomain.format, which raises 391 instead (see
+    CannotFormatAttachedStorageDomain); nothing raises it yet."""
+
     code = 350
     msg = "Error in storage domain action"
 
@@ -431,30 +402,10 @@ class StorageDomainNotInPool(_Fields):
     fields = ("domain", "pool")
 
 
-class StorageDomainAttachError(StorageException):
-    code = 354
-    msg = "Error attaching storage domain"
-
-
-class StorageDomainDetachError(StorageException):
-    code = 356
-    msg = "Error detaching storage domain"
-
-
-class StorageDomainDeactivateError(StorageException):
-    code = 357
-    msg = "Error deactivating storage domain"
-
-
 class StorageDomainDoesNotExist(StorageException):
     code = 358
     msg = "Storage domain does not exist"
     http_status = 404
-
-
-class StorageDomainActivateError(StorageException):
-    code = 359
-    msg = "Error activating storage domain"
 
 
 class StorageDomainFSNotMounted(StorageException):
@@ -467,18 +418,15 @@ class StorageDomainNotEmpty(StorageException):
     msg = "Storage domain is not empty - requires cleaning"
 
 
-class StorageDomainMetadataNotFound(_Fields):
-    code = 364
-    msg = "Storage domain invalid, metadata not found"
-    fields = ("sdUUID", "metafile path")
-
-
 class StorageDomainAlreadyExists(StorageException):
     code = 365
     msg = "Storage domain already exists"
 
 
 class StorageDomainNotActive(StorageException):
+    """Reserved for SPM verbs on a domain that is not active in the pool; nothing
+    raises it yet."""
+
     code = 369
     msg = "Storage domain not active"
 
@@ -494,6 +442,9 @@ class StorageDomainTypeError(StorageException):
 
 
 class StorageDomainNotMemberOfPool(_Fields):
+    """Reserved for SPM verbs naming a domain the pool does not hold; nothing raises it
+    yet."""
+
     code = 375
     msg = "Domain is not member in pool"
     fields = ("pool", "domain")
@@ -513,16 +464,6 @@ class StorageDomainAlreadyAttached(_Fields):
 class CannotDetachMasterStorageDomain(StorageException):
     code = 383
     msg = "Illegal action"
-
-
-class StorageDomainActive(StorageException):
-    code = 382
-    msg = "Illegal action, domain active"
-
-
-class StorageDomainClassError(StorageException):
-    code = 386
-    msg = "Invalid domain class value"
 
 
 class StorageDomainDescriptionTooLongError(StorageException):
@@ -553,29 +494,14 @@ class NoSpaceLeftOnDomain(StorageException):
 # tasks
 
 
-class InvalidTask(VdsmError):
-    code = 400
-    msg = "Task invalid"
-
-
 class UnknownTask(VdsmError):
     code = 401
     msg = "Task id unknown"
 
 
-class TaskClearError(VdsmError):
-    code = 402
-    msg = "Could not clear task"
-
-
 class TaskNotFinished(VdsmError):
     code = 403
     msg = "Task not finished"
-
-
-class TaskInProgress(VdsmError):
-    code = 406
-    msg = "Running Task in progress"
 
 
 class TaskAborted(VdsmError):
@@ -584,11 +510,6 @@ class TaskAborted(VdsmError):
 
 
 # connections
-
-
-class StorageServerActionError(StorageException):
-    code = 450
-    msg = "Error storage server action"
 
 
 class StorageServerConnectionError(StorageException):
@@ -633,11 +554,6 @@ class iSCSILoginError(StorageServeriSCSIError):
     msg = "Failed to login to iSCSI node"
 
 
-class iSCSISetupError(StorageServeriSCSIError):
-    code = 465
-    msg = "Failed to setup iSCSI subsystem"
-
-
 class StorageServerAccessPermissionError(StorageException):
     code = 469
     msg = (
@@ -657,11 +573,6 @@ class StorageServerLocalNotDirError(StorageException):
     def __init__(self, path: str) -> None:
         super().__init__(path)
         self.value = f"path = {path}"
-
-
-class MountTypeError(StorageException):
-    code = 470
-    msg = "Mount type error"
 
 
 class iSCSILogoutError(StorageServeriSCSIError):
@@ -691,11 +602,6 @@ class StorageServerConnectionRefIdAlreadyInUse(StorageException):
 
 
 # LVM
-
-
-class VolumeGroupActionError(StorageException):
-    code = 500
-    msg = "Error volume group action"
 
 
 class VolumeGroupCreateError(_Fields):
@@ -749,11 +655,6 @@ class CannotDeactivateLogicalVolume(StorageException):
     msg = "Cannot deactivate Logical Volume"
 
 
-class CannotAccessLogicalVolume(StorageException):
-    code = 553
-    msg = "Cannot access Logical Volume"
-
-
 class LogicalVolumeExtendError(_Fields):
     code = 554
     msg = "Logical Volume extend failed"
@@ -763,26 +664,6 @@ class LogicalVolumeExtendError(_Fields):
 class CannotActivateLogicalVolume(StorageException):
     code = 558
     msg = "Cannot activate Logical Volume"
-
-
-class LogicalVolumeAddTagError(StorageException):
-    code = 560
-    msg = "Add tag to Logical Volume error"
-
-
-class LogicalVolumeReplaceTagError(StorageException):
-    code = 572
-    msg = "Replace Logical Volume tag error"
-
-
-class PhysDevInitializationError(StorageException):
-    code = 601
-    msg = "Failed to initialize physical device"
-
-
-class LogicalVolumeAlreadyExists(StorageException):
-    code = 604
-    msg = "Cannot create logical volume - already exists"
 
 
 class InaccessiblePhysDev(StorageException):
@@ -797,11 +678,6 @@ class InaccessiblePhysDev(StorageException):
 class LogicalVolumeDoesNotExistError(StorageException):
     code = 610
     msg = "Logical volume does not exist"
-
-
-class LVMCommandError(StorageException):
-    code = 621
-    msg = "LVM command failed"
 
 
 # SPM / locks
@@ -824,13 +700,10 @@ class LeaseLost(StorageException):
 
 
 class SpmStatusError(StorageException):
+    """Reserved for SPM-only verbs on a host that is not the SPM; nothing raises it yet."""
+
     code = 654
     msg = "Not SPM"
-
-
-class ReleaseLockFailure(StorageException):
-    code = 660
-    msg = "Cannot release lock"
 
 
 class AcquireHostIdFailure(StorageException):
@@ -853,22 +726,12 @@ class ClusterLockInitError(StorageException):
     msg = "Could not initialize cluster lock"
 
 
-class SanlockInquireError(StorageException):
-    code = 704
-    msg = "Cannot inquire sanlock resources"
-
-
 # metadata
 
 
 class MetaDataGeneralError(StorageException):
     code = 749
     msg = "General Meta data error"
-
-
-class MetaDataKeyNotFoundError(MetaDataGeneralError):
-    code = 751
-    msg = "Meta Data key not found error"
 
 
 class MetaDataSealIsBroken(_Fields):
@@ -891,13 +754,9 @@ class StorageDomainIsMemberOfPool(StorageException):
         self.value = f"domain={sd_uuid}"
 
 
-class GenerationMismatch(_Fields):
-    code = 911
-    msg = "The provided generation does not match the actual generation"
-    fields = ("requested", "actual")
-
-
 class NoSuchLease(StorageException):
+    """Reserved for HA VMs' leases (virt; VDSM's Lease verbs); nothing raises it yet."""
+
     code = 936
     msg = "No such lease"
 
