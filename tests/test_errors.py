@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 
@@ -21,6 +22,15 @@ def test_message_format_is_vdsms() -> None:
         "Image does not exist in domain: 'image=i, domain=d'"
     assert str(errors.StorageServerValidationError("/x")) == (
         f"{errors.StorageServerValidationError.msg}: 'path = /x'")
+
+
+def test_typed_errors_survive_pickling() -> None:
+    """Typed constructors pass their arguments on unchanged: pickling still rebuilds them."""
+    for e in (errors.AcquireLockFailure("SDM", -1, "", "gone"),
+              errors.StoragePoolMasterNotFound("sp", None),
+              errors.InvalidParameterException("size", 7)):
+        again = pickle.loads(pickle.dumps(e))
+        assert type(again) is type(e) and again.to_json() == e.to_json()
 
 
 def test_codes_stay_below_the_engines_range() -> None:

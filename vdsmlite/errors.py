@@ -33,8 +33,9 @@ class VdsmError(VdsmLiteError):
     # How the HTTP stream doors answer this error.
     http_status: ClassVar[int] = 500
 
-    def __init__(self, *args: Any) -> None:
+    def __init__(self, *args: object) -> None:
         super().__init__(*args)
+        # What the message shows: the arguments, or one "k=v, ..." string (`_Fields`).
         self.value: Any = args
 
     @property
@@ -53,7 +54,7 @@ class _Fields(VdsmError):
 
     fields: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, *args: Any) -> None:
+    def __init__(self, *args: object) -> None:
         super().__init__(*args)
         if len(args) == len(self.fields):
             self.value = ", ".join(f"{k}={v}" for k, v in zip(self.fields, args, strict=True))
@@ -152,6 +153,9 @@ class JobExists(VdsmError):
     code = 69
     msg = "Job already exists"
 
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id)
+
 
 class UnsupportedOperation(VdsmError):
     code = 75
@@ -175,10 +179,16 @@ class GeneralException(VdsmError):
     code = 100
     msg = "General Exception"
 
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+
 
 class InvalidConfiguration(VdsmError):
     code = 101
     msg = "Invalid configuration"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
 
 
 class ActionStopped(VdsmError):
@@ -246,6 +256,9 @@ class VolumeDoesNotExist(StorageException):
     msg = "Volume does not exist"
     http_status = 404
 
+    def __init__(self, vol_uuid: str) -> None:
+        super().__init__(vol_uuid)
+
 
 class IncorrectFormat(StorageException):
     code = 202
@@ -285,6 +298,9 @@ class VolumeMetadataWriteError(StorageException):
 class VolumeAlreadyExists(StorageException):
     code = 212
     msg = "Volume already exists"
+
+    def __init__(self, vol_uuid: str) -> None:
+        super().__init__(vol_uuid)
 
 
 class CannotDeleteVolume(StorageException):
@@ -327,6 +343,9 @@ class ImageDoesNotExistInSD(_Fields):
     fields = ("image", "domain")
     http_status = 404
 
+    def __init__(self, image: str, domain: str) -> None:
+        super().__init__(image, domain)
+
 
 # pools
 
@@ -335,6 +354,9 @@ class StoragePoolMasterNotFound(_Fields):
     code = 304
     msg = "Cannot find master domain"
     fields = ("spUUID", "msdUUID")
+
+    def __init__(self, sp_uuid: str, msd_uuid: str | None) -> None:
+        super().__init__(sp_uuid, msd_uuid)
 
 
 class StoragePoolUnknown(StorageException):
@@ -401,11 +423,17 @@ class StorageDomainNotInPool(_Fields):
     msg = "Storage domain not in pool"
     fields = ("domain", "pool")
 
+    def __init__(self, domain: str, pool: str) -> None:
+        super().__init__(domain, pool)
+
 
 class StorageDomainDoesNotExist(StorageException):
     code = 358
     msg = "Storage domain does not exist"
     http_status = 404
+
+    def __init__(self, sd_uuid: str) -> None:
+        super().__init__(sd_uuid)
 
 
 class StorageDomainFSNotMounted(StorageException):
@@ -454,11 +482,17 @@ class StorageDomainAccessError(StorageException):
     code = 379
     msg = "Domain is either partially accessible or entirely inaccessible"
 
+    def __init__(self, sd_uuid: str, reason: str) -> None:
+        super().__init__(sd_uuid, reason)
+
 
 class StorageDomainAlreadyAttached(_Fields):
     code = 380
     msg = "Storage domain already attached to pool"
     fields = ("domain", "pool")
+
+    def __init__(self, domain: str, pool: str) -> None:
+        super().__init__(domain, pool)
 
 
 class CannotDetachMasterStorageDomain(StorageException):
@@ -490,6 +524,9 @@ class NoSpaceLeftOnDomain(StorageException):
     code = 397
     msg = "No space left on domain"
 
+    def __init__(self, sd_uuid: str) -> None:
+        super().__init__(sd_uuid)
+
 
 # tasks
 
@@ -498,15 +535,24 @@ class UnknownTask(VdsmError):
     code = 401
     msg = "Task id unknown"
 
+    def __init__(self, task_id: str) -> None:
+        super().__init__(task_id)
+
 
 class TaskNotFinished(VdsmError):
     code = 403
     msg = "Task not finished"
 
+    def __init__(self, task_id: str) -> None:
+        super().__init__(task_id)
+
 
 class TaskAborted(VdsmError):
     code = 411
     msg = "Task is aborted"
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__(task_id)
 
 
 # connections
@@ -688,6 +734,9 @@ class AcquireLockFailure(_Fields):
     msg = "Cannot obtain lock"
     fields = ("id", "rc", "out", "err")
     http_status = 409
+
+    def __init__(self, resource: str | None, rc: int, out: str, err: str) -> None:
+        super().__init__(resource, rc, out, err)
 
 
 class LeaseLost(StorageException):

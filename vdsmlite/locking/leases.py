@@ -205,6 +205,7 @@ class LeaseManager:
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             env={**os.environ, **self._env})
         assert proc.stdout is not None
+        greeting: dict[str, Any]
         try:
             line = await asyncio.wait_for(proc.stdout.readline(), _START_TIMEOUT)
             greeting = json.loads(line) if line else {"ready": False, "message": "exited"}
