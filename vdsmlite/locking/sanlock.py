@@ -182,7 +182,7 @@ def _get() -> _Lib:
         return _Lib()
     except OSError as e:
         raise SanlockError("load", errno_.ENOENT,
-                           f"libsanlock_client.so.1 is not installed ({e})") from None
+                           f"libsanlock_client.so.1 is not installed ({e})") from e
 
 
 def available() -> bool:

@@ -62,8 +62,8 @@ def _octal(field_bytes: bytes, what: str) -> int:
         return 0
     try:
         return int(text, 8)
-    except ValueError:
-        raise TarError(f"{what}: {text[:20]!r} is not an octal number") from None
+    except ValueError as e:
+        raise TarError(f"{what}: {text[:20]!r} is not an octal number") from e
 
 
 def header_checksum(header: bytes) -> int:
@@ -103,8 +103,8 @@ def parse_header(block: bytes, offset: int) -> Header:
     raw_name = block[:100].split(b"\0", 1)[0]
     try:
         name = raw_name.decode("ascii")
-    except UnicodeDecodeError:
-        raise TarError(f"{where}: non-ASCII member name") from None
+    except UnicodeDecodeError as e:
+        raise TarError(f"{where}: non-ASCII member name") from e
     if name not in (INFO, METADATA) and not _OVF_NAME.match(name):
         raise TarError(f"{where}: member name {name[:100]!r} is not info.json, "
                        "metadata.json or <uuid>.ovf")
@@ -131,7 +131,7 @@ class _JsonMember:
         try:
             return json.loads(self.raw)
         except (ValueError, UnicodeDecodeError) as e:
-            raise TarError(f"{self.name}: invalid JSON: {str(e)[:200]}") from None
+            raise TarError(f"{self.name}: invalid JSON: {str(e)[:200]}") from e
 
 
 # Hands a batch of (member name, document) to be XML-checked elsewhere; the future
@@ -156,7 +156,7 @@ class _OvfMember:
             try:
                 self.validator.feed(chunk)
             except OvfError as e:
-                raise TarError(f"{self.name}: {e}") from None
+                raise TarError(f"{self.name}: {e}") from e
         if self.parts is not None:
             self.parts.append(chunk)
 
@@ -165,7 +165,7 @@ class _OvfMember:
             try:
                 self.validator.close()
             except OvfError as e:
-                raise TarError(f"{self.name}: {e}") from None
+                raise TarError(f"{self.name}: {e}") from e
         if self.parts is None:
             return None
         whole = self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
@@ -230,7 +230,7 @@ class _BatchedChecks:
             future.result()
         except OvfError as e:
             self.cancel()
-            raise TarError(str(e)) from None
+            raise TarError(str(e)) from e
         except BaseException:
             self.cancel()
             raise
