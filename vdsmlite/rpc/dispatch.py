@@ -15,11 +15,15 @@ nothing is owed (notifications). Per call the dispatcher:
 Each call runs in a task owned by the dispatcher, so shutdown can let calls in
 flight finish, then cancel the stragglers and still answer them (443 "Action
 was stopped") instead of dropping the connection.
+
+The dispatcher's life is one `DispatcherState`: STARTING (every call answers 99,
+as VDSM does while it recovers) -> SERVING -> STOPPING (new calls answer 3001).
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import inspect
 import json
 import logging
@@ -47,6 +51,18 @@ Handler = Callable[..., Awaitable[Any]]
 
 # Calls slower than this are logged at INFO even when they succeed.
 SLOW_CALL_SECONDS = 1.0
+
+
+class DispatcherState(enum.Enum):
+    """Where the dispatcher is in its life; it decides what a new call gets.
+
+    STARTING -> SERVING -> STOPPING, or STARTING -> STOPPING (a start-up that fails).
+    It never goes back.
+    """
+
+    STARTING = "starting"  # answers 99 "Recovering from crash or Initializing"
+    SERVING = "serving"    # runs calls
+    STOPPING = "stopping"  # answers 3001 "Shutting down"; calls in flight finish
 
 
 @dataclass(frozen=True)
@@ -108,15 +124,39 @@ class Dispatcher:
         self._slots = asyncio.Semaphore(max_concurrent)
         self._validate_returns = validate_returns
         self._inflight: set[asyncio.Task[dict[str, Any] | None]] = set()
-        self._stopping = False
-        # VDSM answers 99 to every call until its recovery is done.
-        self.ready = False
+        self._state = DispatcherState.STARTING
         # Labelled metric children are looked up once per verb, not per call.
         self._latency_children: dict[str, Any] = {}
 
     @property
     def in_flight(self) -> int:
         return len(self._inflight)
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    @property
+    def state(self) -> DispatcherState:
+        return self._state
+
+    def serve(self) -> None:
+        """Start running calls (VDSM's "recovery done"). No effect once stopping."""
+        if self._state is DispatcherState.STARTING:
+            self._state = DispatcherState.SERVING
+
+    def begin_shutdown(self) -> None:
+        """New calls get 3001 from now on; calls in flight carry on."""
+        self._state = DispatcherState.STOPPING
+
+    @property
+    def ready(self) -> bool:
+        """True while serving. Setting it True is the older spelling of `serve()`."""
+        return self._state is DispatcherState.SERVING
+
+    @ready.setter
+    def ready(self, value: bool) -> None:
+        if not value:
+            raise ValueError("a dispatcher does not go back to starting")
+        self.serve()
 
     # --- entry point ---------------------------------------------------------
 
@@ -189,9 +229,9 @@ class Dispatcher:
         try:
             if verb is None:
                 raise JsonRpcMethodNotFound(env.method)
-            if self._stopping:
+            if self._state is DispatcherState.STOPPING:
                 raise errors.ShuttingDownError()
-            if not self.ready:
+            if self._state is DispatcherState.STARTING:
                 raise errors.RecoveryInProgress()
             kwargs = verb.coerce_params(env.params)
             result = await self._call(verb, kwargs, ctx)
@@ -207,9 +247,8 @@ class Dispatcher:
         except asyncio.CancelledError:
             # Only the dispatcher cancels these tasks (at shutdown): answer, don't vanish.
             outcome = "error"
-            err = errors.ActionStopped(env.method)
             log.warning("%s cancelled by shutdown", env.method)
-            response = _error_response(env.id, err.to_json())
+            response = _error_response(env.id, errors.ActionStopped(env.method).to_json())
         except Exception as e:
             outcome = "internal_error"
             log.exception("%s crashed", env.method)
@@ -247,10 +286,6 @@ class Dispatcher:
         return result
 
     # --- shutdown -----------------------------------------------------------------
-
-    def begin_shutdown(self) -> None:
-        """New calls get 3001 from now on; calls in flight carry on."""
-        self._stopping = True
 
     async def drain(self, grace: float) -> None:
         """Let calls in flight finish for `grace` seconds, then cancel the rest.
