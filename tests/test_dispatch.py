@@ -18,7 +18,7 @@ import pytest
 from tests.helpers import run
 from vdsmlite import errors
 from vdsmlite.metrics import Metrics
-from vdsmlite.rpc.dispatch import CallContext, Dispatcher, DispatcherState
+from vdsmlite.rpc.dispatch import CallContext, Dispatcher, DispatcherState, Handler
 from vdsmlite.rpc.schema import Schema, SchemaError
 
 CTX = CallContext("test", "local")
@@ -71,8 +71,9 @@ class Handlers:
 def make(max_concurrent: int = 16, validate: bool = True,
          serve: bool = True) -> tuple[Dispatcher, Handlers]:
     h = Handlers()
-    handlers = {"Test.sleep": h.sleep, "Test.echo": h.echo, "Test.badReturn": h.bad_return,
-                "Test.unencodable": h.unencodable, "Test.fail": h.fail, "Test.crash": h.crash}
+    handlers: dict[str, Handler] = {
+        "Test.sleep": h.sleep, "Test.echo": h.echo, "Test.badReturn": h.bad_return,
+        "Test.unencodable": h.unencodable, "Test.fail": h.fail, "Test.crash": h.crash}
     d = Dispatcher(Schema(SCHEMA, "test"), handlers, Metrics(), max_concurrent=max_concurrent,
                    validate_returns=validate)
     if serve:
@@ -215,8 +216,9 @@ def test_handler_params_must_match_schema() -> None:
         return True
 
     _, h = make()
-    handlers = {"Test.sleep": wrong, "Test.echo": h.echo, "Test.badReturn": h.bad_return,
-                "Test.unencodable": h.unencodable, "Test.fail": h.fail, "Test.crash": h.crash}
+    handlers: dict[str, Handler] = {
+        "Test.sleep": wrong, "Test.echo": h.echo, "Test.badReturn": h.bad_return,
+        "Test.unencodable": h.unencodable, "Test.fail": h.fail, "Test.crash": h.crash}
     with pytest.raises(RuntimeError, match="handler params"):
         Dispatcher(Schema(SCHEMA, "test"), handlers, Metrics())
     with pytest.raises(RuntimeError, match="no handler"):
