@@ -50,7 +50,7 @@ class WriterState(enum.Enum):
 class _Full(NamedTuple):
     """A buffer on its way through the lanes."""
 
-    index: int
+    buf: int           # which of the writer's buffers
     length: int        # bytes to write (the last one is padded to a block)
     offset: int        # where on the volume
     inspect_len: int   # bytes of stream data in it (without the padding)
@@ -119,7 +119,7 @@ class DirectWriter:
                 if self._error is not None or self._state is WriterState.ABORTING:
                     return  # the inspect lane refused something: write nothing after it
                 await self._run(self._write_sync, full)
-                self._free.put_nowait(full.index)
+                self._free.put_nowait(full.buf)
         except BaseException as e:
             self._fail(e)
             raise
@@ -132,13 +132,13 @@ class DirectWriter:
 
     def _inspect_sync(self, full: _Full) -> None:
         assert self._inspect is not None
-        with memoryview(self._buffers[full.index]) as whole, \
+        with memoryview(self._buffers[full.buf]) as whole, \
                 whole[:full.inspect_len] as seen:
             self._inspect(seen)
 
     def _write_sync(self, full: _Full) -> None:
         assert self._fd is not None
-        with memoryview(self._buffers[full.index]) as whole:
+        with memoryview(self._buffers[full.buf]) as whole:
             done = 0
             while done < full.length:
                 with whole[done:full.length] as rest:
