@@ -73,6 +73,7 @@ class DirectWriter:
         self._to_inspect: asyncio.Queue[_Full | None] = asyncio.Queue()
         self._to_write: asyncio.Queue[_Full | None] = asyncio.Queue()
         self._lanes: list[asyncio.Task[None]] = []
+        self._syncing: asyncio.Future[None] | None = None  # finish's fdatasync + close
         self._error: BaseException | None = None
         self._state = WriterState.NEW
         self._current = 0
@@ -184,9 +185,12 @@ class DirectWriter:
             buf[self._fill:padded] = b"\0" * (padded - self._fill)
             self._to_inspect.put_nowait(_Full(self._current, padded, self._offset, self._fill))
         self._to_inspect.put_nowait(None)
-        await asyncio.gather(*self._lanes, return_exceptions=True)
+        # Shielded: if our caller is cancelled here, the lanes must not be (a write may be
+        # in a thread); it aborts, and abort waits for them before closing the descriptor.
+        await asyncio.shield(asyncio.gather(*self._lanes, return_exceptions=True))
         self._raise_if_failed()
-        await self._run(self._sync_close)
+        self._syncing = asyncio.ensure_future(self._run(self._sync_close))
+        await asyncio.shield(self._syncing)
         self._state = WriterState.CLOSED
         return self.written
 
@@ -212,6 +216,9 @@ class DirectWriter:
 
     async def _drain_and_close(self) -> None:
         await asyncio.gather(*self._lanes, return_exceptions=True)
+        if self._syncing is not None:
+            # A cancelled finish: its thread closes the descriptor; never close it twice.
+            await asyncio.gather(self._syncing, return_exceptions=True)
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
