@@ -18,7 +18,7 @@ import pytest
 from tests.helpers import run
 from vdsmlite import errors
 from vdsmlite.metrics import Metrics
-from vdsmlite.rpc.dispatch import CallContext, Dispatcher
+from vdsmlite.rpc.dispatch import CallContext, Dispatcher, DispatcherState, Handler
 from vdsmlite.rpc.schema import Schema, SchemaError
 
 CTX = CallContext("test", "local")
@@ -68,13 +68,16 @@ class Handlers:
         raise KeyError("boom")
 
 
-def make(max_concurrent: int = 16, validate: bool = True) -> tuple[Dispatcher, Handlers]:
+def make(max_concurrent: int = 16, validate: bool = True,
+         serve: bool = True) -> tuple[Dispatcher, Handlers]:
     h = Handlers()
-    handlers = {"Test.sleep": h.sleep, "Test.echo": h.echo, "Test.badReturn": h.bad_return,
-                "Test.unencodable": h.unencodable, "Test.fail": h.fail, "Test.crash": h.crash}
+    handlers: dict[str, Handler] = {
+        "Test.sleep": h.sleep, "Test.echo": h.echo, "Test.badReturn": h.bad_return,
+        "Test.unencodable": h.unencodable, "Test.fail": h.fail, "Test.crash": h.crash}
     d = Dispatcher(Schema(SCHEMA, "test"), handlers, Metrics(), max_concurrent=max_concurrent,
                    validate_returns=validate)
-    d.ready = True
+    if serve:
+        d.serve()
     return d, h
 
 
@@ -112,10 +115,31 @@ def test_unexpected_exception_is_internal_error() -> None:
 
 def test_not_ready_answers_99() -> None:
     async def main() -> None:
-        d, _ = make()
-        d.ready = False
+        d, _ = make(serve=False)
+        assert d.state is DispatcherState.STARTING
         reply = await call(d, "Test.echo", {"value": 1})
         assert reply["error"]["code"] == 99
+    run(main())
+
+
+def test_lifecycle_starting_serving_stopping() -> None:
+    async def main() -> None:
+        d, _ = make(serve=False)
+        d.ready = True  # the older spelling of serve(), still accepted
+        assert d.state is DispatcherState.SERVING and d.ready
+        assert (await call(d, "Test.echo", {"value": 1}))["result"] == 1
+        with pytest.raises(ValueError):
+            d.ready = False
+        d.begin_shutdown()
+        d.serve()  # too late: stopping is final
+        assert d.state is DispatcherState.STOPPING and not d.ready
+        assert (await call(d, "Test.echo", {"value": 1}))["error"]["code"] == 3001
+        # Stopped before it ever served (a start-up that failed): 3001, not 99.
+        d2, _ = make(serve=False)
+        d2.begin_shutdown()
+        assert (await call(d2, "Test.echo", {"value": 1}))["error"]["code"] == 3001
+        # An unknown verb is unknown whatever the state.
+        assert (await call(d2, "No.such"))["error"]["code"] == -32601
     run(main())
 
 
@@ -192,8 +216,9 @@ def test_handler_params_must_match_schema() -> None:
         return True
 
     _, h = make()
-    handlers = {"Test.sleep": wrong, "Test.echo": h.echo, "Test.badReturn": h.bad_return,
-                "Test.unencodable": h.unencodable, "Test.fail": h.fail, "Test.crash": h.crash}
+    handlers: dict[str, Handler] = {
+        "Test.sleep": wrong, "Test.echo": h.echo, "Test.badReturn": h.bad_return,
+        "Test.unencodable": h.unencodable, "Test.fail": h.fail, "Test.crash": h.crash}
     with pytest.raises(RuntimeError, match="handler params"):
         Dispatcher(Schema(SCHEMA, "test"), handlers, Metrics())
     with pytest.raises(RuntimeError, match="no handler"):

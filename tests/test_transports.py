@@ -112,7 +112,7 @@ def test_job_events_are_pushed_over_websocket(tmp_path: Path) -> None:
         cfg = config.load(None, overrides={"daemon": {"state_dir": str(tmp_path / "s")}})
         services = Services(cfg)
         app, dispatcher = build_app(services)
-        dispatcher.ready = True
+        dispatcher.serve()
         runner = web.AppRunner(app)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)

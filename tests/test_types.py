@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from vdsmlite.errors import JsonRpcInvalidParams
+from vdsmlite.rpc.errors import JsonRpcInvalidParams
 from vdsmlite.rpc.types import Enum, check_return, compile_spec
 
 ENUMS = {

@@ -306,10 +306,10 @@ def load(
         try:
             with open(path, "rb") as f:
                 data = tomllib.load(f)
-        except FileNotFoundError:
-            raise InvalidConfiguration(f"config file {str(path)!r} does not exist") from None
+        except FileNotFoundError as e:
+            raise InvalidConfiguration(f"config file {str(path)!r} does not exist") from e
         except tomllib.TOMLDecodeError as e:
-            raise InvalidConfiguration(f"config file {str(path)!r}: {e}") from None
+            raise InvalidConfiguration(f"config file {str(path)!r}: {e}") from e
         source = str(path)
     for section, values in (overrides or {}).items():
         data.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})

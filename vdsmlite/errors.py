@@ -1,16 +1,19 @@
-"""Every error a vdsmlite client can see, in one place.
+"""The VDSM verb-error catalog: one class per VDSM code.
 
-Two families:
-
-* `JsonRpcError`: protocol errors of JSON-RPC 2.0 itself (-32700 ... -32603).
-* `VdsmError`: verb errors carrying VDSM's numeric codes and message style, so an
-  engine written for VDSM maps them exactly as it maps VDSM's own.  VDSM renders
-  an error as ``"<message>: <repr(value)>"`` where ``value`` is the tuple of
-  constructor arguments (``StorageDomainDoesNotExist(sd)`` ->
-  ``"Storage domain does not exist: ('<sd>',)"``); subclasses that take named
-  fields render them as one ``"k=v, ..."`` string, as VDSM does.
+`VdsmError`s carry VDSM's numeric codes and message style, so an engine written
+for VDSM maps them exactly as it maps VDSM's own.  VDSM renders an error as
+``"<message>: <repr(value)>"`` where ``value`` is the tuple of constructor
+arguments (``StorageDomainDoesNotExist(sd)`` ->
+``"Storage domain does not exist: ('<sd>',)"``); subclasses that take named
+fields render them as one ``"k=v, ..."`` string, as VDSM does.
 
 Codes above 5000 belong to the engine; nothing here may use them.
+
+Every class here is raised somewhere, or is *reserved*: named for a verb not built
+yet (virt, SPM) and saying so in its docstring; tests/test_errors.py keeps it so.
+
+The errors of the JSON-RPC protocol itself (-32700 ... -32603) live with the RPC
+layer, in `vdsmlite.rpc.errors`.
 """
 
 from __future__ import annotations
@@ -22,64 +25,6 @@ class VdsmLiteError(Exception):
     """Base of everything raised on purpose by vdsmlite."""
 
 
-# --------------------------------------------------------------------------
-# JSON-RPC 2.0 protocol errors
-
-
-class JsonRpcError(VdsmLiteError):
-    code: ClassVar[int] = -32603
-    msg: ClassVar[str] = "Internal JSON-RPC error"
-
-    def __init__(self, detail: str = "", data: Any = None) -> None:
-        super().__init__(detail)
-        self.detail = detail
-        self.data = data
-
-    @property
-    def message(self) -> str:
-        return f"{self.msg}: {self.detail}" if self.detail else self.msg
-
-    def to_json(self) -> dict[str, Any]:
-        err: dict[str, Any] = {"code": self.code, "message": self.message}
-        if self.data is not None:
-            err["data"] = self.data
-        return err
-
-
-class JsonRpcParseError(JsonRpcError):
-    code = -32700
-    msg = "Parse error"
-
-
-class JsonRpcInvalidRequest(JsonRpcError):
-    code = -32600
-    msg = "Invalid request"
-
-
-class JsonRpcMethodNotFound(JsonRpcError):
-    code = -32601
-    msg = "Method not found"
-
-
-class JsonRpcInvalidParams(JsonRpcError):
-    code = -32602
-    msg = "Invalid params"
-
-    def __init__(self, param: str, reason: str) -> None:
-        super().__init__(f"{param}: {reason}", data={"param": param, "reason": reason})
-        self.param = param
-        self.reason = reason
-
-
-class JsonRpcInternalError(JsonRpcError):
-    code = -32603
-    msg = "Internal JSON-RPC error"
-
-
-# --------------------------------------------------------------------------
-# VDSM verb errors
-
-
 class VdsmError(VdsmLiteError):
     """An error with a VDSM status code; the message follows VDSM's format."""
 
@@ -88,8 +33,9 @@ class VdsmError(VdsmLiteError):
     # How the HTTP stream doors answer this error.
     http_status: ClassVar[int] = 500
 
-    def __init__(self, *args: Any) -> None:
+    def __init__(self, *args: object) -> None:
         super().__init__(*args)
+        # What the message shows: the arguments, or one "k=v, ..." string (`_Fields`).
         self.value: Any = args
 
     @property
@@ -108,7 +54,7 @@ class _Fields(VdsmError):
 
     fields: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, *args: Any) -> None:
+    def __init__(self, *args: object) -> None:
         super().__init__(*args)
         if len(args) == len(self.fields):
             self.value = ", ".join(f"{k}={v}" for k, v in zip(self.fields, args, strict=True))
@@ -118,16 +64,24 @@ class _Fields(VdsmError):
 
 
 class NoSuchVM(VdsmError):
+    """Reserved for VM verbs (virt) naming a vmId this host does not run; nothing
+    raises it yet."""
+
     code = 1
     msg = "Virtual machine does not exist"
 
 
 class VMExists(VdsmError):
+    """Reserved for VM.create (virt) with a vmId this host already runs; nothing raises
+    it yet."""
+
     code = 4
     msg = "Virtual machine already exists"
 
 
 class CannotCreateVM(VdsmError):
+    """Reserved for VM.create (virt); nothing raises it yet."""
+
     code = 9
     msg = "Error creating the requested VM"
 
@@ -138,16 +92,25 @@ class MissingParameter(VdsmError):
 
 
 class ImageFileNotFound(VdsmError):
+    """Reserved for VM.create / VM.hotplugDisk (virt): a disk's volume cannot be
+    prepared; nothing raises it yet."""
+
     code = 13
     msg = "Image file not found"
 
 
 class UnexpectedError(VdsmError):
+    """Reserved for VM.create (virt): VDSM's answer to an unexpected failure there;
+    nothing raises it yet."""
+
     code = 16
     msg = "Unexpected exception"
 
 
 class LUNDoesNotExist(VdsmError):
+    """Reserved for VM.create / VM.hotplugDisk (virt): a direct-LUN disk's GUID is not
+    on this host; nothing raises it yet."""
+
     code = 37
     msg = "LUN does not exist"
 
@@ -158,33 +121,40 @@ class UnsupportedFenceAgent(VdsmError):
 
 
 class HotplugDiskFailed(VdsmError):
+    """Reserved for VM.hotplugDisk (virt); nothing raises it yet."""
+
     code = 45
     msg = "Failed to hotplug disk"
 
 
 class HotunplugDiskFailed(VdsmError):
+    """Reserved for VM.hotunplugDisk (virt); nothing raises it yet."""
+
     code = 46
     msg = "Failed to hotunplug disk"
 
 
 class MergeFailed(VdsmError):
+    """Reserved for VM.merge (virt); nothing raises it yet."""
+
     code = 52
     msg = "Merge failed"
 
 
 class NoSuchJob(VdsmError):
+    """Reserved for VM.merge block jobs (virt): an unknown job id; nothing raises it
+    yet."""
+
     code = 66
     msg = "Job does not exist"
-
-
-class JobNotDone(VdsmError):
-    code = 68
-    msg = "Job is not done"
 
 
 class JobExists(VdsmError):
     code = 69
     msg = "Job already exists"
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id)
 
 
 class UnsupportedOperation(VdsmError):
@@ -192,12 +162,10 @@ class UnsupportedOperation(VdsmError):
     msg = "Operation not supported"
 
 
-class JobNotActive(VdsmError):
-    code = 84
-    msg = "Job not active"
-
-
 class InvalidParameter(VdsmError):
+    """Reserved for virt verbs' parameter checks (storage verbs answer 1000,
+    InvalidParameterException); nothing raises it yet."""
+
     code = 91
     msg = "Invalid parameter"
 
@@ -211,20 +179,21 @@ class GeneralException(VdsmError):
     code = 100
     msg = "General Exception"
 
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+
 
 class InvalidConfiguration(VdsmError):
     code = 101
     msg = "Invalid configuration"
 
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+
 
 class ActionStopped(VdsmError):
     code = 443
     msg = "Action was stopped"
-
-
-class ResourceExhausted(VdsmError):
-    code = 1100
-    msg = "Resource exhausted"
 
 
 # storage (lib/vdsm/storage/exception.py)
@@ -274,16 +243,6 @@ class OvfStoreTooLarge(StorageException):
     http_status = 413
 
 
-class MiscFileWriteException(StorageException):
-    code = 2002
-    msg = "Internal file write failure"
-
-
-class MiscOperationInProgress(StorageException):
-    code = 2005
-    msg = "Operation is already in progress"
-
-
 class ShuttingDownError(StorageException):
     code = 3001
     msg = "Shutting down"
@@ -296,6 +255,9 @@ class VolumeDoesNotExist(StorageException):
     code = 201
     msg = "Volume does not exist"
     http_status = 404
+
+    def __init__(self, vol_uuid: str) -> None:
+        super().__init__(vol_uuid)
 
 
 class IncorrectFormat(StorageException):
@@ -333,24 +295,17 @@ class VolumeMetadataWriteError(StorageException):
     msg = "Error while updating volume meta data"
 
 
-class VolumeAccessError(StorageException):
-    code = 209
-    msg = "Error accessing a volume"
-
-
 class VolumeAlreadyExists(StorageException):
     code = 212
     msg = "Volume already exists"
+
+    def __init__(self, vol_uuid: str) -> None:
+        super().__init__(vol_uuid)
 
 
 class CannotDeleteVolume(StorageException):
     code = 222
     msg = "Volume deletion error"
-
-
-class VolumeCopyError(StorageException):
-    code = 225
-    msg = "Volume copy failed"
 
 
 class PrepareIllegalVolumeError(StorageException):
@@ -363,32 +318,12 @@ class CreateVolumeSizeError(StorageException):
     msg = "Requested size is too small. Must be larger or equal to 1"
 
 
-class IncorrectType(StorageException):
-    code = 231
-    msg = "Incorrect Volume Preallocate Type"
-
-
 class VolumeResizeValueError(StorageException):
     code = 232
     msg = "Incorrect size value for volume resize"
 
 
 # images
-
-
-class ImagesActionError(StorageException):
-    code = 250
-    msg = "Error images action"
-
-
-class ImagePathError(StorageException):
-    code = 254
-    msg = "Image path does not exist or cannot be accessed/created"
-
-
-class ImageDeleteError(StorageException):
-    code = 256
-    msg = "Could not remove all image's volumes"
 
 
 class CopyImageError(StorageException):
@@ -408,24 +343,20 @@ class ImageDoesNotExistInSD(_Fields):
     fields = ("image", "domain")
     http_status = 404
 
+    def __init__(self, image: str, domain: str) -> None:
+        super().__init__(image, domain)
+
 
 # pools
-
-
-class StoragePoolActionError(StorageException):
-    code = 300
-    msg = "Error storage pool action"
-
-
-class StoragePoolConnectionError(StorageException):
-    code = 302
-    msg = "Error storage pool connection"
 
 
 class StoragePoolMasterNotFound(_Fields):
     code = 304
     msg = "Cannot find master domain"
     fields = ("spUUID", "msdUUID")
+
+    def __init__(self, sp_uuid: str, msd_uuid: str | None) -> None:
+        super().__init__(sp_uuid, msd_uuid)
 
 
 class StoragePoolUnknown(StorageException):
@@ -434,6 +365,9 @@ class StoragePoolUnknown(StorageException):
 
 
 class StoragePoolNotConnected(StorageException):
+    """Reserved for SPM and pool verbs called before StoragePool.connect; nothing
+    raises it yet."""
+
     code = 313
     msg = "Storage pool not connected"
 
@@ -441,11 +375,6 @@ class StoragePoolNotConnected(StorageException):
 class CannotConnectMultiplePools(StorageException):
     code = 323
     msg = "Cannot connect pool, already connected to another pool"
-
-
-class StoragePoolAlreadyExists(StorageException):
-    code = 316
-    msg = "Error creating a storage pool - pool already exists"
 
 
 class MissingOvfFileFromVM(StorageException):
@@ -461,6 +390,9 @@ class StoragePoolWrongMaster(_Fields):
 
 
 class StoragePoolConnected(StorageException):
+    """Reserved for pool verbs VDSM refuses on a connected pool (StoragePool.create, a
+    connect with another host id); nothing raises it yet."""
+
     code = 325
     msg = "Cannot perform action while storage pool is connected"
 
@@ -474,6 +406,9 @@ class StorageDomainBlockSizeMismatch(StorageException):
 
 
 class StorageDomainActionError(StorageException):
+    """Listed by schema.yml for StorageDomain.format, which raises 391 instead (see
+    CannotFormatAttachedStorageDomain); nothing raises it yet."""
+
     code = 350
     msg = "Error in storage domain action"
 
@@ -488,20 +423,8 @@ class StorageDomainNotInPool(_Fields):
     msg = "Storage domain not in pool"
     fields = ("domain", "pool")
 
-
-class StorageDomainAttachError(StorageException):
-    code = 354
-    msg = "Error attaching storage domain"
-
-
-class StorageDomainDetachError(StorageException):
-    code = 356
-    msg = "Error detaching storage domain"
-
-
-class StorageDomainDeactivateError(StorageException):
-    code = 357
-    msg = "Error deactivating storage domain"
+    def __init__(self, domain: str, pool: str) -> None:
+        super().__init__(domain, pool)
 
 
 class StorageDomainDoesNotExist(StorageException):
@@ -509,10 +432,8 @@ class StorageDomainDoesNotExist(StorageException):
     msg = "Storage domain does not exist"
     http_status = 404
 
-
-class StorageDomainActivateError(StorageException):
-    code = 359
-    msg = "Error activating storage domain"
+    def __init__(self, sd_uuid: str) -> None:
+        super().__init__(sd_uuid)
 
 
 class StorageDomainFSNotMounted(StorageException):
@@ -525,18 +446,15 @@ class StorageDomainNotEmpty(StorageException):
     msg = "Storage domain is not empty - requires cleaning"
 
 
-class StorageDomainMetadataNotFound(_Fields):
-    code = 364
-    msg = "Storage domain invalid, metadata not found"
-    fields = ("sdUUID", "metafile path")
-
-
 class StorageDomainAlreadyExists(StorageException):
     code = 365
     msg = "Storage domain already exists"
 
 
 class StorageDomainNotActive(StorageException):
+    """Reserved for SPM verbs on a domain that is not active in the pool; nothing
+    raises it yet."""
+
     code = 369
     msg = "Storage domain not active"
 
@@ -552,6 +470,9 @@ class StorageDomainTypeError(StorageException):
 
 
 class StorageDomainNotMemberOfPool(_Fields):
+    """Reserved for SPM verbs naming a domain the pool does not hold; nothing raises it
+    yet."""
+
     code = 375
     msg = "Domain is not member in pool"
     fields = ("pool", "domain")
@@ -561,26 +482,22 @@ class StorageDomainAccessError(StorageException):
     code = 379
     msg = "Domain is either partially accessible or entirely inaccessible"
 
+    def __init__(self, sd_uuid: str, reason: str) -> None:
+        super().__init__(sd_uuid, reason)
+
 
 class StorageDomainAlreadyAttached(_Fields):
     code = 380
     msg = "Storage domain already attached to pool"
     fields = ("domain", "pool")
 
+    def __init__(self, domain: str, pool: str) -> None:
+        super().__init__(domain, pool)
+
 
 class CannotDetachMasterStorageDomain(StorageException):
     code = 383
     msg = "Illegal action"
-
-
-class StorageDomainActive(StorageException):
-    code = 382
-    msg = "Illegal action, domain active"
-
-
-class StorageDomainClassError(StorageException):
-    code = 386
-    msg = "Invalid domain class value"
 
 
 class StorageDomainDescriptionTooLongError(StorageException):
@@ -607,46 +524,38 @@ class NoSpaceLeftOnDomain(StorageException):
     code = 397
     msg = "No space left on domain"
 
+    def __init__(self, sd_uuid: str) -> None:
+        super().__init__(sd_uuid)
+
 
 # tasks
-
-
-class InvalidTask(VdsmError):
-    code = 400
-    msg = "Task invalid"
 
 
 class UnknownTask(VdsmError):
     code = 401
     msg = "Task id unknown"
 
-
-class TaskClearError(VdsmError):
-    code = 402
-    msg = "Could not clear task"
+    def __init__(self, task_id: str) -> None:
+        super().__init__(task_id)
 
 
 class TaskNotFinished(VdsmError):
     code = 403
     msg = "Task not finished"
 
-
-class TaskInProgress(VdsmError):
-    code = 406
-    msg = "Running Task in progress"
+    def __init__(self, task_id: str) -> None:
+        super().__init__(task_id)
 
 
 class TaskAborted(VdsmError):
     code = 411
     msg = "Task is aborted"
 
+    def __init__(self, task_id: str) -> None:
+        super().__init__(task_id)
+
 
 # connections
-
-
-class StorageServerActionError(StorageException):
-    code = 450
-    msg = "Error storage server action"
 
 
 class StorageServerConnectionError(StorageException):
@@ -691,11 +600,6 @@ class iSCSILoginError(StorageServeriSCSIError):
     msg = "Failed to login to iSCSI node"
 
 
-class iSCSISetupError(StorageServeriSCSIError):
-    code = 465
-    msg = "Failed to setup iSCSI subsystem"
-
-
 class StorageServerAccessPermissionError(StorageException):
     code = 469
     msg = (
@@ -715,11 +619,6 @@ class StorageServerLocalNotDirError(StorageException):
     def __init__(self, path: str) -> None:
         super().__init__(path)
         self.value = f"path = {path}"
-
-
-class MountTypeError(StorageException):
-    code = 470
-    msg = "Mount type error"
 
 
 class iSCSILogoutError(StorageServeriSCSIError):
@@ -749,11 +648,6 @@ class StorageServerConnectionRefIdAlreadyInUse(StorageException):
 
 
 # LVM
-
-
-class VolumeGroupActionError(StorageException):
-    code = 500
-    msg = "Error volume group action"
 
 
 class VolumeGroupCreateError(_Fields):
@@ -807,11 +701,6 @@ class CannotDeactivateLogicalVolume(StorageException):
     msg = "Cannot deactivate Logical Volume"
 
 
-class CannotAccessLogicalVolume(StorageException):
-    code = 553
-    msg = "Cannot access Logical Volume"
-
-
 class LogicalVolumeExtendError(_Fields):
     code = 554
     msg = "Logical Volume extend failed"
@@ -821,26 +710,6 @@ class LogicalVolumeExtendError(_Fields):
 class CannotActivateLogicalVolume(StorageException):
     code = 558
     msg = "Cannot activate Logical Volume"
-
-
-class LogicalVolumeAddTagError(StorageException):
-    code = 560
-    msg = "Add tag to Logical Volume error"
-
-
-class LogicalVolumeReplaceTagError(StorageException):
-    code = 572
-    msg = "Replace Logical Volume tag error"
-
-
-class PhysDevInitializationError(StorageException):
-    code = 601
-    msg = "Failed to initialize physical device"
-
-
-class LogicalVolumeAlreadyExists(StorageException):
-    code = 604
-    msg = "Cannot create logical volume - already exists"
 
 
 class InaccessiblePhysDev(StorageException):
@@ -857,11 +726,6 @@ class LogicalVolumeDoesNotExistError(StorageException):
     msg = "Logical volume does not exist"
 
 
-class LVMCommandError(StorageException):
-    code = 621
-    msg = "LVM command failed"
-
-
 # SPM / locks
 
 
@@ -870,6 +734,9 @@ class AcquireLockFailure(_Fields):
     msg = "Cannot obtain lock"
     fields = ("id", "rc", "out", "err")
     http_status = 409
+
+    def __init__(self, resource: str | None, rc: int, out: str, err: str) -> None:
+        super().__init__(resource, rc, out, err)
 
 
 class LeaseLost(StorageException):
@@ -882,13 +749,10 @@ class LeaseLost(StorageException):
 
 
 class SpmStatusError(StorageException):
+    """Reserved for SPM-only verbs on a host that is not the SPM; nothing raises it yet."""
+
     code = 654
     msg = "Not SPM"
-
-
-class ReleaseLockFailure(StorageException):
-    code = 660
-    msg = "Cannot release lock"
 
 
 class AcquireHostIdFailure(StorageException):
@@ -911,22 +775,12 @@ class ClusterLockInitError(StorageException):
     msg = "Could not initialize cluster lock"
 
 
-class SanlockInquireError(StorageException):
-    code = 704
-    msg = "Cannot inquire sanlock resources"
-
-
 # metadata
 
 
 class MetaDataGeneralError(StorageException):
     code = 749
     msg = "General Meta data error"
-
-
-class MetaDataKeyNotFoundError(MetaDataGeneralError):
-    code = 751
-    msg = "Meta Data key not found error"
 
 
 class MetaDataSealIsBroken(_Fields):
@@ -949,13 +803,9 @@ class StorageDomainIsMemberOfPool(StorageException):
         self.value = f"domain={sd_uuid}"
 
 
-class GenerationMismatch(_Fields):
-    code = 911
-    msg = "The provided generation does not match the actual generation"
-    fields = ("requested", "actual")
-
-
 class NoSuchLease(StorageException):
+    """Reserved for HA VMs' leases (virt; VDSM's Lease verbs); nothing raises it yet."""
+
     code = 936
     msg = "No such lease"
 

@@ -82,7 +82,7 @@ class _Holder:
                 await self.proc.stdin.drain()
                 line = await asyncio.wait_for(self.proc.stdout.readline(), _REQUEST_TIMEOUT)
             except (ConnectionError, TimeoutError) as e:
-                raise _HolderGone(f"lease holder not answering: {e!r}") from None
+                raise _HolderGone(f"lease holder not answering: {e!r}") from e
             if not line:
                 raise _HolderGone("lease holder exited")
             reply: dict[str, Any] = json.loads(line)
@@ -181,7 +181,7 @@ class LeaseManager:
         try:
             return await holder.request(message)
         except _HolderGone as e:
-            raise errors.AcquireLockFailure(message.get("resource"), -1, "", str(e)) from None
+            raise errors.AcquireLockFailure(message.get("resource"), -1, "", str(e)) from e
 
     # --- holder processes ---------------------------------------------------------------
 
@@ -205,6 +205,7 @@ class LeaseManager:
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             env={**os.environ, **self._env})
         assert proc.stdout is not None
+        greeting: dict[str, Any]
         try:
             line = await asyncio.wait_for(proc.stdout.readline(), _START_TIMEOUT)
             greeting = json.loads(line) if line else {"ready": False, "message": "exited"}

@@ -175,7 +175,7 @@ class DomainMonitor:
                 raise sanlock.SanlockError(
                     "add_lockspace", e.errno,
                     f"lockspace already joined with another host id (not {self.host_id})"
-                ) from None
+                ) from e
             raise
 
     async def stop(self, *, wait: bool = True) -> None:
@@ -200,8 +200,8 @@ class DomainMonitor:
                 return
             if e.errno == errno.EBUSY:
                 raise errors.ReleaseHostIdFailure(
-                    self.sd_uuid, "a lease is still held in this lockspace") from None
-            raise errors.ReleaseHostIdFailure(self.sd_uuid, str(e)) from None
+                    self.sd_uuid, "a lease is still held in this lockspace") from e
+            raise errors.ReleaseHostIdFailure(self.sd_uuid, str(e)) from e
         finally:
             self.status.acquired = False
 

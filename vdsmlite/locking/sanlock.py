@@ -182,7 +182,7 @@ def _get() -> _Lib:
         return _Lib()
     except OSError as e:
         raise SanlockError("load", errno_.ENOENT,
-                           f"libsanlock_client.so.1 is not installed ({e})") from None
+                           f"libsanlock_client.so.1 is not installed ({e})") from e
 
 
 def available() -> bool:
@@ -487,7 +487,7 @@ def get_events(fd: int) -> list[Event]:
     """Every event waiting on `fd` (possibly none). SanlockError EPIPE when the fd is
     dead (lockspace removed, daemon gone): register again after re-joining."""
     lib = _get()
-    out = []
+    out: list[Event] = []
     while True:
         he = lib.ffi.new("struct sanlk_host_event *")
         from_id, from_gen = lib.ffi.new("uint64_t *"), lib.ffi.new("uint64_t *")

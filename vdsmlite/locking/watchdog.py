@@ -88,7 +88,7 @@ class DeviceWatchdog(Watchdog):
         try:
             self._fd = os.open(self.device, os.O_WRONLY | os.O_CLOEXEC)
         except OSError as e:
-            raise WatchdogError(f"cannot open watchdog {self.device}: {e}") from None
+            raise WatchdogError(f"cannot open watchdog {self.device}: {e}") from e
         try:
             actual = fcntl.ioctl(self._fd, WDIOC_SETTIMEOUT, struct.pack("i", self.timeout))
             self.timeout = struct.unpack("i", actual)[0] or self.timeout
@@ -129,7 +129,7 @@ class EmulatedWatchdog(Watchdog):
         try:
             self._sock.sendto(message, str(self.socket_path))
         except OSError as e:
-            raise WatchdogError(f"emulated watchdog {self.socket_path}: {e}") from None
+            raise WatchdogError(f"emulated watchdog {self.socket_path}: {e}") from e
 
     def arm(self) -> None:
         self._send(f"arm {self.timeout}".encode())

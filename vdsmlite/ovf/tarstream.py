@@ -74,8 +74,8 @@ def _octal(field_bytes: bytes, what: str) -> int:
         return 0
     try:
         return int(text, 8)
-    except ValueError:
-        raise TarError(f"{what}: {text[:20]!r} is not an octal number") from None
+    except ValueError as e:
+        raise TarError(f"{what}: {text[:20]!r} is not an octal number") from e
 
 
 def header_checksum(header: bytes) -> int:
@@ -115,8 +115,8 @@ def parse_header(block: bytes, offset: int) -> Header:
     raw_name = block[:100].split(b"\0", 1)[0]
     try:
         name = raw_name.decode("ascii")
-    except UnicodeDecodeError:
-        raise TarError(f"{where}: non-ASCII member name") from None
+    except UnicodeDecodeError as e:
+        raise TarError(f"{where}: non-ASCII member name") from e
     if name not in (INFO, METADATA) and entity_id_from_name(name) is None:
         raise TarError(f"{where}: member name {name[:100]!r} is not info.json, "
                        "metadata.json or <uuid>.ovf")
@@ -143,7 +143,7 @@ class _JsonMember:
         try:
             return json.loads(self.raw)
         except (ValueError, UnicodeDecodeError) as e:
-            raise TarError(f"{self.name}: invalid JSON: {str(e)[:200]}") from None
+            raise TarError(f"{self.name}: invalid JSON: {str(e)[:200]}") from e
 
 
 # Hands a batch of (member name, document) to be XML-checked elsewhere; the future
@@ -168,7 +168,7 @@ class _OvfMember:
             try:
                 self.validator.feed(chunk)
             except OvfError as e:
-                raise TarError(f"{self.name}: {e}") from None
+                raise TarError(f"{self.name}: {e}") from e
         if self.parts is not None:
             self.parts.append(chunk)
 
@@ -177,7 +177,7 @@ class _OvfMember:
             try:
                 self.validator.close()
             except OvfError as e:
-                raise TarError(f"{self.name}: {e}") from None
+                raise TarError(f"{self.name}: {e}") from e
         if self.parts is None:
             return None
         whole = self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
@@ -187,7 +187,7 @@ class _OvfMember:
             except OvfError as e:
                 # Not prefixed with this member's name: the error names the bad
                 # member, which may be an earlier one of the same batch.
-                raise TarError(str(e)) from None
+                raise TarError(str(e)) from e
         return whole if self.keep else None
 
 
@@ -335,7 +335,7 @@ class TarValidator:
             try:
                 self._checks.finish()
             except OvfError as e:
-                raise TarError(str(e)) from None
+                raise TarError(str(e)) from e
         if self._state in (_DATA, _PAD):
             raise TarError("archive truncated inside a member")
         if self._state != _TRAILER:

@@ -246,8 +246,10 @@ def _check_batch(docs: list[tuple[str, bytes]]) -> None:
             validator.feed(data)
             validator.close()
         except OvfError as e:
-            raise OvfError(f"{name}: {e}") from None
+            raise OvfError(f"{name}: {e}") from e
         except MemoryError:
+            # Not `from e`: at its memory limit, the worker would have to format and
+            # ship the MemoryError's traceback too.
             raise OvfError(f"{name}: too large to check within the parser's memory "
                            "limit") from None
 

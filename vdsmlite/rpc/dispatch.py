@@ -15,11 +15,15 @@ nothing is owed (notifications). Per call the dispatcher:
 Each call runs in a task owned by the dispatcher, so shutdown can let calls in
 flight finish, then cancel the stragglers and still answer them (443 "Action
 was stopped") instead of dropping the connection.
+
+The dispatcher's life is one `DispatcherState`: STARTING (every call answers 99,
+as VDSM does while it recovers) -> SERVING -> STOPPING (new calls answer 3001).
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import inspect
 import json
 import logging
@@ -31,6 +35,14 @@ from typing import Any
 
 from vdsmlite import errors, logs
 from vdsmlite.metrics import Metrics
+from vdsmlite.rpc.errors import (
+    JsonRpcError,
+    JsonRpcInternalError,
+    JsonRpcInvalidParams,
+    JsonRpcInvalidRequest,
+    JsonRpcMethodNotFound,
+    JsonRpcParseError,
+)
 from vdsmlite.rpc.schema import Schema, Verb
 
 log = logging.getLogger("vdsmlite.rpc")
@@ -39,6 +51,18 @@ Handler = Callable[..., Awaitable[Any]]
 
 # Calls slower than this are logged at INFO even when they succeed.
 SLOW_CALL_SECONDS = 1.0
+
+
+class DispatcherState(enum.Enum):
+    """Where the dispatcher is in its life; it decides what a new call gets.
+
+    STARTING -> SERVING -> STOPPING, or STARTING -> STOPPING (a start-up that fails).
+    It never goes back.
+    """
+
+    STARTING = "starting"  # answers 99 "Recovering from crash or Initializing"
+    SERVING = "serving"    # runs calls
+    STOPPING = "stopping"  # answers 3001 "Shutting down"; calls in flight finish
 
 
 @dataclass(frozen=True)
@@ -66,20 +90,20 @@ def _error_response(msg_id: Any, error: dict[str, Any]) -> dict[str, Any]:
 
 def _parse_envelope(msg: Any) -> _Envelope:
     if not isinstance(msg, dict):
-        raise errors.JsonRpcInvalidRequest("request must be an object")
+        raise JsonRpcInvalidRequest("request must be an object")
     if msg.get("jsonrpc") != "2.0":
-        raise errors.JsonRpcInvalidRequest('"jsonrpc" must be exactly "2.0"')
+        raise JsonRpcInvalidRequest('"jsonrpc" must be exactly "2.0"')
     has_id = "id" in msg
     msg_id = msg.get("id")
     if has_id and not (msg_id is None or isinstance(msg_id, str)
                        or (isinstance(msg_id, int) and not isinstance(msg_id, bool))):
-        raise errors.JsonRpcInvalidRequest('"id" must be a string, an integer or null')
+        raise JsonRpcInvalidRequest('"id" must be a string, an integer or null')
     method = msg.get("method")
     if not isinstance(method, str) or not method:
-        raise errors.JsonRpcInvalidRequest('"method" must be a non-empty string')
+        raise JsonRpcInvalidRequest('"method" must be a non-empty string')
     params = msg.get("params")
     if "params" in msg and not isinstance(params, list | dict):
-        raise errors.JsonRpcInvalidRequest('"params" must be an object or an array')
+        raise JsonRpcInvalidRequest('"params" must be an object or an array')
     return _Envelope(method, params, has_id, msg_id)
 
 
@@ -100,15 +124,39 @@ class Dispatcher:
         self._slots = asyncio.Semaphore(max_concurrent)
         self._validate_returns = validate_returns
         self._inflight: set[asyncio.Task[dict[str, Any] | None]] = set()
-        self._stopping = False
-        # VDSM answers 99 to every call until its recovery is done.
-        self.ready = False
+        self._state = DispatcherState.STARTING
         # Labelled metric children are looked up once per verb, not per call.
         self._latency_children: dict[str, Any] = {}
 
     @property
     def in_flight(self) -> int:
         return len(self._inflight)
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    @property
+    def state(self) -> DispatcherState:
+        return self._state
+
+    def serve(self) -> None:
+        """Start running calls (VDSM's "recovery done"). No effect once stopping."""
+        if self._state is DispatcherState.STARTING:
+            self._state = DispatcherState.SERVING
+
+    def begin_shutdown(self) -> None:
+        """New calls get 3001 from now on; calls in flight carry on."""
+        self._state = DispatcherState.STOPPING
+
+    @property
+    def ready(self) -> bool:
+        """True while serving. Setting it True is the older spelling of `serve()`."""
+        return self._state is DispatcherState.SERVING
+
+    @ready.setter
+    def ready(self, value: bool) -> None:
+        if not value:
+            raise ValueError("a dispatcher does not go back to starting")
+        self.serve()
 
     # --- entry point ---------------------------------------------------------
 
@@ -119,12 +167,12 @@ class Dispatcher:
             # RecursionError: "[[[[...]]]]" nested deeper than the parser's stack.
             self._metrics.requests_rejected.labels("parse_error").inc()
             reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
-            return _dumps(_error_response(None, errors.JsonRpcParseError(reason).to_json()))
+            return _dumps(_error_response(None, JsonRpcParseError(reason).to_json()))
 
         if isinstance(msg, list):
             if not msg:
                 self._metrics.requests_rejected.labels("invalid_request").inc()
-                err = errors.JsonRpcInvalidRequest("empty batch")
+                err = JsonRpcInvalidRequest("empty batch")
                 return _dumps(_error_response(None, err.to_json()))
             replies = await asyncio.gather(*(self._one(m, ctx) for m in msg))
             out = [r for r in replies if r is not None]
@@ -156,7 +204,7 @@ class Dispatcher:
     async def _one(self, msg: Any, ctx: CallContext) -> dict[str, Any] | None:
         try:
             env = _parse_envelope(msg)
-        except errors.JsonRpcInvalidRequest as e:
+        except JsonRpcInvalidRequest as e:
             self._metrics.requests_rejected.labels("invalid_request").inc()
             msg_id = msg.get("id") if isinstance(msg, dict) else None
             if not isinstance(msg_id, str | int) or isinstance(msg_id, bool):
@@ -180,16 +228,16 @@ class Dispatcher:
         outcome = "success"
         try:
             if verb is None:
-                raise errors.JsonRpcMethodNotFound(env.method)
-            if self._stopping:
+                raise JsonRpcMethodNotFound(env.method)
+            if self._state is DispatcherState.STOPPING:
                 raise errors.ShuttingDownError()
-            if not self.ready:
+            if self._state is DispatcherState.STARTING:
                 raise errors.RecoveryInProgress()
             kwargs = verb.coerce_params(env.params)
             result = await self._call(verb, kwargs, ctx)
             response = {"jsonrpc": "2.0", "id": env.id, "result": result}
-        except errors.JsonRpcError as e:
-            outcome = "invalid_params" if isinstance(e, errors.JsonRpcInvalidParams) else "rejected"
+        except JsonRpcError as e:
+            outcome = "invalid_params" if isinstance(e, JsonRpcInvalidParams) else "rejected"
             log.info("%s rejected: %s", env.method, e.message)
             response = _error_response(env.id, e.to_json())
         except errors.VdsmError as e:
@@ -199,13 +247,12 @@ class Dispatcher:
         except asyncio.CancelledError:
             # Only the dispatcher cancels these tasks (at shutdown): answer, don't vanish.
             outcome = "error"
-            err = errors.ActionStopped(env.method)
             log.warning("%s cancelled by shutdown", env.method)
-            response = _error_response(env.id, err.to_json())
+            response = _error_response(env.id, errors.ActionStopped(env.method).to_json())
         except Exception as e:
             outcome = "internal_error"
             log.exception("%s crashed", env.method)
-            err = errors.JsonRpcInternalError(f"{type(e).__name__}: {e}")
+            err = JsonRpcInternalError(f"{type(e).__name__}: {e}")
             response = _error_response(env.id, err.to_json())
 
         elapsed = time.monotonic() - start
@@ -234,15 +281,11 @@ class Dispatcher:
         if self._validate_returns:
             problems = self.schema.check_return(verb, result)
             if problems:
-                raise errors.JsonRpcInternalError(
+                raise JsonRpcInternalError(
                     f"{verb.name} returned a value outside its schema: {'; '.join(problems[:5])}")
         return result
 
     # --- shutdown -----------------------------------------------------------------
-
-    def begin_shutdown(self) -> None:
-        """New calls get 3001 from now on; calls in flight carry on."""
-        self._stopping = True
 
     async def drain(self, grace: float) -> None:
         """Let calls in flight finish for `grace` seconds, then cancel the rest.
@@ -268,7 +311,7 @@ def _dumps(obj: Any) -> bytes:
         # A handler returned something JSON cannot carry: a bug, reported as -32603.
         log.error("cannot encode response: %s", e)
         msg_id = obj.get("id") if isinstance(obj, dict) else None
-        err = errors.JsonRpcInternalError(f"result cannot be encoded: {e}")
+        err = JsonRpcInternalError(f"result cannot be encoded: {e}")
         return json.dumps(_error_response(msg_id, err.to_json())).encode()
 
 

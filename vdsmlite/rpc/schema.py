@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from vdsmlite import errors
-from vdsmlite.errors import JsonRpcInvalidParams
+from vdsmlite.rpc.errors import JsonRpcInvalidParams
 from vdsmlite.rpc.types import Coercer, Enum, check_return, compile_spec
 
 
@@ -140,7 +140,7 @@ class Schema:
             try:
                 coerce = compile_spec(raw, self.enums, self.types, where)
             except ValueError as e:
-                raise SchemaError(str(e)) from None
+                raise SchemaError(str(e)) from e
             has_default = "default" in raw
             params.append(Param(
                 name=pname,
@@ -154,7 +154,7 @@ class Schema:
         try:
             compile_spec(returns, self.enums, self.types, f"{name} returns")
         except ValueError as e:
-            raise SchemaError(str(e)) from None
+            raise SchemaError(str(e)) from e
         errs = []
         for ename in v.get("errors", []):
             if ename not in known_errors:

@@ -17,8 +17,8 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from vdsmlite.errors import JsonRpcInvalidParams
 from vdsmlite.ids import parse_uuid
+from vdsmlite.rpc.errors import JsonRpcInvalidParams
 
 Coercer = Callable[[Any, str], Any]
 

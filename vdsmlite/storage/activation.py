@@ -134,7 +134,7 @@ class LoopActivation:
                                 "--sector-size", str(_sector_size(pv)), pv], timeout=60)
         except commands.CommandError as e:
             raise errors.CannotActivateLogicalVolume(f"{lv.vg_name}/{lv.name}", e.err.strip()) \
-                from None
+                from e
         return out.out.strip()
 
     def deactivate(self, vg_name: str, lv_name: str, devices: Sequence[str]) -> None:
@@ -144,7 +144,7 @@ class LoopActivation:
         try:
             commands.run(["losetup", "--detach", loop], timeout=60)
         except commands.CommandError as e:
-            raise errors.CannotDeactivateLogicalVolume(loop, e.err.strip()) from None
+            raise errors.CannotDeactivateLogicalVolume(loop, e.err.strip()) from e
 
     def refresh(self, lv: lvm.LV, pe_starts: dict[str, int], extent_size: int,
                 devices: Sequence[str]) -> None:

@@ -81,7 +81,7 @@ class BlockDomain(Domain):
         try:
             found = lvm.vgs(self.devices, [self.uuid])
         except lvm.LVMError as e:
-            raise _lvm_error(errors.StorageDomainAccessError, self.uuid, e) from None
+            raise _lvm_error(errors.StorageDomainAccessError, self.uuid, e) from e
         if self.uuid not in found:
             raise errors.StorageDomainDoesNotExist(self.uuid)
         return found[self.uuid]
@@ -90,7 +90,7 @@ class BlockDomain(Domain):
         try:
             return lvm.lvs(self.uuid, self.devices, names or [])
         except lvm.LVMError as e:
-            raise _lvm_error(errors.StorageDomainAccessError, self.uuid, e) from None
+            raise _lvm_error(errors.StorageDomainAccessError, self.uuid, e) from e
 
     def lv(self, name: str) -> lvm.LV:
         found = self.lvs([name])
@@ -156,7 +156,7 @@ class BlockDomain(Domain):
                 lvm.vg_change_tags(self.uuid, self.devices, remove=sorted(old - new),
                                    add=sorted(new - old))
             except lvm.LVMError as e:
-                raise _lvm_error(errors.MetaDataGeneralError, self.uuid, e) from None
+                raise _lvm_error(errors.MetaDataGeneralError, self.uuid, e) from e
 
     def _type_info(self, md: dict[str, str]) -> dict[str, Any]:
         pvs = {k: v for k, v in md.items() if k.startswith("PV") and k[2:].isdigit()}
@@ -192,7 +192,7 @@ class BlockDomain(Domain):
             directio.write(self.held_path(sc.METADATA), self._slot_offset(slot),
                            data.ljust(size, b"\0"), block_size)
         except OSError as e:
-            raise errors.VolumeMetadataWriteError(f"slot {slot}", str(e)) from None
+            raise errors.VolumeMetadataWriteError(f"slot {slot}", str(e)) from e
 
     def _free_slot(self, lvs: dict[str, lvm.LV]) -> int:
         used = set()
@@ -314,10 +314,10 @@ class BlockDomain(Domain):
                 lvm.lvcreate(self.uuid, req.vol_uuid, size, self.devices, tags=tags)
             except lvm.LVMError as e:
                 if "already exists" in e.stderr:
-                    raise errors.VolumeAlreadyExists(req.vol_uuid) from None
+                    raise errors.VolumeAlreadyExists(req.vol_uuid) from e
                 if "insufficient free space" in e.stderr.lower():
-                    raise errors.NoSpaceLeftOnDomain(self.uuid) from None
-                raise _lvm_error(errors.CannotCreateLogicalVolume, req.vol_uuid, e) from None
+                    raise errors.NoSpaceLeftOnDomain(self.uuid) from e
+                raise _lvm_error(errors.CannotCreateLogicalVolume, req.vol_uuid, e) from e
             lv = self.lv(req.vol_uuid)
             capacity = req.capacity
             if req.format == "RAW":
@@ -345,7 +345,7 @@ class BlockDomain(Domain):
                 lvm.lv_change_tags(self.uuid, req.vol_uuid, self.devices,
                                    remove=[sc.TAG_INITIALIZING])
             except lvm.LVMError as e:
-                raise _lvm_error(errors.VolumeCreationError, req.vol_uuid, e) from None
+                raise _lvm_error(errors.VolumeCreationError, req.vol_uuid, e) from e
 
     def _format_qcow2(self, req: CreateVolumeRequest, parent: VolumeState | None,
                       lv: lvm.LV) -> None:
@@ -361,7 +361,7 @@ class BlockDomain(Domain):
             qemuimg.create(str(link), qemuimg.QCOW2, req.capacity, backing=backing,
                            backing_fmt=backing_fmt, cwd=str(link.parent))
         except qemuimg.QemuImgError as e:
-            raise errors.VolumeCreationError(req.vol_uuid, str(e)) from None
+            raise errors.VolumeCreationError(req.vol_uuid, str(e)) from e
         finally:
             for name in acquired:
                 with contextlib.suppress(errors.VdsmError):
@@ -388,7 +388,7 @@ class BlockDomain(Domain):
             try:
                 lvm.lvremove(self.uuid, [vol_uuid], self.devices)
             except lvm.LVMError as e:
-                raise _lvm_error(errors.CannotRemoveLogicalVolume, vol_uuid, e) from None
+                raise _lvm_error(errors.CannotRemoveLogicalVolume, vol_uuid, e) from e
             if state.slot is not None:
                 # The slot is free once the MD_ tag is gone; clearing it keeps a later
                 # reader from mistaking stale text for a volume.
@@ -423,7 +423,7 @@ class BlockDomain(Domain):
             try:
                 qemuimg.resize(str(link), qemuimg.QCOW2, new_size)
             except qemuimg.QemuImgError as e:
-                raise errors.VolumeExtendingError(vol_uuid, str(e)) from None
+                raise errors.VolumeExtendingError(vol_uuid, str(e)) from e
             finally:
                 self._release(vol_uuid)
         return capacity
@@ -453,7 +453,7 @@ class BlockDomain(Domain):
                 lvm.vgremove(self.uuid, self.devices)
                 lvm.pvremove(self.devices)
             except lvm.LVMError as e:
-                raise _lvm_error(errors.VolumeGroupRemoveError, self.uuid, e) from None
+                raise _lvm_error(errors.VolumeGroupRemoveError, self.uuid, e) from e
             shutil.rmtree(self.path, ignore_errors=True)
 
 
@@ -506,7 +506,7 @@ def create_vg(name: str, devices: list[str], *, force: bool) -> str:
                      tags=[sc.TAG_DOMAIN_UNREADY])
     except lvm.LVMError as e:
         raise errors.VolumeGroupCreateError(name, ",".join(devices), e.stderr.strip()[-300:]) \
-            from None
+            from e
     return lvm.vgs(devices, [name])[name].uuid
 
 
@@ -540,7 +540,7 @@ def create_block_domain(
         for lv_name, size in sizes.items():
             lvm.lvcreate(vg_name, lv_name, size, devices)
     except lvm.LVMError as e:
-        raise errors.StorageDomainCreationError(vg_name, e.stderr.strip()[-300:]) from None
+        raise errors.StorageDomainCreationError(vg_name, e.stderr.strip()[-300:]) from e
 
     domain = BlockDomain(vg_name, devices, activator, repository, guid_of)
     try:
@@ -578,7 +578,7 @@ def create_block_domain(
                            remove=[sc.TAG_DOMAIN_UNREADY])
     except (lvm.LVMError, commands.CommandError, OSError) as e:
         domain.close()
-        raise errors.StorageDomainCreationError(vg_name, str(e)[-300:]) from None
+        raise errors.StorageDomainCreationError(vg_name, str(e)[-300:]) from e
     except BaseException:
         domain.close()
         raise

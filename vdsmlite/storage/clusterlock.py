@@ -23,7 +23,7 @@ def init_lockspace(lockspace: str, path: str | Path, *, sector: int, align: int,
         sanlock.write_lockspace(lockspace, str(path), offset, io_timeout=io_timeout,
                                 align=align, sector=sector)
     except (sanlock.SanlockError, ValueError) as e:
-        raise errors.ClusterLockInitError(str(path), str(e)) from None
+        raise errors.ClusterLockInitError(str(path), str(e)) from e
 
 
 def init_resource(lockspace: str, resource: str, path: str | Path, offset: int, *,
@@ -33,4 +33,4 @@ def init_resource(lockspace: str, resource: str, path: str | Path, offset: int, 
         sanlock.write_resource(lockspace, resource, [(str(path), offset)], align=align,
                                sector=sector)
     except (sanlock.SanlockError, ValueError) as e:
-        raise errors.ClusterLockInitError(str(path), str(e)) from None
+        raise errors.ClusterLockInitError(str(path), str(e)) from e

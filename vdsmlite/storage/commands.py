@@ -112,6 +112,7 @@ def run(
         out, err = proc.communicate()
         result = _redacted(Result(argv, -9, _decode(out), _decode(err)), secrets)
         log.warning("%s timed out after %.0fs", argv[0], timeout)
+        # Not `from e`: TimeoutExpired shows the unredacted argv (CHAP passwords).
         raise CommandError(result, timed_out=True) from None
     result = _redacted(Result(argv, proc.returncode, _decode(out), _decode(err)), secrets)
     _log(result, time.monotonic() - start)
@@ -145,7 +146,7 @@ async def run_async(
             raise
         result = _redacted(Result(argv, -9, _decode(out), _decode(err)), secrets)
         log.warning("%s timed out after %.0fs", argv[0], timeout)
-        raise CommandError(result, timed_out=True) from None
+        raise CommandError(result, timed_out=True) from e
     assert proc.returncode is not None
     result = _redacted(Result(argv, proc.returncode, _decode(out), _decode(err)), secrets)
     _log(result, time.monotonic() - start)

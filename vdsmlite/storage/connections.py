@@ -196,8 +196,8 @@ def parse(domain_type: int, params: dict[str, Any], repository: Path) -> Connect
         try:
             port = int(_get(params, "port", "3260") or 3260)
             tpgt = int(_get(params, "tpgt", "1") or 1)
-        except ValueError:
-            raise errors.InvalidParameterException("port/tpgt", params.get("port")) from None
+        except ValueError as e:
+            raise errors.InvalidParameterException("port/tpgt", params.get("port")) from e
         if not 0 < port < 65536:
             raise errors.InvalidParameterException("port", port)
         if bool(user) != bool(password) or not (valid_secret(user) and valid_secret(password)):
@@ -230,9 +230,9 @@ def parse(domain_type: int, params: dict[str, Any], repository: Path) -> Connect
         try:
             retrans = int(_get(params, "retrans", "3") or 3)
             timeo = int(_get(params, "timeout", "100") or 100)
-        except ValueError:
+        except ValueError as e:
             raise errors.InvalidParameterException("retrans/timeout", params.get("retrans")) \
-                from None
+                from e
         opts = ["soft", "nosharecache", f"timeo={timeo}", f"retrans={retrans}"]
         if _NFS_VERSIONS[version]:
             opts.append(_NFS_VERSIONS[version])
@@ -348,7 +348,7 @@ class ConnectionManager:
             if created:
                 await self._run_blocking(_remove_dir, mountpoint)
             detail = "timed out" if e.timed_out else e.err.strip()[-300:]
-            raise errors.MountError(conn.remote, detail) from None
+            raise errors.MountError(conn.remote, detail) from e
 
     async def _login(self, conn: Connection) -> None:
         target = conn.target
@@ -381,7 +381,7 @@ class ConnectionManager:
                     await self.iscsi.delete_node(known.target)
             except commands.CommandError as e:
                 raise errors.StorageServerDisconnectionError(known.describe(),
-                                                             e.err.strip()[-300:]) from None
+                                                             e.err.strip()[-300:]) from e
         del self._connections[conn.id]
         await self._save()
         log.info("disconnected %s (%s)", conn.id, known.describe())

@@ -116,10 +116,10 @@ class FileDomain(Domain):
     def read_metadata(self) -> dict[str, str]:
         try:
             data = directio.read_file(self.md_path, MD_READ_LIMIT, block_size=4096)
-        except FileNotFoundError:
-            raise errors.StorageDomainDoesNotExist(self.uuid) from None
+        except FileNotFoundError as e:
+            raise errors.StorageDomainDoesNotExist(self.uuid) from e
         except OSError as e:
-            raise errors.StorageDomainAccessError(self.uuid, str(e)) from None
+            raise errors.StorageDomainAccessError(self.uuid, str(e)) from e
         return persistent.parse_lines(data)
 
     def write_metadata(self, md: dict[str, str]) -> None:
@@ -171,10 +171,10 @@ class FileDomain(Domain):
         try:
             st = os.stat(data)
             apparent, true = st.st_size, st.st_blocks * 512
-        except FileNotFoundError:
+        except FileNotFoundError as e:
             apparent = true = 0
             if not meta.exists():
-                raise errors.VolumeDoesNotExist(vol_uuid) from None
+                raise errors.VolumeDoesNotExist(vol_uuid) from e
         md, problem, initializing = None, None, False
         try:
             md = VolumeMetadata.from_bytes(
@@ -206,15 +206,15 @@ class FileDomain(Domain):
             try:
                 fd = os.open(data, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                              sc.FILE_VOLUME_PERMISSIONS)
-            except FileExistsError:
-                raise errors.VolumeAlreadyExists(req.vol_uuid) from None
+            except FileExistsError as e:
+                raise errors.VolumeAlreadyExists(req.vol_uuid) from e
             os.close(fd)
         try:
             self._create_data(req, parent, data)
         except (qemuimg.QemuImgError, OSError) as e:
             with contextlib.suppress(FileNotFoundError):
                 data.unlink()
-            raise errors.VolumeCreationError(req.vol_uuid, str(e)) from None
+            raise errors.VolumeCreationError(req.vol_uuid, str(e)) from e
         failpoints.hit("volume.create.after_data")
         progress(60)
         if parent is not None and parent.md is not None and parent.md.voltype == sc.LEAF:
@@ -301,7 +301,7 @@ class FileDomain(Domain):
             try:
                 qemuimg.resize(str(data), qemuimg.QCOW2, new_size)
             except qemuimg.QemuImgError as e:
-                raise errors.VolumeExtendingError(vol_uuid, str(e)) from None
+                raise errors.VolumeExtendingError(vol_uuid, str(e)) from e
         return new_size
 
     def prepare_volume(self, img_uuid: str, vol_uuid: str) -> Path:

@@ -103,7 +103,7 @@ class Iscsiadm:
         try:
             await self._run([*target.node_args(), "-o", "new"])
         except commands.CommandError as e:
-            raise errors.AddiSCSINodeError(target.iqn, target.portal, e.err.strip()) from None
+            raise errors.AddiSCSINodeError(target.iqn, target.portal, e.err.strip()) from e
         if chap is None:
             return
         try:
@@ -114,7 +114,7 @@ class Iscsiadm:
                                 secrets=(chap.password,))
         except commands.CommandError as e:
             await self.delete_node(target)
-            raise errors.SetiSCSIAuthError(target.iqn, target.portal, e.err.strip()) from None
+            raise errors.SetiSCSIAuthError(target.iqn, target.portal, e.err.strip()) from e
 
     async def login(self, target: Target) -> None:
         result = await self._run([*target.node_args(), "--login"], check=False)
@@ -156,7 +156,7 @@ class Iscsiadm:
                                     secrets=secrets)
             result = await self._run([*base, "--discover"], secrets=secrets)
         except commands.CommandError as e:
-            raise errors.iSCSIDiscoveryError(portal, e.err.strip()[-300:] or str(e)) from None
+            raise errors.iSCSIDiscoveryError(portal, e.err.strip()[-300:] or str(e)) from e
         finally:
             await self._run([*base, "-o", "delete"], check=False)
         return parse_discovery(result.out, ipv6_enabled)

@@ -105,14 +105,14 @@ def run(name: str, devices: Sequence[str], *args: str, check: bool = True,
         return commands.run(command(name, devices, *args), timeout=timeout, env=_ENV,
                             check=check)
     except commands.CommandError as e:
-        raise LVMError(str(e), e.result) from None
+        raise LVMError(str(e), e.result) from e
 
 
 def _report(out: str, section: str) -> list[dict[str, Any]]:
     try:
         doc = json.loads(out)
     except ValueError as e:
-        raise LVMError(f"cannot parse LVM report: {e}") from None
+        raise LVMError(f"cannot parse LVM report: {e}") from e
     rows: list[dict[str, Any]] = []
     for report in doc.get("report", []):
         rows.extend(report.get(section, []))

@@ -150,8 +150,8 @@ class PoolManager:
                 return self.connected
             try:
                 master = self.store.get(master_uuid)
-            except errors.StorageDomainDoesNotExist:
-                raise errors.StoragePoolMasterNotFound(sp_uuid, master_uuid) from None
+            except errors.StorageDomainDoesNotExist as e:
+                raise errors.StoragePoolMasterNotFound(sp_uuid, master_uuid) from e
             md = master.read_metadata()
             if md.get(K_ROLE) != sc.ROLE_MASTER or \
                     sp_uuid not in parse_pools(md.get(K_POOL_UUID, "")):

@@ -22,7 +22,7 @@ def _run(*args: str, timeout: float = TIMEOUT) -> commands.Result:
     try:
         return commands.run([QEMU_IMG, *args], timeout=timeout)
     except commands.CommandError as e:
-        raise QemuImgError(str(e)) from None
+        raise QemuImgError(str(e)) from e
 
 
 def create(path: str, fmt: str, size: int | None = None, *, backing: str | None = None,
@@ -46,7 +46,7 @@ def create(path: str, fmt: str, size: int | None = None, *, backing: str | None 
     try:
         commands.run([QEMU_IMG, *args], timeout=TIMEOUT, cwd=cwd)
     except commands.CommandError as e:
-        raise QemuImgError(str(e)) from None
+        raise QemuImgError(str(e)) from e
 
 
 def info(path: str, fmt: str | None = None) -> dict[str, Any]:
@@ -57,7 +57,7 @@ def info(path: str, fmt: str | None = None) -> dict[str, Any]:
     try:
         result: dict[str, Any] = json.loads(out.out)
     except ValueError as e:
-        raise QemuImgError(f"qemu-img info {path}: bad JSON: {e}") from None
+        raise QemuImgError(f"qemu-img info {path}: bad JSON: {e}") from e
     return result
 
 

@@ -11,6 +11,9 @@ the slowest of the three sets the pace; memory stays at three buffers whatever
 the stream's size. `finish` pads the last block with zeros, writes it, and
 fdatasyncs: when it returns, the data is on the storage.
 
+A writer's life is one `WriterState`: NEW -> STREAMING (`open`) -> FINISHING
+(`finish`) -> CLOSED, or -> ABORTING (`abort`, from any state) -> CLOSED.
+
 `read_chunks` reads a byte range back with O_DIRECT (other hosts may have
 written it; the page cache must not answer).
 """
@@ -18,6 +21,7 @@ written it; the page cache must not answer).
 from __future__ import annotations
 
 import asyncio
+import enum
 import mmap
 import os
 from collections.abc import Callable, Iterator
@@ -35,10 +39,18 @@ class CapacityExceeded(Exception):
     pass
 
 
+class WriterState(enum.Enum):
+    NEW = "new"              # buffers mapped; `open` not called yet
+    STREAMING = "streaming"  # lanes running; `write` takes data
+    FINISHING = "finishing"  # `finish`: the last buffer is in the lanes, then fdatasync
+    ABORTING = "aborting"    # `abort`: the lanes stop; nothing more is written
+    CLOSED = "closed"        # descriptor closed, buffers released
+
+
 class _Full(NamedTuple):
     """A buffer on its way through the lanes."""
 
-    index: int
+    buf: int           # which of the writer's buffers
     length: int        # bytes to write (the last one is padded to a block)
     offset: int        # where on the volume
     inspect_len: int   # bytes of stream data in it (without the padding)
@@ -61,25 +73,38 @@ class DirectWriter:
         self._to_inspect: asyncio.Queue[_Full | None] = asyncio.Queue()
         self._to_write: asyncio.Queue[_Full | None] = asyncio.Queue()
         self._lanes: list[asyncio.Task[None]] = []
+        self._syncing: asyncio.Future[None] | None = None  # finish's fdatasync + close
         self._error: BaseException | None = None
-        self._aborting = False
+        self._state = WriterState.NEW
         self._current = 0
         self._fill = 0
         self._offset = 0  # where the current buffer goes on the volume
         self._fd: int | None = None
         self.written = 0  # bytes accepted so far (before padding)
 
+    @property
+    def state(self) -> WriterState:
+        return self._state
+
+    def _require(self, state: WriterState, what: str) -> None:
+        if self._state is not state:
+            raise RuntimeError(f"DirectWriter.{what} needs a {state.value} writer, "
+                               f"this one is {self._state.value}")
+
     async def open(self) -> None:
+        self._require(WriterState.NEW, "open")
         self._fd = await self._run(os.open, self.path,
                                    os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
         self._lanes = [asyncio.ensure_future(self._inspect_lane()),
                        asyncio.ensure_future(self._write_lane())]
+        self._state = WriterState.STREAMING
 
     # --- the lanes ----------------------------------------------------------------------
 
     async def _inspect_lane(self) -> None:
         try:
-            while (full := await self._to_inspect.get()) is not None and not self._aborting:
+            while ((full := await self._to_inspect.get()) is not None
+                   and self._state is not WriterState.ABORTING):
                 if self._inspect is not None and full.inspect_len:
                     await self._run(self._inspect_sync, full)
                 self._to_write.put_nowait(full)
@@ -92,10 +117,10 @@ class DirectWriter:
     async def _write_lane(self) -> None:
         try:
             while (full := await self._to_write.get()) is not None:
-                if self._error is not None or self._aborting:
+                if self._error is not None or self._state is WriterState.ABORTING:
                     return  # the inspect lane refused something: write nothing after it
                 await self._run(self._write_sync, full)
-                self._free.put_nowait(full.index)
+                self._free.put_nowait(full.buf)
         except BaseException as e:
             self._fail(e)
             raise
@@ -108,13 +133,13 @@ class DirectWriter:
 
     def _inspect_sync(self, full: _Full) -> None:
         assert self._inspect is not None
-        with memoryview(self._buffers[full.index]) as whole, \
+        with memoryview(self._buffers[full.buf]) as whole, \
                 whole[:full.inspect_len] as seen:
             self._inspect(seen)
 
     def _write_sync(self, full: _Full) -> None:
         assert self._fd is not None
-        with memoryview(self._buffers[full.index]) as whole:
+        with memoryview(self._buffers[full.buf]) as whole:
             done = 0
             while done < full.length:
                 with whole[done:full.length] as rest:
@@ -128,6 +153,7 @@ class DirectWriter:
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         self._raise_if_failed()
+        self._require(WriterState.STREAMING, "write")
         view = memoryview(data)
         if self.written + len(view) > self.capacity:
             raise CapacityExceeded(f"stream is larger than the volume ({self.capacity} bytes)")
@@ -151,15 +177,21 @@ class DirectWriter:
     async def finish(self) -> int:
         """Write what is buffered (zero-padded to a block), fdatasync, close."""
         self._raise_if_failed()
+        self._require(WriterState.STREAMING, "finish")
+        self._state = WriterState.FINISHING
         if self._fill:
             buf = self._buffers[self._current]
             padded = -(-self._fill // self.block_size) * self.block_size
             buf[self._fill:padded] = b"\0" * (padded - self._fill)
             self._to_inspect.put_nowait(_Full(self._current, padded, self._offset, self._fill))
         self._to_inspect.put_nowait(None)
-        await asyncio.gather(*self._lanes, return_exceptions=True)
+        # Shielded: if our caller is cancelled here, the lanes must not be (a write may be
+        # in a thread); it aborts, and abort waits for them before closing the descriptor.
+        await asyncio.shield(asyncio.gather(*self._lanes, return_exceptions=True))
         self._raise_if_failed()
-        await self._run(self._sync_close)
+        self._syncing = asyncio.ensure_future(self._run(self._sync_close))
+        await asyncio.shield(self._syncing)
+        self._state = WriterState.CLOSED
         return self.written
 
     def _sync_close(self) -> None:
@@ -178,16 +210,20 @@ class DirectWriter:
         thread writing into a descriptor we are about to close. Shielded, so a
         second cancellation of the caller cannot skip the cleanup either.
         """
-        self._aborting = True
+        self._state = WriterState.ABORTING
         self._to_inspect.put_nowait(None)
         await asyncio.shield(asyncio.ensure_future(self._drain_and_close()))
 
     async def _drain_and_close(self) -> None:
         await asyncio.gather(*self._lanes, return_exceptions=True)
+        if self._syncing is not None:
+            # A cancelled finish: its thread closes the descriptor; never close it twice.
+            await asyncio.gather(self._syncing, return_exceptions=True)
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
         self._release()
+        self._state = WriterState.CLOSED
 
     def _release(self) -> None:
         for buf in self._buffers:

@@ -65,7 +65,7 @@ class VolumeMetadata:
         try:
             text = data.rstrip(b"\0").decode("utf-8")
         except UnicodeDecodeError as e:
-            raise errors.VolumeMetadataReadError(f"undecodable metadata: {e}") from None
+            raise errors.VolumeMetadataReadError(f"undecodable metadata: {e}") from e
         md: dict[str, str] = {}
         for line in text.splitlines():
             if line.startswith("EOF"):
@@ -85,7 +85,7 @@ class VolumeMetadata:
                 ctime=int(md["CTIME"]), generation=int(md.get("GEN", "0")),
                 sequence=int(md.get("SEQ", "0")))
         except (KeyError, ValueError) as e:
-            raise errors.VolumeMetadataReadError(f"invalid metadata: {e!r}") from None
+            raise errors.VolumeMetadataReadError(f"invalid metadata: {e!r}") from e
 
 
 def truncate_description(desc: str) -> str:

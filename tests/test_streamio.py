@@ -1,0 +1,143 @@
+"""DirectWriter's lifecycle: NEW -> STREAMING -> FINISHING -> CLOSED, or ABORTING -> CLOSED."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import run
+from vdsmlite.storage.streamio import DirectWriter, WriterState
+
+BUF = 4096
+
+
+async def _blocking(fn: Any, *args: Any) -> Any:
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
+def _volume(tmp_path: Path, size: int = 4 * BUF) -> str:
+    path = tmp_path / "vol"
+    path.write_bytes(b"\xff" * size)
+    return str(path)
+
+
+def test_write_finish_close(tmp_path: Path) -> None:
+    path = _volume(tmp_path)
+
+    async def main() -> None:
+        seen: list[bytes] = []
+        w = DirectWriter(path, 4 * BUF, 512, _blocking, buffer_size=BUF,
+                         inspect=lambda view: seen.append(bytes(view)))
+        assert w.state is WriterState.NEW
+        with pytest.raises(RuntimeError, match="needs a streaming writer"):
+            await w.write(b"x")
+        await w.open()
+        assert w.state is WriterState.STREAMING
+        await w.write(b"a" * (BUF + 100))
+        assert await w.finish() == BUF + 100
+        assert w.state is WriterState.CLOSED
+        assert b"".join(seen) == b"a" * (BUF + 100)
+        with pytest.raises(RuntimeError, match="this one is closed"):
+            await w.write(b"x")
+
+    run(main())
+    data = Path(path).read_bytes()
+    assert data[:BUF + 100] == b"a" * (BUF + 100)
+    assert data[BUF + 100:BUF + 512] == b"\0" * (512 - 100)  # padded to the block
+    assert data[BUF + 512:] == b"\xff" * (3 * BUF - 512)
+
+
+def test_a_refused_buffer_is_never_written_and_abort_closes(tmp_path: Path) -> None:
+    path = _volume(tmp_path)
+
+    class Refused(Exception):
+        pass
+
+    def inspect(view: memoryview) -> None:
+        if bytes(view[:1]) == b"b":
+            raise Refused("no")
+
+    async def main() -> None:
+        w = DirectWriter(path, 4 * BUF, 512, _blocking, buffer_size=BUF, inspect=inspect)
+        await w.open()
+        with pytest.raises(Refused):
+            for chunk in (b"a" * BUF, b"b" * BUF, b"c" * BUF, b"d" * BUF):
+                await w.write(chunk)
+            await w.finish()
+        await w.abort()
+        assert w.state is WriterState.CLOSED
+
+    run(main())
+    data = Path(path).read_bytes()
+    assert data[BUF:] == b"\xff" * (3 * BUF)
+
+
+def test_cancelled_finish_does_not_close_under_a_running_write(tmp_path: Path) -> None:
+    """A caller cancelled in `finish` aborts; the write already in a thread must end
+    before the descriptor is closed (the lanes are waited for, never cancelled)."""
+    path = _volume(tmp_path)
+
+    async def main() -> None:
+        entered, release = threading.Event(), threading.Event()
+
+        async def blocking(fn: Any, *args: Any) -> Any:
+            def call() -> Any:
+                if getattr(fn, "__name__", "") == "_write_sync":
+                    entered.set()
+                    release.wait(10)
+                return fn(*args)
+            return await asyncio.get_running_loop().run_in_executor(None, call)
+
+        w = DirectWriter(path, 4 * BUF, 512, blocking, buffer_size=BUF)
+        await w.open()
+        await w.write(b"a" * 100)
+        finishing = asyncio.ensure_future(w.finish())
+        await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
+        finishing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await finishing
+        aborting = asyncio.ensure_future(w.abort())
+        await asyncio.sleep(0.05)
+        assert not aborting.done()  # still waiting for the write in its thread
+        release.set()
+        await aborting
+        assert w.state is WriterState.CLOSED
+
+    run(main())
+    assert Path(path).read_bytes()[:512] == b"a" * 100 + b"\0" * 412
+
+
+def test_cancelled_fdatasync_is_waited_for_by_abort(tmp_path: Path) -> None:
+    path = _volume(tmp_path)
+
+    async def main() -> None:
+        entered, release = threading.Event(), threading.Event()
+
+        async def blocking(fn: Any, *args: Any) -> Any:
+            def call() -> Any:
+                if getattr(fn, "__name__", "") == "_sync_close":
+                    entered.set()
+                    release.wait(10)
+                return fn(*args)
+            return await asyncio.get_running_loop().run_in_executor(None, call)
+
+        w = DirectWriter(path, 4 * BUF, 512, blocking, buffer_size=BUF)
+        await w.open()
+        await w.write(b"a" * BUF)
+        finishing = asyncio.ensure_future(w.finish())
+        await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
+        finishing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await finishing
+        aborting = asyncio.ensure_future(w.abort())
+        await asyncio.sleep(0.05)
+        assert not aborting.done()  # the descriptor is the syncing thread's to close
+        release.set()
+        await aborting
+        assert w.state is WriterState.CLOSED
+
+    run(main())
