@@ -60,7 +60,7 @@ def server_ssl_context(cfg: config.Config) -> ssl.SSLContext | None:
     try:
         ctx.load_cert_chain(str(r.tls_cert), str(r.tls_key))
     except (OSError, ssl.SSLError) as e:
-        raise StartupError(f"cannot load TLS certificate/key: {e}") from None
+        raise StartupError(f"cannot load TLS certificate/key: {e}") from e
     return ctx
 
 
@@ -140,7 +140,7 @@ class Daemon:
         try:
             await services.watchdog.start()
         except WatchdogError as e:
-            raise StartupError(str(e)) from None
+            raise StartupError(str(e)) from e
         app, dispatcher = build_app(services)
         runner = web.AppRunner(app, handle_signals=False, access_log=None,
                                shutdown_timeout=cfg.daemon.shutdown_timeout)
@@ -151,7 +151,7 @@ class Daemon:
                 # Calls are answered 99 (initializing) until the local domain is ready.
                 sd = await services.provisioner.ensure_local_domain(cfg.storage.local_domain)
                 log.info("serving local storage domain %s from %s", sd, cfg.storage.local_domain)
-            dispatcher.ready = True
+            dispatcher.serve()
             status = "Serving on " + ", ".join(self.addresses)
             # Machine-readable addresses for harnesses that start us on port 0.
             self.notifier.ready(status, *(f"VDSMLITE_{a.split(':', 1)[0].upper()}={a}"
@@ -195,8 +195,8 @@ class Daemon:
             if e.errno == errno.EADDRINUSE:
                 raise StartupError(
                     f"{cfg.rpc.listen}:{cfg.rpc.port} is already in use "
-                    "(another vdsmlite or vdsm running?)") from None
-            raise StartupError(f"cannot listen on {cfg.rpc.listen}:{cfg.rpc.port}: {e}") from None
+                    "(another vdsmlite or vdsm running?)") from e
+            raise StartupError(f"cannot listen on {cfg.rpc.listen}:{cfg.rpc.port}: {e}") from e
         server = site._server  # the bound port matters when port 0 asked for any
         assert server is not None
         for sock in server.sockets:  # type: ignore[attr-defined]

@@ -83,9 +83,9 @@ def _host_id_map(policy: dict[str, Any] | None) -> dict[str, int]:
             raise errors.InvalidParameterException("storageDomainHostIdMap", sd_uuid)
         try:
             value = int(host_id)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError) as e:
             raise errors.InvalidParameterException("storageDomainHostIdMap",
-                                                   f"{sd_uuid}: {host_id!r}") from None
+                                                   f"{sd_uuid}: {host_id!r}") from e
         if not 1 <= value <= 2000:
             raise errors.InvalidParameterException("storageDomainHostIdMap",
                                                    f"{sd_uuid}: host id {value}")

@@ -48,10 +48,10 @@ class FenceAgents:
             stderr=asyncio.subprocess.PIPE)
         try:
             out, err = await asyncio.wait_for(proc.communicate(stdin), self._timeout)
-        except TimeoutError:
+        except TimeoutError as e:
             proc.kill()
             await proc.wait()
-            raise errors.GeneralException(f"fence_{agent} timed out") from None
+            raise errors.GeneralException(f"fence_{agent} timed out") from e
         rc = proc.returncode
         log.info("fence_%s %s for %s: rc=%s", agent, action, addr, rc)
         if action == "status":

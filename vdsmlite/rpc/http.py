@@ -105,7 +105,8 @@ async def handle_websocket(request: web.Request) -> web.StreamResponse:
 
 
 async def close_websockets(app: web.Application) -> None:
-    for ws in list(app[WEBSOCKETS]):
+    sockets = app[WEBSOCKETS]
+    for ws in list(sockets):
         with contextlib.suppress(Exception):
             await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
 

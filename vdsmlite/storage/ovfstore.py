@@ -148,7 +148,7 @@ def is_store(state: VolumeState) -> bool:
     if state.md.disktype == "OVFS":
         return True
     desc = parse_description(state.md.description)
-    return bool(desc) and desc.get(DISK_DESCRIPTION) == OVF_STORE
+    return desc is not None and desc.get(DISK_DESCRIPTION) == OVF_STORE
 
 
 def find_stores(dom: Domain) -> list[Store]:

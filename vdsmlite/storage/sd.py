@@ -358,7 +358,7 @@ class Domain(ABC):
         try:
             directio.read(self.health_path(), 0, 4096, block_size=4096)
         except OSError as e:
-            raise errors.StorageDomainAccessError(self.uuid, str(e)) from None
+            raise errors.StorageDomainAccessError(self.uuid, str(e)) from e
         return time.monotonic() - start
 
     # --- lifecycle ---------------------------------------------------------------

@@ -24,7 +24,7 @@ import asyncio
 import enum
 import mmap
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from typing import NamedTuple
 
 from vdsmlite.blocking import RunBlocking
@@ -237,7 +237,7 @@ class DirectWriter:
 
 
 def read_chunks(path: str, size: int, block_size: int,
-                chunk: int = DEFAULT_BUFFER) -> Iterator[bytes]:
+                chunk: int = DEFAULT_BUFFER) -> Generator[bytes, None, None]:
     """Yield the first `size` bytes of `path`, read with O_DIRECT (blocking generator)."""
     buf = mmap.mmap(-1, chunk)
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
