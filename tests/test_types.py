@@ -7,11 +7,11 @@ from typing import Any
 import pytest
 
 from vdsmlite.rpc.errors import JsonRpcInvalidParams
-from vdsmlite.rpc.types import Enum, check_return, compile_spec
+from vdsmlite.rpc.types import SchemaEnum, check_return, compile_spec
 
 ENUMS = {
-    "StorageType": Enum("StorageType", {"UNKNOWN": 0, "NFS": 1, "FCP": 2, "ISCSI": 3}),
-    "Format": Enum("Format", {"COW": "COW", "RAW": "RAW"}),
+    "StorageType": SchemaEnum("StorageType", {"UNKNOWN": 0, "NFS": 1, "FCP": 2, "ISCSI": 3}),
+    "Format": SchemaEnum("Format", {"COW": "COW", "RAW": "RAW"}),
 }
 TYPES: dict[str, Any] = {
     "Conn": {"type": "object", "properties": {

@@ -8,9 +8,14 @@ from typing import Any
 from vdsmlite.api.base import verb
 from vdsmlite.blocking import RunBlocking
 from vdsmlite.storage import connections, devices
-from vdsmlite.storage.connections import FCP, ISCSI, ConnectionManager
+from vdsmlite.storage.connections import ConnectionManager
+from vdsmlite.storage.constants import StorageType
 
-_WANTED_DEVTYPES = {ISCSI: {devices.ISCSI, devices.MIXED}, FCP: {devices.FCP, devices.MIXED}}
+# Host.getDeviceList(storageType=...): which LUN transports (`devices.DevType`) it wants.
+_WANTED_DEVTYPES: dict[int, set[devices.DevType]] = {
+    StorageType.ISCSI: {devices.DevType.ISCSI, devices.DevType.MIXED},
+    StorageType.FCP: {devices.DevType.FCP, devices.DevType.MIXED},
+}
 
 
 def _pathlist(lun: devices.Lun) -> list[dict[str, str]]:

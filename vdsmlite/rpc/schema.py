@@ -20,7 +20,7 @@ import yaml
 
 from vdsmlite import errors
 from vdsmlite.rpc.errors import JsonRpcInvalidParams
-from vdsmlite.rpc.types import Coercer, Enum, check_return, compile_spec
+from vdsmlite.rpc.types import Coercer, SchemaEnum, check_return, compile_spec
 
 
 class SchemaError(Exception):
@@ -108,8 +108,8 @@ class Schema:
         self.source = source
         if not isinstance(doc, dict) or not isinstance(doc.get("verbs"), dict):
             raise SchemaError(f"{source}: top level must have a 'verbs' mapping")
-        self.enums: dict[str, Enum] = {
-            name: Enum(name, e["values"], e.get("doc", ""))
+        self.enums: dict[str, SchemaEnum] = {
+            name: SchemaEnum(name, e["values"], e.get("doc", ""))
             for name, e in doc.get("enums", {}).items()
         }
         self.types: dict[str, dict[str, Any]] = dict(doc.get("types", {}))

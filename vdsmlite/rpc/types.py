@@ -31,7 +31,7 @@ SPEC_KEYS = {
 }
 
 
-class Enum:
+class SchemaEnum:
     """A named VDSM enum: ``{NFS: 1, FCP: 2}`` or string-valued ``{COW: COW}``."""
 
     def __init__(self, name: str, values: Mapping[str, Any], doc: str = "") -> None:
@@ -82,7 +82,7 @@ def _tname(value: Any) -> str:
 
 def compile_spec(
     spec: Mapping[str, Any],
-    enums: Mapping[str, Enum],
+    enums: Mapping[str, SchemaEnum],
     types: Mapping[str, Mapping[str, Any]],
     where: str,
 ) -> Coercer:
@@ -252,7 +252,7 @@ def _map(value: Coercer, key: Coercer | None) -> Coercer:
 
 def _object(
     spec: Mapping[str, Any],
-    enums: Mapping[str, Enum],
+    enums: Mapping[str, SchemaEnum],
     types: Mapping[str, Mapping[str, Any]],
     where: str,
 ) -> Coercer:
@@ -288,7 +288,7 @@ def _object(
 def check_return(
     value: Any,
     spec: Mapping[str, Any],
-    enums: Mapping[str, Enum],
+    enums: Mapping[str, SchemaEnum],
     types: Mapping[str, Mapping[str, Any]],
     path: str = "result",
 ) -> list[str]:

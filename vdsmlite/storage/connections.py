@@ -39,6 +39,7 @@ from vdsmlite import errors
 from vdsmlite.blocking import RunBlocking
 from vdsmlite.fsutil import write_file_durably
 from vdsmlite.storage import commands, mount
+from vdsmlite.storage.constants import StorageType
 from vdsmlite.storage.iscsi import (
     Chap,
     Iscsiadm,
@@ -51,10 +52,13 @@ from vdsmlite.storage.iscsi import (
 
 log = logging.getLogger("vdsmlite.storage.connections")
 
-# StorageType ints as the engine sends them.
-NFS, FCP, ISCSI, LOCALFS, CIFS, POSIXFS, GLUSTERFS = 1, 2, 3, 4, 5, 6, 7
-_KINDS = {NFS: "nfs", FCP: "fcp", ISCSI: "iscsi", LOCALFS: "localfs", POSIXFS: "posixfs",
-          GLUSTERFS: "glusterfs"}
+# What each storage type connects, keyed by the int the engine sends (CIFS, VDSM's 5,
+# is not supported).
+_KINDS: dict[int, str] = {
+    StorageType.NFS: "nfs", StorageType.FCP: "fcp", StorageType.ISCSI: "iscsi",
+    StorageType.LOCALFS: "localfs", StorageType.POSIXFS: "posixfs",
+    StorageType.GLUSTERFS: "glusterfs",
+}
 
 _VFS_RE = re.compile(r"^[a-z0-9_.]{1,32}$")
 _OPTIONS_RE = re.compile(r"^[A-Za-z0-9_.=,:/@+-]{0,1024}$")

@@ -18,6 +18,7 @@ all LUNs and in-process libblkid probes run in parallel.
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import re
@@ -33,9 +34,15 @@ from vdsmlite.storage import blkid, lvm, mountinfo
 
 log = logging.getLogger("vdsmlite.storage.devices")
 
-ISCSI = "iSCSI"
-FCP = "FCP"
-MIXED = "MIXED"
+
+
+class DevType(enum.StrEnum):
+    """How a LUN is reached, as VDSM's getDeviceList ``devtype`` says it."""
+
+    ISCSI = "iSCSI"
+    FCP = "FCP"  # VDSM's word for every path that is not an iSCSI session
+    MIXED = "MIXED"
+
 
 SYS_BLOCK = Path("/sys/class/block")
 ISCSI_SESSIONS = Path("/sys/class/iscsi_session")
@@ -66,7 +73,7 @@ class DevicePath:
     """One physical path to a LUN (a SCSI disk, or the loop device itself)."""
 
     name: str
-    transport: str
+    transport: DevType
     lun: int
     state: str
     iscsi: IscsiTarget | None = None
@@ -92,11 +99,11 @@ class Lun:
     holders: list[str] = field(default_factory=list)
 
     @property
-    def devtype(self) -> str:
+    def devtype(self) -> DevType:
         kinds = {p.transport for p in self.paths}
         if len(kinds) > 1:
-            return MIXED
-        return kinds.pop() if kinds else FCP
+            return DevType.MIXED
+        return kinds.pop() if kinds else DevType.FCP
 
 
 @dataclass(frozen=True)
@@ -213,18 +220,18 @@ def _iscsi_from_sysfs(dev: pyudev.Device) -> IscsiTarget | None:
         initiator=read(session / "initiatorname"))
 
 
-def parse_id_path(id_path: str) -> tuple[str, int, IscsiTarget | None, str | None]:
+def parse_id_path(id_path: str) -> tuple[DevType, int, IscsiTarget | None, str | None]:
     """(transport, lun, iscsi target, fc wwpn) from udev's ID_PATH."""
     m = _ISCSI_PATH_RE.search(id_path)
     if m:
         target = IscsiTarget(address=m.group("addr").strip("[]"), port=int(m.group("port")),
                              iqn=m.group("iqn"))
-        return ISCSI, int(m.group("lun")), target, None
+        return DevType.ISCSI, int(m.group("lun")), target, None
     m = _FC_PATH_RE.search(id_path)
     if m:
-        return FCP, int(m.group("lun")), None, m.group("wwpn").lower()
+        return DevType.FCP, int(m.group("lun")), None, m.group("wwpn").lower()
     # VDSM reports every path that is not an iSCSI session as FCP.
-    return FCP, 0, None, None
+    return DevType.FCP, 0, None, None
 
 
 def _path_state(dev: pyudev.Device) -> str:
@@ -239,7 +246,7 @@ def _device_path(dev: pyudev.Device, initiator: str) -> DevicePath:
     transport, lun, target, wwpn = parse_id_path(_prop(dev, "ID_PATH"))
     sysfs_target = _iscsi_from_sysfs(dev)
     if sysfs_target is not None:
-        transport, target = ISCSI, sysfs_target
+        transport, target = DevType.ISCSI, sysfs_target
     elif target is not None and initiator:
         target = IscsiTarget(target.address, target.port, target.iqn, target.tpgt,
                              target.iface, initiator)
