@@ -35,7 +35,8 @@ class VolumesApi:
             img_uuid=imageID, vol_uuid=volumeID,
             # capacity rounded up to 4 KiB, as VDSM does
             capacity=-(-size // 4096) * 4096,
-            format=sc.VolFormat(volFormat).name, prealloc=sc.VolType(preallocate).name,
+            format=sc.VolumeFormat[sc.VolFormat(volFormat).name],
+            prealloc=sc.Allocation[sc.VolType(preallocate).name],
             disktype=diskType, description=desc, parent_img=srcImgUUID, parent_vol=srcVolUUID,
             initial_size=initialSize, legal=legal, sequence=sequence)
         return await self._volumes.create(storagepoolID, req, storagedomainID)

@@ -60,7 +60,7 @@ class VolumeService:
 
     async def create(self, sp_uuid: str, req: CreateVolumeRequest, sd_uuid: str) -> str:
         dom = await self.domain(sd_uuid, sp_uuid)
-        if req.format == "RAW" and req.prealloc == "SPARSE" and \
+        if req.format == sc.VolumeFormat.RAW and req.prealloc == sc.Allocation.SPARSE and \
                 (await self._run_blocking(dom.read_storage_type)).is_block:
             raise errors.IncorrectFormat(req.vol_uuid,
                                          "RAW volumes on block must be PREALLOCATED")

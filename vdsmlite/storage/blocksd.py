@@ -268,9 +268,9 @@ class BlockDomain(Domain):
         self.write_slot(state.slot, md.to_bytes())
 
     def _lv_size(self, req: CreateVolumeRequest) -> int:
-        if req.format == "RAW":
+        if req.format == sc.VolumeFormat.RAW:
             return req.capacity
-        if req.prealloc == "PREALLOCATED":
+        if req.prealloc == sc.Allocation.PREALLOCATED:
             return req.initial_size or req.capacity
         if req.initial_size:
             return int(req.initial_size * sc.COW_OVERHEAD)
@@ -297,10 +297,10 @@ class BlockDomain(Domain):
             link.parent.rmdir()
 
     def create_volume(self, req: CreateVolumeRequest, progress: Progress) -> None:
-        if req.format == "RAW" and req.prealloc == "SPARSE":
+        if req.format == sc.VolumeFormat.RAW and req.prealloc == sc.Allocation.SPARSE:
             raise errors.IncorrectFormat(req.vol_uuid, "RAW volumes on block must be "
                                          "PREALLOCATED")
-        if req.format == "RAW" and req.initial_size is not None:
+        if req.format == sc.VolumeFormat.RAW and req.initial_size is not None:
             raise errors.InvalidParameterException("initialSize", "not allowed for RAW")
         with self.lock:
             parent = Image(self, req.img_uuid).validate_create(req)
@@ -320,14 +320,14 @@ class BlockDomain(Domain):
                 raise _lvm_error(errors.CannotCreateLogicalVolume, req.vol_uuid, e) from e
             lv = self.lv(req.vol_uuid)
             capacity = req.capacity
-            if req.format == "RAW":
+            if req.format == sc.VolumeFormat.RAW:
                 capacity = lv.size  # VDSM records the real LV size for RAW block volumes
             failpoints.hit("volume.create.after_data")
             md = self.new_metadata(req, capacity, sc.ILLEGAL)
             self.write_slot(slot, md.to_bytes())
         failpoints.hit("volume.create.after_metadata")
         progress(30)
-        if req.format == "COW":
+        if req.format == sc.VolumeFormat.COW:
             self._format_qcow2(req, parent, lv)
         progress(60)
         if parent is not None and parent.md is not None and parent.md.voltype == sc.LEAF:
@@ -357,7 +357,7 @@ class BlockDomain(Domain):
             if parent is not None and parent.md is not None:
                 self._link_volume(req.img_uuid, parent.uuid)
                 backing = parent.uuid
-                backing_fmt = "qcow2" if parent.md.format == "COW" else "raw"
+                backing_fmt = "qcow2" if parent.md.format == sc.VolumeFormat.COW else "raw"
             qemuimg.create(str(link), qemuimg.QCOW2, req.capacity, backing=backing,
                            backing_fmt=backing_fmt, cwd=str(link.parent))
         except qemuimg.QemuImgError as e:
@@ -402,7 +402,7 @@ class BlockDomain(Domain):
                      new_size: int) -> int:
         lv = self.lv(vol_uuid)
         capacity = new_size
-        if md.format == "RAW" or md.type == "PREALLOCATED":
+        if md.format == sc.VolumeFormat.RAW or md.type == sc.Allocation.PREALLOCATED:
             vg = self.vg()
             needed = -(-(new_size - lv.size) // vg.extent_size)
             if needed > vg.free_count:
@@ -416,9 +416,9 @@ class BlockDomain(Domain):
                 lv = self.lv(vol_uuid)
                 pe_starts, extent = self.layout()
                 self.activator.refresh(lv, pe_starts, extent, self.devices)
-            if md.format == "RAW":
+            if md.format == sc.VolumeFormat.RAW:
                 capacity = lv.size
-        if md.format == "COW":
+        if md.format == sc.VolumeFormat.COW:
             link = self._activate(lv)
             try:
                 qemuimg.resize(str(link), qemuimg.QCOW2, new_size)

@@ -109,10 +109,37 @@ class VolType(enum.IntEnum):
     SPARSE = 2
 
 
+# The words volume metadata uses (``FORMAT``, ``TYPE``, ``LEGALITY``, ``VOLTYPE``);
+# VolFormat and VolType above are the ints the same choices have on the wire.
+class VolumeFormat(enum.StrEnum):
+    COW = "COW"
+    RAW = "RAW"
+
+
+class Allocation(enum.StrEnum):
+    PREALLOCATED = "PREALLOCATED"
+    SPARSE = "SPARSE"
+
+
+class Legality(enum.StrEnum):
+    LEGAL = "LEGAL"
+    ILLEGAL = "ILLEGAL"
+    FAKE = "FAKE"
+
+
+class VolumeRole(enum.StrEnum):
+    """A volume's place in its chain (VDSM's VOLTYPE)."""
+
+    LEAF = "LEAF"
+    INTERNAL = "INTERNAL"
+    SHARED = "SHARED"  # a template's volume, used by other images
+
+
+LEGAL, ILLEGAL, FAKE = Legality.LEGAL, Legality.ILLEGAL, Legality.FAKE
+LEAF, INTERNAL, SHARED = VolumeRole.LEAF, VolumeRole.INTERNAL, VolumeRole.SHARED
+
 ROLE_MASTER = "Master"
 ROLE_REGULAR = "Regular"
-LEGAL, ILLEGAL, FAKE = "LEGAL", "ILLEGAL", "FAKE"
-LEAF, INTERNAL, SHARED = "LEAF", "INTERNAL", "SHARED"
 DISK_TYPES = ("DATA", "ISOF", "MEMD", "MEMM", "OVFS", "HEVD", "HESD", "HEMD", "HECI", "SCRD",
               "2", "1")
 

@@ -196,7 +196,7 @@ class FileDomain(Domain):
     def create_volume(self, req: CreateVolumeRequest, progress: Progress) -> None:
         with self.lock:
             parent = Image(self, req.img_uuid).validate_create(req)
-            if req.prealloc == "PREALLOCATED":
+            if req.prealloc == sc.Allocation.PREALLOCATED:
                 free = os.statvfs(self.path)
                 if req.capacity > free.f_frsize * free.f_bavail:
                     raise errors.NoSpaceLeftOnDomain(self.uuid)
@@ -237,11 +237,11 @@ class FileDomain(Domain):
     def _create_data(self, req: CreateVolumeRequest, parent: VolumeState | None,
                      data: Path) -> None:
         path = str(data)
-        if req.format == "RAW":
+        if req.format == sc.VolumeFormat.RAW:
             alloc = req.capacity
-            if req.initial_size is not None and req.prealloc == "PREALLOCATED":
+            if req.initial_size is not None and req.prealloc == sc.Allocation.PREALLOCATED:
                 alloc = max(req.initial_size, 4096)
-            if req.prealloc == "PREALLOCATED":
+            if req.prealloc == sc.Allocation.PREALLOCATED:
                 fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
                 try:
                     os.posix_fallocate(fd, 0, alloc)
@@ -256,7 +256,7 @@ class FileDomain(Domain):
             backing_fmt = None
             if parent is not None and parent.md is not None:
                 backing = parent.uuid  # relative: resolved in the image directory
-                backing_fmt = "qcow2" if parent.md.format == "COW" else "raw"
+                backing_fmt = "qcow2" if parent.md.format == sc.VolumeFormat.COW else "raw"
             qemuimg.create(path, qemuimg.QCOW2, req.capacity, backing=backing,
                            backing_fmt=backing_fmt, cwd=str(data.parent))
         os.chmod(path, sc.FILE_VOLUME_PERMISSIONS)
@@ -288,10 +288,10 @@ class FileDomain(Domain):
     def _grow_volume(self, img_uuid: str, vol_uuid: str, md: VolumeMetadata,
                      new_size: int) -> int:
         data, _, _ = self._paths(img_uuid, vol_uuid)
-        if md.format == "RAW":
+        if md.format == sc.VolumeFormat.RAW:
             fd = os.open(data, os.O_WRONLY | os.O_CLOEXEC)
             try:
-                if md.type == "PREALLOCATED":
+                if md.type == sc.Allocation.PREALLOCATED:
                     os.posix_fallocate(fd, 0, new_size)
                 os.ftruncate(fd, new_size)
                 os.fsync(fd)

@@ -85,7 +85,7 @@ class Image:
             # the new image; not supported yet.
             raise errors.UnsupportedOperation(
                 "snapshot parent must be in the same image", req.parent_img)
-        if req.format != "COW":
+        if req.format != sc.VolumeFormat.COW:
             raise errors.IncorrectFormat(req.vol_uuid, "a snapshot must be COW")
         try:
             parent = dom.volume(req.img_uuid, req.parent_vol)

@@ -185,8 +185,9 @@ def create_store(dom: Domain, size: int = DEFAULT_STORE_SIZE) -> Store:
     block = dom.read_storage_type().is_block
     img, vol = str(uuid.uuid4()), str(uuid.uuid4())
     req = CreateVolumeRequest(
-        img_uuid=img, vol_uuid=vol, capacity=size, format="RAW",
-        prealloc="PREALLOCATED" if block else "SPARSE", disktype="OVFS",
+        img_uuid=img, vol_uuid=vol, capacity=size, format=sc.VolumeFormat.RAW,
+        prealloc=sc.Allocation.PREALLOCATED if block else sc.Allocation.SPARSE,
+        disktype="OVFS",
         description=json.dumps({"DiskAlias": OVF_STORE, "DiskDescription": OVF_STORE},
                                separators=(",", ":")),
         parent_img=sc.BLANK_UUID, parent_vol=sc.BLANK_UUID, initial_size=None, legal=True,

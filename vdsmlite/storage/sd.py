@@ -84,8 +84,8 @@ class CreateVolumeRequest:
     img_uuid: str
     vol_uuid: str
     capacity: int
-    format: str  # RAW | COW
-    prealloc: str  # PREALLOCATED | SPARSE
+    format: sc.VolumeFormat
+    prealloc: sc.Allocation
     disktype: str
     description: str
     parent_img: str
