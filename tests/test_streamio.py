@@ -76,68 +76,41 @@ def test_a_refused_buffer_is_never_written_and_abort_closes(tmp_path: Path) -> N
     assert data[BUF:] == b"\xff" * (3 * BUF)
 
 
+async def _cancel_finish_while_blocked_in(path: str, step: str, data: bytes) -> None:
+    """Cancel `finish` while the writer's blocking `step` runs in its thread; `abort`
+    must wait for that thread (never close the descriptor under it), then close."""
+    entered, release = threading.Event(), threading.Event()
+
+    async def blocking(fn: Any, *args: Any) -> Any:
+        def call() -> Any:
+            if getattr(fn, "__name__", "") == step:
+                entered.set()
+                release.wait(10)
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(None, call)
+
+    w = DirectWriter(path, 4 * BUF, 512, blocking, buffer_size=BUF)
+    await w.open()
+    await w.write(data)
+    finishing = asyncio.ensure_future(w.finish())
+    await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
+    finishing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await finishing
+    aborting = asyncio.ensure_future(w.abort())
+    await asyncio.sleep(0.05)
+    assert not aborting.done()  # still waiting for the blocked thread
+    release.set()
+    await aborting
+    assert w.state is WriterState.CLOSED
+
+
 def test_cancelled_finish_does_not_close_under_a_running_write(tmp_path: Path) -> None:
-    """A caller cancelled in `finish` aborts; the write already in a thread must end
-    before the descriptor is closed (the lanes are waited for, never cancelled)."""
     path = _volume(tmp_path)
-
-    async def main() -> None:
-        entered, release = threading.Event(), threading.Event()
-
-        async def blocking(fn: Any, *args: Any) -> Any:
-            def call() -> Any:
-                if getattr(fn, "__name__", "") == "_write_sync":
-                    entered.set()
-                    release.wait(10)
-                return fn(*args)
-            return await asyncio.get_running_loop().run_in_executor(None, call)
-
-        w = DirectWriter(path, 4 * BUF, 512, blocking, buffer_size=BUF)
-        await w.open()
-        await w.write(b"a" * 100)
-        finishing = asyncio.ensure_future(w.finish())
-        await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
-        finishing.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await finishing
-        aborting = asyncio.ensure_future(w.abort())
-        await asyncio.sleep(0.05)
-        assert not aborting.done()  # still waiting for the write in its thread
-        release.set()
-        await aborting
-        assert w.state is WriterState.CLOSED
-
-    run(main())
+    run(_cancel_finish_while_blocked_in(path, "_write_sync", b"a" * 100))
     assert Path(path).read_bytes()[:512] == b"a" * 100 + b"\0" * 412
 
 
 def test_cancelled_fdatasync_is_waited_for_by_abort(tmp_path: Path) -> None:
-    path = _volume(tmp_path)
-
-    async def main() -> None:
-        entered, release = threading.Event(), threading.Event()
-
-        async def blocking(fn: Any, *args: Any) -> Any:
-            def call() -> Any:
-                if getattr(fn, "__name__", "") == "_sync_close":
-                    entered.set()
-                    release.wait(10)
-                return fn(*args)
-            return await asyncio.get_running_loop().run_in_executor(None, call)
-
-        w = DirectWriter(path, 4 * BUF, 512, blocking, buffer_size=BUF)
-        await w.open()
-        await w.write(b"a" * BUF)
-        finishing = asyncio.ensure_future(w.finish())
-        await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
-        finishing.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await finishing
-        aborting = asyncio.ensure_future(w.abort())
-        await asyncio.sleep(0.05)
-        assert not aborting.done()  # the descriptor is the syncing thread's to close
-        release.set()
-        await aborting
-        assert w.state is WriterState.CLOSED
-
-    run(main())
+    # The descriptor is the syncing thread's to close.
+    run(_cancel_finish_while_blocked_in(_volume(tmp_path), "_sync_close", b"a" * BUF))
