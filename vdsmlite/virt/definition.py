@@ -1,0 +1,133 @@
+"""A VM as vdsmlite runs it: one definition, whatever form the engine sent.
+
+`VM.create` arrives as libvirt domain XML with oVirt metadata (what engines
+written for VDSM 4.x send, `virt.domxml`) or as VDSM's legacy device dicts
+(`virt.legacy`). Both become a `VmDefinition`; everything after that (the
+qemu command line, hot plug, recovery after an agent restart) reads only
+this. It is plain data, serialisable to JSON (`to_dict`/`from_dict`) so the
+agent can keep it in its run dir beside the qemu process it describes.
+
+A disk's source is either a domain volume (pool, domain, image, volume: the
+domain layer prepares its chain) or a direct LUN given by its GUID (resolved
+through udev to a device node). Paths are filled in when the storage is
+prepared (`DiskSpec.path`), never taken from the request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class DiskBus(enum.StrEnum):
+    """Where the disk plugs in: VDSM's ``iface`` / libvirt's ``<target bus=>``."""
+
+    VIRTIO = "virtio"  # virtio-blk-pci, one PCIe slot per disk
+    SCSI = "scsi"  # scsi-hd on the VM's virtio-scsi controller
+    SATA = "sata"  # ide-hd on the q35 AHCI controller (VDSM's "ide" maps here)
+
+
+class DiskDevice(enum.StrEnum):
+    """libvirt's ``<disk device=>``: a LUN is passed through as SCSI where it can be."""
+
+    DISK = "disk"
+    LUN = "lun"
+    CDROM = "cdrom"
+
+
+class DiskFormat(enum.StrEnum):
+    RAW = "raw"
+    COW = "cow"  # qcow2
+
+
+@dataclass(frozen=True)
+class VolumeSource:
+    """A volume of a storage domain; its chain is prepared through the domain layer."""
+
+    pool_id: str
+    domain_id: str
+    image_id: str
+    volume_id: str
+
+
+@dataclass(frozen=True)
+class LunSource:
+    """A direct LUN: any block device this host sees, named by its GUID."""
+
+    guid: str
+
+
+@dataclass
+class DiskSpec:
+    """One disk as requested; `path` (and `chain`) once its storage is prepared."""
+
+    name: str  # target dev: vda, sdb, ...
+    bus: DiskBus
+    index: int  # unique per bus
+    source: VolumeSource | LunSource
+    device: DiskDevice = DiskDevice.DISK
+    format: DiskFormat = DiskFormat.RAW
+    readonly: bool = False
+    shared: bool = False
+    serial: str | None = None
+    boot_order: int | None = None
+    # PCI (virtio) or drive (scsi/sata) address as the engine gave it, kept for the
+    # VM's info; qemu assigns its own where it cannot honour it.
+    address: dict[str, str] | None = None
+    propagate_errors: bool = False
+    device_id: str | None = None  # the engine's id of the device (its deviceId/alias)
+    # Filled when prepared: the path qemu opens and, for volumes, the chain base first.
+    path: str | None = None
+    chain: list[str] = field(default_factory=list)
+
+    @property
+    def is_lun(self) -> bool:
+        return isinstance(self.source, LunSource)
+
+
+@dataclass
+class VmDefinition:
+    vm_id: str
+    name: str
+    memory_mib: int
+    vcpus: int
+    max_vcpus: int | None = None
+    cpu_model: str | None = None  # None: qemu's default for the accelerator
+    machine: str | None = None  # None: q35
+    launch_paused: bool = False
+    disks: list[DiskSpec] = field(default_factory=list)
+    # What the request carried that this agent does not run (graphics, NICs, ...):
+    # accepted, listed in the VM's info so nobody thinks it is there.
+    ignored: list[str] = field(default_factory=list)
+    # Which form it came in ("xml" or "dict") and, for XML, the document as sent.
+    source_form: str = "dict"
+    source_xml: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return _encode(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VmDefinition:
+        disks = [_disk_from_dict(d) for d in data.get("disks", [])]
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{**{k: v for k, v in data.items() if k in fields}, "disks": disks})
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _encode(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_encode(v) for v in value]
+    if isinstance(value, enum.Enum):
+        return value.value
+    return value
+
+
+def _disk_from_dict(d: dict[str, Any]) -> DiskSpec:
+    src = d["source"]
+    source: VolumeSource | LunSource = (LunSource(**src) if "guid" in src
+                                        else VolumeSource(**src))
+    return DiskSpec(**{**d, "source": source, "bus": DiskBus(d["bus"]),
+                       "device": DiskDevice(d["device"]), "format": DiskFormat(d["format"])})
