@@ -38,6 +38,7 @@ from vdsmlite.storage.activation import Activator
 from vdsmlite.storage.connections import ConnectionManager
 from vdsmlite.storage.domains import DomainStore
 from vdsmlite.storage.pool import PoolManager
+from vdsmlite.storage.users import StorageUsers
 
 log = logging.getLogger("vdsmlite.services")
 
@@ -88,14 +89,16 @@ class Services:
         # Coordination: what combines storage, locks, leases and jobs.
         # Serializes changes to one image (create/delete/extend of its volumes).
         self.image_locks = LockTable()
+        # Storage held by running VMs: not torn down, deleted or wiped under them.
+        self.storage_users = StorageUsers()
         self.sdm = SdmLease(leases=self.leases, monitors=self.monitors, watchdog=self.watchdog,
                             run_blocking=run_blocking)
         self.volumes = VolumeService(domains=self.domains, pools=self.pools, jobs=self.jobs,
                                      image_locks=self.image_locks, sdm=self.sdm,
-                                     run_blocking=run_blocking)
+                                     users=self.storage_users, run_blocking=run_blocking)
         self.provisioner = DomainProvisioner(
             domains=self.domains, pools=self.pools, monitors=self.monitors,
-            connections=self.connections, activator=self.activator,
+            connections=self.connections, activator=self.activator, users=self.storage_users,
             repository=config.repository, state_dir=config.state_dir,
             io_timeout=config.sanlock.io_timeout, run_blocking=run_blocking)
         self.pool_service = PoolService(pools=self.pools, monitors=self.monitors,

@@ -24,6 +24,7 @@ from vdsmlite.storage.connections import ConnectionManager
 from vdsmlite.storage.domains import DomainStore
 from vdsmlite.storage.pool import PoolManager
 from vdsmlite.storage.sd import K_CLASS, K_REMOTE_PATH, K_TYPE, Domain, parse_pools
+from vdsmlite.storage.users import LunKey, StorageUsers
 
 log = logging.getLogger("vdsmlite.sdm.provision")
 
@@ -33,9 +34,11 @@ LOCAL_CONNECTION_NS = uuid.UUID("4f1f6a52-5b0e-4c2b-9a51-6c6f63616c64")
 
 class DomainProvisioner:
     def __init__(self, *, domains: DomainStore, pools: PoolManager, monitors: MonitorManager,
-                 connections: ConnectionManager, activator: Activator, repository: Path,
-                 state_dir: Path, io_timeout: int, run_blocking: RunBlocking) -> None:
+                 connections: ConnectionManager, activator: Activator, users: StorageUsers,
+                 repository: Path, state_dir: Path, io_timeout: int,
+                 run_blocking: RunBlocking) -> None:
         self._domains = domains
+        self._users = users
         self._pools = pools
         self._monitors = monitors
         self._connections = connections
@@ -49,6 +52,9 @@ class DomainProvisioner:
 
     async def create_vg(self, name: str, guids: list[str], *, force: bool) -> str:
         """LVMVolumeGroup.create on the LUNs `guids`; returns the VG UUID."""
+        for guid in guids:
+            # Even with force: wiping a LUN under a running VM destroys its disk.
+            self._users.require_unused(LunKey(guid), "make it a PV")
 
         def create() -> str:
             nodes = {guid: node for node, guid in self._domains.lun_nodes().items()}

@@ -23,12 +23,15 @@ from vdsmlite.storage.domains import DomainStore
 from vdsmlite.storage.image import Image
 from vdsmlite.storage.pool import PoolManager
 from vdsmlite.storage.sd import CreateVolumeRequest, Domain, VolumeState
+from vdsmlite.storage.users import ImageKey, StorageUsers
 
 
 class VolumeService:
     def __init__(self, *, domains: DomainStore, pools: PoolManager, jobs: JobRegistry,
-                 image_locks: LockTable, sdm: SdmLease, run_blocking: RunBlocking) -> None:
+                 image_locks: LockTable, sdm: SdmLease, users: StorageUsers,
+                 run_blocking: RunBlocking) -> None:
         self._domains = domains
+        self._users = users
         self._pools = pools
         self._jobs = jobs
         self._image_locks = image_locks
@@ -90,6 +93,7 @@ class VolumeService:
     async def delete(self, sd_uuid: str, sp_uuid: str, img_uuid: str, vol_uuid: str, *,
                      post_zero: bool, force: bool) -> str:
         dom = await self.domain(sd_uuid, sp_uuid)
+        self._users.require_unused(ImageKey(sd_uuid, img_uuid), "delete a volume")
         await self._run_blocking(Image(dom, img_uuid).check_deletable, vol_uuid, force)
 
         def work(job: Job) -> None:
@@ -139,6 +143,7 @@ class VolumeService:
         return await self._run_blocking(prepare)
 
     async def teardown_image(self, sd_uuid: str, img_uuid: str, vol_uuid: str | None) -> None:
+        self._users.require_unused(ImageKey(sd_uuid, img_uuid), "tear down")
         dom = await self.domain(sd_uuid)
         await self._run_blocking(Image(dom, img_uuid).teardown, vol_uuid)
 
@@ -148,6 +153,7 @@ class VolumeService:
         volumes = await self._run_blocking(dom.volume_ids, img_uuid)
         if not volumes:
             raise errors.ImageDoesNotExistInSD(img_uuid, sd_uuid)
+        self._users.require_unused(ImageKey(sd_uuid, img_uuid), "delete the image")
 
         def work(job: Job) -> None:
             Image(dom, img_uuid).delete(post_zero=post_zero,
