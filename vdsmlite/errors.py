@@ -80,7 +80,8 @@ class VMExists(VdsmError):
 
 
 class CannotCreateVM(VdsmError):
-    """Reserved for VM.create (virt); nothing raises it yet."""
+    """VM.create (virt): a definition qemu must not see, or a qemu that would not
+    start (`vdsmlite.virt.qemu`, with qemu's own words)."""
 
     code = 9
     msg = "Error creating the requested VM"
@@ -121,14 +122,16 @@ class UnsupportedFenceAgent(VdsmError):
 
 
 class HotplugDiskFailed(VdsmError):
-    """Reserved for VM.hotplugDisk (virt); nothing raises it yet."""
+    """VM.hotplugDisk (virt): qemu refused a step; what was added is removed again
+    (`vdsmlite.virt.qmp`)."""
 
     code = 45
     msg = "Failed to hotplug disk"
 
 
 class HotunplugDiskFailed(VdsmError):
-    """Reserved for VM.hotunplugDisk (virt); nothing raises it yet."""
+    """VM.hotunplugDisk (virt): the guest did not release the disk in time (it stays
+    attached) or qemu refused (`vdsmlite.virt.qmp`)."""
 
     code = 46
     msg = "Failed to hotunplug disk"
