@@ -80,7 +80,8 @@ class VMExists(VdsmError):
 
 
 class CannotCreateVM(VdsmError):
-    """Reserved for VM.create (virt); nothing raises it yet."""
+    """VM.create (virt): a well-formed request this agent cannot run (network disks,
+    payloads, leases, ...; `virt.domxml`, `virt.legacy`)."""
 
     code = 9
     msg = "Error creating the requested VM"
@@ -121,14 +122,16 @@ class UnsupportedFenceAgent(VdsmError):
 
 
 class HotplugDiskFailed(VdsmError):
-    """Reserved for VM.hotplugDisk (virt); nothing raises it yet."""
+    """VM.hotplugDisk (virt): a disk this agent cannot plug (so far raised while
+    reading the request, `virt.domxml`/`virt.legacy`)."""
 
     code = 45
     msg = "Failed to hotplug disk"
 
 
 class HotunplugDiskFailed(VdsmError):
-    """Reserved for VM.hotunplugDisk (virt); nothing raises it yet."""
+    """VM.hotunplugDisk (virt): a disk this agent cannot unplug (so far raised while
+    reading the request, `virt.domxml`/`virt.legacy`)."""
 
     code = 46
     msg = "Failed to hotunplug disk"
@@ -163,8 +166,8 @@ class UnsupportedOperation(VdsmError):
 
 
 class InvalidParameter(VdsmError):
-    """Reserved for virt verbs' parameter checks (storage verbs answer 1000,
-    InvalidParameterException); nothing raises it yet."""
+    """Virt verbs' parameter checks, naming the field (`virt.checks`); storage verbs
+    answer 1000, InvalidParameterException."""
 
     code = 91
     msg = "Invalid parameter"
