@@ -100,12 +100,13 @@ def parse_domain(xml: str | bytes, vm_id: str) -> VmDefinition:
                      if launch is not None else False)
 
     disks: list[DiskSpec] = []
+    disk_meta = _disk_metadata(vm_meta, field)
     devices = root.find("devices")
     for elem in devices if devices is not None else ():
         if not isinstance(elem.tag, str):
             continue  # comments, processing instructions
         if elem.tag == "disk":
-            disk = _disk(elem, _disk_metadata(vm_meta, field), field, CannotCreateVM)
+            disk = _disk(elem, disk_meta, field, CannotCreateVM)
             if isinstance(disk, str):
                 ignored.append(disk)
             else:
