@@ -80,8 +80,9 @@ class VMExists(VdsmError):
 
 
 class CannotCreateVM(VdsmError):
-    """VM.create (virt): a definition qemu must not see, or a qemu that would not
-    start (`vdsmlite.virt.qemu`, with qemu's own words)."""
+    """VM.create (virt): a well-formed request this agent cannot run (network disks,
+    payloads, leases, ...; `virt.domxml`, `virt.legacy`), a definition qemu must not
+    see, or a qemu that would not start (`virt.qemu`, with qemu's own words)."""
 
     code = 9
     msg = "Error creating the requested VM"
@@ -122,16 +123,18 @@ class UnsupportedFenceAgent(VdsmError):
 
 
 class HotplugDiskFailed(VdsmError):
-    """VM.hotplugDisk (virt): qemu refused a step; what was added is removed again
-    (`vdsmlite.virt.qmp`)."""
+    """VM.hotplugDisk (virt): a disk this agent cannot plug (`virt.domxml`,
+    `virt.legacy`), or a step qemu refused; what was added is removed again
+    (`virt.qmp`)."""
 
     code = 45
     msg = "Failed to hotplug disk"
 
 
 class HotunplugDiskFailed(VdsmError):
-    """VM.hotunplugDisk (virt): the guest did not release the disk in time (it stays
-    attached) or qemu refused (`vdsmlite.virt.qmp`)."""
+    """VM.hotunplugDisk (virt): a disk this agent cannot unplug (`virt.domxml`,
+    `virt.legacy`), the guest did not release it in time (it stays attached), or
+    qemu refused (`virt.qmp`)."""
 
     code = 46
     msg = "Failed to hotunplug disk"
@@ -166,8 +169,8 @@ class UnsupportedOperation(VdsmError):
 
 
 class InvalidParameter(VdsmError):
-    """Reserved for virt verbs' parameter checks (storage verbs answer 1000,
-    InvalidParameterException); nothing raises it yet."""
+    """Virt verbs' parameter checks, naming the field (`virt.checks`); storage verbs
+    answer 1000, InvalidParameterException."""
 
     code = 91
     msg = "Invalid parameter"

@@ -42,6 +42,25 @@ class DiskFormat(enum.StrEnum):
     COW = "cow"  # qcow2
 
 
+class ErrorPolicy(enum.StrEnum):
+    """What an I/O error does to the VM: libvirt's ``<driver error_policy=>``.
+
+    VDSM's ``propagateErrors`` says the same in other words: "off" is STOP,
+    "on" is ENOSPACE, "report" is REPORT.
+    """
+
+    STOP = "stop"  # pause the VM on any error (the engine may extend and resume)
+    ENOSPACE = "enospace"  # pause on ENOSPC only, report other errors to the guest
+    REPORT = "report"  # report every error to the guest (CD-ROMs)
+
+
+class Sgio(enum.StrEnum):
+    """For a passed-through LUN: whether unprivileged SG_IO commands reach the device."""
+
+    FILTERED = "filtered"
+    UNFILTERED = "unfiltered"  # what the engine asks for a "privileged SCSI I/O" LUN
+
+
 @dataclass(frozen=True)
 class VolumeSource:
     """A volume of a storage domain; its chain is prepared through the domain layer."""
@@ -76,8 +95,13 @@ class DiskSpec:
     # PCI (virtio) or drive (scsi/sata) address as the engine gave it, kept for the
     # VM's info; qemu assigns its own where it cannot honour it.
     address: dict[str, str] | None = None
-    propagate_errors: bool = False
+    error_policy: ErrorPolicy = ErrorPolicy.STOP
     device_id: str | None = None  # the engine's id of the device (its deviceId/alias)
+    # LUN passthrough only (device LUN): SG_IO filtering, and whether qemu should run
+    # a managed persistent-reservation helper (libvirt's <reservations managed='yes'>,
+    # what the engine sends for a LUN with "SCSI reservation" on).
+    sgio: Sgio | None = None
+    scsi_reservation: bool = False
     # Filled when prepared: the path qemu opens and, for volumes, the chain base first.
     path: str | None = None
     chain: list[str] = field(default_factory=list)
@@ -85,6 +109,11 @@ class DiskSpec:
     @property
     def is_lun(self) -> bool:
         return isinstance(self.source, LunSource)
+
+    @property
+    def propagate_errors(self) -> bool:
+        """True when I/O errors reach the guest instead of pausing the VM."""
+        return self.error_policy is not ErrorPolicy.STOP
 
 
 @dataclass
@@ -94,8 +123,18 @@ class VmDefinition:
     memory_mib: int
     vcpus: int
     max_vcpus: int | None = None
-    cpu_model: str | None = None  # None: qemu's default for the accelerator
+    # Guest CPU topology; when given, sockets * cores * threads == max_vcpus (or vcpus).
+    cpu_sockets: int | None = None
+    cpu_cores: int | None = None
+    cpu_threads: int | None = None
+    cpu_model: str | None = None  # None: qemu's default for the accelerator; "host": passthrough
+    # Feature flags on top of the model, qemu's spelling: "+vmx", "-svm".
+    cpu_flags: list[str] = field(default_factory=list)
     machine: str | None = None  # None: q35
+    uefi: bool = False  # boot OVMF instead of SeaBIOS (libvirt <os firmware='efi'>/<loader>)
+    # Legacy whole-VM boot order (libvirt <os><boot dev=>: "hd", "cdrom", "network", "fd");
+    # engines since 4.2 send per-disk `DiskSpec.boot_order` instead, never both.
+    boot_devices: list[str] = field(default_factory=list)
     launch_paused: bool = False
     disks: list[DiskSpec] = field(default_factory=list)
     # What the request carried that this agent does not run (graphics, NICs, ...):
@@ -129,5 +168,8 @@ def _disk_from_dict(d: dict[str, Any]) -> DiskSpec:
     src = d["source"]
     source: VolumeSource | LunSource = (LunSource(**src) if "guid" in src
                                         else VolumeSource(**src))
+    sgio = d.get("sgio")
     return DiskSpec(**{**d, "source": source, "bus": DiskBus(d["bus"]),
-                       "device": DiskDevice(d["device"]), "format": DiskFormat(d["format"])})
+                       "device": DiskDevice(d["device"]), "format": DiskFormat(d["format"]),
+                       "error_policy": ErrorPolicy(d.get("error_policy", ErrorPolicy.STOP)),
+                       "sgio": None if sgio is None else Sgio(sgio)})

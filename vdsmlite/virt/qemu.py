@@ -41,7 +41,14 @@ from typing import Any
 
 from vdsmlite import errors
 from vdsmlite.blocking import RunBlocking
-from vdsmlite.virt.definition import DiskBus, DiskDevice, DiskFormat, DiskSpec, VmDefinition
+from vdsmlite.virt.definition import (
+    DiskBus,
+    DiskDevice,
+    DiskFormat,
+    DiskSpec,
+    ErrorPolicy,
+    VmDefinition,
+)
 
 log = logging.getLogger("vdsmlite.virt.qemu")
 
@@ -207,14 +214,18 @@ def disk_device(disk: DiskSpec, *, port: str | None = None) -> dict[str, Any]:
         dev["bootindex"] = disk.boot_order
     if disk.shared:
         dev["share-rw"] = True
-    # VDSM's error policies: pause the VM on I/O errors (the engine resumes it once
-    # storage is back); propagate_errors lets the guest see them, pausing only on
-    # ENOSPC (a thin volume to extend).
-    if disk.propagate_errors:
-        dev["werror"], dev["rerror"] = "enospc", "report"
-    else:
-        dev["werror"], dev["rerror"] = "stop", "stop"
+    # VDSM's error policies: STOP pauses the VM on I/O errors (the engine resumes it
+    # once storage is back); ENOSPACE lets the guest see them, pausing only on ENOSPC
+    # (a thin volume to extend); REPORT shows every error to the guest.
+    dev["werror"], dev["rerror"] = _ERROR_POLICY[disk.error_policy]
     return dev
+
+
+_ERROR_POLICY = {
+    ErrorPolicy.STOP: ("stop", "stop"),
+    ErrorPolicy.ENOSPACE: ("enospc", "report"),
+    ErrorPolicy.REPORT: ("report", "report"),
+}
 
 
 # --- the command line ---------------------------------------------------------------

@@ -1,0 +1,226 @@
+"""The legacy request form: VDSM's ``vmParams`` with a ``devices`` list of dicts.
+
+Engines before 4.2 (and VDSM's own schema, `VmParameters`/`VmDiskDevice`) describe
+a VM as flat keys (``vmName``, ``memSize`` in MiB, ``smp``, ``cpuType``...) and
+its devices as dicts; a hot-plugged disk comes as ``params["drive"]``. Such
+engines send numbers and booleans as strings as often as not, so both spellings
+are taken. The result is the same `VmDefinition` `virt.domxml` makes of the
+equivalent XML; disk names follow VDSM's rule (bus prefix + base-26 index:
+virtio 0 -> vda, scsi 1 -> sdb, ide 2 -> hdc).
+
+As in the XML form, a disk is a domain volume (poolID, domainID, imageID,
+volumeID) or a direct LUN (GUID); a ``path`` in the dict is the engine's guess and
+is never used. Non-disk devices are accepted and listed in `VmDefinition.ignored`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from vdsmlite.errors import (
+    CannotCreateVM,
+    HotplugDiskFailed,
+    HotunplugDiskFailed,
+    VdsmError,
+)
+from vdsmlite.virt import checks
+from vdsmlite.virt.checks import invalid, missing
+from vdsmlite.virt.definition import (
+    DiskDevice,
+    DiskFormat,
+    DiskSpec,
+    ErrorPolicy,
+    Sgio,
+    VmDefinition,
+)
+
+# VDSM's propagateErrors words (its "true"/"false" too) -> error policy.
+_PROPAGATE = {"off": ErrorPolicy.STOP, "false": ErrorPolicy.STOP,
+              "on": ErrorPolicy.ENOSPACE, "true": ErrorPolicy.ENOSPACE,
+              "report": ErrorPolicy.REPORT}
+# VDSM's shared words; "false" meant exclusive or none depending on host config,
+# both of which are "not shareable" here.
+_SHARED = {"false": False, "none": False, "exclusive": False, "true": True, "shared": True}
+# VDSM's legacy cpuType words for the host CPU modes.
+_HOST_CPU = {"hostPassthrough", "hostModel"}
+
+
+def parse_vm_params(params: Mapping[str, Any], vm_id: str | None = None) -> VmDefinition:
+    """The VM a legacy ``vmParams`` describes; ``vm_id`` is the verb's vmID, if any."""
+    field = "vmParams"
+    if not isinstance(params, Mapping):
+        raise invalid(field, f"not a mapping: {type(params).__name__}")
+    own = params.get("vmId")
+    if own in (None, ""):
+        own = vm_id
+    vm_uuid = checks.uuid(own, f"{field}.vmId")
+    if vm_id is not None and checks.uuid(vm_id, "vmId") != vm_uuid:
+        raise invalid(f"{field}.vmId", f"{vm_uuid} is not the vmID {vm_id}")
+    ignored: list[str] = []
+
+    name = checks.vm_name(params.get("vmName"), f"{field}.vmName")
+    if params.get("memSize") in (None, ""):
+        raise missing(f"{field}.memSize")
+    memory = checks.integer(params["memSize"], f"{field}.memSize", minimum=1,
+                            maximum=checks.MAX_MEMORY_MIB)
+    vcpus = checks.integer(params.get("smp", 1), f"{field}.smp", minimum=1,
+                           maximum=checks.MAX_VCPUS)
+    max_vcpus = _optional_int(params, "maxVCpus", field, minimum=1, maximum=checks.MAX_VCPUS)
+    cores = _optional_int(params, "smpCoresPerSocket", field, minimum=1,
+                          maximum=checks.MAX_VCPUS)
+    threads = _optional_int(params, "smpThreadsPerCore", field, minimum=1,
+                            maximum=checks.MAX_VCPUS)
+    sockets = None
+    if cores is not None or threads is not None:
+        # The legacy form says cores and threads; sockets are what makes up the rest.
+        cores, threads = cores or 1, threads or 1
+        total = max_vcpus if max_vcpus is not None else vcpus
+        if total % (cores * threads):
+            raise invalid(f"{field}.smpCoresPerSocket",
+                          f"{total} vCPUs are not whole sockets of {cores} cores * "
+                          f"{threads} threads")
+        sockets = total // (cores * threads)
+
+    cpu_model, cpu_flags = _cpu_type(params.get("cpuType"), f"{field}.cpuType")
+    machine = params.get("emulatedMachine")
+    machine = checks.word(machine, f"{field}.emulatedMachine") if machine else None
+    launch_paused = checks.boolean(params.get("launchPaused", False), f"{field}.launchPaused")
+
+    devices = params.get("devices", [])
+    if not isinstance(devices, list):
+        raise invalid(f"{field}.devices", f"not a list: {type(devices).__name__}")
+    disks: list[DiskSpec] = []
+    for i, dev in enumerate(devices):
+        where = f"{field}.devices[{i}]"
+        if not isinstance(dev, Mapping):
+            raise invalid(where, f"not a mapping: {type(dev).__name__}")
+        if dev.get("type") == "disk":
+            disk = _drive(dev, where, CannotCreateVM)
+            if isinstance(disk, str):
+                ignored.append(disk)
+            else:
+                disks.append(disk)
+        else:
+            ignored.append(_describe(dev))
+
+    return checks.check_vm(VmDefinition(
+        vm_id=vm_uuid, name=name, memory_mib=memory, vcpus=vcpus, max_vcpus=max_vcpus,
+        cpu_sockets=sockets, cpu_cores=cores, cpu_threads=threads, cpu_model=cpu_model,
+        cpu_flags=cpu_flags, machine=machine, launch_paused=launch_paused, disks=disks,
+        ignored=ignored, source_form="dict"), field)
+
+
+def parse_drive(drive: Mapping[str, Any], *, unplug: bool = False) -> DiskSpec:
+    """The disk of a legacy ``VM.hotplugDisk`` (or hotunplugDisk) ``params["drive"]``."""
+    unsupported: type[VdsmError] = HotunplugDiskFailed if unplug else HotplugDiskFailed
+    field = "params.drive"
+    if not isinstance(drive, Mapping):
+        raise invalid(field, f"not a mapping: {type(drive).__name__}")
+    disk = _drive(drive, field, unsupported)
+    if isinstance(disk, str):
+        raise unsupported(f"{field}: nothing to plug ({disk})")
+    return disk
+
+
+def _optional_int(params: Mapping[str, Any], key: str, field: str, *, minimum: int,
+                  maximum: int) -> int | None:
+    value = params.get(key)
+    if value in (None, ""):
+        return None
+    return checks.integer(value, f"{field}.{key}", minimum=minimum, maximum=maximum)
+
+
+def _cpu_type(value: Any, field: str) -> tuple[str | None, list[str]]:
+    """VDSM's cpuType is the model and its flags: "Haswell-noTSX,+vme,-hle"."""
+    if value in (None, ""):
+        return None, []
+    if not isinstance(value, str):
+        raise invalid(field, f"not a CPU type: {value!r}")
+    model, *flags = (part.strip() for part in value.split(","))
+    model = "host" if model in _HOST_CPU else checks.word(model, field)
+    out = []
+    for flag in flags:
+        if flag[:1] not in ("+", "-"):
+            raise invalid(field, f"CPU flag {flag!r} is neither +name nor -name")
+        out.append(flag[0] + checks.word(flag[1:], field))
+    return model, out
+
+
+def _drive(dev: Mapping[str, Any], where: str,
+           unsupported: type[VdsmError]) -> DiskSpec | str:
+    """One disk dict: its DiskSpec, or a string saying why nothing is attached."""
+    device = dev.get("device") or "disk"
+    if device == "floppy":
+        raise unsupported(f"{where}: floppy drives (sysprep payloads) are not supported")
+    if device not in ("disk", "lun", "cdrom"):
+        raise invalid(f"{where}.device", f"unknown device {device!r}")
+    if dev.get("diskType") == "network" or dev.get("protocol"):
+        raise unsupported(f"{where}: network disks ({dev.get('protocol')}) are not supported")
+    spec = dev.get("specParams") or {}
+    if isinstance(spec, Mapping) and spec.get("vmPayload"):
+        raise unsupported(f"{where}: payload disks (cloud-init/sysprep) are not supported")
+    if checks.boolean(dev.get("managed", False), f"{where}.managed"):
+        raise unsupported(f"{where}: managed block storage disks are not supported")
+
+    iface = dev.get("iface")
+    bus = checks.bus(iface, f"{where}.iface")
+    if dev.get("index") in (None, ""):
+        raise missing(f"{where}.index")
+    index = checks.integer(dev["index"], f"{where}.index", maximum=18277)  # up to "zzz"
+    name = checks.disk_name(str(iface), index)
+
+    shared_word = str(dev.get("shared", "false")).lower()
+    if shared_word == "transient":
+        raise unsupported(f"{where}: transient disks are not supported")
+    if shared_word not in _SHARED:
+        raise invalid(f"{where}.shared", f"unknown value {dev.get('shared')!r}")
+
+    src = checks.source_of({k: dev.get(k) for k in ("poolID", "domainID", "imageID",
+                                                    "volumeID")},
+                           dev.get("GUID"), where)
+    if src is None:
+        if device == "cdrom" and not dev.get("path"):
+            return f"cdrom {name} (empty)"
+        raise invalid(where, "no domain volume (poolID, domainID, imageID, volumeID) nor "
+                             "LUN (GUID); a path alone is not used")
+
+    fmt = dev.get("format", "raw")
+    if fmt not in ("raw", "cow"):
+        raise invalid(f"{where}.format", f"unknown format {fmt!r} (raw or cow)")
+    propagate = str(dev.get("propagateErrors", "off")).lower()
+    if propagate not in _PROPAGATE:
+        raise invalid(f"{where}.propagateErrors", f"unknown value {dev['propagateErrors']!r}")
+    sgio = dev.get("sgio")
+    if sgio not in (None, "", "filtered", "unfiltered"):
+        raise invalid(f"{where}.sgio", f"unknown value {sgio!r}")
+    boot = dev.get("bootOrder")
+    serial = dev.get("serial")
+    device_id = dev.get("deviceId")
+
+    disk = DiskSpec(
+        name=name, bus=bus, index=index, source=src, device=DiskDevice(device),
+        format=DiskFormat(fmt),
+        readonly=device == "cdrom" or checks.boolean(dev.get("readonly", False),
+                                                    f"{where}.readonly"),
+        shared=_SHARED[shared_word],
+        serial=checks.serial(serial, f"{where}.serial") if serial else None,
+        boot_order=(checks.integer(boot, f"{where}.bootOrder", minimum=1)
+                    if boot not in (None, "") else None),
+        address=checks.address(dev.get("address"), f"{where}.address"),
+        error_policy=_PROPAGATE[propagate],
+        device_id=checks.uuid(device_id, f"{where}.deviceId") if device_id else None,
+        sgio=Sgio(sgio) if sgio else None,
+        # VDSM's own name for libvirt's <reservations managed='yes'>.
+        scsi_reservation=checks.boolean(dev.get("managed_reservation", False),
+                                        f"{where}.managed_reservation"),
+    )
+    return checks.check_disk(disk, where, unsupported)
+
+
+def _describe(dev: Mapping[str, Any]) -> str:
+    """A short human name for a device left out: "interface bridge ovirtmgmt"."""
+    words = [str(dev.get("type", "device")), str(dev.get("device", ""))]
+    if dev.get("type") == "interface" and dev.get("network"):
+        words.append(str(dev["network"]))
+    return " ".join(w for w in words if w)
