@@ -129,6 +129,19 @@ class FencingSection:
 
 
 @dataclass(frozen=True)
+class VirtSection:
+    # Per-VM directories (QMP socket, pidfile, qemu log, vm.json); default
+    # <run_dir>/vm. Keep it short: a QMP socket path must fit in 107 bytes.
+    run_dir: Path | None = None
+    # Empty PCIe root ports made at VM start for virtio disks plugged later.
+    hotplug_slots: int = 8
+    # Seconds a guest gets to release a hot-unplugged disk (then 46, disk kept).
+    unplug_timeout: float = 10.0
+    # A second QMP monitor per VM (<vm dir>/qmp-debug.sock) for inspection.
+    debug_monitor: bool = False
+
+
+@dataclass(frozen=True)
 class DevelSection:
     # Check every verb's return value against the schema (tests turn this on).
     validate_returns: bool = False
@@ -142,6 +155,7 @@ class Config:
     sanlock: SanlockSection = field(default_factory=SanlockSection)
     watchdog: WatchdogSection = field(default_factory=WatchdogSection)
     fencing: FencingSection = field(default_factory=FencingSection)
+    virt: VirtSection = field(default_factory=VirtSection)
     devel: DevelSection = field(default_factory=DevelSection)
     # Where the values came from, for logs and --show-config.
     source: str = "embedded defaults"
@@ -153,6 +167,10 @@ class Config:
     @property
     def run_dir(self) -> Path:
         return self.daemon.run_dir or self.daemon.state_dir / "run"
+
+    @property
+    def virt_run_dir(self) -> Path:
+        return self.virt.run_dir or self.run_dir / "vm"
 
     @property
     def repository(self) -> Path:
@@ -169,6 +187,7 @@ class Config:
     def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["daemon"]["run_dir"] = self.run_dir
+        out["virt"]["run_dir"] = self.virt_run_dir
         out["storage"]["repository"] = self.repository
         out["storage"]["local_domain"] = self.storage.local_domain
         return _stringify(out)
@@ -189,6 +208,7 @@ _SECTIONS: dict[str, type] = {
     "sanlock": SanlockSection,
     "watchdog": WatchdogSection,
     "fencing": FencingSection,
+    "virt": VirtSection,
     "devel": DevelSection,
 }
 
@@ -279,6 +299,10 @@ def _validate(cfg: Config) -> None:
             f"[rpc] listen: refusing plain TCP on non-loopback address {r.listen!r}; "
             "configure tls_cert/tls_key/tls_ca or set insecure = true"
         )
+    if not 0 <= cfg.virt.hotplug_slots <= 24:
+        raise InvalidConfiguration("[virt] hotplug_slots: must be within 0..24")
+    if cfg.virt.unplug_timeout <= 0:
+        raise InvalidConfiguration("[virt] unplug_timeout: must be positive")
     if d.host_uuid is not None and parse_uuid(d.host_uuid) is None:
         raise InvalidConfiguration(f"[daemon] host_uuid: {d.host_uuid!r} is not a UUID")
 

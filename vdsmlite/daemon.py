@@ -151,6 +151,9 @@ class Daemon:
                 # Calls are answered 99 (initializing) until the local domain is ready.
                 sd = await services.provisioner.ensure_local_domain(cfg.storage.local_domain)
                 log.info("serving local storage domain %s from %s", sd, cfg.storage.local_domain)
+            # VMs that outlived the previous agent are found (and their storage held
+            # again) before any verb can touch that storage.
+            await services.vms.recover()
             dispatcher.serve()
             status = "Serving on " + ", ".join(self.addresses)
             # Machine-readable addresses for harnesses that start us on port 0.

@@ -39,6 +39,8 @@ from vdsmlite.storage.connections import ConnectionManager
 from vdsmlite.storage.domains import DomainStore
 from vdsmlite.storage.pool import PoolManager
 from vdsmlite.storage.users import StorageUsers
+from vdsmlite.virt.disks import DiskPreparer
+from vdsmlite.virt.manager import VmManager
 
 log = logging.getLogger("vdsmlite.services")
 
@@ -106,6 +108,13 @@ class Services:
         self.ovf = OvfService(domains=self.domains, image_locks=self.image_locks, sdm=self.sdm,
                               workers=self.ovf_workers, jobs=self.jobs,
                               run_blocking=run_blocking)
+        # VMs: qemu processes on prepared, held storage; found again after a restart.
+        self.vms = VmManager(
+            run_dir=config.virt_run_dir,
+            disks=DiskPreparer(self.domains, self.storage_users), users=self.storage_users,
+            publish=self.events.publish, run_blocking=run_blocking,
+            hotplug_slots=config.virt.hotplug_slots,
+            unplug_timeout=config.virt.unplug_timeout, debug_monitor=config.virt.debug_monitor)
         self.transfers = ImageTransfers(domains=self.domains, image_locks=self.image_locks,
                                         sdm=self.sdm, ovf=self.ovf, run_blocking=run_blocking)
         self._add_gauges()
@@ -138,6 +147,7 @@ class Services:
                     lambda: self.events.dropped_total)
 
     async def close(self) -> None:
+        await self.vms.close()  # VMs keep running; the next start finds them
         await self.jobs.close(grace=self.config.daemon.shutdown_timeout)
         await self.leases.close()
         await self.fencing.close()

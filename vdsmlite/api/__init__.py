@@ -16,6 +16,7 @@ from vdsmlite.api.locking import LockingApi
 from vdsmlite.api.ovf import OvfApi
 from vdsmlite.api.storage_server import StorageServerApi
 from vdsmlite.api.task import TaskApi
+from vdsmlite.api.vm import VmApi
 from vdsmlite.api.volumes import VolumesApi
 from vdsmlite.rpc.dispatch import Handler
 from vdsmlite.services import Services
@@ -33,6 +34,7 @@ def build_handlers(s: Services) -> dict[str, Handler]:
                    volumes=s.volumes, run_blocking=s.run_blocking),
         VolumesApi(s.volumes),
         OvfApi(s.ovf),
+        VmApi(s.vms),
         LockingApi(domains=s.domains, monitors=s.monitors, fencing=s.fencing,
                    agents=s.fence_agents, run_blocking=s.run_blocking),
     )

@@ -54,6 +54,7 @@ log = logging.getLogger("vdsmlite.virt.qemu")
 
 QEMU_BINARY = "qemu-system-x86_64"
 QMP_SOCKET = "qmp.sock"
+DEBUG_QMP_SOCKET = "qmp-debug.sock"
 PIDFILE = "qemu.pid"
 LOGFILE = "qemu.log"
 
@@ -234,8 +235,12 @@ _ERROR_POLICY = {
 def command_line(defn: VmDefinition, *, run_dir: Path,
                  hotplug_slots: int = DEFAULT_HOTPLUG_SLOTS,
                  accels: Sequence[str] = ("kvm", "tcg"),
-                 binary: str = QEMU_BINARY) -> list[str]:
+                 binary: str = QEMU_BINARY, debug_monitor: bool = False) -> list[str]:
     """The argv that runs `defn` with its run dir `run_dir`.
+
+    `debug_monitor` adds a second QMP monitor, ``qmp-debug.sock``, for an operator
+    or a test to inspect the VM while the agent holds the first (a QMP socket
+    serves one client at a time).
 
     Blocking: stats each disk's path (block device or file); call it off the loop.
     Raises `errors.CannotCreateVM` naming what in the definition is refused.
@@ -244,7 +249,12 @@ def command_line(defn: VmDefinition, *, run_dir: Path,
     takes), so definition values there need no escaping at all; the few keyval
     options that carry our values (``-name``, the socket path) are escaped."""
     try:
-        return _command_line(defn, run_dir, hotplug_slots, accels, binary)
+        argv = _command_line(defn, run_dir, hotplug_slots, accels, binary)
+        if debug_monitor:
+            debug = escape_opt(str(Path(run_dir) / DEBUG_QMP_SOCKET))
+            argv += ["-chardev", f"socket,id=qmpdebug,path={debug},server=on,wait=off",
+                     "-mon", "chardev=qmpdebug,mode=control"]
+        return argv
     except InvalidVmConfig as e:
         raise errors.CannotCreateVM(str(e)) from e
 

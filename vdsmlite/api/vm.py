@@ -1,0 +1,69 @@
+"""VM.* and the Host verbs that list VMs: parse the request form, call the VM manager."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vdsmlite.api.base import verb
+from vdsmlite.virt import requests
+from vdsmlite.virt.manager import VmManager
+
+
+class VmApi:
+    def __init__(self, vms: VmManager) -> None:
+        self._vms = vms
+
+    @verb("VM.create")
+    async def create(self, *, vmID: str, vmParams: dict[str, Any]) -> dict[str, Any]:
+        self._vms.vms()  # 99 while recovering, before the request is even read
+        return await self._vms.create(requests.parse_create(vmID, vmParams))
+
+    @verb("VM.destroy")
+    async def destroy(self, *, vmID: str, gracefulAttempts: int) -> bool:
+        await self._vms.destroy(vmID)
+        return True
+
+    @verb("VM.pause")
+    async def pause(self, *, vmID: str) -> dict[str, Any]:
+        await self._vms.get(vmID).pause()
+        return {"vmList": {}}
+
+    @verb("VM.cont")
+    async def cont(self, *, vmID: str) -> dict[str, Any]:
+        await self._vms.get(vmID).cont()
+        return {"vmList": {}}
+
+    @verb("VM.getStats")
+    async def get_stats(self, *, vmID: str) -> list[dict[str, Any]]:
+        return [await self._vms.get(vmID).stats()]
+
+    @verb("VM.getInfo")
+    async def get_info(self, *, vmID: str) -> dict[str, Any]:
+        return self._vms.get(vmID).info()
+
+    @verb("VM.hotplugDisk")
+    async def hotplug_disk(self, *, vmID: str, params: dict[str, Any]) -> dict[str, Any]:
+        self._vms.get(vmID)  # 1 for an unknown VM before its params are read
+        return await self._vms.hotplug(vmID, requests.parse_hotplug(vmID, params))
+
+    @verb("VM.hotunplugDisk")
+    async def hotunplug_disk(self, *, vmID: str, params: dict[str, Any]) -> dict[str, Any]:
+        self._vms.get(vmID)
+        disk = requests.parse_hotplug(vmID, params, unplug=True)
+        return await self._vms.hotunplug(vmID, disk)
+
+    @verb("Host.getVMList")
+    async def get_vm_list(self, *, fullStatus: bool, vmList: list[str],
+                          onlyUUID: bool) -> list[Any]:
+        vms = self._vms.vms(vmList)
+        if onlyUUID:
+            return [vm.id for vm in vms]
+        return [vm.info() if fullStatus else vm.short_status() for vm in vms]
+
+    @verb("Host.getVMFullList")
+    async def get_vm_full_list(self, *, vmList: list[str]) -> list[dict[str, Any]]:
+        return [vm.info() for vm in self._vms.vms(vmList)]
+
+    @verb("Host.getAllVmStats")
+    async def get_all_vm_stats(self) -> list[dict[str, Any]]:
+        return [await vm.stats() for vm in self._vms.vms()]

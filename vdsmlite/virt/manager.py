@@ -1,0 +1,256 @@
+"""All VMs of this host: create, destroy, hot plug, and finding them again after a restart.
+
+Each VM has a directory ``<virt run dir>/<vmId>/``: qemu's QMP socket,
+pidfile and log, and ``vm.json``, the definition as it runs (disks with the
+paths and chains they were prepared with), written durably before qemu
+starts and after every hot plug. qemu runs in its own session, so it keeps
+running when the agent stops or dies; at start `recover` reads every
+``vm.json``, finds the qemu (`QemuProcess.find`), reconnects QMP and takes
+the VM's storage again (refcounts and holds), so the VM is reported as
+before. A VM whose qemu is gone is reported Down with what is known, and its
+storage released. Until recovery is done, VM verbs answer 99.
+
+``VM.create`` prepares and holds the storage before it answers: a refusal
+(unknown GUID, a LUN that is a PV, storage another VM writes, ...) leaves
+nothing prepared and starts nothing. qemu then starts in the background
+(``WaitForLaunch`` -> ``Up``/``Paused``, or ``Down`` with qemu's own words).
+A VM stays listed after it went Down until ``VM.destroy``, as with VDSM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from vdsmlite import errors
+from vdsmlite.blocking import RunBlocking
+from vdsmlite.fsutil import write_file_durably
+from vdsmlite.ids import parse_uuid
+from vdsmlite.storage.users import StorageUsers
+from vdsmlite.virt import qemu
+from vdsmlite.virt.definition import DiskSpec, VmDefinition
+from vdsmlite.virt.disks import DiskPreparer, key_of
+from vdsmlite.virt.vm import Publish, Vm, VmStatus
+
+log = logging.getLogger("vdsmlite.virt.manager")
+
+DEFINITION = "vm.json"
+
+
+class ManagerState(enum.StrEnum):
+    RECOVERING = "recovering"
+    READY = "ready"
+    CLOSED = "closed"
+
+
+class VmManager:
+    def __init__(self, *, run_dir: Path, disks: DiskPreparer, users: StorageUsers,
+                 publish: Publish, run_blocking: RunBlocking, hotplug_slots: int,
+                 unplug_timeout: float, debug_monitor: bool = False) -> None:
+        self.run_dir = run_dir
+        self._disks = disks
+        self._users = users
+        self._publish = publish
+        self._run_blocking = run_blocking
+        self._hotplug_slots = hotplug_slots
+        self._unplug_timeout = unplug_timeout
+        self._debug_monitor = debug_monitor
+        self._vms: dict[str, Vm] = {}
+        self._launches: dict[str, asyncio.Task[None]] = {}
+        self.state = ManagerState.RECOVERING
+
+    def _require_ready(self) -> None:
+        if self.state is ManagerState.RECOVERING:
+            raise errors.RecoveryInProgress()
+        if self.state is ManagerState.CLOSED:
+            raise errors.ActionStopped()
+
+    def get(self, vm_id: str) -> Vm:
+        self._require_ready()
+        vm = self._vms.get(vm_id)
+        if vm is None:
+            raise errors.NoSuchVM(vm_id)
+        return vm
+
+    def vms(self, vm_ids: list[str] | None = None) -> list[Vm]:
+        self._require_ready()
+        wanted = set(vm_ids or ())
+        return [vm for vid, vm in sorted(self._vms.items()) if not wanted or vid in wanted]
+
+    # --- create / destroy ------------------------------------------------------------
+
+    async def create(self, defn: VmDefinition) -> dict[str, Any]:
+        self._require_ready()
+        if defn.vm_id in self._vms:
+            raise errors.VMExists(defn.vm_id)
+        vm_dir = self._vm_dir(defn.vm_id)
+        vm = Vm(defn, vm_dir, publish=self._publish, on_down=self._vm_down,
+                run_blocking=self._run_blocking)
+        # Claimed before the first await: a second create of this id is refused (4).
+        self._vms[defn.vm_id] = vm
+        try:
+            await self._run_blocking(self._make_dir, vm_dir)
+            await self._run_blocking(self._disks.prepare, defn.vm_id, defn.disks)
+            try:
+                await self._run_blocking(self._save, vm)
+            except BaseException:
+                await self._run_blocking(self._disks.release, defn.vm_id, defn.disks)
+                raise
+        except BaseException:
+            del self._vms[defn.vm_id]
+            await self._run_blocking(shutil.rmtree, vm_dir, True)
+            raise
+        task = asyncio.create_task(self._launch(vm))
+        self._launches[vm.id] = task
+        task.add_done_callback(lambda _: self._launches.pop(vm.id, None))
+        return vm.info()
+
+    async def _launch(self, vm: Vm) -> None:
+        try:
+            await vm.launch(self._hotplug_slots, debug_monitor=self._debug_monitor)
+        except Exception as e:
+            message = e.message if isinstance(e, errors.VdsmError) else f"{e!r}"
+            log.error("VM %s did not start: %s", vm.id, message)
+            vm.mark_dead(message)
+            await self._vm_down(vm)
+
+    async def _vm_down(self, vm: Vm) -> None:
+        """qemu is gone: release the VM's storage, remember why it went Down."""
+        await self._run_blocking(self._disks.release, vm.id, vm.defn.disks)
+        with contextlib.suppress(OSError):
+            await self._run_blocking(self._save, vm)
+
+    async def destroy(self, vm_id: str) -> None:
+        """Stop the VM (if it runs), release its storage, forget it."""
+        vm = self.get(vm_id)
+        launching = self._launches.get(vm_id)
+        if launching is not None:
+            # A qemu being started is killed by the cancelled start itself.
+            launching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await launching
+        await vm.destroy()
+        if vm.status is not VmStatus.DOWN:
+            # It never started (destroyed while launching): nothing watched its exit.
+            vm.mark_dead("VM destroyed")
+            await self._vm_down(vm)
+        self._vms.pop(vm_id, None)
+        await self._run_blocking(shutil.rmtree, vm.run_dir, True)
+
+    # --- hot plug --------------------------------------------------------------------
+
+    async def hotplug(self, vm_id: str, disk: DiskSpec) -> dict[str, Any]:
+        vm = self.get(vm_id)
+        await self._run_blocking(self._disks.prepare, vm_id, [disk])
+        try:
+            await vm.hotplug(disk)
+        except BaseException:
+            await self._run_blocking(self._disks.release, vm_id, [disk])
+            raise
+        await self._run_blocking(self._save, vm)
+        return vm.info()
+
+    async def hotunplug(self, vm_id: str, disk: DiskSpec) -> dict[str, Any]:
+        vm = self.get(vm_id)
+        removed = await vm.hotunplug(disk.name, self._unplug_timeout)
+        await self._run_blocking(self._save, vm)
+        await self._run_blocking(self._disks.release, vm_id, [removed])
+        return vm.info()
+
+    # --- recovery ----------------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """Find the VMs the previous agent ran (see the module docstring); then serve."""
+        found = await self._run_blocking(self._read_saved)
+        dead: list[Vm] = []
+        for defn, saved in found:
+            vm = Vm(defn, self._vm_dir(defn.vm_id), publish=self._publish,
+                    on_down=self._vm_down, run_blocking=self._run_blocking)
+            self._vms[defn.vm_id] = vm
+            process = None
+            if saved.get("status") != VmStatus.DOWN:
+                process = await qemu.QemuProcess.find(defn.vm_id, vm.run_dir,
+                                                      run_blocking=self._run_blocking)
+            if process is None:
+                tail = await self._run_blocking(qemu.read_log_tail, vm.run_dir)
+                vm.mark_dead(saved.get("exitMessage") or
+                             "qemu exited while the agent was away" +
+                             (f": {tail.strip()}" if tail.strip() else ""))
+                dead.append(vm)
+                continue
+            # The storage first: refcounts and holds exactly as before the restart.
+            await self._run_blocking(self._adopt_storage, vm)
+            await vm.adopt(process)
+            log.info("recovered VM %s (qemu %d): %s", vm.id, process.pid, vm.status)
+        for vm in dead:
+            # Only what no recovered VM holds: a shared disk stays with the living.
+            await self._run_blocking(self._release_unheld, vm)
+            with contextlib.suppress(OSError):
+                await self._run_blocking(self._save, vm)
+        self.state = ManagerState.READY
+        log.info("VM recovery done: %d VMs, %d down", len(self._vms), len(dead))
+
+    def _adopt_storage(self, vm: Vm) -> None:
+        for disk in vm.defn.disks:
+            try:
+                self._disks.prepare(vm.id, [disk])
+            except errors.VdsmError as e:
+                # The VM runs on it anyway: hold it so nobody tears it down under qemu.
+                log.error("VM %s: cannot re-prepare disk %s after restart: %s", vm.id,
+                          disk.name, e)
+                self._disks.adopt(vm.id, [disk])
+
+    def _release_unheld(self, vm: Vm) -> None:
+        unheld = [d for d in vm.defn.disks if not self._users.owners(key_of(d))]
+        self._disks.release(vm.id, unheld)
+
+    def _read_saved(self) -> list[tuple[VmDefinition, dict[str, Any]]]:
+        out = []
+        try:
+            entries = sorted(self.run_dir.iterdir())
+        except FileNotFoundError:
+            return []
+        for entry in entries:
+            if parse_uuid(entry.name) is None or not entry.is_dir():
+                continue
+            try:
+                saved = json.loads((entry / DEFINITION).read_text())
+                defn = VmDefinition.from_dict(saved["definition"])
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                # Nothing to drive it with; its qemu (if any) is left alone.
+                log.error("cannot recover VM from %s: %s", entry, e)
+                continue
+            out.append((defn, saved))
+        return out
+
+    # --- files -------------------------------------------------------------------------
+
+    def _vm_dir(self, vm_id: str) -> Path:
+        return self.run_dir / vm_id
+
+    @staticmethod
+    def _make_dir(vm_dir: Path) -> None:
+        vm_dir.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        vm_dir.mkdir(mode=0o700)
+
+    @staticmethod
+    def _save(vm: Vm) -> None:
+        state: dict[str, Any] = {"definition": vm.defn.to_dict(), "status": str(vm.status)}
+        if vm.status is VmStatus.DOWN:
+            state.update(exitCode=vm.exit_code, exitMessage=vm.exit_message)
+        write_file_durably(vm.run_dir / DEFINITION, json.dumps(state, indent=1) + "\n")
+
+    async def close(self) -> None:
+        """Agent shutdown: VMs keep running; starts in flight are abandoned (their
+        qemu is killed by `QemuProcess.start` when cancelled)."""
+        self.state = ManagerState.CLOSED
+        for task in list(self._launches.values()):
+            task.cancel()
+        for vm in self._vms.values():
+            await vm.detach()

@@ -1,0 +1,304 @@
+"""One running VM: its qemu process, its QMP session, its status as VDSM reports it.
+
+Status follows VDSM's words: ``WaitForLaunch`` while qemu starts, ``Up`` or
+``Paused`` while it runs (QMP ``STOP``/``RESUME`` events keep it current),
+``Down`` once qemu is gone, with ``exitCode`` (0 when we stopped it, 1 when it
+died by itself), ``exitMessage`` (for a death, qemu's own last words from its
+log) and ``exitReason``. Every change is published as ``|virt|VM_status|<id>``.
+
+A VM never blocks on its qemu for longer than a QMP timeout: stats are taken
+with a short timeout and a qemu that does not answer is reported as it was
+last seen. Hot plug and unplug are serialised per VM (two plugs must not pick
+the same free PCIe port).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from vdsmlite import errors
+from vdsmlite.blocking import RunBlocking
+from vdsmlite.virt import qemu
+from vdsmlite.virt.definition import DiskSpec, LunSource, VmDefinition, VolumeSource
+from vdsmlite.virt.qmp import QmpError, QmpEvent, QmpSession, open_session
+
+log = logging.getLogger("vdsmlite.virt.vm")
+
+STATS_TIMEOUT = 5.0  # seconds a stats query may wait for qemu
+
+
+class VmStatus(enum.StrEnum):
+    WAIT_FOR_LAUNCH = "WaitForLaunch"
+    UP = "Up"
+    PAUSED = "Paused"
+    DOWN = "Down"
+
+
+class ExitReason(enum.IntEnum):
+    """VDSM's ``exitReason`` codes (vdsm.common.define.vmExitReason), the ones we use."""
+
+    SUCCESS = 0
+    GENERIC_ERROR = 1
+    LOST_QEMU_CONNECTION = 2
+    ADMIN_SHUTDOWN = 6
+    USER_SHUTDOWN = 7
+
+
+Publish = Callable[[str, dict[str, Any]], None]
+OnDown = Callable[["Vm"], Awaitable[None]]
+
+
+class Vm:
+    def __init__(self, defn: VmDefinition, run_dir: Path, *, publish: Publish,
+                 on_down: OnDown, run_blocking: RunBlocking) -> None:
+        self.defn = defn
+        self.id = defn.vm_id
+        self.run_dir = run_dir
+        self._publish = publish
+        self._on_down = on_down
+        self._run_blocking = run_blocking
+        self.status = VmStatus.WAIT_FOR_LAUNCH
+        self.status_time = time.monotonic()
+        self.exit_code: int | None = None
+        self.exit_message = ""
+        self.exit_reason: ExitReason | None = None
+        self.process: qemu.QemuProcess | None = None
+        self.session: QmpSession | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._destroying = False
+        self._devices_lock = asyncio.Lock()
+        self._last_block_stats: dict[str, dict[str, Any]] = {}
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def launch(self, hotplug_slots: int, *, debug_monitor: bool = False) -> None:
+        """Start qemu for the (prepared) definition and connect to it; `Up`, or `Paused`
+        when the request said launchPaused. Raises CannotCreateVM; qemu is then gone."""
+        argv = await self._run_blocking(
+            lambda: qemu.command_line(self.defn, run_dir=self.run_dir,
+                                      hotplug_slots=hotplug_slots,
+                                      debug_monitor=debug_monitor))
+        self.process = await qemu.QemuProcess.start(argv, vm_id=self.id, run_dir=self.run_dir,
+                                                    run_blocking=self._run_blocking)
+        try:
+            self.session = await open_session(self.process, on_event=self._on_event,
+                                              run_blocking=self._run_blocking)
+            if not self.defn.launch_paused:
+                await self.session.cont()
+        except BaseException:
+            await self.process.kill(grace=1.0)
+            if self.session is not None:
+                await self.session.close()
+            raise
+        self._watch = asyncio.create_task(self._watch_exit(self.process))
+        self._set_status(VmStatus.PAUSED if self.defn.launch_paused else VmStatus.UP)
+
+    async def adopt(self, process: qemu.QemuProcess) -> None:
+        """Drive a qemu found running after an agent restart."""
+        self.process = process
+        self._watch = asyncio.create_task(self._watch_exit(process))
+        try:
+            self.session = await open_session(process, on_event=self._on_event,
+                                              run_blocking=self._run_blocking)
+            state = await self.session.query_status()
+        except (errors.VdsmError, QmpError) as e:
+            log.warning("VM %s: recovered qemu %d does not answer QMP: %s", self.id,
+                        process.pid, e)
+            return  # its status stays WaitForLaunch until it answers or dies
+        self._set_status(VmStatus.UP if state.get("running") else VmStatus.PAUSED)
+
+    async def _watch_exit(self, process: qemu.QemuProcess) -> None:
+        ended = await process.wait()
+        if self.session is not None:
+            await self.session.close()
+        if self._destroying:
+            self._down(0, "VM destroyed", ExitReason.ADMIN_SHUTDOWN)
+        elif ended.returncode == 0:
+            self._down(0, "User shut down from within the guest", ExitReason.USER_SHUTDOWN)
+        else:
+            self._down(1, ended.describe(), ExitReason.GENERIC_ERROR)
+        await self._on_down(self)
+
+    def mark_dead(self, message: str) -> None:
+        """A VM whose qemu was gone when the agent came back (nothing to watch)."""
+        self._down(1, message, ExitReason.LOST_QEMU_CONNECTION)
+
+    def _down(self, code: int, message: str, reason: ExitReason) -> None:
+        self.exit_code, self.exit_message, self.exit_reason = code, message, reason
+        self._set_status(VmStatus.DOWN)
+
+    async def destroy(self, grace: float = 10.0) -> None:
+        """Stop qemu (QMP quit, then SIGTERM/SIGKILL) and wait until it is gone."""
+        self._destroying = True
+        if self.process is None or self.process.exited:
+            return
+        if self.session is not None:
+            with contextlib.suppress(QmpError, errors.VdsmError):
+                await asyncio.wait_for(self.session.quit(), 2.0)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.process.wait(), 2.0)
+        await self.process.kill(grace=grace)
+        if self._watch is not None:
+            await self._watch
+
+    async def detach(self) -> None:
+        """Agent shutdown: stop watching, leave qemu running (found again at start)."""
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+        if self.session is not None:
+            await self.session.close()
+        if self.process is not None:
+            self.process.close()
+
+    # --- state changes -------------------------------------------------------------------
+
+    def _require_running(self) -> QmpSession:
+        if self.status not in (VmStatus.UP, VmStatus.PAUSED) or self.session is None:
+            raise errors.NoSuchVM(f"VM {self.id} is {self.status}")
+        return self.session
+
+    async def pause(self) -> None:
+        await self._qmp(self._require_running().stop)
+        self._set_status(VmStatus.PAUSED)
+
+    async def cont(self) -> None:
+        await self._qmp(self._require_running().cont)
+        self._set_status(VmStatus.UP)
+
+    async def _qmp(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        try:
+            return await call()
+        except QmpError as e:
+            raise errors.UnexpectedError(f"VM {self.id}: {e}") from e
+
+    def _on_event(self, event: QmpEvent) -> None:
+        if event.name == "STOP" and self.status is VmStatus.UP:
+            self._set_status(VmStatus.PAUSED)
+        elif event.name == "RESUME" and self.status is VmStatus.PAUSED:
+            self._set_status(VmStatus.UP)
+
+    def _set_status(self, status: VmStatus) -> None:
+        if status is self.status and status is not VmStatus.WAIT_FOR_LAUNCH:
+            return
+        self.status = status
+        self.status_time = time.monotonic()
+        log.info("VM %s is %s%s", self.id, status,
+                 f" ({self.exit_message})" if status is VmStatus.DOWN else "")
+        self._publish(f"|virt|VM_status|{self.id}", {self.id: self.short_status()})
+
+    # --- disks ---------------------------------------------------------------------------
+
+    async def hotplug(self, disk: DiskSpec) -> None:
+        async with self._devices_lock:
+            session = self._require_running()
+            if any(d.name == disk.name for d in self.defn.disks):
+                raise errors.HotplugDiskFailed(f"VM {self.id} already has a disk {disk.name}")
+            await session.plug_disk(disk)
+            self.defn.disks.append(disk)
+
+    async def hotunplug(self, name: str, timeout: float) -> DiskSpec:
+        async with self._devices_lock:
+            session = self._require_running()
+            disk = next((d for d in self.defn.disks if d.name == name), None)
+            if disk is None:
+                raise errors.HotunplugDiskFailed(f"VM {self.id} has no disk {name}")
+            await session.unplug_disk(disk, timeout=timeout)
+            self.defn.disks.remove(disk)
+            return disk
+
+    # --- reports -------------------------------------------------------------------------
+
+    def short_status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"vmId": self.id, "status": str(self.status),
+                               "statusTime": str(int(self.status_time * 1000))}
+        if self.status is VmStatus.DOWN:
+            out.update(exitCode=self.exit_code, exitMessage=self.exit_message,
+                       exitReason=int(self.exit_reason or 0))
+        return out
+
+    def info(self) -> dict[str, Any]:
+        """VM.create's / Host.getVMFullList's view: the definition as it runs."""
+        d = self.defn
+        return {
+            **self.short_status(),
+            "vmName": d.name,
+            "memSize": d.memory_mib,
+            "smp": str(d.vcpus),
+            "maxVCpus": str(d.max_vcpus or d.vcpus),
+            "cpuType": d.cpu_model or "",
+            "emulatedMachine": d.machine or "q35",
+            "launchPaused": str(d.launch_paused).lower(),
+            "pid": str(self.pid or 0),
+            "devices": [_disk_info(disk) for disk in d.disks],
+            "ignoredDevices": list(d.ignored),
+        }
+
+    async def stats(self) -> dict[str, Any]:
+        """VM.getStats: status, pid and per-disk figures from ``query-blockstats``."""
+        out = {**self.short_status(), "vmName": self.defn.name, "pid": str(self.pid or 0),
+               "elapsedTime": str(int(time.monotonic() - self.status_time))}
+        if self.status in (VmStatus.UP, VmStatus.PAUSED) and self.session is not None:
+            try:
+                raw = await asyncio.wait_for(self.session.query_blockstats(), STATS_TIMEOUT)
+                self._last_block_stats = _block_stats(raw)
+            except (QmpError, TimeoutError) as e:
+                log.debug("VM %s: no fresh block stats: %s", self.id, e)
+        out["disks"] = {disk.name: {**_disk_info(disk),
+                                    **self._last_block_stats.get(disk.name, {})}
+                        for disk in self.defn.disks}
+        return out
+
+
+def _disk_info(disk: DiskSpec) -> dict[str, Any]:
+    src = disk.source
+    out: dict[str, Any] = {"type": "disk", "device": str(disk.device), "name": disk.name,
+                           "iface": str(disk.bus), "index": disk.index,
+                           "format": str(disk.format), "path": disk.path or "",
+                           "readonly": str(disk.readonly).lower(),
+                           "shared": str(disk.shared).lower()}
+    if isinstance(src, LunSource):
+        out["GUID"] = src.guid
+    elif isinstance(src, VolumeSource):
+        out.update(poolID=src.pool_id, domainID=src.domain_id, imageID=src.image_id,
+                   volumeID=src.volume_id, volumeChain=list(disk.chain))
+    if disk.serial is not None:
+        out["serial"] = disk.serial
+    if disk.boot_order is not None:
+        out["bootOrder"] = str(disk.boot_order)
+    if disk.device_id is not None:
+        out["deviceId"] = disk.device_id
+    return out
+
+
+def _block_stats(raw: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """query-blockstats by disk name: qemu names the device ``disk-<name>``."""
+    out: dict[str, dict[str, Any]] = {}
+    for entry in raw:
+        qdev = entry.get("qdev") or entry.get("device") or ""
+        name = qdev.rsplit("/", 2)[-2] if qdev.endswith("/virtio-backend") else qdev
+        if not name.startswith("disk-"):
+            continue
+        st = entry.get("stats", {})
+        out[name[len("disk-"):]] = {
+            "readBytes": str(st.get("rd_bytes", 0)),
+            "writtenBytes": str(st.get("wr_bytes", 0)),
+            "readOps": str(st.get("rd_operations", 0)),
+            "writeOps": str(st.get("wr_operations", 0)),
+            "flushOps": str(st.get("flush_operations", 0)),
+            "readLatency": str(st.get("rd_total_time_ns", 0)),
+            "writeLatency": str(st.get("wr_total_time_ns", 0)),
+        }
+    return out
