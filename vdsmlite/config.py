@@ -363,8 +363,12 @@ def load(
         storage = dataclasses.replace(storage, local_domain=storage.local_domain.absolute())
     elif source == "embedded defaults":
         storage = dataclasses.replace(storage, local_domain=daemon.state_dir / "local-domain")
+    virt: VirtSection = sections["virt"]
+    if virt.run_dir is not None:
+        virt = dataclasses.replace(virt, run_dir=virt.run_dir.absolute())
     cfg = Config(daemon=daemon, rpc=sections["rpc"], storage=storage,
                  sanlock=sections["sanlock"], watchdog=sections["watchdog"],
-                 fencing=sections["fencing"], devel=sections["devel"], source=source)
+                 fencing=sections["fencing"], virt=virt, devel=sections["devel"],
+                 source=source)
     _validate(cfg)
     return cfg

@@ -94,6 +94,10 @@ class VmManager:
                 run_blocking=self._run_blocking)
         # Claimed before the first await: a second create of this id is refused (4).
         self._vms[defn.vm_id] = vm
+        machine, note = await self._run_blocking(qemu.resolve_machine, defn.machine)
+        if note is not None:
+            defn.machine = machine
+            defn.ignored.append(note)
         try:
             await self._run_blocking(self._make_dir, vm_dir)
             await self._run_blocking(self._disks.prepare, defn.vm_id, defn.disks)
@@ -106,6 +110,7 @@ class VmManager:
             del self._vms[defn.vm_id]
             await self._run_blocking(shutil.rmtree, vm_dir, True)
             raise
+        vm.announce()
         task = asyncio.create_task(self._launch(vm))
         self._launches[vm.id] = task
         task.add_done_callback(lambda _: self._launches.pop(vm.id, None))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -320,6 +321,32 @@ def _command_line(defn: VmDefinition, run_dir: Path, hotplug_slots: int,
             argv += ["-blockdev", _json(node)]
         argv += ["-device", _json(disk_device(disk, port=port_of.get(disk.name)))]
     return argv
+
+
+@functools.cache
+def supported_machines(binary: str = QEMU_BINARY) -> frozenset[str]:
+    """The machine types this qemu offers (``-machine help``; blocking, asked once)."""
+    try:
+        out = subprocess.run([binary, "-machine", "help"], capture_output=True, text=True,
+                             timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("cannot list qemu machine types: %s", e)
+        return frozenset({"q35"})
+    return frozenset(line.split()[0] for line in out.splitlines()[1:] if line.strip())
+
+
+def resolve_machine(requested: str | None, binary: str = QEMU_BINARY) -> tuple[str, str | None]:
+    """The q35 machine type to run for `requested`, and a note when it differs.
+
+    Engines name their hosts' machine types (RHEL's ``pc-q35-rhel8.6.0``, old
+    ``pc-i440fx-rhel7.3.0``); this agent's devices (PCIe root ports, AHCI) are
+    q35's, so anything this qemu lacks, or not a q35 type, runs as plain ``q35``.
+    Blocking (asks qemu once)."""
+    if requested is None:
+        return "q35", None
+    if _MACHINE.fullmatch(requested) and requested in supported_machines(binary):
+        return requested, None
+    return "q35", f"machine {requested} (runs as q35)"
 
 
 def _check_disks(disks: Sequence[DiskSpec]) -> None:

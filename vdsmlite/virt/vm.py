@@ -190,14 +190,18 @@ class Vm:
         elif event.name == "RESUME" and self.status is VmStatus.PAUSED:
             self._set_status(VmStatus.UP)
 
+    def announce(self) -> None:
+        """Publish the status as it is (a new VM's WaitForLaunch)."""
+        self._publish(f"|virt|VM_status|{self.id}", {self.id: self.short_status()})
+
     def _set_status(self, status: VmStatus) -> None:
-        if status is self.status and status is not VmStatus.WAIT_FOR_LAUNCH:
+        if status is self.status:
             return
         self.status = status
         self.status_time = time.monotonic()
         log.info("VM %s is %s%s", self.id, status,
                  f" ({self.exit_message})" if status is VmStatus.DOWN else "")
-        self._publish(f"|virt|VM_status|{self.id}", {self.id: self.short_status()})
+        self.announce()
 
     # --- disks ---------------------------------------------------------------------------
 

@@ -1,0 +1,533 @@
+"""VMs on real qemu through the agent: direct LUNs and domain volumes, hot plug,
+refusals that leave nothing behind, and VMs that outlive the agent.
+
+One simulated host (its own sanlock daemon), a block domain with one volume,
+and spare loop LUNs, built once for the module. Every VM is launched paused
+(no guest OS; it saves the CPU) and inspected through its second QMP monitor
+(``[virt] debug_monitor``), independent of the agent's own QMP connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from fake_storage.cluster import SimHost
+from fake_storage.lunfarm import FakeLun, LunFarm
+from tests.helpers import run
+from tests.storage_helpers import (
+    BLANK,
+    DomainUnderTest,
+    MiB,
+    make_block_domain,
+    new_id,
+    read_direct,
+    unmount_under,
+)
+from vdsmlite.client import Client, ServerError
+from vdsmlite.virt.qmp import QmpSession
+
+pytestmark = pytest.mark.root
+
+NS = "http://ovirt.org/vm/1.0"
+
+
+@dataclass
+class VmEnv:
+    host: SimHost
+    dom: DomainUnderTest
+    img: str
+    vol: str
+    luns: list[FakeLun]  # spare LUNs for direct use, 256 MiB each
+    vm_run_dir: Path
+
+    @property
+    def client(self) -> Client:
+        return self.host.agent.client()
+
+    def vm_dir(self, vm_id: str) -> Path:
+        return self.vm_run_dir / vm_id
+
+
+@pytest.fixture(scope="module")
+def vmenv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmEnv]:
+    base = tmp_path_factory.mktemp("vm")
+    farm = LunFarm(base / "farm")
+    # Short: a QMP socket path must fit in 107 bytes.
+    vm_run_dir = Path(tempfile.mkdtemp(prefix="vl-", dir="/tmp"))
+    host = SimHost(base / "host", "vmhost", config={
+        "virt": {"run_dir": str(vm_run_dir), "unplug_timeout": 1.0, "debug_monitor": True}})
+    try:
+        host.start()
+        dom = make_block_domain(host.agent, farm)
+        img, vol = dom.create_volume(size=512 * MiB)
+        luns = farm.create(4, "256M")
+        yield VmEnv(host, dom, img, vol, luns, vm_run_dir)
+    finally:
+        _destroy_all(host)
+        unmount_under(host.agent.state_dir)
+        host.stop()
+        _kill_leftover_qemus(vm_run_dir)
+        shutil.rmtree(vm_run_dir, ignore_errors=True)
+        problems = farm.destroy()
+        assert not problems, problems
+
+
+def _destroy_all(host: SimHost) -> None:
+    if host.agent.proc is None or host.agent.proc.poll() is not None:
+        return
+    with host.agent.client() as c:
+        for vm in c.call("Host.getVMList", {"onlyUUID": True}):
+            c.call("VM.destroy", {"vmID": vm})
+
+
+def _kill_leftover_qemus(vm_run_dir: Path) -> None:
+    """A failed test may leave a VM behind; its pidfile names it (by PID, never name)."""
+    for pidfile in vm_run_dir.glob("*/qemu.pid"):
+        try:
+            pid = int(pidfile.read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if str(pidfile).encode() in cmdline:
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def vms(vmenv: VmEnv) -> Iterator[list[str]]:
+    """VM ids a test creates; destroyed after it, whatever happened."""
+    created: list[str] = []
+    yield created
+    with vmenv.client as c:
+        listed = set(c.call("Host.getVMList", {"onlyUUID": True}))
+        for vm_id in created:
+            if vm_id in listed:
+                c.call("VM.destroy", {"vmID": vm_id})
+
+
+# --- requests, in both forms ----------------------------------------------------------
+
+
+@dataclass
+class Disk:
+    name: str  # sda, vda, ...
+    bus: str
+    guid: str | None = None
+    volume: tuple[str, str, str] | None = None  # (domain, image, volume)
+    readonly: bool = False
+    shared: bool = False
+    serial: str | None = None
+    boot: int | None = None
+
+    @property
+    def index(self) -> int:
+        return ord(self.name[-1]) - ord("a")
+
+
+def xml_params(vm_id: str, disks: list[Disk]) -> dict[str, Any]:
+    """What an engine written for VDSM 4.x sends: domain XML with ovirt-vm metadata."""
+    devices, meta = [], []
+    for d in disks:
+        kind = "lun" if d.guid else "disk"
+        source = (f"<source dev='/dev/mapper/{d.guid}'/>" if d.guid else
+                  "<source dev='/rhev/data-center/mnt/blockSD/x/images/y/z'/>")
+        extra = ("<readonly/>" if d.readonly else "") + ("<shareable/>" if d.shared else "")
+        extra += f"<serial>{d.serial}</serial>" if d.serial else ""
+        extra += f"<boot order='{d.boot}'/>" if d.boot else ""
+        devices.append(f"<disk type='block' device='{kind}'>{source}"
+                       f"<target dev='{d.name}' bus='{d.bus}'/>"
+                       f"<driver name='qemu' type='raw' error_policy='stop'/>{extra}</disk>")
+        if d.guid:
+            body = f"<ovirt-vm:GUID>{d.guid}</ovirt-vm:GUID>"
+        else:
+            assert d.volume is not None
+            sd, img, vol = d.volume
+            body = (f"<ovirt-vm:poolID>{BLANK}</ovirt-vm:poolID>"
+                    f"<ovirt-vm:domainID>{sd}</ovirt-vm:domainID>"
+                    f"<ovirt-vm:imageID>{img}</ovirt-vm:imageID>"
+                    f"<ovirt-vm:volumeID>{vol}</ovirt-vm:volumeID>")
+        meta.append(f"<ovirt-vm:device devtype='disk' name='{d.name}'>{body}"
+                    "</ovirt-vm:device>")
+    xml = f"""<domain type='kvm' xmlns:ovirt-vm='{NS}'>
+  <name>vm-{vm_id[:8]}</name><uuid>{vm_id}</uuid>
+  <memory unit='KiB'>131072</memory><currentMemory unit='KiB'>131072</currentMemory>
+  <vcpu current='1'>2</vcpu>
+  <os><type arch='x86_64' machine='pc-q35-rhel8.6.0'>hvm</type></os>
+  <metadata><ovirt-vm:vm><ovirt-vm:launchPaused>true</ovirt-vm:launchPaused>
+    {''.join(meta)}</ovirt-vm:vm></metadata>
+  <devices>{''.join(devices)}
+    <graphics type='vnc' port='-1' autoport='yes'/>
+    <interface type='bridge'><source bridge='ovirtmgmt'/><model type='virtio'/></interface>
+  </devices>
+</domain>"""
+    return {"vmId": vm_id, "xml": xml}
+
+
+def drive_dict(d: Disk) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": "disk", "device": "lun" if d.guid else "disk",
+                           "iface": d.bus, "index": str(d.index), "format": "raw",
+                           "readonly": str(d.readonly).lower(),
+                           "shared": "shared" if d.shared else "false",
+                           "propagateErrors": "off"}
+    if d.guid:
+        out["GUID"] = d.guid
+    else:
+        assert d.volume is not None
+        sd, img, vol = d.volume
+        out.update(poolID=BLANK, domainID=sd, imageID=img, volumeID=vol)
+    if d.serial:
+        out["serial"] = d.serial
+    if d.boot:
+        out["bootOrder"] = str(d.boot)
+    return out
+
+
+def dict_params(vm_id: str, disks: list[Disk]) -> dict[str, Any]:
+    """The legacy device-dict form (seed 004)."""
+    return {"vmId": vm_id, "vmName": f"vm-{vm_id[:8]}", "memSize": "128", "smp": "1",
+            "maxVCpus": "2", "emulatedMachine": "pc-q35-rhel8.6.0", "launchPaused": "true",
+            "devices": [drive_dict(d) for d in disks] +
+                       [{"type": "interface", "device": "bridge", "network": "ovirtmgmt"}]}
+
+
+FORMS = {"xml": xml_params, "dict": dict_params}
+
+
+def wait_status(c: Client, vm_id: str, wanted: str, timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = c.call("VM.getStats", {"vmID": vm_id})[0]
+        if stats["status"] == wanted:
+            return stats
+        if stats["status"] == "Down" and wanted != "Down":
+            raise AssertionError(f"VM {vm_id} went Down: {stats.get('exitMessage')}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"VM {vm_id} is {stats['status']}, not {wanted}")
+        time.sleep(0.05)
+
+
+def qmp(env: VmEnv, vm_id: str, command: str, args: dict[str, Any] | None = None) -> Any:
+    """One command on the VM's debug monitor (the agent holds the main one)."""
+
+    async def call() -> Any:
+        session = QmpSession(env.vm_dir(vm_id) / "qmp-debug.sock", name="test")
+        await session.connect(10)
+        try:
+            return await session.execute(command, args)
+        finally:
+            await session.close()
+
+    return run(call())
+
+
+def code_of(call: Any) -> int:
+    with pytest.raises(ServerError) as e:
+        call()
+    return e.value.code
+
+
+def lv_link(env: VmEnv, vol: str) -> Path:
+    return env.host.agent.run_dir / "lv" / env.dom.sd / vol
+
+
+def assert_nothing_left(env: VmEnv, vm_id: str) -> None:
+    """No VM listed, no VM dir (so no qemu), the block volume not prepared."""
+    with env.client as c:
+        assert vm_id not in c.call("Host.getVMList", {"onlyUUID": True})
+    assert not env.vm_dir(vm_id).exists()
+    assert not lv_link(env, env.vol).exists()
+
+
+# --- create -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["xml", "dict"])
+def test_create_with_guid_disks_and_a_block_volume(vmenv: VmEnv, vms: list[str],
+                                                   form: str) -> None:
+    ro_lun, shared_lun = vmenv.luns[0], vmenv.luns[1]
+    disks = [Disk("sda", "scsi", guid=ro_lun.guid, readonly=True, serial="ro-lun"),
+             Disk("sdb", "scsi", guid=shared_lun.guid, shared=True, serial="shared-lun"),
+             Disk("vda", "virtio", volume=(vmenv.dom.sd, vmenv.img, vmenv.vol), boot=1,
+                  serial="boot-disk")]
+    vm_id = new_id()
+    vms.append(vm_id)
+    with vmenv.client as c:
+        info = c.call("VM.create", {"vmID": vm_id, "vmParams": FORMS[form](vm_id, disks)})
+        assert info["status"] == "WaitForLaunch" and info["vmId"] == vm_id
+        stats = wait_status(c, vm_id, "Paused")
+        info = c.call("VM.getInfo", {"vmID": vm_id})
+    assert int(stats["pid"]) > 0 and set(stats["disks"]) == {"sda", "sdb", "vda"}
+    assert "machine pc-q35-rhel8.6.0 (runs as q35)" in info["ignoredDevices"]
+    assert any("interface" in what for what in info["ignoredDevices"])
+    paths = {d["name"]: d["path"] for d in info["devices"]}
+    assert paths["sda"] == ro_lun.loop and paths["sdb"] == shared_lun.loop
+
+    # What qemu runs is exactly what was asked.
+    block = {b["qdev"]: b for b in qmp(vmenv, vm_id, "query-block")}
+    nodes = {n["node-name"]: n for n in qmp(vmenv, vm_id, "query-named-block-nodes")}
+    assert nodes["sda-storage"]["file"] == ro_lun.loop and nodes["sda-storage"]["ro"]
+    assert nodes["sdb-storage"]["file"] == shared_lun.loop and not nodes["sdb-storage"]["ro"]
+    assert os.path.realpath(nodes["vda-storage"]["file"]) == \
+        os.path.realpath(lv_link(vmenv, vmenv.vol))
+    assert block["disk-sda"]["inserted"]["ro"] and not block["disk-sdb"]["inserted"]["ro"]
+    for qdev, want in (("disk-sda", ("scsi-hd", "ro-lun", None)),
+                       ("disk-sdb", ("scsi-hd", "shared-lun", None))):
+        path = f"/machine/peripheral/{qdev}"
+        got = (qmp(vmenv, vm_id, "qom-get", {"path": path, "property": "type"}),
+               qmp(vmenv, vm_id, "qom-get", {"path": path, "property": "serial"}), None)
+        assert got == want
+    vda = "/machine/peripheral/disk-vda"
+    assert qmp(vmenv, vm_id, "qom-get", {"path": vda, "property": "type"}) == "virtio-blk-pci"
+    assert qmp(vmenv, vm_id, "qom-get", {"path": vda, "property": "serial"}) == "boot-disk"
+    assert qmp(vmenv, vm_id, "qom-get", {"path": vda, "property": "bootindex"}) == 1
+    assert qmp(vmenv, vm_id, "qom-get", {"path": "/machine/peripheral/disk-sdb",
+                                         "property": "share-rw"})
+
+    # Bytes written through the VM's disk are on the LUN.
+    pattern = 0xA5 if form == "xml" else 0x5A
+    qmp(vmenv, vm_id, "human-monitor-command",
+        {"command-line": f'qemu-io -d disk-sdb "write -P {pattern} 4096 4096"'})
+    qmp(vmenv, vm_id, "human-monitor-command",
+        {"command-line": 'qemu-io -d disk-sdb "flush"'})
+    assert read_direct(shared_lun.loop, 4096, 4096) == bytes([pattern]) * 4096
+
+    with vmenv.client as c:
+        c.call("VM.cont", {"vmID": vm_id})
+        wait_status(c, vm_id, "Up")
+        c.call("VM.pause", {"vmID": vm_id})
+        wait_status(c, vm_id, "Paused")
+        # In use: the image is not torn down or deleted, the LUN not made a PV.
+        image = {"storagepoolID": BLANK, "storagedomainID": vmenv.dom.sd,
+                 "imageID": vmenv.img}
+        assert code_of(lambda: c.call("Image.teardown", {**image, "volumeID": vmenv.vol})) \
+            == 203
+        assert code_of(lambda: c.call("Image.delete", {**image, "postZero": False,
+                                                       "force": True})) == 203
+        assert code_of(lambda: c.call("LVMVolumeGroup.create", {
+            "name": new_id(), "devlist": [ro_lun.guid], "force": True})) == 203
+        c.call("VM.destroy", {"vmID": vm_id})
+    pid = int(stats["pid"])
+    assert not Path(f"/proc/{pid}").exists()
+    assert_nothing_left(vmenv, vm_id)
+
+
+# --- refusals -----------------------------------------------------------------------
+
+
+def test_refusals_leave_nothing_behind(vmenv: VmEnv, vms: list[str]) -> None:
+    vol = Disk("vda", "virtio", volume=(vmenv.dom.sd, vmenv.img, vmenv.vol))
+    free = vmenv.luns[2]
+
+    def create(disks: list[Disk], form: str = "dict", **tweak: Any) -> int:
+        vm_id = new_id()
+        params = FORMS[form](vm_id, disks)
+        if form == "dict":
+            for key, value in tweak.items():
+                params["devices"][-2 if key == "lun_format" else 0]["format"] = value
+        with vmenv.client as c:
+            code = code_of(lambda: c.call("VM.create", {"vmID": vm_id, "vmParams": params}))
+        assert_nothing_left(vmenv, vm_id)
+        return code
+
+    # A GUID this host does not see (the volume before it was prepared: rolled back).
+    assert create([vol, Disk("sda", "scsi", guid="36001405deadbeefdeadbeefdeadbeef")]) == 37
+    # A LUN that is a PV of a storage domain's VG.
+    assert vmenv.dom.lun is not None
+    assert create([vol, Disk("sda", "scsi", guid=vmenv.dom.lun.guid)]) == 203
+    # Duplicate index on one bus; a LUN that is not raw.
+    assert create([Disk("sda", "scsi", guid=free.guid),
+                   Disk("sda", "scsi", guid=vmenv.luns[3].guid)], form="xml") == 91
+    assert create([vol, Disk("sda", "scsi", guid=free.guid)], lun_format="cow") == 91
+
+    # A LUN used read-write by another VM, unless both share it.
+    first = new_id()
+    vms.append(first)
+    with vmenv.client as c:
+        c.call("VM.create", {"vmID": first, "vmParams": dict_params(
+            first, [Disk("sda", "scsi", guid=free.guid)])})
+        wait_status(c, first, "Paused")
+    assert create([vol, Disk("sda", "scsi", guid=free.guid)]) == 203
+    assert create([Disk("sda", "scsi", guid=free.guid, shared=True)]) == 203
+    # Read-only next to a writer is refused too; two readers would not be.
+    assert create([Disk("sda", "scsi", guid=free.guid, readonly=True)]) == 203
+    with vmenv.client as c:
+        assert code_of(lambda: c.call("VM.create", {"vmID": first, "vmParams": dict_params(
+            first, [Disk("sda", "scsi", guid=vmenv.luns[3].guid)])})) == 4
+        assert code_of(lambda: c.call("VM.getStats", {"vmID": new_id()})) == 1
+
+
+def test_two_vms_share_a_lun_when_both_say_so(vmenv: VmEnv, vms: list[str]) -> None:
+    lun = vmenv.luns[3]
+    ids = [new_id(), new_id()]
+    vms.extend(ids)
+    with vmenv.client as c:
+        for vm_id in ids:
+            c.call("VM.create", {"vmID": vm_id, "vmParams": xml_params(
+                vm_id, [Disk("sda", "scsi", guid=lun.guid, shared=True)])})
+        for vm_id in ids:
+            wait_status(c, vm_id, "Paused")
+
+
+# --- hot plug -----------------------------------------------------------------------
+
+
+def hotplug_xml(vm_id: str, d: Disk) -> dict[str, Any]:
+    full = xml_params(vm_id, [d])["xml"]
+    disk = full[full.index("<disk "):full.index("</disk>") + len("</disk>")]
+    meta = full[full.index("<ovirt-vm:device "):full.index("</ovirt-vm:device>") +
+                len("</ovirt-vm:device>")]
+    return {"vmId": vm_id, "xml": f"<hotplug xmlns:ovirt-vm='{NS}'><devices>{disk}</devices>"
+                                  f"<metadata><ovirt-vm:vm>{meta}</ovirt-vm:vm></metadata>"
+                                  "</hotplug>"}
+
+
+def test_hotplug_and_unplug(vmenv: VmEnv, vms: list[str]) -> None:
+    vm_id = new_id()
+    vms.append(vm_id)
+    lun, other = vmenv.luns[2], vmenv.luns[3]
+    with vmenv.client as c:
+        c.call("VM.create", {"vmID": vm_id, "vmParams": xml_params(
+            vm_id, [Disk("sda", "scsi", guid=lun.guid)])})
+        wait_status(c, vm_id, "Paused")
+        # A SCSI LUN, engine XML: plugged, then unplugged (SCSI needs no guest).
+        plug = hotplug_xml(vm_id, Disk("sdb", "scsi", guid=other.guid, serial="hot"))
+        info = c.call("VM.hotplugDisk", {"vmID": vm_id, "params": plug})
+        assert {d["name"] for d in info["devices"]} == {"sda", "sdb"}
+        nodes = {n["node-name"] for n in qmp(vmenv, vm_id, "query-named-block-nodes")}
+        assert {"sdb-storage", "sdb-format"} <= nodes
+        info = c.call("VM.hotunplugDisk", {"vmID": vm_id, "params": plug})
+        assert {d["name"] for d in info["devices"]} == {"sda"}
+        nodes = {n["node-name"] for n in qmp(vmenv, vm_id, "query-named-block-nodes")}
+        assert not {"sdb-storage", "sdb-format"} & nodes
+        # Unplugged means released: another VM may now write that LUN.
+        other_vm = new_id()
+        vms.append(other_vm)
+        c.call("VM.create", {"vmID": other_vm, "vmParams": dict_params(
+            other_vm, [Disk("sda", "scsi", guid=other.guid)])})
+        wait_status(c, other_vm, "Paused")
+        c.call("VM.destroy", {"vmID": other_vm})
+        # A failed plug (an unknown GUID) leaves nothing.
+        bad = {"vmId": vm_id, "drive": drive_dict(
+            Disk("sdc", "scsi", guid="36001405deadbeefdeadbeefdeadbeef"))}
+        assert code_of(lambda: c.call("VM.hotplugDisk", {"vmID": vm_id, "params": bad})) == 37
+        # The domain volume as a virtio disk, legacy drive dict: plugged; its unplug needs
+        # a guest to acknowledge, which an OS-less VM never does: 46, still attached.
+        drive = {"vmId": vm_id, "drive": drive_dict(
+            Disk("vdb", "virtio", volume=(vmenv.dom.sd, vmenv.img, vmenv.vol)))}
+        c.call("VM.hotplugDisk", {"vmID": vm_id, "params": drive})
+        assert lv_link(vmenv, vmenv.vol).exists()
+        assert code_of(lambda: c.call("VM.hotunplugDisk", {"vmID": vm_id,
+                                                           "params": drive})) == 46
+        info = c.call("VM.getInfo", {"vmID": vm_id})
+        assert {d["name"] for d in info["devices"]} == {"sda", "vdb"}
+        c.call("VM.destroy", {"vmID": vm_id})
+    assert_nothing_left(vmenv, vm_id)
+
+
+# --- events -------------------------------------------------------------------------
+
+
+def test_every_status_change_is_an_event(vmenv: VmEnv, vms: list[str]) -> None:
+    vm_id = new_id()
+    vms.append(vm_id)
+    name = f"|virt|VM_status|{vm_id}"
+    url = vmenv.host.agent.url
+    assert url is not None
+
+    async def lifecycle() -> list[str]:
+        seen: list[str] = []
+        async with aiohttp.ClientSession() as s, s.ws_connect(url + "/jsonrpc") as ws:
+            async def call(n: int, method: str, params: dict[str, Any]) -> None:
+                await ws.send_str(json.dumps({"jsonrpc": "2.0", "id": n, "method": method,
+                                              "params": params}))
+
+            await call(1, "VM.create", {"vmID": vm_id, "vmParams": dict_params(
+                vm_id, [Disk("sda", "scsi", guid=vmenv.luns[3].guid)])})
+            next_step = {"Paused": (2, "VM.cont"), "Up": (3, "VM.destroy")}
+            while not seen or seen[-1] != "Down":
+                msg = json.loads((await asyncio.wait_for(ws.receive(), 30)).data)
+                if "error" in msg:
+                    raise AssertionError(msg)
+                if msg.get("method") != name:
+                    continue
+                status = msg["params"][vm_id]["status"]
+                seen.append(status)
+                if status in next_step:
+                    n, method = next_step.pop(status)
+                    await call(n, method, {"vmID": vm_id})
+        return seen
+
+    assert run(lifecycle()) == ["WaitForLaunch", "Paused", "Up", "Down"]
+
+
+# --- the agent goes away, the VMs stay ------------------------------------------------
+
+
+def test_vms_survive_an_agent_killed_and_are_recovered(vmenv: VmEnv, vms: list[str]) -> None:
+    a, b = new_id(), new_id()
+    vms.extend([a, b])
+    with vmenv.client as c:
+        c.call("VM.create", {"vmID": a, "vmParams": xml_params(a, [
+            Disk("sda", "scsi", guid=vmenv.luns[2].guid),
+            Disk("vda", "virtio", volume=(vmenv.dom.sd, vmenv.img, vmenv.vol))])})
+        c.call("VM.create", {"vmID": b, "vmParams": dict_params(b, [
+            Disk("sda", "scsi", guid=vmenv.luns[3].guid)])})
+        pids = {vm: int(wait_status(c, vm, "Paused")["pid"]) for vm in (a, b)}
+        c.call("VM.cont", {"vmID": b})
+        wait_status(c, b, "Up")
+    agent = vmenv.host.agent
+    agent.kill()  # SIGKILL: no clean shutdown at all
+    agent.start()
+    with vmenv.client as c:
+        assert set(c.call("Host.getVMList", {"onlyUUID": True})) >= {a, b}
+        stats = {s["vmId"]: s for s in c.call("Host.getAllVmStats")}
+        assert stats[a]["status"] == "Paused" and stats[b]["status"] == "Up"
+        assert {vm: int(stats[vm]["pid"]) for vm in (a, b)} == pids
+        assert set(stats[a]["disks"]) == {"sda", "vda"}
+        # Recovered means held again: the image is still refused to a teardown.
+        assert code_of(lambda: c.call("Image.teardown", {
+            "storagepoolID": BLANK, "storagedomainID": vmenv.dom.sd, "imageID": vmenv.img,
+            "volumeID": vmenv.vol})) == 203
+        # qemu killed behind the agent's back: Down, with what is known (an adopted
+        # qemu is not the new agent's child: no exit status, but its pid and log).
+        os.kill(pids[b], signal.SIGKILL)
+        down = wait_status(c, b, "Down")
+        assert down["exitCode"] == 1
+        assert f"qemu (pid {pids[b]}) exited" in down["exitMessage"]
+        c.call("VM.destroy", {"vmID": a})
+        c.call("VM.destroy", {"vmID": b})
+    assert_nothing_left(vmenv, a)
+
+
+def test_a_vm_that_died_while_the_agent_was_away_is_down(vmenv: VmEnv,
+                                                          vms: list[str]) -> None:
+    vm_id = new_id()
+    vms.append(vm_id)
+    with vmenv.client as c:
+        c.call("VM.create", {"vmID": vm_id, "vmParams": dict_params(vm_id, [
+            Disk("vda", "virtio", volume=(vmenv.dom.sd, vmenv.img, vmenv.vol))])})
+        pid = int(wait_status(c, vm_id, "Paused")["pid"])
+    agent = vmenv.host.agent
+    agent.stop()
+    os.kill(pid, signal.SIGKILL)
+    agent.start()
+    with vmenv.client as c:
+        stats = c.call("VM.getStats", {"vmID": vm_id})[0]
+        assert stats["status"] == "Down" and stats["exitCode"] == 1
+        assert "while the agent was away" in stats["exitMessage"]
+        # Its storage was released at recovery.
+        assert not lv_link(vmenv, vmenv.vol).exists()
+        c.call("VM.destroy", {"vmID": vm_id})
+    assert_nothing_left(vmenv, vm_id)
