@@ -26,6 +26,7 @@ import pytest
 from fake_storage.lunfarm import LunFarm
 from tests.helpers import run
 from vdsmlite import errors
+from vdsmlite.virt import qemu
 from vdsmlite.virt.definition import (
     DiskBus,
     DiskFormat,
@@ -443,3 +444,16 @@ def test_a_qemu_that_cannot_start_says_why(tmp_path: Path, qemus: Qemus) -> None
         assert "exited with status 1" in str(e.value)
 
     run(main())
+
+
+def test_qemu_gets_a_systemd_scope_only_where_systemd_runs_faked_systemd_dir(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No systemd on these machines: its marker directory is faked (so named)."""
+    argv = ["qemu-system-x86_64", "-S"]
+    vm = "6b4c7d2e-3a4f-4e6a-9a2b-1c2d3e4f5a6b"
+    monkeypatch.setattr(qemu, "SYSTEMD_RUNNING", tmp_path / "absent")
+    assert qemu.in_own_scope(argv, vm) == argv
+    monkeypatch.setattr(qemu, "SYSTEMD_RUNNING", tmp_path)
+    scoped = qemu.in_own_scope(argv, vm)
+    assert scoped[:2] == ["systemd-run", "--scope"] and scoped[-3:] == ["--", *argv]
+    assert f"--unit=vdsmlite-vm-{vm}" in scoped and "--slice=machine.slice" in scoped

@@ -30,6 +30,7 @@ import logging
 import os
 import re
 import select
+import shutil
 import signal
 import stat
 import subprocess
@@ -485,7 +486,8 @@ class QemuProcess:
         if existing is not None:
             existing.close()
             raise errors.CannotCreateVM(f"qemu of VM {vm_id} already runs (pid {existing.pid})")
-        popen, pidfd = await run(_spawn, list(argv), run_dir)
+        argv = in_own_scope(list(argv), _canonical_uuid(vm_id))
+        popen, pidfd = await run(_spawn, argv, run_dir)
         proc = cls(vm_id=vm_id, run_dir=run_dir, pid=popen.pid, pidfd=pidfd, popen=popen,
                    run_blocking=run)
         log.info("started qemu for VM %s: pid %d", vm_id, popen.pid)
@@ -587,6 +589,24 @@ class QemuProcess:
 
 async def _to_thread(fn: Any, *args: Any) -> Any:
     return await asyncio.to_thread(fn, *args)
+
+
+SYSTEMD_RUNNING = Path("/run/systemd/system")
+
+
+def in_own_scope(argv: list[str], vm_uuid: str) -> list[str]:
+    """`argv` run in a transient systemd scope of its own, where systemd runs.
+
+    Under systemd the agent's service cgroup would take qemu down with it
+    (``systemctl stop``/restart kills the whole cgroup); a scope in
+    ``machine.slice`` is where libvirt puts VMs too. ``systemd-run --scope``
+    execs the command itself, so the pid we watch is qemu's. Without systemd
+    (containers, test machines) the new session alone keeps qemu alive.
+    """
+    if not SYSTEMD_RUNNING.is_dir() or shutil.which("systemd-run") is None:
+        return argv
+    return ["systemd-run", "--scope", "--quiet", "--collect", "--slice=machine.slice",
+            f"--unit=vdsmlite-vm-{vm_uuid}", "--", *argv]
 
 
 def _spawn(argv: list[str], run_dir: Path) -> tuple[subprocess.Popen[bytes], int]:
