@@ -339,6 +339,75 @@ def find(guid: str, context: pyudev.Context | None = None) -> Lun | None:
     return None
 
 
+BY_ID = Path("/dev/disk/by-id")
+MAPPER = Path("/dev/mapper")
+
+
+def resolve(guids: Iterable[str], context: pyudev.Context | None = None) -> dict[str, str]:
+    """Device nodes of the LUNs named by `guids` that this host sees (blocking).
+
+    The VM path: a handful of GUIDs, answered without enumerating every block
+    device. A multipath map is ``/dev/mapper/<guid>`` (its dm uuid says so); a
+    single-path LUN is ``/dev/disk/by-id/scsi-<guid>`` (udev's link; its udev
+    ID_SERIAL must be the GUID). Only a GUID whose link is missing costs one
+    `discover`. LUNs of the host's own system disks, or with no size (a
+    detached device), are not offered, as `discover` would not offer them.
+    """
+    context = context or pyudev.Context()
+    wanted = [g for g in dict.fromkeys(guids) if GUID_RE.match(g)]
+    found: dict[str, str] = {}
+    excluded = system_disks()
+    for guid in wanted:
+        node = _resolve_fast(context, guid, excluded)
+        if node is not None:
+            found[guid] = node
+    missing = [g for g in wanted if g not in found]
+    if missing:
+        by_guid = {lun.guid: lun for lun in discover(context)}
+        for guid in missing:
+            lun = by_guid.get(guid)
+            if lun is not None and present(lun):
+                found[guid] = lun.node
+    return found
+
+
+def _resolve_fast(context: pyudev.Context, guid: str, excluded: set[str]) -> str | None:
+    for link, ours in ((MAPPER / guid, _is_mpath_of), (BY_ID / f"scsi-{guid}", _is_lun_of)):
+        try:
+            dev = pyudev.Devices.from_device_file(context, str(link))
+        except (OSError, ValueError, pyudev.DeviceNotFoundError):
+            continue
+        if dev.sys_name in excluded or _int_attr(dev, "size") <= 0 or not ours(dev, guid):
+            continue
+        return str(link) if link.parent == MAPPER else (dev.device_node or str(link))
+    return None
+
+
+def _is_mpath_of(dev: pyudev.Device, guid: str) -> bool:
+    return _sysattr(dev, "dm/uuid") == f"mpath-{guid}"
+
+
+def _is_lun_of(dev: pyudev.Device, guid: str) -> bool:
+    return dev.device_type == "disk" and _is_scsi_lun(dev) and _prop(dev, "ID_SERIAL") == guid
+
+
+def pv_owners(nodes: Iterable[str]) -> dict[str, str]:
+    """Node -> the VG it is a PV of, for the nodes that are PVs of a VG (blocking).
+
+    libblkid looks first, in process (a few small reads); only a device it calls
+    an LVM2 member costs a `pvs` (one for all of them)."""
+    members = []
+    for node in nodes:
+        try:
+            if blkid.probe(node).type == "LVM2_member":
+                members.append(node)
+        except blkid.ProbeError:
+            members.append(node)  # unreadable here: let LVM say
+    if not members:
+        return {}
+    return {node: pv.vg_name for node, pv in _pvs(members).items() if pv.vg_name}
+
+
 # --- free or used --------------------------------------------------------------------
 
 

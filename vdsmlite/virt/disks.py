@@ -46,10 +46,17 @@ class DiskPreparer:
 
     def prepare(self, vm_id: str, disks: Iterable[DiskSpec]) -> None:
         """Prepare and hold every disk (filling `path` and `chain`), or none."""
+        disks = list(disks)
+        # All LUNs at once: one udev lookup, at most one `pvs`, however many disks.
+        luns = self._lun_nodes([d.source.guid for d in disks
+                                if isinstance(d.source, LunSource)])
         done: list[DiskSpec] = []
         try:
             for disk in disks:
-                self._prepare_one(disk)
+                if isinstance(disk.source, LunSource):
+                    disk.path = luns[disk.source.guid]
+                else:
+                    self._prepare_volume(disk, disk.source)
                 done.append(disk)
                 self._users.acquire([Hold(vm_id, key_of(disk), disk.readonly, disk.shared)])
         except BaseException:
@@ -79,11 +86,7 @@ class DiskPreparer:
 
     # --- one disk --------------------------------------------------------------------
 
-    def _prepare_one(self, disk: DiskSpec) -> None:
-        src = disk.source
-        if isinstance(src, LunSource):
-            disk.path = self._lun_node(src.guid)
-            return
+    def _prepare_volume(self, disk: DiskSpec, src: VolumeSource) -> None:
         dom = self._domain(src)
         chain = Image(dom, src.image_id).prepare(src.volume_id)
         leaf = chain[-1]
@@ -105,15 +108,22 @@ class DiskPreparer:
             raise errors.StorageDomainNotInPool(src.pool_id, src.domain_id)
         return dom
 
-    def _lun_node(self, guid: str) -> str:
-        lun = devices.find(guid)
-        if lun is None or not devices.present(lun):
-            raise errors.LUNDoesNotExist(guid)
-        status = devices.statuses([lun], check=False).get(guid)
-        if status is not None and status.pv is not None and status.pv.vg_name:
-            raise errors.VolumeIsBusy(guid, f"the LUN is a PV of volume group "
-                                            f"{status.pv.vg_name}")
-        return lun.node
+    @staticmethod
+    def _lun_nodes(guids: list[str]) -> dict[str, str]:
+        """GUID -> device node for every GUID; 37 for one this host does not see,
+        203 for one that is a PV of a VG."""
+        if not guids:
+            return {}
+        nodes = devices.resolve(guids)
+        for guid in guids:
+            if guid not in nodes:
+                raise errors.LUNDoesNotExist(guid)
+        owners = devices.pv_owners(nodes.values())
+        for guid, node in nodes.items():
+            if node in owners:
+                raise errors.VolumeIsBusy(guid, f"the LUN is a PV of volume group "
+                                                f"{owners[node]}")
+        return nodes
 
 
 def _format_of(md_format: str) -> DiskFormat:

@@ -94,27 +94,37 @@ class VmManager:
                 run_blocking=self._run_blocking)
         # Claimed before the first await: a second create of this id is refused (4).
         self._vms[defn.vm_id] = vm
-        machine, note = await self._run_blocking(qemu.resolve_machine, defn.machine)
-        if note is not None:
-            defn.machine = machine
-            defn.ignored.append(note)
         try:
-            await self._run_blocking(self._make_dir, vm_dir)
-            await self._run_blocking(self._disks.prepare, defn.vm_id, defn.disks)
-            try:
-                await self._run_blocking(self._save, vm)
-            except BaseException:
-                await self._run_blocking(self._disks.release, defn.vm_id, defn.disks)
-                raise
+            # One trip to the executor: under a burst of creates, every hop would queue
+            # behind the other VMs' work.
+            await self._run_blocking(self._prepare, vm)
         except BaseException:
             del self._vms[defn.vm_id]
-            await self._run_blocking(shutil.rmtree, vm_dir, True)
             raise
         vm.announce()
         task = asyncio.create_task(self._launch(vm))
         self._launches[vm.id] = task
         task.add_done_callback(lambda _: self._launches.pop(vm.id, None))
         return vm.info()
+
+    def _prepare(self, vm: Vm) -> None:
+        """Blocking: the VM's dir, its storage prepared and held, vm.json; or nothing."""
+        defn = vm.defn
+        machine, note = qemu.resolve_machine(defn.machine)
+        if note is not None:
+            defn.machine = machine
+            defn.ignored.append(note)
+        self._make_dir(vm.run_dir)
+        try:
+            self._disks.prepare(defn.vm_id, defn.disks)
+            try:
+                self._save(vm)
+            except BaseException:
+                self._disks.release(defn.vm_id, defn.disks)
+                raise
+        except BaseException:
+            shutil.rmtree(vm.run_dir, ignore_errors=True)
+            raise
 
     async def _launch(self, vm: Vm) -> None:
         try:

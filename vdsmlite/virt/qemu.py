@@ -493,7 +493,9 @@ class QemuProcess:
         log.info("started qemu for VM %s: pid %d", vm_id, popen.pid)
         deadline = time.monotonic() + timeout
         try:
-            while not await run(proc.qmp_socket.exists):
+            # A stat in the run dir (tmpfs or local disk) right on the loop: a thread
+            # hop per poll would queue behind every other VM's work in a burst.
+            while not proc.qmp_socket.exists():
                 if proc.exited:
                     raise errors.CannotCreateVM((await proc.wait()).describe())
                 if time.monotonic() > deadline:
@@ -501,7 +503,7 @@ class QemuProcess:
                     raise errors.CannotCreateVM(f"qemu not listening on QMP after "
                                                 f"{timeout}s; {ended.describe()}")
                 # Poll the socket, but wake at once if qemu exits.
-                await asyncio.wait([proc._exit], timeout=0.02)
+                await asyncio.wait([proc._exit], timeout=0.005)
         except asyncio.CancelledError:
             # Nobody will drive a qemu whose start was abandoned: no orphan VM.
             proc._signal(signal.SIGKILL)
