@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pyudev
 
-from vdsmlite.storage import blkid, lvm, mountinfo
+from vdsmlite.storage import blkid, directio, lvm, mountinfo
 
 log = logging.getLogger("vdsmlite.storage.devices")
 
@@ -394,18 +394,30 @@ def _is_lun_of(dev: pyudev.Device, guid: str) -> bool:
 def pv_owners(nodes: Iterable[str]) -> dict[str, str]:
     """Node -> the VG it is a PV of, for the nodes that are PVs of a VG (blocking).
 
-    libblkid looks first, in process (a few small reads); only a device it calls
-    an LVM2 member costs a `pvs` (one for all of them)."""
-    members = []
-    for node in nodes:
-        try:
-            if blkid.probe(node).type == "LVM2_member":
-                members.append(node)
-        except blkid.ProbeError:
-            members.append(node)  # unreadable here: let LVM say
+    The PV label is looked for first (one 4 KiB direct read per device: another
+    host may have just made it a PV, the page cache must not answer); only a
+    device that carries one costs a `pvs` (one for all of them)."""
+    members = [node for node in nodes if has_pv_label(node)]
     if not members:
         return {}
     return {node: pv.vg_name for node, pv in _pvs(members).items() if pv.vg_name}
+
+
+# LVM writes its label in one of the first four 512-byte sectors: "LABELONE" at the
+# start of the sector, the label type "LVM2 001" at byte 24 (lib/label/label.h).
+_LABEL_ID = b"LABELONE"
+_LVM2_LABEL = b"LVM2 001"
+
+
+def has_pv_label(node: str) -> bool:
+    """Whether the device starts with an LVM2 PV label; True if it cannot be read
+    (let LVM have the last word rather than take a PV for free)."""
+    try:
+        head = directio.read(node, 0, 4096, block_size=4096)
+    except OSError:
+        return True
+    return any(head[s:s + 8] == _LABEL_ID and head[s + 24:s + 32] == _LVM2_LABEL
+               for s in range(0, 2048, 512))
 
 
 # --- free or used --------------------------------------------------------------------

@@ -24,6 +24,7 @@ import contextlib
 import enum
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -415,15 +416,23 @@ async def open_session(process: qemu.QemuProcess, *, timeout: float = 30.0,
     with qemu's own words (its log tail) rather than a bare connection error."""
     session = QmpSession(process.qmp_socket, name=f"VM {process.vm_id}", on_event=on_event,
                          run_blocking=run_blocking)
-    # No race against the process: a dead qemu refuses or hangs up at once, so the
-    # connect fails promptly by itself; cancelling it midway would interrupt
-    # qemu.qmp's own cleanup.
-    try:
-        await session.connect(timeout)
-    except QmpConnectError as e:
-        # Its pidfd says a moment later whether qemu exited, and then its log says why.
-        with contextlib.suppress(TimeoutError):
-            ended = await asyncio.wait_for(process.wait(), 2.0)
-            raise errors.CannotCreateVM(ended.describe()) from e
-        raise errors.CannotCreateVM(str(e)) from e
-    return session
+    deadline = time.monotonic() + timeout
+    while True:
+        # No race against the process: a dead qemu refuses or hangs up at once, so the
+        # connect fails promptly by itself; cancelling it midway would interrupt
+        # qemu.qmp's own cleanup.
+        try:
+            await session.connect(max(0.1, deadline - time.monotonic()))
+            return session
+        except QmpConnectError as e:
+            # qemu binds its socket a moment before it listens: refused in between.
+            refused = isinstance(e.__cause__, ConnectionRefusedError) or \
+                isinstance(getattr(e.__cause__, "exc", None), ConnectionRefusedError)
+            if refused and not process.exited and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+                continue
+            # Its pidfd says a moment later whether qemu exited, and then its log says why.
+            with contextlib.suppress(TimeoutError):
+                ended = await asyncio.wait_for(process.wait(), 2.0)
+                raise errors.CannotCreateVM(ended.describe()) from e
+            raise errors.CannotCreateVM(str(e)) from e
