@@ -75,6 +75,12 @@ def _loop_attr(loop: str, name: str) -> str | None:
         return None
 
 
+def _loop_maps(loop: str, backing: str, offset: int) -> bool:
+    """Whether loop device `loop` (a name: loop7) maps `backing` at `offset`."""
+    return (_loop_attr(loop, "backing_file") == backing and
+            _loop_attr(loop, "offset") == str(offset))
+
+
 def _sector_size(device: str) -> int:
     name = os.path.basename(os.path.realpath(device))
     try:
@@ -179,6 +185,8 @@ class Activator:
         self.link_root = link_root
         self.strategy = strategy or default_strategy()
         self._refs: dict[tuple[str, str], int] = {}
+        # Loop strategy: (backing PV, offset) each activated LV was mapped at.
+        self._mapped: dict[tuple[str, str], tuple[str, int]] = {}
         self._lock = threading.Lock()
 
     def link(self, vg_name: str, lv_name: str) -> Path:
@@ -194,6 +202,9 @@ class Activator:
         key = (lv.vg_name, lv.name)
         with self._lock:
             device = self.strategy.activate(lv, pe_starts, extent_size, devices)
+            if isinstance(self.strategy, LoopActivation):
+                pv, offset, _ = self.strategy._extent(lv, pe_starts, extent_size)
+                self._mapped[key] = (os.path.realpath(pv), offset)
             link = self.link(*key)
             link.parent.mkdir(parents=True, exist_ok=True)
             tmp = link.with_name(f".{lv.name}.tmp")
@@ -247,8 +258,13 @@ class Activator:
     def _deactivate(self, vg_name: str, lv_name: str, devices: Sequence[str]) -> None:
         link = self.link(vg_name, lv_name)
         target = os.readlink(link) if link.is_symlink() else None
+        mapped = self._mapped.pop((vg_name, lv_name), None)
         if isinstance(self.strategy, LoopActivation):
-            if target and _loop_attr(os.path.basename(target), "backing_file") is not None:
+            # Only the loop device this LV was mapped to, and only while it still maps
+            # it: a link left by a crashed daemon may name a loop number that has
+            # since been freed and handed to someone else's device.
+            if target and mapped is not None and \
+                    _loop_maps(os.path.basename(target), *mapped):
                 self.strategy.detach(target)
         else:
             self.strategy.deactivate(vg_name, lv_name, devices)

@@ -222,8 +222,20 @@ class VmManager:
                 self._disks.adopt(vm.id, [disk])
 
     def _release_unheld(self, vm: Vm) -> None:
-        unheld = [d for d in vm.defn.disks if not self._users.owners(key_of(d))]
-        self._disks.release(vm.id, unheld)
+        """Tear down what the previous agent prepared for a VM that died meanwhile.
+
+        This agent never prepared it, so first prepare it again (the activation
+        layer then knows exactly which device maps each LV), then release it: only
+        those devices are removed, never one a stale link happens to name."""
+        for disk in vm.defn.disks:
+            if self._users.owners(key_of(disk)):
+                continue  # a recovered VM still runs on it
+            try:
+                self._disks.prepare(vm.id, [disk])
+            except errors.VdsmError as e:
+                log.warning("VM %s: disk %s not released (%s)", vm.id, disk.name, e)
+                continue
+            self._disks.release(vm.id, [disk])
 
     def _read_saved(self) -> list[tuple[VmDefinition, dict[str, Any]]]:
         out = []
