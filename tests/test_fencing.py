@@ -19,9 +19,14 @@ from typing import Any
 import pytest
 
 from fake_storage.cluster import SimHost
-from tests.conftest import StorageEnv
-from tests.locking_helpers import StalledUpload, call, code_of, holds, wait_for
-from tests.storage_helpers import DomainUnderTest, join_lockspace, make_block_domain
+from tests.helpers import call, code_of, eventually
+from tests.locking_helpers import StalledUpload, holds
+from tests.storage_helpers import (
+    DomainUnderTest,
+    StorageEnv,
+    join_lockspace,
+    make_block_domain,
+)
 from vdsmlite.client import ServerError
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -45,9 +50,9 @@ def test_only_one_host_at_a_time_changes_a_domain(env: StorageEnv) -> None:
     join_lockspace(b.agent, dom.sd, host_id=2)
     on_b = same_domain(dom, b)
     with StalledUpload(a.agent, dom.sd):
-        wait_for(lambda: holds(a, "SDM"), 30, "A holding SDM during its OVF_STORE upload")
+        eventually(lambda: holds(a, "SDM"), 30, "A holding SDM during its OVF_STORE upload")
         # Its two OVF_STORE volumes are created under the lease too.
-        wait_for(lambda: len(call(b.agent, "StorageDomain.getImages",
+        eventually(lambda: len(call(b.agent, "StorageDomain.getImages",
                                   storagedomainID=dom.sd)) == 2, 30, "OVF_STORE volumes")
         images = call(b.agent, "StorageDomain.getImages", storagedomainID=dom.sd)
         with pytest.raises(ServerError) as e:
@@ -55,7 +60,7 @@ def test_only_one_host_at_a_time_changes_a_domain(env: StorageEnv) -> None:
         assert e.value.code == 651
         assert "held by another host" in e.value.message
         assert call(b.agent, "StorageDomain.getImages", storagedomainID=dom.sd) == images
-    wait_for(lambda: not holds(a, "SDM"), 30, "A releasing SDM")
+    eventually(lambda: not holds(a, "SDM"), 30, "A releasing SDM")
     img, vol = on_b.create_volume(size=128 * MiB)  # now B may
     assert same_domain(dom, a).info(img, vol)["legality"] == "LEGAL"
 
@@ -71,7 +76,7 @@ def test_fencing_resets_the_target_and_frees_what_it_held(env: StorageEnv) -> No
     dom = make_block_domain(a.agent, env.farm)
     join_lockspace(b.agent, dom.sd, host_id=2)
     join_lockspace(c.agent, dom.sd, host_id=3)
-    wait_for(lambda: dom.sd in call(b.agent, "Host.getStats")["fencing"]["listening"], 30,
+    eventually(lambda: dom.sd in call(b.agent, "Host.getStats")["fencing"]["listening"], 30,
              "B listening for fence requests")
     assert fence(a, "status", {dom.sd: 2}) | {"hosts": None} == {
         "operationStatus": "initiated", "power": "on", "acknowledged": False, "hosts": None}
@@ -80,7 +85,7 @@ def test_fencing_resets_the_target_and_frees_what_it_held(env: StorageEnv) -> No
     upload = socket.create_connection(b.agent.tcp_address or ("", 0), timeout=60)
     upload.sendall(f"PUT /ovfstore/{dom.sd} HTTP/1.1\r\nHost: x\r\n"
                    "Transfer-Encoding: chunked\r\n\r\n".encode())
-    wait_for(lambda: holds(b, "SDM"), 30, "B holding SDM")
+    eventually(lambda: holds(b, "SDM"), 30, "B holding SDM")
 
     # ...and A fences it.
     reply = fence(a, "reboot", {dom.sd: 2})
@@ -89,7 +94,7 @@ def test_fencing_resets_the_target_and_frees_what_it_held(env: StorageEnv) -> No
     assert not b.sanlock.alive()  # the simulated reset took the whole host down
     log = b.agent.log_text()
     assert "this host is being fenced" in log and "stopped petting" in log
-    wait_for(lambda: fence(a, "status", {dom.sd: 2})["acknowledged"], 30, "B's ack")
+    eventually(lambda: fence(a, "status", {dom.sd: 2})["acknowledged"], 30, "B's ack")
     # B stopped petting right after it took the request: the watchdog fired one
     # timeout later, not at some unrelated moment.
     assert 8 <= reset.at - reset.last_keepalive < 11
@@ -99,7 +104,7 @@ def test_fencing_resets_the_target_and_frees_what_it_held(env: StorageEnv) -> No
         same_domain(dom, a).create_volume(size=128 * MiB)
     assert e.value.code == 651
     # sanlock: dead 8 x io_timeout + 60 s after B's last renewal seen by A.
-    wait_for(lambda: fence(a, "status", {dom.sd: 2})["power"] == "off", 150, "B dead")
+    eventually(lambda: fence(a, "status", {dom.sd: 2})["power"] == "off", 150, "B dead")
     img, vol = same_domain(dom, a).create_volume(size=128 * MiB)
     assert same_domain(dom, a).info(img, vol)["legality"] == "LEGAL"
     upload.close()
@@ -129,8 +134,12 @@ def test_a_request_for_a_previous_incarnation_is_ignored(env: StorageEnv) -> Non
     subprocess.run(["sanlock", "client", "set_event", "-s", dom.sd, "-i", "2", "-g", str(old),
                     "-e", "1", "-d", "0x5eed"], env={**os.environ, **a.sanlock.env},
                    check=True, capture_output=True, timeout=30)
-    wait_for(lambda: "previous incarnation" in b.agent.log_text(), 60, "B ignoring it")
-    time.sleep(5)  # more than the watchdog timeout
+    eventually(lambda: "previous incarnation" in b.agent.log_text(), 60, "B ignoring it")
+    ignored_at = time.monotonic()
+    # Had B taken the request, it would stop petting and its watchdog would fire one
+    # timeout (3 s) after the last pet. A pet later than that proves it kept petting.
+    eventually(lambda: (b.watchdog.last_keepalive or 0) > ignored_at + 3, 30,  # type: ignore[union-attr]
+               "B petting for longer than its watchdog timeout")
     assert b.watchdog.resets == []
     assert b.watchdog.keepalives > keepalives
     fencing = call(b.agent, "Host.getStats")["fencing"]
@@ -141,7 +150,7 @@ def listening_generation(host: SimHost, sd: str) -> int:
     def listening() -> Any:
         return call(host.agent, "Host.getStats")["fencing"]["listening"].get(sd)
 
-    wait_for(lambda: listening() is not None, 60, "listening for fence requests")
+    eventually(lambda: listening() is not None, 60, "listening for fence requests")
     return int(listening()["generation"])
 
 
