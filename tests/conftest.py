@@ -31,6 +31,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
             print(f"lunfarm: {line}")
 
 
+@pytest.hookimpl(trylast=True)  # after -m/-k deselection: `make test-unit` needs no root
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # The suite drives loop devices, mounts and sanlock: refuse loudly rather than
     # skip silently when it is not run as root.

@@ -25,6 +25,7 @@ from tests.storage_helpers import (
     DomainUnderTest,
     StorageEnv,
     join_lockspace,
+    join_together,
     make_block_domain,
 )
 from vdsmlite.client import ServerError
@@ -46,8 +47,8 @@ def fence(host: SimHost, action: str, host_map: dict[str, int], **kw: Any) -> di
 def test_only_one_host_at_a_time_changes_a_domain(env: StorageEnv) -> None:
     a = env.host("host-a", config={"storage": {"upload_stall_timeout": 120.0}})
     b = env.host("host-b", lease_timeout=3.0)
-    dom = make_block_domain(a.agent, env.farm)  # host id 1
-    join_lockspace(b.agent, dom.sd, host_id=2)
+    dom = make_block_domain(a.agent, env.farm, join=False)
+    join_together(dom.sd, (a.agent, 1), (b.agent, 2))
     on_b = same_domain(dom, b)
     with StalledUpload(a.agent, dom.sd):
         eventually(lambda: holds(a, "SDM"), 30, "A holding SDM during its OVF_STORE upload")
@@ -73,9 +74,8 @@ def test_fencing_resets_the_target_and_frees_what_it_held(env: StorageEnv) -> No
                  config={"storage": {"upload_stall_timeout": 600.0}})
     c = env.host("host-c", watchdog_timeout=3)
     assert a.watchdog and b.watchdog and c.watchdog
-    dom = make_block_domain(a.agent, env.farm)
-    join_lockspace(b.agent, dom.sd, host_id=2)
-    join_lockspace(c.agent, dom.sd, host_id=3)
+    dom = make_block_domain(a.agent, env.farm, join=False)
+    join_together(dom.sd, (a.agent, 1), (b.agent, 2), (c.agent, 3))
     eventually(lambda: dom.sd in call(b.agent, "Host.getStats")["fencing"]["listening"], 30,
              "B listening for fence requests")
     assert fence(a, "status", {dom.sd: 2}) | {"hosts": None} == {
@@ -121,8 +121,8 @@ def test_a_request_for_a_previous_incarnation_is_ignored(env: StorageEnv) -> Non
     a = env.host("host-a")
     b = env.host("host-b", watchdog_timeout=3)
     assert b.watchdog is not None
-    dom = make_block_domain(a.agent, env.farm)
-    join_lockspace(b.agent, dom.sd, host_id=2)
+    dom = make_block_domain(a.agent, env.farm, join=False)
+    join_together(dom.sd, (a.agent, 1), (b.agent, 2))
     old = listening_generation(b, dom.sd)
     b.restart()  # a new incarnation: sanlock gives it the next generation
     join_lockspace(b.agent, dom.sd, host_id=2)

@@ -28,6 +28,8 @@ from vdsmlite.ovf.parser import (
     parse,
 )
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture
 def samples_present() -> None:

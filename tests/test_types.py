@@ -9,6 +9,8 @@ import pytest
 from vdsmlite.errors import JsonRpcInvalidParams
 from vdsmlite.rpc.types import Enum, check_return, compile_spec
 
+pytestmark = pytest.mark.unit
+
 ENUMS = {
     "StorageType": Enum("StorageType", {"UNKNOWN": 0, "NFS": 1, "FCP": 2, "ISCSI": 3}),
     "Format": Enum("Format", {"COW": "COW", "RAW": "RAW"}),
