@@ -293,8 +293,9 @@ class SharedDomains:
     domain.
 
     A loan (`lend`) starts from the state of a fresh domain: the agent runs (restarted
-    if a test killed it), the host id is held (joined again after a restart) and the
-    domain has no image. After the test every image is torn down and deleted, so the
+    if a test killed it), the host id is held (joined again after a restart; or, for
+    tests about joining, the domain is not monitored at all) and the domain has no
+    image. After the test every image is torn down and deleted, so the
     next test again sees an empty domain, and the agent's log must show no crash from
     that test. A domain that cannot be emptied is dropped (a later loan builds a new
     one), so one broken test does not break the tests after it.
@@ -307,13 +308,11 @@ class SharedDomains:
         self._host: SimHost | None = None
         self._domains: dict[str, DomainUnderTest] = {}
         self._count = 0
-        self._pid = 0  # the agent incarnation that holds the host ids
 
     @property
     def host(self) -> SimHost:
         if self._host is None:
             self._host = self.env.host(self.name, **self.host_kw)
-            self._pid = self._host.agent.pid
         return self._host
 
     @property
@@ -332,29 +331,46 @@ class SharedDomains:
         if kind == "localfs":
             return make_localfs_domain(self.agent,
                                        self.env.tmp_path / f"{self.name}-data-{self._count}")
+        # Joined (or not) by `lend`, as the test needs it.
         if kind == "posixfs":
-            return make_posixfs_domain(self.agent, self.env.farm)
-        return make_block_domain(self.agent, self.env.farm,
+            return make_posixfs_domain(self.agent, self.env.farm, join=False)
+        return make_block_domain(self.agent, self.env.farm, join=False,
                                  sector_size=4096 if kind == "block-4k" else 512)
 
     def _ensure_running(self) -> None:
         """A test that killed or stopped the agent leaves a host that boots again, as
-        the engine would bring it back: started, and connected to its domains (host
-        ids taken again)."""
+        the engine would bring it back (its domains are joined again when lent)."""
         agent = self.agent
         if agent.proc is None or agent.proc.poll() is not None:
             agent.kill()
             agent.start()
-        if agent.pid != self._pid:
-            for dom in self._domains.values():
-                if dom.kind != "localfs":
-                    join_lockspace(agent, dom.sd)
-            self._pid = agent.pid
+
+    def _acquired(self, dom: DomainUnderTest) -> bool | None:
+        """True: the host id is held; False: monitored, not (yet) held; None: not
+        monitored at all."""
+        with self.agent.client() as c:
+            stats = c.call("Host.getStorageRepoStats", {"domains": [dom.sd]}).get(dom.sd)
+        return None if stats is None else bool(stats["acquired"])
+
+    def _join(self, dom: DomainUnderTest) -> None:
+        if dom.kind != "localfs" and not self._acquired(dom):
+            join_lockspace(self.agent, dom.sd)
+
+    def _leave(self, dom: DomainUnderTest) -> None:
+        if self._acquired(dom) is not None:
+            with self.agent.client() as c:
+                c.call("Host.stopMonitoringDomain", {"sdUUID": dom.sd})
 
     @contextlib.contextmanager
-    def lend(self, kind: str) -> Iterator[DomainUnderTest]:
+    def lend(self, kind: str, *, joined: bool = True) -> Iterator[DomainUnderTest]:
+        """The domain of this kind, with no image, the host id held (`joined`) or the
+        domain not monitored at all (not `joined`: for tests about joining)."""
         dom = self.domain(kind)
         agent = self.agent
+        if joined:
+            self._join(dom)
+        else:
+            self._leave(dom)
         with agent.client() as c:
             images = c.call("StorageDomain.getImages", {"storagedomainID": dom.sd})
         assert images == [], f"shared {kind} domain {dom.sd} is not empty: {images}"
@@ -372,6 +388,8 @@ class SharedDomains:
     def _empty(self, dom: DomainUnderTest) -> None:
         self._ensure_running()
         with self.agent.client() as c:
+            if c.call("StorageDomain.getImages", {"storagedomainID": dom.sd}):
+                self._join(dom)  # deleting changes the domain: the host id is needed
             images = c.call("StorageDomain.getImages", {"storagedomainID": dom.sd})
             for img in images:
                 with contextlib.suppress(ServerError):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ from tests.helpers import call, code_of, eventually
 from tests.locking_helpers import StalledUpload, holds, sanlock_lockspaces
 from tests.ovf_helpers import get_store, make_store, put_store, start_put, stores
 from tests.storage_helpers import (
+    DomainUnderTest,
+    SharedDomains,
     StorageEnv,
     join_lockspace,
     make_block_domain,
@@ -31,10 +34,34 @@ pytestmark = pytest.mark.root
 MiB = 1 << 20
 
 
-def test_monitoring_joins_and_leaves_the_lockspace(env: StorageEnv) -> None:
-    host = env.host()
+# One host and one block domain for the tests that join, leave and lose its lockspace
+# (building them is not what they are about). Each test gets the domain with no image
+# and either not monitored at all (`unjoined`) or with the host id held (`joined`).
+
+
+@pytest.fixture(scope="module")
+def domains(module_env: StorageEnv) -> SharedDomains:
+    return SharedDomains(module_env, name="agent",
+                         config={"storage": {"upload_stall_timeout": 60.0}})
+
+
+@pytest.fixture
+def unjoined(domains: SharedDomains) -> Iterator[DomainUnderTest]:
+    with domains.lend("block-512", joined=False) as d:
+        yield d
+
+
+@pytest.fixture
+def joined(domains: SharedDomains) -> Iterator[DomainUnderTest]:
+    with domains.lend("block-512") as d:
+        yield d
+
+
+def test_monitoring_joins_and_leaves_the_lockspace(domains: SharedDomains,
+                                                   unjoined: DomainUnderTest) -> None:
+    host = domains.host
     a = host.agent
-    dom = make_block_domain(a, env.farm, join=False)
+    dom = unjoined
     assert call(a, "Host.getStorageRepoStats") == {}
     call(a, "Host.startMonitoringDomain", sdUUID=dom.sd, hostID=7)
     with a.client() as c:
@@ -100,9 +127,9 @@ def test_pool_connect_monitors_its_domains(env: StorageEnv, tmp_path: Path) -> N
     assert call(a, "Host.getStorageRepoStats") == {}
 
 
-def test_changes_to_a_shared_domain_need_the_host_id(env: StorageEnv) -> None:
-    a = env.agent()
-    dom = make_block_domain(a, env.farm, join=False)
+def test_changes_to_a_shared_domain_need_the_host_id(unjoined: DomainUnderTest) -> None:
+    dom = unjoined
+    a = dom.agent
     # Refused at once, before any task starts, and nothing was created.
     with pytest.raises(ServerError) as e:
         dom.create_volume(size=128 * MiB)
@@ -114,10 +141,11 @@ def test_changes_to_a_shared_domain_need_the_host_id(env: StorageEnv) -> None:
     assert dom.info(img, vol)["legality"] == "LEGAL"
 
 
-def test_leaving_is_refused_while_a_lease_is_held(env: StorageEnv) -> None:
-    host = env.host(config={"storage": {"upload_stall_timeout": 60.0}})
-    a = host.agent
-    dom = make_block_domain(a, env.farm)
+def test_leaving_is_refused_while_a_lease_is_held(domains: SharedDomains,
+                                                  joined: DomainUnderTest) -> None:
+    host = domains.host
+    dom = joined
+    a = dom.agent
     with StalledUpload(a, dom.sd):
         eventually(lambda: "SDM" in host.sanlock.status(), 30, "SDM held by the upload")
         assert code_of(a, "Host.stopMonitoringDomain", sdUUID=dom.sd) == 662
@@ -193,10 +221,11 @@ def test_unusable_watchdog_device_stops_start_up(tmp_path: Path) -> None:
 
 
 
-def test_losing_the_lockspace_aborts_what_depended_on_it(env: StorageEnv) -> None:
-    host = env.host(config={"storage": {"upload_stall_timeout": 60.0}})
-    a = host.agent
-    dom = make_block_domain(a, env.farm)
+def test_losing_the_lockspace_aborts_what_depended_on_it(domains: SharedDomains,
+                                                         joined: DomainUnderTest) -> None:
+    host = domains.host
+    dom = joined
+    a = dom.agent
     good, _ = make_store(dom.sd, 2, "good")
     assert put_store(a, dom.sd, good)[0] == 200
     new, _ = make_store(dom.sd, 3, "new")
