@@ -50,8 +50,8 @@ STALL_TIMEOUT = 1.0
 
 @pytest.fixture(scope="module")
 def domains(module_env: StorageEnv) -> SharedDomains:
-    return SharedDomains(module_env,
-                         config={"storage": {"upload_stall_timeout": STALL_TIMEOUT}})
+    return SharedDomains(module_env, config={
+        "storage": {"upload_stall_timeout": STALL_TIMEOUT}}).build("localfs", "block-512")
 
 
 @pytest.fixture(params=["localfs", "block"])

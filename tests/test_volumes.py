@@ -37,7 +37,7 @@ pytestmark = pytest.mark.root
 
 @pytest.fixture(scope="module")
 def domains(module_env: StorageEnv) -> SharedDomains:
-    return SharedDomains(module_env)
+    return SharedDomains(module_env).build("localfs", "block-512", "block-4k")
 
 
 @pytest.fixture(params=["localfs", "block-512", "block-4k"])
