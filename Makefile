@@ -20,11 +20,12 @@ APT_TEST := $(APT_RUN) lvm2 sanlock libsanlock-client1 qemu-system-x86 open-iscs
 # Benchmarks also need a load generator faster than the servers it measures.
 APT_BENCH := $(APT_TEST) wrk
 
-.PHONY: run test bench lint venv apt-run apt-test apt-bench clean help
+.PHONY: run test test-unit bench lint venv apt-run apt-test apt-bench clean help
 
 help:
 	@echo "make run    - install what the daemon needs and run it in the foreground"
 	@echo "make test   - install everything the suite needs and run lint + the whole suite"
+	@echo "make test-unit - the pure modules only (no root, no daemons), in seconds"
 	@echo "make bench  - run the benchmarks in bench/ (prints ratios against peers)"
 	@echo "make clean  - remove the virtualenv and runtime state"
 
@@ -34,6 +35,11 @@ run: apt-run venv
 test: apt-test venv
 	$(VENV)/bin/ruff check vdsmlite tests fake_storage bench
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The modules marked `unit` (pytest.ini_options markers): parsers, schema types,
+# dispatcher, jobs, config, on-disk formats. No root, no daemon, no storage.
+test-unit: venv
+	$(PY) -m pytest -m unit $(PYTEST_ARGS)
 
 bench: apt-bench venv
 	$(PY) bench/run_all.py

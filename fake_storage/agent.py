@@ -23,6 +23,10 @@ from typing import Any
 from fake_storage.children import tied_to_this_process
 from vdsmlite.client import Client
 
+# Config sections every Agent of this process gets, under the caller's own `config`
+# (which wins). Empty for tools; the test suite fills it in its conftest.
+HARNESS_CONFIG: dict[str, dict[str, Any]] = {}
+
 
 def to_toml(sections: dict[str, dict[str, Any]]) -> str:
     """Flat TOML for config sections (strings, numbers, booleans, paths)."""
@@ -125,7 +129,7 @@ class Agent:
             "rpc": {"listen": "127.0.0.1", "port": 0},
             "devel": {"validate_returns": True},
         }
-        for name, values in (config or {}).items():
+        for name, values in [*HARNESS_CONFIG.items(), *(config or {}).items()]:
             sections.setdefault(name, {}).update(values)
         self.config = sections
         self.extra_env = env or {}
@@ -239,7 +243,21 @@ class Agent:
             self._log_file.close()
             self._log_file = None
 
-    def crashes(self) -> list[str]:
-        """Log lines that show an unexpected exception inside the daemon."""
-        return [line for line in self.log_text().splitlines()
+    def log_size(self) -> int:
+        """Bytes in the log so far: a mark for `crashes(since=...)`."""
+        try:
+            return self.log_path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def crashes(self, since: int = 0) -> list[str]:
+        """Log lines that show an unexpected exception inside the daemon (written
+        after byte `since` of the log)."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(since)
+                text = f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return []
+        return [line for line in text.splitlines()
                 if "Traceback" in line or " crashed" in line]

@@ -9,11 +9,16 @@ from typing import Any
 
 import pytest
 
+from fake_storage import agent as agent_module
 from fake_storage.agent import Agent
-from fake_storage.cluster import SimHost
 from fake_storage.lunfarm import LunFarm, reap_orphans
-from tests.helpers import RawHttp
-from tests.storage_helpers import unmount_under
+from tests.helpers import RawHttp, check_clean
+from tests.storage_helpers import StorageEnv
+
+# Every daemon of the suite starts its OVF parser processes on first use, not a few
+# seconds after start-up: most test daemons never parse an OVF, and live long enough
+# to pay two extra interpreters each on a 2-core machine.
+agent_module.HARNESS_CONFIG["storage"] = {"ovf_parser_warmup_delay": -1.0}
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -26,17 +31,13 @@ def pytest_sessionstart(session: pytest.Session) -> None:
             print(f"lunfarm: {line}")
 
 
+@pytest.hookimpl(trylast=True)  # after -m/-k deselection: `make test-unit` needs no root
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # The suite drives loop devices, mounts and sanlock: refuse loudly rather than
     # skip silently when it is not run as root.
     if os.geteuid() != 0 and any(item.get_closest_marker("root") for item in items):
         raise pytest.UsageError("this suite needs root (loop devices, LVM, mounts): "
                                 "run it with `make test` as root")
-
-
-def _check_clean(agent: Agent) -> None:
-    crashes = agent.crashes()
-    assert not crashes, "daemon logged unexpected exceptions:\n" + agent.log_text()[-6000:]
 
 
 @pytest.fixture
@@ -53,7 +54,7 @@ def agent_factory(tmp_path: Path) -> Iterator[Any]:
     for a in started:
         a.stop()
     for a in started:
-        _check_clean(a)
+        check_clean(a)
 
 
 @pytest.fixture
@@ -67,7 +68,7 @@ def shared_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
     a = Agent(tmp_path_factory.mktemp("shared") / "agent").start()
     yield a
     a.stop()
-    _check_clean(a)
+    check_clean(a)
 
 
 @pytest.fixture
@@ -84,41 +85,25 @@ def lun_farm(tmp_path: Path) -> Iterator[LunFarm]:
     assert not problems, problems
 
 
-class StorageEnv:
-    """Simulated hosts (each: its own sanlock daemon and agent) plus a LUN farm, torn
-    down in the only safe order: unmount, stop the hosts (the agents release LV
-    mappings, sanlock lets go of the lockspaces), then destroy the LUNs."""
-
-    def __init__(self, farm: LunFarm, tmp_path: Path) -> None:
-        self.farm = farm
-        self.tmp_path = tmp_path
-        self.hosts: list[SimHost] = []
-
-    @property
-    def agents(self) -> list[Agent]:
-        return [h.agent for h in self.hosts]
-
-    def host(self, name: str = "agent", **kw: Any) -> SimHost:
-        host = SimHost(self.tmp_path / name, name, **kw)
-        self.hosts.append(host)
-        return host.start()
-
-    def agent(self, name: str = "agent", *, config: dict[str, dict[str, Any]] | None = None,
-              env: dict[str, str] | None = None) -> Agent:
-        host = SimHost(self.tmp_path / name, name, config=config)
-        if env:
-            host.agent.extra_env.update(env)
-        self.hosts.append(host)
-        return host.start().agent
-
-
 @pytest.fixture
 def env(lun_farm: LunFarm, tmp_path: Path) -> Iterator[StorageEnv]:
+    """Hosts and LUNs of one test (for tests that build, format, import or crash domains)."""
     e = StorageEnv(lun_farm, tmp_path)
     yield e
-    for host in e.hosts:
-        unmount_under(host.agent.state_dir)
-    for host in e.hosts:
-        host.stop()
-    for host in e.hosts:
-        _check_clean(host.agent)
+    e.close()
+
+
+@pytest.fixture(scope="module")
+def module_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StorageEnv]:
+    """Hosts and LUNs shared by the tests of a module (see `SharedDomains`)."""
+    tmp_path = tmp_path_factory.mktemp("module-env")
+    farm = LunFarm(tmp_path / "farm")
+    e = StorageEnv(farm, tmp_path)
+    try:
+        yield e
+    finally:
+        try:
+            e.close()
+        finally:
+            problems = farm.destroy()
+            assert not problems, problems

@@ -1,4 +1,5 @@
-"""Helpers shared by tests (importable as ``tests.helpers``)."""
+"""Helpers shared by tests (importable as ``tests.helpers``): calls to a daemon and the
+code of their refusals, one polling wait, raw HTTP, and the daemon log check."""
 
 from __future__ import annotations
 
@@ -8,14 +9,67 @@ import json
 import socket
 import subprocess
 import sys
-from collections.abc import Coroutine
+import time
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+import pytest
+
 from fake_storage.agent import Agent
+from vdsmlite.client import ServerError
 
 T = TypeVar("T")
 
 BLANK_UUID = "00000000-0000-0000-0000-000000000000"
+
+
+# --- calls and refusals --------------------------------------------------------------
+
+
+def call(agent: Any, method: str, /, **params: Any) -> Any:
+    """One JSON-RPC call over the agent's unix socket."""
+    with agent.client() as c:
+        return c.call(method, params)
+
+
+def code_of(target: Any, *args: Any, **params: Any) -> int:
+    """The error code of a call that must be refused.
+
+    `code_of(agent, "Verb.name", **params)` calls the verb; `code_of(fn, *args, **kw)`
+    calls any function that talks to a daemon (e.g. `dom.create_volume`).
+    """
+    with pytest.raises(ServerError) as e:
+        if callable(target):
+            target(*args, **params)
+        else:
+            call(target, *args, **params)
+    return e.value.code
+
+
+# --- waiting -------------------------------------------------------------------------
+
+
+def eventually(predicate: Callable[[], T], timeout: float = 30.0, what: str = "a condition",
+               interval: float = 0.05) -> T:
+    """Poll `predicate` until it returns something true, and return that; fail the test
+    after `timeout` seconds. The one wait of the suite: no fixed sleeps."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+# --- daemons -------------------------------------------------------------------------
+
+
+def check_clean(agent: Agent, since: int = 0) -> None:
+    """No unexpected exception in the daemon's log (from byte `since` on)."""
+    crashes = agent.crashes(since)
+    assert not crashes, "daemon logged unexpected exceptions:\n" + agent.log_text()[-6000:]
 
 
 class RawHttp:

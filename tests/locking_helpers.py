@@ -1,35 +1,14 @@
-"""Helpers for tests with sanlock: calls, waits, a stalled upload that holds SDM."""
+"""Helpers for tests with sanlock: what a host's sanlock holds, a stalled upload that
+holds SDM."""
 
 from __future__ import annotations
 
 import os
 import socket
 import subprocess
-import time
 from typing import Any
 
-import pytest
-
 from fake_storage.cluster import SimHost
-from vdsmlite.client import ServerError
-
-
-def call(agent: Any, method: str, /, **params: Any) -> Any:
-    with agent.client() as c:
-        return c.call(method, params)
-
-
-def code_of(agent: Any, method: str, /, **params: Any) -> int:
-    with pytest.raises(ServerError) as e:
-        call(agent, method, **params)
-    return e.value.code
-
-
-def wait_for(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def sanlock_lockspaces(host: SimHost) -> str:

@@ -11,6 +11,7 @@ import socket
 import tarfile
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,11 @@ def store_tar(sd: str, entities: list[tuple[str, bytes]],
     return build_tar([("info.json", info),
                       *[(f"{eid}.ovf", data) for eid, data in entities],
                       ("metadata.json", meta)])
+
+
+def stamp_time(text: str) -> datetime:
+    """A "Last Updated" stamp ("Thu Feb 18 00:23:07 UTC 2016", Java's Date.toString)."""
+    return datetime.strptime(text, "%a %b %d %H:%M:%S %Z %Y")
 
 
 def make_store(sd: str, count: int, prefix: str = "vm") -> tuple[bytes, dict[str, str]]:

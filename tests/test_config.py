@@ -12,6 +12,8 @@ import pytest
 from vdsmlite import config
 from vdsmlite.errors import InvalidConfiguration
 
+pytestmark = pytest.mark.unit
+
 
 def write(tmp_path: Path, text: str) -> Path:
     p = tmp_path / "vdsmlite.conf"

@@ -92,15 +92,16 @@ def test_localfs_links_the_directory(agent: Agent, tmp_path: Path) -> None:
     ("/tmp/../etc", 453),
     ("/", 453),
 ])
-def test_localfs_bad_paths(agent: Agent, path: str, code: int) -> None:
+def test_localfs_bad_paths(shared_agent: Agent, path: str, code: int) -> None:
+    agent = shared_agent
     assert connect(agent, LOCALFS, {"id": str(uuid.uuid4()), "connection": path}) == [code]
     assert not mnt(agent).exists() or not any(mnt(agent).iterdir())
 
 
-def test_localfs_file_is_not_a_directory(agent: Agent, tmp_path: Path) -> None:
+def test_localfs_file_is_not_a_directory(shared_agent: Agent, tmp_path: Path) -> None:
     f = tmp_path / "afile"
     f.write_text("x")
-    assert connect(agent, LOCALFS, {"id": str(uuid.uuid4()), "connection": str(f)}) == [469]
+    assert connect(shared_agent, LOCALFS, {"id": str(uuid.uuid4()), "connection": str(f)}) == [469]
 
 
 # --- posixfs ---------------------------------------------------------------------
@@ -165,11 +166,12 @@ def test_failed_mount_leaves_no_directory(agent: Agent, ext4_lun: str) -> None:
     ("/dev/loop0", "rw, suid", 1000),  # space: not a mount option list
     ("/dev/loop0", "rw\nx", 1000),
 ])
-def test_posixfs_bad_specs_are_refused_before_mounting(agent: Agent, spec: str, options: str,
-                                                       code: int) -> None:
+def test_posixfs_bad_specs_are_refused_before_mounting(shared_agent: Agent, spec: str,
+                                                       options: str, code: int) -> None:
     conn = {"id": str(uuid.uuid4()), "connection": spec, "vfs_type": "ext4",
             "mnt_options": options}
-    assert connect(agent, POSIXFS, conn) == [code]
+    assert connect(shared_agent, POSIXFS, conn) == [code]
+    assert not mnt(shared_agent).exists() or not any(mnt(shared_agent).iterdir())
 
 
 def test_id_reused_with_other_params_is_refused(agent: Agent, tmp_path: Path) -> None:
@@ -214,8 +216,9 @@ def test_registry_survives_restart(agent_factory: Any, ext4_lun: str, tmp_path: 
                 subprocess.run(["umount", "-l", m.mountpoint], check=False)
 
 
-def test_unsupported_domain_type(agent: Agent) -> None:
-    assert connect(agent, CIFS, {"id": str(uuid.uuid4()), "connection": "//s/share"}) == [372]
+def test_unsupported_domain_type(shared_agent: Agent) -> None:
+    conn = {"id": str(uuid.uuid4()), "connection": "//s/share"}
+    assert connect(shared_agent, CIFS, conn) == [372]
 
 
 def test_fcp_connect_is_a_rescan(agent: Agent) -> None:
@@ -245,7 +248,9 @@ def test_nfs_options_follow_vdsm() -> None:
         connections.parse(NFS, {**base, "connection": "/local/path"}, repo)
 
 
-def test_nfs_mount_failure_is_477_and_cleaned_no_nfs_kernel_module_here(agent: Agent) -> None:
+def test_nfs_mount_failure_is_477_and_cleaned_no_nfs_kernel_module_here(
+        shared_agent: Agent) -> None:
+    agent = shared_agent
     conn = {"id": str(uuid.uuid4()), "connection": "127.0.0.1:/exports/data",
             "protocol_version": "4"}
     assert connect(agent, NFS, conn) == [477]
@@ -281,7 +286,9 @@ def test_iscsi_node_record_with_chap_no_kernel_initiator_here() -> None:
     assert not node_record(iqn).exists()
 
 
-def test_iscsi_failed_login_leaves_no_node_no_kernel_initiator_here(agent: Agent) -> None:
+def test_iscsi_failed_login_leaves_no_node_no_kernel_initiator_here(
+        shared_agent: Agent) -> None:
+    agent = shared_agent
     iqn = f"iqn.2026-11.test.vdsmlite:{uuid.uuid4().hex[:12]}"
     conn = {"id": str(uuid.uuid4()), "connection": "127.0.0.1", "port": "13260", "iqn": iqn,
             "tpgt": "1", "user": "chapuser", "password": "chap-secret-123"}
@@ -300,13 +307,14 @@ def test_iscsi_failed_login_leaves_no_node_no_kernel_initiator_here(agent: Agent
     ("iqn", "not an iqn"), ("iqn", ""), ("connection", "bad host!"), ("port", "99999"),
     ("port", "http"), ("ifaceName", "../x"), ("user", "only-user"),
 ])
-def test_iscsi_bad_params(agent: Agent, field: str, value: str) -> None:
+def test_iscsi_bad_params(shared_agent: Agent, field: str, value: str) -> None:
     conn = {"id": str(uuid.uuid4()), "connection": "10.35.0.10", "port": "3260",
             "iqn": "iqn.2003-01.org.linux-iscsi.storage:target1", field: value}
-    assert connect(agent, ISCSI, conn) == [1000]
+    assert connect(shared_agent, ISCSI, conn) == [1000]
 
 
-def test_discovery_fails_with_475_no_iscsi_transport_module_here(agent: Agent) -> None:
+def test_discovery_fails_with_475_no_iscsi_transport_module_here(shared_agent: Agent) -> None:
+    agent = shared_agent
     with agent.client() as c, pytest.raises(Exception) as e:
         c.call("ISCSIConnection.discoverSendTargets",
                {"host": "127.0.0.1", "port": "13260", "user": "u", "password": "pw-xyz-987"})
@@ -317,8 +325,8 @@ def test_discovery_fails_with_475_no_iscsi_transport_module_here(agent: Agent) -
     assert "127.0.0.1:13260" not in out.stdout
 
 
-def test_discovery_param_validation(agent: Agent) -> None:
-    with agent.client() as c:
+def test_discovery_param_validation(shared_agent: Agent) -> None:
+    with shared_agent.client() as c:
         for params, code in (({"host": "bad host", "port": 3260}, 1000),
                              ({"host": "10.0.0.1", "port": 0}, -32602),
                              ({"host": "10.0.0.1", "port": 3260, "user": "u"}, 1000)):

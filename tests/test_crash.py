@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import StorageEnv
 from tests.storage_helpers import (
     BLANK,
     COW,
     SPARSE,
     DomainUnderTest,
+    StorageEnv,
     join_lockspace,
     lv_offset,
     lvm_cmd,

@@ -109,8 +109,8 @@ def test_filters(agent: Agent, lun_farm: LunFarm) -> None:
 
 
 @pytest.mark.parametrize("bad", ["../../etc/passwd", "", "a b", "x" * 200, "guid;rm"])
-def test_malformed_guids_are_refused(agent: Agent, bad: str) -> None:
-    with agent.client() as c, pytest.raises(ServerError) as e:
+def test_malformed_guids_are_refused(shared_agent: Agent, bad: str) -> None:
+    with shared_agent.client() as c, pytest.raises(ServerError) as e:
         c.call("Host.getDeviceList", {"guids": [bad]})
     assert e.value.code == -32602
     assert e.value.data["param"] == "guids[0]"

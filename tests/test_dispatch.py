@@ -21,6 +21,8 @@ from vdsmlite.metrics import Metrics
 from vdsmlite.rpc.dispatch import CallContext, Dispatcher, DispatcherState, Handler
 from vdsmlite.rpc.schema import Schema, SchemaError
 
+pytestmark = pytest.mark.unit
+
 CTX = CallContext("test", "local")
 
 SCHEMA = {

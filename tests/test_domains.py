@@ -10,12 +10,13 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import StorageEnv
+from tests.helpers import call, code_of
 from tests.storage_helpers import (
     BLANK,
     ISCSI,
     LOCALFS,
     MiB,
+    StorageEnv,
     connect,
     lv_offset,
     lvm_cmd,
@@ -30,17 +31,6 @@ from vdsmlite.client import ServerError
 from vdsmlite.storage import persistent
 
 pytestmark = pytest.mark.root
-
-
-def call(env_agent: Any, method: str, **params: Any) -> Any:
-    with env_agent.client() as c:
-        return c.call(method, params)
-
-
-def error_code(env_agent: Any, method: str, **params: Any) -> int:
-    with pytest.raises(ServerError) as e:
-        call(env_agent, method, **params)
-    return e.value.code
 
 
 def sanlock_leader(spec: str) -> dict[str, str]:
@@ -104,7 +94,7 @@ def test_broken_file_metadata_seal_is_refused(env: StorageEnv, tmp_path: Path) -
     d = make_localfs_domain(a, tmp_path / "data")
     path = tmp_path / "data" / d.sd / "dom_md" / "metadata"
     path.write_text(path.read_text().replace("DESCRIPTION=local-data", "DESCRIPTION=tampered"))
-    assert error_code(a, "StorageDomain.getInfo", storagedomainID=d.sd) == 752
+    assert code_of(a, "StorageDomain.getInfo", storagedomainID=d.sd) == 752
 
 
 # --- block domains --------------------------------------------------------------------
@@ -113,7 +103,8 @@ def test_broken_file_metadata_seal_is_refused(env: StorageEnv, tmp_path: Path) -
 @pytest.mark.parametrize("sector", [512, 4096])
 def test_block_domain_layout(env: StorageEnv, sector: int) -> None:
     a = env.agent()
-    d = make_block_domain(a, env.farm, sector_size=sector)
+    # Not joined: the layout is what creating the domain wrote (the ids area included).
+    d = make_block_domain(a, env.farm, sector_size=sector, join=False)
     assert d.lun is not None
     pv = d.lun.loop
     tags = lvm_cmd("vgs", "--noheadings", "-o", "vg_tags", "--separator", "|", d.sd,
@@ -163,11 +154,11 @@ def test_block_domain_layout(env: StorageEnv, sector: int) -> None:
 
 def test_broken_block_metadata_seal_is_refused(env: StorageEnv) -> None:
     a = env.agent()
-    d = make_block_domain(a, env.farm)
+    d = make_block_domain(a, env.farm, join=False)  # reading needs no host id
     assert d.lun is not None
     lvm_cmd("vgchange", "--deltag", "MDT_DESCRIPTION=block-data",
             "--addtag", "MDT_DESCRIPTION=tampered", d.sd, devices=[d.lun.loop])
-    assert error_code(a, "StorageDomain.getInfo", storagedomainID=d.sd) == 752
+    assert code_of(a, "StorageDomain.getInfo", storagedomainID=d.sd) == 752
 
 
 def test_domain_create_refusals(env: StorageEnv, tmp_path: Path) -> None:
@@ -178,7 +169,7 @@ def test_domain_create_refusals(env: StorageEnv, tmp_path: Path) -> None:
         params = {"storagedomainID": new_id(), "domainType": LOCALFS,
                   "typeArgs": str(tmp_path / "data"), "name": "x", "domainClass": 1,
                   "version": "5", "blockSize": 512, **over}
-        return error_code(a, "StorageDomain.create", **params)
+        return code_of(a, "StorageDomain.create", **params)
 
     assert create(storagedomainID=d.sd) == 365
     assert create(typeArgs=str(tmp_path / "not-connected")) == 360
@@ -189,23 +180,23 @@ def test_domain_create_refusals(env: StorageEnv, tmp_path: Path) -> None:
     lun = env.farm.add("12G")
     small = env.farm.add("1G")
     with a.client() as c:
-        assert error_code(a, "LVMVolumeGroup.create", name=new_id(),
+        assert code_of(a, "LVMVolumeGroup.create", name=new_id(),
                           devlist=["36001405ffffffffffffffffffffffff0"]) == 606
-        assert error_code(a, "LVMVolumeGroup.create", name=new_id(), devlist=[small.guid]) \
+        assert code_of(a, "LVMVolumeGroup.create", name=new_id(), devlist=[small.guid]) \
             == 504
         subprocess.run(["mkfs.ext4", "-q", lun.loop], check=True)
         sd = new_id()
-        assert error_code(a, "LVMVolumeGroup.create", name=sd, devlist=[lun.guid]) == 502
+        assert code_of(a, "LVMVolumeGroup.create", name=sd, devlist=[lun.guid]) == 502
         vg_uuid = c.call("LVMVolumeGroup.create", {"name": sd, "devlist": [lun.guid],
                                                    "force": True})
-        assert error_code(a, "LVMVolumeGroup.create", name=sd, devlist=[lun.guid],
+        assert code_of(a, "LVMVolumeGroup.create", name=sd, devlist=[lun.guid],
                           force=True) == 505
     block = {"storagedomainID": sd, "domainType": ISCSI, "typeArgs": vg_uuid, "name": "b",
              "domainClass": 1, "version": "5"}
-    assert error_code(a, "StorageDomain.create", **{**block, "typeArgs": "nosuch"}) == 506
-    assert error_code(a, "StorageDomain.create", **{**block, "storagedomainID": new_id()}) \
+    assert code_of(a, "StorageDomain.create", **{**block, "typeArgs": "nosuch"}) == 506
+    assert code_of(a, "StorageDomain.create", **{**block, "storagedomainID": new_id()}) \
         == 351
-    assert error_code(a, "StorageDomain.create", **{**block, "blockSize": 4096}) == 348
+    assert code_of(a, "StorageDomain.create", **{**block, "blockSize": 4096}) == 348
     call(a, "StorageDomain.create", **block)  # the refusals above changed nothing
     assert call(a, "StorageDomain.getInfo", storagedomainID=sd)["name"] == "b"
 
@@ -213,7 +204,7 @@ def test_domain_create_refusals(env: StorageEnv, tmp_path: Path) -> None:
 def test_get_storage_domains_filters(env: StorageEnv, tmp_path: Path) -> None:
     a = env.agent()
     f = make_localfs_domain(a, tmp_path / "data")
-    b = make_block_domain(a, env.farm)
+    b = make_block_domain(a, env.farm, join=False)  # listing needs no host id
     assert sorted(call(a, "Host.getStorageDomains")) == sorted([f.sd, b.sd])
     assert call(a, "Host.getStorageDomains", storageType=LOCALFS) == [f.sd]
     assert call(a, "Host.getStorageDomains", storageType="ISCSI") == [b.sd]
@@ -257,7 +248,7 @@ def test_pool_detach_and_reattach_keeps_images(env: StorageEnv, tmp_path: Path,
     write_durably(path, 3 * MiB, pattern)
     data.teardown(img, vol)
 
-    assert error_code(a, "StorageDomain.detach", storagedomainID=m1.sd, storagepoolID=sp1) \
+    assert code_of(a, "StorageDomain.detach", storagedomainID=m1.sd, storagepoolID=sp1) \
         == 383
     call(a, "StorageDomain.deactivate", storagedomainID=data.sd, storagepoolID=sp1)
     call(a, "StorageDomain.detach", storagedomainID=data.sd, storagepoolID=sp1)
@@ -266,7 +257,7 @@ def test_pool_detach_and_reattach_keeps_images(env: StorageEnv, tmp_path: Path,
 
     call(a, "StoragePool.create", storagepoolID=sp2, name="dc2", masterSdUUID=m2.sd,
          masterVersion=1, domainList=[m2.sd])
-    assert error_code(a, "StoragePool.connect", storagepoolID=sp2, hostID=1, scsiKey=sp2,
+    assert code_of(a, "StoragePool.connect", storagepoolID=sp2, hostID=1, scsiKey=sp2,
                       masterSdUUID=m2.sd, masterVersion=1) == 323
     call(a, "StoragePool.disconnect", storagepoolID=sp1, hostID=1, scsiKey=sp1)
     call(a, "StorageDomain.attach", storagedomainID=data.sd, storagepoolID=sp2)
@@ -284,7 +275,7 @@ def test_pool_detach_and_reattach_keeps_images(env: StorageEnv, tmp_path: Path,
                                         "imageID": img, "volumeID": vol})["path"]
     assert read_direct(path, 3 * MiB, MiB) == pattern
     data.teardown(img, vol)
-    assert error_code(a, "StorageDomain.attach", storagedomainID=data.sd,
+    assert code_of(a, "StorageDomain.attach", storagedomainID=data.sd,
                       storagepoolID=sp1) == 380
 
 
@@ -326,7 +317,7 @@ def test_format(env: StorageEnv, tmp_path: Path) -> None:
     sp = new_id()
     call(a, "StoragePool.create", storagepoolID=sp, name="dc", masterSdUUID=f.sd,
          masterVersion=1, domainList=[f.sd, b.sd])
-    assert error_code(a, "StorageDomain.format", storagedomainID=b.sd) == 391
+    assert code_of(a, "StorageDomain.format", storagedomainID=b.sd) == 391
     call(a, "StorageDomain.format", storagedomainID=b.sd, autoDetach=True)
     assert b.sd not in call(a, "Host.getStorageDomains")
     assert b.lun is not None
@@ -335,4 +326,4 @@ def test_format(env: StorageEnv, tmp_path: Path) -> None:
     assert listed[b.lun.guid]["status"] == "free"  # VG and PV are gone
     call(a, "StorageDomain.format", storagedomainID=f.sd, autoDetach=True)
     assert not (tmp_path / "data" / f.sd).exists()
-    assert error_code(a, "StorageDomain.getInfo", storagedomainID=f.sd) == 358
+    assert code_of(a, "StorageDomain.getInfo", storagedomainID=f.sd) == 358

@@ -11,6 +11,8 @@ from vdsmlite import errors
 from vdsmlite.events import DROPPED_EVENT, EventBus
 from vdsmlite.jobs import Job, JobRegistry
 
+pytestmark = pytest.mark.unit
+
 
 def test_successful_job_walks_the_states_and_publishes_each() -> None:
     async def main() -> None:

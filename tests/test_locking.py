@@ -8,23 +8,19 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import StorageEnv
-from tests.locking_helpers import (
-    StalledUpload,
-    call,
-    code_of,
-    holds,
-    sanlock_lockspaces,
-    wait_for,
-)
+from tests.helpers import call, code_of, eventually
+from tests.locking_helpers import StalledUpload, holds, sanlock_lockspaces
 from tests.ovf_helpers import get_store, make_store, put_store, start_put, stores
 from tests.storage_helpers import (
+    DomainUnderTest,
+    SharedDomains,
+    StorageEnv,
     join_lockspace,
     make_block_domain,
     make_localfs_domain,
@@ -38,10 +34,34 @@ pytestmark = pytest.mark.root
 MiB = 1 << 20
 
 
-def test_monitoring_joins_and_leaves_the_lockspace(env: StorageEnv) -> None:
-    host = env.host()
+# One host and one block domain for the tests that join, leave and lose its lockspace
+# (building them is not what they are about). Each test gets the domain with no image
+# and either not monitored at all (`unjoined`) or with the host id held (`joined`).
+
+
+@pytest.fixture(scope="module")
+def domains(module_env: StorageEnv) -> SharedDomains:
+    return SharedDomains(module_env, name="agent",
+                         config={"storage": {"upload_stall_timeout": 60.0}})
+
+
+@pytest.fixture
+def unjoined(domains: SharedDomains) -> Iterator[DomainUnderTest]:
+    with domains.lend("block-512", joined=False) as d:
+        yield d
+
+
+@pytest.fixture
+def joined(domains: SharedDomains) -> Iterator[DomainUnderTest]:
+    with domains.lend("block-512") as d:
+        yield d
+
+
+def test_monitoring_joins_and_leaves_the_lockspace(domains: SharedDomains,
+                                                   unjoined: DomainUnderTest) -> None:
+    host = domains.host
     a = host.agent
-    dom = make_block_domain(a, env.farm, join=False)
+    dom = unjoined
     assert call(a, "Host.getStorageRepoStats") == {}
     call(a, "Host.startMonitoringDomain", sdUUID=dom.sd, hostID=7)
     with a.client() as c:
@@ -79,10 +99,12 @@ def test_monitor_reports_a_broken_domain(env: StorageEnv, tmp_path: Path) -> Non
         stats = wait_acquired(c, dom.sd)  # a local domain: the id is ours, no sanlock
     assert stats["valid"]
     (tmp_path / "data" / dom.sd / "dom_md" / "metadata").unlink()
-    deadline = time.monotonic() + 30
-    while (stats := call(a, "Host.getStorageRepoStats", domains=[dom.sd])[dom.sd])["valid"]:
-        assert time.monotonic() < deadline, stats
-        time.sleep(0.2)
+
+    def invalid() -> dict[str, Any] | None:
+        stats = call(a, "Host.getStorageRepoStats", domains=[dom.sd])[dom.sd]
+        return None if stats["valid"] else stats
+
+    stats = eventually(invalid, 30, "the monitor to report the broken domain")
     assert stats["code"] == 379  # StorageDomainAccessError: the metadata cannot be read
     call(a, "Host.stopMonitoringDomain", sdUUID=dom.sd)
 
@@ -105,9 +127,9 @@ def test_pool_connect_monitors_its_domains(env: StorageEnv, tmp_path: Path) -> N
     assert call(a, "Host.getStorageRepoStats") == {}
 
 
-def test_changes_to_a_shared_domain_need_the_host_id(env: StorageEnv) -> None:
-    a = env.agent()
-    dom = make_block_domain(a, env.farm, join=False)
+def test_changes_to_a_shared_domain_need_the_host_id(unjoined: DomainUnderTest) -> None:
+    dom = unjoined
+    a = dom.agent
     # Refused at once, before any task starts, and nothing was created.
     with pytest.raises(ServerError) as e:
         dom.create_volume(size=128 * MiB)
@@ -119,14 +141,15 @@ def test_changes_to_a_shared_domain_need_the_host_id(env: StorageEnv) -> None:
     assert dom.info(img, vol)["legality"] == "LEGAL"
 
 
-def test_leaving_is_refused_while_a_lease_is_held(env: StorageEnv) -> None:
-    host = env.host(config={"storage": {"upload_stall_timeout": 60.0}})
-    a = host.agent
-    dom = make_block_domain(a, env.farm)
+def test_leaving_is_refused_while_a_lease_is_held(domains: SharedDomains,
+                                                  joined: DomainUnderTest) -> None:
+    host = domains.host
+    dom = joined
+    a = dom.agent
     with StalledUpload(a, dom.sd):
-        wait_for(lambda: "SDM" in host.sanlock.status(), 30, "SDM held by the upload")
+        eventually(lambda: "SDM" in host.sanlock.status(), 30, "SDM held by the upload")
         assert code_of(a, "Host.stopMonitoringDomain", sdUUID=dom.sd) == 662
-    wait_for(lambda: "SDM" not in host.sanlock.status(), 30, "SDM released")
+    eventually(lambda: "SDM" not in host.sanlock.status(), 30, "SDM released")
     call(a, "Host.stopMonitoringDomain", sdUUID=dom.sd)
 
 
@@ -137,20 +160,21 @@ def test_watchdog_is_petted_disarmed_on_stop_and_fires_for_a_hung_agent(
         env: StorageEnv) -> None:
     host = env.host(watchdog_timeout=3)
     assert host.watchdog is not None
-    wait_for(lambda: host.watchdog.keepalives >= 3, 30, "keepalives")  # type: ignore[union-attr]
+    eventually(lambda: host.watchdog.keepalives >= 3, 30, "keepalives")  # type: ignore[union-attr]
     stats = call(host.agent, "Host.getStats")["watchdog"]
     assert stats["backend"] == "emulated" and stats["armed"] and stats["petting"]
     assert stats["timeout"] == 3 and stats["fenced"] is None
     assert "vdsmlite_watchdog_petting 1.0" in _metrics(host.agent)
 
-    # A clean stop disarms it: no reset follows.
+    # A clean stop disarms it (the magic close): no reset follows. The emulator, like
+    # a device, fires only while armed, so once disarmed there is nothing to wait for.
     host.agent.stop()
-    time.sleep(4)
-    assert host.watchdog.resets == [] and not host.watchdog.armed
+    eventually(lambda: not host.watchdog.armed, 5, "the watchdog disarmed")  # type: ignore[union-attr]
+    assert host.watchdog.resets == []
 
     # A hung agent (stopped, not dead) pets no more: the host is reset.
     host.agent.start()
-    wait_for(lambda: host.watchdog.armed, 30, "re-armed")  # type: ignore[union-attr]
+    eventually(lambda: host.watchdog.armed, 30, "re-armed")  # type: ignore[union-attr]
     host.agent.signal(signal.SIGSTOP)
     reset = host.watchdog.wait_reset(30)
     assert 3 <= reset.at - reset.last_keepalive < 5
@@ -197,15 +221,16 @@ def test_unusable_watchdog_device_stops_start_up(tmp_path: Path) -> None:
 
 
 
-def test_losing_the_lockspace_aborts_what_depended_on_it(env: StorageEnv) -> None:
-    host = env.host(config={"storage": {"upload_stall_timeout": 60.0}})
-    a = host.agent
-    dom = make_block_domain(a, env.farm)
+def test_losing_the_lockspace_aborts_what_depended_on_it(domains: SharedDomains,
+                                                         joined: DomainUnderTest) -> None:
+    host = domains.host
+    dom = joined
+    a = dom.agent
     good, _ = make_store(dom.sd, 2, "good")
     assert put_store(a, dom.sd, good)[0] == 200
     new, _ = make_store(dom.sd, 3, "new")
     with start_put(a, dom.sd, new, len(new) // 2) as s:
-        wait_for(lambda: holds(host, "SDM"), 30, "SDM held by the upload")
+        eventually(lambda: holds(host, "SDM"), 30, "SDM held by the upload")
         # The lockspace goes away under the agent (as when storage is lost): sanlock
         # kills the process holding leases there - the agent's lease holder.
         spec = next(line.split()[1] for line in sanlock_lockspaces(host).splitlines()

@@ -11,6 +11,8 @@ from vdsmlite.storage import constants as sc
 from vdsmlite.storage import persistent
 from vdsmlite.storage.volmeta import VolumeMetadata, truncate_description
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize(("md", "expected"), [
     ({}, "da39a3ee5e6b4b0d3255bfef95601890afd80709"),

@@ -21,6 +21,8 @@ from vdsmlite.ovf.model import Disk, Entity, OvfError, Snapshot
 from vdsmlite.ovf.reader import parse
 from vdsmlite.ovf.safexml import MAX_OVF_SIZE, OvfValidator
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture
 def samples_present() -> None:

@@ -10,14 +10,14 @@ import io
 import json
 import socket
 import tarfile
-import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import StorageEnv
+from tests.helpers import eventually
 from tests.ovf_helpers import (
     conn,
     entities,
@@ -25,6 +25,7 @@ from tests.ovf_helpers import (
     get_store,
     make_store,
     put_store,
+    stamp_time,
     start_put,
     store_tar,
     stores,
@@ -32,6 +33,8 @@ from tests.ovf_helpers import (
 from tests.storage_helpers import (
     BLANK,
     DomainUnderTest,
+    SharedDomains,
+    StorageEnv,
     make_block_domain,
     make_localfs_domain,
     wait_task,
@@ -42,12 +45,21 @@ from vdsmlite.client import ServerError
 pytestmark = pytest.mark.root
 
 
+STALL_TIMEOUT = 1.0
+
+
+@pytest.fixture(scope="module")
+def domains(module_env: StorageEnv) -> SharedDomains:
+    return SharedDomains(module_env, config={
+        "storage": {"upload_stall_timeout": STALL_TIMEOUT}}).build("localfs", "block-512")
+
+
 @pytest.fixture(params=["localfs", "block"])
-def dom(request: pytest.FixtureRequest, env: StorageEnv, tmp_path: Path) -> DomainUnderTest:
-    a = env.agent(config={"storage": {"upload_stall_timeout": 2.0}})
-    if request.param == "localfs":
-        return make_localfs_domain(a, tmp_path / "data")
-    return make_block_domain(a, env.farm)
+def dom(request: pytest.FixtureRequest, domains: SharedDomains) -> Iterator[DomainUnderTest]:
+    """A domain of the module's host with no image, so no OVF_STORE yet: each test
+    starts from a fresh domain's state, and its stores are deleted after it."""
+    with domains.lend("localfs" if request.param == "localfs" else "block-512") as d:
+        yield d
 
 
 def test_upload_both_framings_read_back_and_list(dom: DomainUnderTest) -> None:
@@ -73,11 +85,13 @@ def test_upload_both_framings_read_back_and_list(dom: DomainUnderTest) -> None:
     assert jobs[reply["taskID"]]["bytes_done"] == len(tar1)
     assert jobs[reply["taskID"]]["status"] == "done"
 
-    time.sleep(1.1)  # Last Updated has one-second resolution
+    # Last Updated has one-second resolution: a second upload within the same second
+    # still gets a later stamp (ovfstore.next_stamp), so no waiting here.
     tar2, names2 = make_store(dom.sd, 3, "second")
     status, reply2 = put_store(a, dom.sd, tar2)  # Content-Length this time
     assert status == 200, reply2
     assert reply2["volumeID"] != reply["volumeID"]  # never the newest good store
+    assert stamp_time(reply2["lastUpdated"]) > stamp_time(reply["lastUpdated"])
     assert get_store(a, dom.sd)[2] == tar2
     assert {e["id"]: e["name"] for e in entities(dom)["entities"]} == names2
 
@@ -214,9 +228,11 @@ def test_cut_connection_and_stalled_client(dom: DomainUnderTest) -> None:
     good, _ = make_store(dom.sd, 2)
     put_store(a, dom.sd, good)
     big = store_tar(dom.sd, [entity_ovf(f"vm-{i}") for i in range(50)])
+    with dom.client as c:  # the agent is shared: only the jobs of this test count
+        earlier = set(c.call("Host.getJobs"))
     # Cut: half the body of a sized request, then the socket is closed.
     start_put(a, dom.sd, big, len(big) // 2).close()
-    # Stall: half the body, then silence longer than the stall timeout (2 s).
+    # Stall: half the body, then silence longer than the stall timeout.
     s = start_put(a, dom.sd, big, len(big) // 2)
     s.settimeout(30)
     reply = b""
@@ -227,15 +243,15 @@ def test_cut_connection_and_stalled_client(dom: DomainUnderTest) -> None:
         reply += part
     s.close()
     assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
-    deadline = time.monotonic() + 30
-    with dom.client as c:
-        while time.monotonic() < deadline:
-            failed = [j for j in c.call("Host.getJobs").values()
-                      if j["description"].startswith("upload OVF_STORE") and j["status"] ==
-                      "failed"]
-            if len(failed) >= 2:
-                break
-            time.sleep(0.2)
+
+    def failed_uploads() -> list[dict[str, Any]]:
+        with dom.client as c:
+            failed = [j for jid, j in c.call("Host.getJobs").items()
+                      if jid not in earlier and j["description"].startswith("upload OVF_STORE")
+                      and j["status"] == "failed"]
+        return failed if len(failed) >= 2 else []
+
+    failed = eventually(failed_uploads, 30, "both failed uploads")
     assert {j["error"]["code"] for j in failed} == {2001}
     assert get_store(a, dom.sd)[2] == good
 
@@ -245,23 +261,23 @@ def test_sigkill_mid_upload_keeps_the_previous_store(dom: DomainUnderTest) -> No
     good, _ = make_store(dom.sd, 2)
     put_store(a, dom.sd, good)
     big = store_tar(dom.sd, [entity_ovf(f"vm-{i}") for i in range(50)])
+    with dom.client as c:  # the agent is shared: only the jobs of this test count
+        earlier = set(c.call("Host.getJobs"))
     s = start_put(a, dom.sd, big, len(big) // 2)
-    deadline = time.monotonic() + 30
-    with dom.client as c:  # wait until the daemon is writing
-        while time.monotonic() < deadline:
-            if any(j["status"] == "running" and j.get("bytes_done")
-                   for j in c.call("Host.getJobs").values()):
-                break
-            time.sleep(0.05)
+
+    def writing() -> bool:
+        with dom.client as c:
+            return any(j["status"] == "running" and j.get("bytes_done")
+                       for jid, j in c.call("Host.getJobs").items() if jid not in earlier)
+
+    eventually(writing, 30, "the daemon writing the upload")
     helpers = children(a.pid)
     assert helpers, "the upload's XML checks run in parser processes"
     a.kill()
     s.close()
     # The parser processes notice their daemon is gone and leave: no orphans.
-    deadline = time.monotonic() + 30
-    while any(Path(f"/proc/{pid}").exists() for pid in helpers):
-        assert time.monotonic() < deadline, f"orphaned parser processes: {helpers}"
-        time.sleep(0.2)
+    eventually(lambda: not any(Path(f"/proc/{pid}").exists() for pid in helpers), 30,
+               f"parser processes {helpers} to leave")
     a.start()
     assert get_store(a, dom.sd)[2] == good
     assert sorted(d["Updated"] for d in stores(dom).values()) == [False, True]

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.unit
+
 CONTRIB = Path(__file__).parent.parent / "contrib" / "systemd"
 
 

@@ -18,6 +18,8 @@ from vdsmlite.ovf.tarstream import (
     iter_members,
 )
 
+pytestmark = pytest.mark.unit
+
 SD = "c2a6d7c8-8d81-4e01-9ed4-7eb670713448"
 XXE = (b'<?xml version="1.0"?><!DOCTYPE x [<!ENTITY e SYSTEM "file:///etc/passwd">]>'
        b'<ovf:Envelope xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1/">&e;</ovf:Envelope>')

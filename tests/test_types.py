@@ -9,6 +9,8 @@ import pytest
 from vdsmlite.rpc.errors import JsonRpcInvalidParams
 from vdsmlite.rpc.types import SchemaEnum, check_return, compile_spec
 
+pytestmark = pytest.mark.unit
+
 ENUMS = {
     "StorageType": SchemaEnum("StorageType", {"UNKNOWN": 0, "NFS": 1, "FCP": 2, "ISCSI": 3}),
     "Format": SchemaEnum("Format", {"COW": "COW", "RAW": "RAW"}),

@@ -6,12 +6,12 @@ import asyncio
 import json
 import os
 import subprocess
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from tests.conftest import StorageEnv
+from tests.helpers import code_of
 from tests.storage_helpers import (
     BLANK,
     COW,
@@ -21,10 +21,10 @@ from tests.storage_helpers import (
     DomainUnderTest,
     GiB,
     MiB,
+    SharedDomains,
+    StorageEnv,
     lv_offset,
     lvm_cmd,
-    make_block_domain,
-    make_localfs_domain,
     new_id,
     read_direct,
     wait_task,
@@ -35,13 +35,23 @@ from vdsmlite.client import Client, ServerError
 pytestmark = pytest.mark.root
 
 
+@pytest.fixture(scope="module")
+def domains(module_env: StorageEnv) -> SharedDomains:
+    return SharedDomains(module_env).build("localfs", "block-512", "block-4k")
+
+
 @pytest.fixture(params=["localfs", "block-512", "block-4k"])
-def dom(request: pytest.FixtureRequest, env: StorageEnv, tmp_path: Path) -> DomainUnderTest:
-    a = env.agent()
-    if request.param == "localfs":
-        return make_localfs_domain(a, tmp_path / "data")
-    return make_block_domain(a, env.farm, sector_size=4096 if request.param == "block-4k"
-                             else 512)
+def dom(request: pytest.FixtureRequest, domains: SharedDomains) -> Iterator[DomainUnderTest]:
+    """A domain of the module's host, empty at the start of each test (fresh image ids;
+    everything the test made is deleted after it)."""
+    with domains.lend(request.param) as d:
+        yield d
+
+
+@pytest.fixture
+def block_dom(domains: SharedDomains) -> Iterator[DomainUnderTest]:
+    with domains.lend("block-512") as d:
+        yield d
 
 
 def independent_path(dom: DomainUnderTest, img: str, vol: str) -> tuple[str, int]:
@@ -53,12 +63,6 @@ def independent_path(dom: DomainUnderTest, img: str, vol: str) -> tuple[str, int
         return dom.lun.loop, offset
     assert dom.data_dir is not None
     return str(dom.data_dir / dom.sd / "images" / img / vol), 0
-
-
-def code_of(fn: Any, *args: Any, **kw: Any) -> int:
-    with pytest.raises(ServerError) as e:
-        fn(*args, **kw)
-    return e.value.code
 
 
 def test_volume_info(dom: DomainUnderTest) -> None:
@@ -100,11 +104,12 @@ def test_data_written_through_prepare_is_on_storage(dom: DomainUnderTest) -> Non
     assert read_direct(where, base + 16 * MiB, 4 * MiB) == pattern
 
 
-def test_another_hosts_write_is_seen_through_a_prepared_volume(env: StorageEnv) -> None:
+def test_another_hosts_write_is_seen_through_a_prepared_volume(
+        block_dom: DomainUnderTest) -> None:
     # Another host writes the LUN through its own path (here: the LUN's backing
     # file). This host must read the new bytes, not a copy cached on its side of
     # the volume's mapping (dm-linear caches nothing; its loop stand-in must not).
-    dom = make_block_domain(env.agent(), env.farm)
+    dom = block_dom
     assert dom.lun is not None
     img, vol = dom.create_volume(size=256 * MiB)
     path = dom.prepare(img, vol)
@@ -285,8 +290,8 @@ def test_concurrent_changes_to_one_image(dom: DomainUnderTest) -> None:
     assert [r["taskResult"] for r in results].count("success") >= 1
 
 
-def test_block_post_zero(env: StorageEnv) -> None:
-    dom = make_block_domain(env.agent(), env.farm)
+def test_block_post_zero(block_dom: DomainUnderTest) -> None:
+    dom = block_dom
     img, vol = dom.create_volume(size=128 * MiB)
     path = dom.prepare(img, vol)
     write_durably(path, 0, b"\xab" * MiB)
@@ -296,8 +301,9 @@ def test_block_post_zero(env: StorageEnv) -> None:
     assert read_direct(where, offset, MiB) == b"\0" * MiB
 
 
-def test_block_multi_segment_lv_is_a_clear_error_without_device_mapper(env: StorageEnv) -> None:
-    dom = make_block_domain(env.agent(), env.farm)
+def test_block_multi_segment_lv_is_a_clear_error_without_device_mapper(
+        block_dom: DomainUnderTest) -> None:
+    dom = block_dom
     img, vol = dom.create_volume(size=128 * MiB)
     dom.create_volume(size=128 * MiB)  # takes the extent right after `vol`
     with dom.client as c:
