@@ -32,8 +32,7 @@ help:
 run: apt-run venv
 	$(VENV)/bin/vdsmlite $(RUN_ARGS)
 
-test: apt-test venv
-	$(VENV)/bin/ruff check vdsmlite tests fake_storage bench
+test: apt-test venv lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The modules marked `unit` (pytest.ini_options markers): parsers, schema types,
@@ -44,8 +43,10 @@ test-unit: venv
 bench: apt-bench venv
 	$(PY) bench/run_all.py
 
+# ruff everywhere; mypy on the package (its settings in pyproject.toml).
 lint: venv
 	$(VENV)/bin/ruff check vdsmlite tests fake_storage bench
+	$(VENV)/bin/mypy
 
 venv: $(STAMPS)/venv
 

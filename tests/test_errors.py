@@ -6,8 +6,12 @@ import pickle
 import re
 from pathlib import Path
 
+import pytest
+
 from vdsmlite import errors
 from vdsmlite.rpc import errors as rpc_errors
+
+pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parent.parent
 CATALOG = ROOT / "vdsmlite" / "errors.py"

@@ -20,6 +20,8 @@ from vdsmlite.ovf.model import OvfError
 from vdsmlite.ovf.tarstream import TarError, TarValidator
 from vdsmlite.ovf.workers import NamedDoc, OvfBatcher, OvfWorkers
 
+pytestmark = pytest.mark.unit
+
 ENVELOPE = b'<ovf:Envelope xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1/">'
 UNBOUND_PREFIX = ENVELOPE + b"<Content><x:Name/></Content></ovf:Envelope>"
 NOT_AN_OVF = b"<html/>"

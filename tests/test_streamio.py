@@ -12,6 +12,8 @@ import pytest
 from tests.helpers import run
 from vdsmlite.storage.streamio import DirectWriter, WriterState
 
+pytestmark = pytest.mark.unit
+
 BUF = 4096
 
 

@@ -29,6 +29,8 @@ from vdsmlite.virt.definition import (
     VolumeSource,
 )
 
+pytestmark = pytest.mark.unit
+
 DATA = Path(__file__).parent / "data" / "engine-xml"
 
 VM_ID = "7a1c2b3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
