@@ -32,8 +32,10 @@ help:
 run: apt-run venv
 	$(VENV)/bin/vdsmlite $(RUN_ARGS)
 
+# Two workers, a module each at a time (module-scoped domains stay in one
+# process); each worker has a udev database of its own (tests/conftest.py).
 test: apt-test venv lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 
 # The modules marked `unit` (pytest.ini_options markers): parsers, schema types,
 # dispatcher, jobs, config, on-disk formats. No root, no daemon, no storage.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,34 @@ from tests.storage_helpers import StorageEnv
 # seconds after start-up: most test daemons never parse an OVF, and live long enough
 # to pay two extra interpreters each on a 2-core machine.
 agent_module.HARNESS_CONFIG["storage"] = {"ovf_parser_warmup_delay": -1.0}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # `make test` runs the suite in parallel workers (pytest-xdist). What one
+    # worker's LUNs are is the udev database (`fake_storage.lunfarm` writes it,
+    # the daemon reads it through pyudev): each worker gets a private one, so
+    # device listings, domain scans and the orphan reaper of one worker never see
+    # another's LUNs. Mounts (posixfs domains) become private to it as well.
+    if os.environ.get("PYTEST_XDIST_WORKER") and os.geteuid() == 0:
+        _private_udev_database()
+
+
+def _private_udev_database() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    clone_newns, ms_rec, ms_private = 0x00020000, 0x4000, 1 << 18
+
+    def check(rc: int, what: str) -> None:
+        if rc != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"{what}: {os.strerror(err)}")
+
+    os.makedirs("/run/udev", exist_ok=True)  # a mount point, also where udev never ran
+    # Tests (and the daemons, mounts and LUN farms they start) run on this thread.
+    check(libc.unshare(clone_newns), "unshare(CLONE_NEWNS)")
+    check(libc.mount(b"none", b"/", None, ms_rec | ms_private, None), "make / private")
+    check(libc.mount(b"tmpfs", b"/run/udev", b"tmpfs", 0, b"mode=0755"),
+          "tmpfs on /run/udev")
+    os.makedirs("/run/udev/data")
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
