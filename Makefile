@@ -12,10 +12,11 @@ RUN_ARGS ?=
 # Extra arguments for pytest, e.g. PYTEST_ARGS="-k rpc -x".
 PYTEST_ARGS ?=
 
-# Debian packages. The embedded default (a local file domain) needs qemu-img;
-# the test suite drives real LVM, sanlock, qemu, iscsiadm and mount helpers.
-APT_RUN  := qemu-utils util-linux
-APT_TEST := $(APT_RUN) lvm2 sanlock libsanlock-client1 qemu-system-x86 open-iscsi \
+# Debian packages. The embedded default (a local file domain) needs qemu-img, and
+# qemu itself for VMs; the test suite drives real LVM, sanlock, qemu, iscsiadm and
+# mount helpers.
+APT_RUN  := qemu-utils qemu-system-x86 util-linux
+APT_TEST := $(APT_RUN) lvm2 sanlock libsanlock-client1 open-iscsi \
             nfs-common e2fsprogs xfsprogs openssl curl systemd
 # Benchmarks also need a load generator faster than the servers it measures.
 APT_BENCH := $(APT_TEST) wrk
