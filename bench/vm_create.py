@@ -61,6 +61,7 @@ from qemu.qmp import ConnectError, QMPClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from fake_storage.children import kill_vms_left_in
 from fake_storage.cluster import SimHost
 from fake_storage.lunfarm import FakeLun, LunFarm
 
@@ -415,20 +416,6 @@ def explain_failure(host: SimHost, farm: LunFarm) -> None:
                   file=sys.stderr)
 
 
-def kill_agent_qemus(vm_dir: Path) -> None:
-    """Qemus the agent left behind (a failed run): by pid from their pidfile, only if
-    that pid's cmdline names the pidfile."""
-    for pidfile in vm_dir.glob("*/qemu.pid"):
-        try:
-            pid = int(pidfile.read_text())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except (OSError, ValueError):
-            continue
-        if str(pidfile).encode() in cmdline:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-
-
 async def run_all(url: str, bare: Bare, *, agent_pid: int, vm_dir: Path,
                   luns: list[FakeLun],
                   args: argparse.Namespace) -> tuple[dict[int, Sequential], Concurrent]:
@@ -499,7 +486,7 @@ def main() -> None:
             with contextlib.suppress(OSError):
                 shutil.copy(host.agent.log_path, args.keep_log)
         host.stop()
-        kill_agent_qemus(vm_dir)
+        kill_vms_left_in(vm_dir)
         problems = farm.destroy()
         for d in (vm_dir, bare.base, tmp):
             shutil.rmtree(d, ignore_errors=True)

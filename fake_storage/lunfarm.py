@@ -23,6 +23,7 @@ are persistent and only go away with ``lunfarm destroy``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import secrets
@@ -36,6 +37,10 @@ UDEV_DATA = Path("/run/udev/data")
 BY_ID = Path("/dev/disk/by-id")
 BY_PATH = Path("/dev/disk/by-path")
 MARKER = "FAKE_STORAGE_LUNFARM"
+# Farms owned by a process are also listed here (a file naming the farm dir): a
+# test worker with a udev database of its own (tests/conftest.py) takes its udev
+# files with it when it dies, and the reaper must still find its loop devices.
+REGISTRY = Path("/run/fake-storage-farms")
 
 
 class FarmError(Exception):
@@ -267,13 +272,22 @@ class LunFarm:
         if not problems:
             with contextlib.suppress(FileNotFoundError):
                 self.manifest.unlink()
+            with contextlib.suppress(FileNotFoundError):
+                self._registry_entry.unlink()
         return problems
+
+    @property
+    def _registry_entry(self) -> Path:
+        return REGISTRY / hashlib.sha256(str(self.dir).encode()).hexdigest()[:32]
 
     def _save(self) -> None:
         tmp = self.manifest.with_name("lunfarm.json.tmp")
         tmp.write_text(json.dumps({"owner": self.owner, "luns": [asdict(x) for x in self.luns]},
                                   indent=1))
         os.rename(tmp, self.manifest)
+        if self.owner is not None and not self._registry_entry.exists():
+            REGISTRY.mkdir(mode=0o700, exist_ok=True)
+            self._registry_entry.write_text(str(self.dir))
 
     def by_guid(self, guid: str) -> FakeLun:
         for lun in self.luns:
@@ -295,6 +309,14 @@ def reap_orphans() -> list[str]:
             for line in udev_file.read_text().splitlines():
                 if line.startswith(f"E:{MARKER}="):
                     farm_dirs.setdefault(Path(line.split("=", 1)[1]), []).append(udev_file)
+    # Farms whose udev files went with a private udev database: by their registry entry.
+    for entry in (REGISTRY.glob("*") if REGISTRY.is_dir() else []):
+        with contextlib.suppress(OSError):
+            farm_dir = Path(entry.read_text().strip())
+            if not (farm_dir / "lunfarm.json").exists():
+                entry.unlink()  # destroyed, or its directory is gone: nothing recorded
+                continue
+            farm_dirs.setdefault(farm_dir, [])
     report = []
     for farm_dir, udev_files in farm_dirs.items():
         if (farm_dir / "lunfarm.json").exists():

@@ -156,6 +156,31 @@ def test_farm_of_a_killed_run_is_reaped(tmp_path: Path) -> None:
     assert loops_attached() == before
 
 
+def test_farm_of_a_killed_run_with_a_private_udev_database_is_reaped(tmp_path: Path) -> None:
+    """A test worker's udev files die with its private udev database (see
+    tests/conftest.py); its loop devices must not."""
+    before = loops_attached()
+    farm_dir = tmp_path / "farm"
+    script = (
+        "import json, os, signal\n"
+        "from dataclasses import asdict\n"
+        "from pathlib import Path\n"
+        "from fake_storage.lunfarm import LunFarm\n"
+        f"luns = LunFarm(Path({str(farm_dir)!r})).create(2, '16M')\n"
+        "print(json.dumps([asdict(x) for x in luns]), flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n")
+    out = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c",
+         'mount -t tmpfs tmpfs /run/udev && mkdir /run/udev/data && exec "$0" -c "$1"',
+         sys.executable, script], capture_output=True, text=True)
+    assert out.returncode == -9, out.stderr
+    luns = json.loads(out.stdout)
+    assert len(loops_attached() - before) == 2
+    assert f"reaped orphaned farm {farm_dir}" in reap_orphans()
+    assert _gone(luns)
+    assert loops_attached() == before
+
+
 def test_farm_whose_manifest_was_deleted_is_reaped_from_its_udev_files(tmp_path: Path) -> None:
     before = loops_attached()
     luns = _farm_in_a_killed_process(tmp_path / "farm")

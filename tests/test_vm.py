@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from fake_storage.children import kill_vms_left_in
 from fake_storage.cluster import SimHost
 from fake_storage.lunfarm import FakeLun, LunFarm
 from tests.helpers import run
@@ -79,7 +80,7 @@ def vmenv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmEnv]:
         _destroy_all(host)
         unmount_under(host.agent.state_dir)
         host.stop()
-        _kill_leftover_qemus(vm_run_dir)
+        kill_vms_left_in(vm_run_dir)
         shutil.rmtree(vm_run_dir, ignore_errors=True)
         problems = farm.destroy()
         assert not problems, problems
@@ -91,18 +92,6 @@ def _destroy_all(host: SimHost) -> None:
     with host.agent.client() as c:
         for vm in c.call("Host.getVMList", {"onlyUUID": True}):
             c.call("VM.destroy", {"vmID": vm})
-
-
-def _kill_leftover_qemus(vm_run_dir: Path) -> None:
-    """A failed test may leave a VM behind; its pidfile names it (by PID, never name)."""
-    for pidfile in vm_run_dir.glob("*/qemu.pid"):
-        try:
-            pid = int(pidfile.read_text())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except (OSError, ValueError):
-            continue
-        if str(pidfile).encode() in cmdline:
-            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture
