@@ -17,10 +17,21 @@ from tests.helpers import output_of_a_killed_runner
 pytestmark = pytest.mark.root
 
 
-def loops_attached() -> set[str]:
-    out = subprocess.run(["losetup", "--list", "--noheadings", "--output", "NAME"],
+def loops_attached(under: Path | None = None) -> set[str]:
+    """Attached loop devices; with `under`, only those backed by a file below it or
+    stacked on one of those: the suite's other worker attaches loops of its own."""
+    out = subprocess.run(["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"],
                          capture_output=True, text=True, check=True).stdout
-    return set(out.split())
+    backing = {}
+    for line in out.splitlines():
+        name, _, back = line.strip().partition(" ")
+        backing[name] = back.strip()
+    if under is None:
+        return set(backing)
+    ours = {n for n, b in backing.items() if b.startswith(f"{under}/")}
+    while stacked := {n for n, b in backing.items() if b in ours} - ours:
+        ours |= stacked
+    return ours
 
 
 def test_luns_carry_scsi_identities_readable_through_pyudev(lun_farm: LunFarm) -> None:
@@ -49,12 +60,12 @@ def test_luns_carry_scsi_identities_readable_through_pyudev(lun_farm: LunFarm) -
 
 
 def test_destroy_removes_everything(tmp_path: Path) -> None:
-    before = loops_attached()
+    before = loops_attached(tmp_path)
     farm = LunFarm(tmp_path / "farm")
     luns = farm.create(3, "32M")
-    assert {lun.loop for lun in luns} <= loops_attached()
+    assert {lun.loop for lun in luns} <= loops_attached(tmp_path)
     assert farm.destroy() == []
-    assert loops_attached() == before
+    assert loops_attached(tmp_path) == before
     for lun in luns:
         assert not Path(lun.udev_file).exists()
         assert not Path(lun.backing).exists()
@@ -146,20 +157,20 @@ def _gone(luns: list[dict]) -> bool:
 
 
 def test_farm_of_a_killed_run_is_reaped(tmp_path: Path) -> None:
-    before = loops_attached()
+    before = loops_attached(tmp_path)
     luns = _farm_in_a_killed_process(tmp_path / "farm")
     assert not _gone(luns)
-    assert len(loops_attached() - before) == 3  # two LUNs and the stacked mapping
+    assert len(loops_attached(tmp_path) - before) == 3  # two LUNs and the stacked mapping
     report = reap_orphans()
     assert f"reaped orphaned farm {tmp_path / 'farm'}" in report
     assert _gone(luns)
-    assert loops_attached() == before
+    assert loops_attached(tmp_path) == before
 
 
 def test_farm_of_a_killed_run_with_a_private_udev_database_is_reaped(tmp_path: Path) -> None:
     """A test worker's udev files die with its private udev database (see
     tests/conftest.py); its loop devices must not."""
-    before = loops_attached()
+    before = loops_attached(tmp_path)
     farm_dir = tmp_path / "farm"
     script = (
         "import json, os, signal\n"
@@ -175,19 +186,19 @@ def test_farm_of_a_killed_run_with_a_private_udev_database_is_reaped(tmp_path: P
          sys.executable, script], capture_output=True, text=True)
     assert out.returncode == -9, out.stderr
     luns = json.loads(out.stdout)
-    assert len(loops_attached() - before) == 2
+    assert len(loops_attached(tmp_path) - before) == 2
     assert f"reaped orphaned farm {farm_dir}" in reap_orphans()
     assert _gone(luns)
-    assert loops_attached() == before
+    assert loops_attached(tmp_path) == before
 
 
 def test_farm_whose_manifest_was_deleted_is_reaped_from_its_udev_files(tmp_path: Path) -> None:
-    before = loops_attached()
+    before = loops_attached(tmp_path)
     luns = _farm_in_a_killed_process(tmp_path / "farm")
     (tmp_path / "farm" / "lunfarm.json").unlink()
     reap_orphans()
     assert _gone(luns)
-    assert loops_attached() == before
+    assert loops_attached(tmp_path) == before
 
 
 def test_live_and_persistent_farms_are_not_reaped(lun_farm: LunFarm, tmp_path: Path) -> None:
