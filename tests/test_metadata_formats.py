@@ -24,6 +24,20 @@ def test_checksum_vectors(md: dict[str, str], expected: str) -> None:
     assert persistent.checksum(md) == expected
 
 
+def test_checksum_orders_lines_by_key_as_vdsm_does() -> None:
+    """VDSM hashes `"%s=%s" % kv for kv in sorted(md.items())`: PV1 before PV10. Sorting
+    the joined strings instead would put "PV10=" first ("0" < "="), and past ten PVs
+    each agent would refuse the other's block domain metadata with 752."""
+    md = {"PV1": "pv:a", "PV10": "pv:b", "PV2": "pv:c"}
+    by_key = hashlib.sha1(b"PV1=pv:aPV10=pv:bPV2=pv:c").hexdigest()
+    by_string = hashlib.sha1(b"PV10=pv:bPV1=pv:aPV2=pv:c").hexdigest()
+    assert persistent.checksum(md) == by_key != by_string
+    # What vdsmlite sealed in the old order still reads (and is resealed on write).
+    assert persistent.verify({**md, "_SHA_CKSUM": by_string}) == md
+    with pytest.raises(errors.MetaDataSealIsBroken):
+        persistent.verify({**md, "_SHA_CKSUM": "0" * 40})
+
+
 def test_checksum_of_non_ascii_uses_xml_char_refs() -> None:
     md = {"DESCRIPTION": "caf\u00e9"}
     assert persistent.checksum(md) == hashlib.sha1(b"DESCRIPTION=caf&#233;").hexdigest()
@@ -97,9 +111,11 @@ def test_volume_metadata_limits() -> None:
             VolumeMetadata.from_bytes(broken)
 
 
-def test_description_truncation_is_utf8_safe() -> None:
+def test_description_keeps_210_characters_as_vdsm() -> None:
     assert truncate_description("x" * 300) == "x" * 210
-    assert truncate_description("\u00e9" * 200).encode() == ("\u00e9" * 105).encode()
+    # Characters, not bytes (VDSM's validate_description): 200 x "é" stay whole.
+    assert truncate_description("\u00e9" * 200) == "\u00e9" * 200
+    assert truncate_description("\u00e9" * 300) == "\u00e9" * 210
     assert truncate_description("short") == "short"
 
 

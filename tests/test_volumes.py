@@ -159,9 +159,19 @@ def test_snapshot_chain(dom: DomainUnderTest) -> None:
 def test_description_legality_and_illegal_prepare(dom: DomainUnderTest) -> None:
     img, vol = dom.create_volume(size=128 * MiB)
     with dom.client as c:
+        # VDSM's rule: 210 characters are kept; metadata that then overflows its
+        # 512-byte block is refused (756) and the old description stays.
         c.call("Volume.setDescription", {**dom.vol_params(img, vol),
-                                         "description": "\u00e9" * 150})
-        assert dom.info(img, vol)["description"] == "\u00e9" * 105  # 210 bytes, VDSM-style
+                                         "description": "x" * 300})
+        assert dom.info(img, vol)["description"] == "x" * 210
+        c.call("Volume.setDescription", {**dom.vol_params(img, vol),
+                                         "description": "\u00e9" * 100})
+        assert dom.info(img, vol)["description"] == "\u00e9" * 100
+        with pytest.raises(ServerError) as e:
+            c.call("Volume.setDescription", {**dom.vol_params(img, vol),
+                                             "description": "\u00e9" * 150})
+        assert e.value.code == 756
+        assert dom.info(img, vol)["description"] == "\u00e9" * 100
         c.call("Volume.setLegality", {**dom.vol_params(img, vol), "legality": "ILLEGAL"})
         assert dom.info(img, vol)["status"] == "ILLEGAL"
         with pytest.raises(ServerError) as e:
@@ -210,6 +220,9 @@ def test_bad_input_changes_nothing(dom: DomainUnderTest) -> None:
     assert code_of(dom.create_volume, img, fmt=RAW, prealloc=PREALLOCATED, parent=vol) == 202
     assert code_of(dom.create_volume, size=0) == 229
     assert code_of(dom.create_volume, pool=new_id()) == 353  # unattached domain
+    # 210 characters are kept (VDSM's rule), but 210 x "é" cannot fit the 512-byte
+    # metadata block: refused before anything is made, as VDSM refuses it.
+    assert code_of(dom.create_volume, desc="\u00e9" * 300) == 756
     if dom.is_block:
         assert code_of(dom.create_volume, fmt=RAW, prealloc=SPARSE) == 202
     with dom.client as c:

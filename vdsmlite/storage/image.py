@@ -78,6 +78,9 @@ class Image:
             raise errors.InvalidParameterException("diskType", req.disktype)
         if req.initial_size is not None and req.initial_size > req.capacity:
             raise errors.InvalidParameterException("initialSize", req.initial_size)
+        # Metadata that cannot fit its 512-byte block (a long non-ASCII description)
+        # is refused now, before anything is made on storage.
+        dom.new_metadata(req, req.capacity, sc.ILLEGAL).to_bytes()
         if not req.has_parent:
             return None
         if req.parent_img not in (req.img_uuid, sc.BLANK_UUID):

@@ -2,9 +2,11 @@
 
 The format is VDSM's, so either agent can read a domain the other wrote:
 
-* the checksum is the SHA-1 hex digest of the sorted ``KEY=VALUE`` strings
-  (every key except ``_SHA_CKSUM``) concatenated without separators, encoded
-  as ASCII with XML character references for anything else;
+* the checksum is the SHA-1 hex digest of the ``KEY=VALUE`` strings of every
+  key except ``_SHA_CKSUM``, in the order of their *keys* (``PV1`` before
+  ``PV10``: sorting the joined strings would put ``PV10=`` first, since ``0``
+  sorts before ``=``), concatenated without separators, encoded as ASCII with
+  XML character references for anything else;
 * a file domain keeps the pairs as sorted lines in ``dom_md/metadata``;
 * a block domain keeps them as VG tags ``MDT_<KEY>=<VALUE>``, where characters
   LVM does not allow in tags are written as ``&<ord>&``.
@@ -17,10 +19,13 @@ versions), but every write of ours seals it.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from collections.abc import Iterable, Mapping
 
 from vdsmlite import errors
+
+log = logging.getLogger("vdsmlite.storage.persistent")
 
 CHECKSUM_KEY = "_SHA_CKSUM"
 TAG_PREFIX = "MDT_"
@@ -32,7 +37,7 @@ _KEY_RE = re.compile(r"^[A-Za-z0-9_]+$")
 
 
 def checksum(md: Mapping[str, str]) -> str:
-    lines = sorted(f"{k}={v}" for k, v in md.items() if k != CHECKSUM_KEY)
+    lines = [f"{k}={v}" for k, v in sorted(md.items()) if k != CHECKSUM_KEY]
     digest = hashlib.sha1()
     for line in lines:
         digest.update(line.encode("ascii", "xmlcharrefreplace"))
@@ -57,8 +62,20 @@ def verify(md: Mapping[str, str]) -> dict[str, str]:
         return pairs
     computed = checksum(pairs)
     if stored != computed:
+        if stored == _string_order_checksum(pairs):
+            # Sealed by vdsmlite before it ordered lines by key (only differs past ten
+            # PVs): the same data, accepted; the next write seals it VDSM's way.
+            log.warning("metadata sealed in vdsmlite's old line order; accepted")
+            return pairs
         raise errors.MetaDataSealIsBroken(stored, computed)
     return pairs
+
+
+def _string_order_checksum(md: Mapping[str, str]) -> str:
+    digest = hashlib.sha1()
+    for line in sorted(f"{k}={v}" for k, v in md.items()):
+        digest.update(line.encode("ascii", "xmlcharrefreplace"))
+    return digest.hexdigest()
 
 
 # --- file domain: lines ------------------------------------------------------------

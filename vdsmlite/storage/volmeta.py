@@ -89,8 +89,8 @@ class VolumeMetadata:
 
 
 def truncate_description(desc: str) -> str:
-    """VDSM truncates descriptions to 210 bytes (UTF-8 safe) instead of rejecting them."""
-    data = desc.encode("utf-8")
-    if len(data) <= sc.DESCRIPTION_SIZE:
-        return desc
-    return data[:sc.DESCRIPTION_SIZE].decode("utf-8", errors="ignore")
+    """VDSM keeps the first 210 *characters* of a description instead of refusing a
+    longer one (VolumeMetadata.validate_description). Non-ASCII text can still
+    make the metadata block overflow its 512 bytes: `to_bytes` then raises
+    MetadataOverflowError, as VDSM does."""
+    return desc[:sc.DESCRIPTION_SIZE]
