@@ -110,20 +110,12 @@ class LoopActivation:
                 f"{lv.vg_name}/{lv.name}", f"segment size {length} != LV size {lv.size}")
         return seg.pv, offset, length
 
-    def find(self, pv: str, offset: int, size: int | None = None, *,
-             detaching: bool = False) -> str | None:
-        """The loop device already mapping (pv, offset[, size]), if any.
-
-        Not one being detached unless `detaching`: `losetup --detach` of a device
-        someone still holds open only sets autoclear, and the device keeps its old
-        backing (which may be a LUN that has since gone, or whose loop number now
-        names another LUN): never map an LV onto it."""
+    def find(self, pv: str, offset: int, size: int | None = None) -> str | None:
+        """The loop device already mapping (pv, offset[, size]), if any."""
         real = os.path.realpath(pv)
         for entry in Path("/sys/block").glob("loop*"):
             loop = entry.name
             if _loop_attr(loop, "backing_file") != real:
-                continue
-            if not detaching and _loop_attr(loop, "autoclear") == "1":
                 continue
             if _loop_attr(loop, "offset") != str(offset):
                 continue
@@ -254,8 +246,7 @@ class Activator:
                 if seg.pv in pe_starts:
                     offset = pe_starts[seg.pv] + seg.first_pe * extent_size
                     detached: set[str] = set()
-                    while (stale := self.strategy.find(seg.pv, offset,
-                                                       detaching=True)) is not None:
+                    while (stale := self.strategy.find(seg.pv, offset)) is not None:
                         if stale in detached:
                             # Detaching an open loop device only marks it to go away
                             # on last close: someone (sanlock?) still has it open.
