@@ -38,6 +38,10 @@ log = logging.getLogger("vdsmlite.locking.leases")
 # Answers that mean "another host has it (or had it, and is not known dead yet)".
 _BUSY = {sanlock.SANLK_ACQUIRE_IDLIVE, sanlock.SANLK_ACQUIRE_OWNED_RETRY,
          sanlock.SANLK_ACQUIRE_OTHER, sanlock.SANLK_ACQUIRE_OWNED}
+# Answers that mean "storage did not answer in time" (an I/O stall of more than
+# io_timeout on a busy host or SAN): worth another ballot until the same deadline.
+_AIO_TIMEOUT, _DBLOCK_READ, _DBLOCK_WRITE = 202, 210, 211  # sanlock_rv.h, negated
+_TRANSIENT = {_AIO_TIMEOUT, _DBLOCK_READ, _DBLOCK_WRITE}
 _RETRY_INTERVAL = 0.5
 _START_TIMEOUT = 60.0
 _REQUEST_TIMEOUT = 120.0
@@ -137,10 +141,16 @@ class LeaseManager:
                 if reply.get("ok"):
                     break
                 rc, message = reply.get("errno", 0), reply.get("message", "")
-                if rc not in _BUSY:
+                if rc not in _BUSY and rc not in _TRANSIENT:
                     raise errors.AcquireLockFailure(resource, rc, message,
                                                     _hint(rc, lockspace))
-                if time.monotonic() >= deadline:
+                if rc in _TRANSIENT:
+                    log.warning("lease %s:%s: %s (rc %d); trying again", lockspace, resource,
+                                message, rc)
+                    if time.monotonic() >= deadline:
+                        raise errors.AcquireLockFailure(resource, rc, message,
+                                                        _hint(rc, lockspace))
+                elif time.monotonic() >= deadline:
                     raise errors.AcquireLockFailure(
                         resource, rc, message,
                         f"held by another host of lockspace {lockspace} for {timeout:.0f}s")
