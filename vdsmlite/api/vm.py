@@ -15,7 +15,7 @@ class VmApi:
 
     @verb("VM.create")
     async def create(self, *, vmID: str, vmParams: dict[str, Any]) -> dict[str, Any]:
-        self._vms.vms()  # 99 while recovering, before the request is even read
+        self._vms.require_ready()  # 99 while recovering, before the request is even read
         return await self._vms.create(requests.parse_create(vmID, vmParams))
 
     @verb("VM.destroy")

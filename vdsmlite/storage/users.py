@@ -93,10 +93,6 @@ class StorageUsers:
             raise errors.VolumeIsBusy(_name(key), f"cannot {what}: in use by VM "
                                                   f"{', '.join(owners)}")
 
-    def holds_of(self, owner: str) -> list[Hold]:
-        with self._lock:
-            return [h for holds in self._holds.values() for h in holds if h.owner == owner]
-
 
 def _name(key: Key) -> str:
     return key.guid if isinstance(key, LunKey) else key.image_id

@@ -65,28 +65,29 @@ class VmManager:
         self._launches: dict[str, asyncio.Task[None]] = {}
         self.state = ManagerState.RECOVERING
 
-    def _require_ready(self) -> None:
+    def require_ready(self) -> None:
+        """99 while VMs are being recovered, 443 once shutting down."""
         if self.state is ManagerState.RECOVERING:
             raise errors.RecoveryInProgress()
         if self.state is ManagerState.CLOSED:
             raise errors.ActionStopped()
 
     def get(self, vm_id: str) -> Vm:
-        self._require_ready()
+        self.require_ready()
         vm = self._vms.get(vm_id)
         if vm is None:
             raise errors.NoSuchVM(vm_id)
         return vm
 
     def vms(self, vm_ids: list[str] | None = None) -> list[Vm]:
-        self._require_ready()
+        self.require_ready()
         wanted = set(vm_ids or ())
         return [vm for vid, vm in sorted(self._vms.items()) if not wanted or vid in wanted]
 
     # --- create / destroy ------------------------------------------------------------
 
     async def create(self, defn: VmDefinition) -> dict[str, Any]:
-        self._require_ready()
+        self.require_ready()
         if defn.vm_id in self._vms:
             raise errors.VMExists(defn.vm_id)
         vm_dir = self._vm_dir(defn.vm_id)
