@@ -297,9 +297,10 @@ def test_create_with_guid_disks_and_a_block_volume(vmenv: VmEnv, vms: list[str],
     assert read_direct(shared_lun.loop, 4096, 4096) == bytes([pattern]) * 4096
 
     with vmenv.client as c:
-        c.call("VM.cont", {"vmID": vm_id})
+        # VDSM's Bridge answers both with {"vmList": {}} (VM_running_state_change_Ret).
+        assert c.call("VM.cont", {"vmID": vm_id}) == {"vmList": {}}
         wait_status(c, vm_id, "Up")
-        c.call("VM.pause", {"vmID": vm_id})
+        assert c.call("VM.pause", {"vmID": vm_id}) == {"vmList": {}}
         wait_status(c, vm_id, "Paused")
         # In use: the image is not torn down or deleted, the LUN not made a PV.
         image = {"storagepoolID": BLANK, "storagedomainID": vmenv.dom.sd,
