@@ -23,6 +23,7 @@ from vdsmlite.virt.definition import (
     DiskFormat,
     DiskSpec,
     ErrorPolicy,
+    LeaseSpec,
     LunSource,
     Sgio,
     VmDefinition,
@@ -173,12 +174,17 @@ def test_engine_sent_xml_sysprep_floppy_refused_rest_read() -> None:
     assert "sound ich6" in vm.ignored and "cdrom hdc (empty)" in vm.ignored
 
 
-def test_hosted_engine_lease_refused_rest_read() -> None:
+def test_hosted_engine_lease_and_disk_read() -> None:
     xml = read("vdsm-hostedengine.xml")
     vm_id = uuid_of(xml)
-    with pytest.raises(errors.CannotCreateVM, match="<lease>"):
-        domxml.parse_domain(xml, vm_id)
-    vm = domxml.parse_domain(without(xml, "devices/lease"), vm_id)
+    vm = domxml.parse_domain(xml, vm_id)
+    # VDSM's own sample holds the disk's volume lease: no offset, libvirt's 0.
+    assert vm.lease == LeaseSpec(
+        sd_id="7a9a1478-6a7c-465b-b0e5-598205be7faf",
+        lease_id="0fa79d54-74ac-41bb-9936-c6ecdd947150",
+        path="/rhev/data-center/mnt/NAS/7a9a1478-6a7c-465b-b0e5-598205be7faf/images/"
+             "76b07256-29ce-4634-9f4a-db35d3bc61c6/0fa79d54-74ac-41bb-9936-c6ecdd947150.lease",
+        offset=0)
     [vda] = vm.disks
     assert (vda.name, vda.bus, vda.index) == ("vda", DiskBus.VIRTIO, 0)
     assert isinstance(vda.source, VolumeSource)
@@ -804,3 +810,48 @@ def test_round_trip(vm: VmDefinition) -> None:
     assert again == vm
     assert [type(d.source) for d in again.disks] == [type(d.source) for d in vm.disks]
     assert copy.deepcopy(again).to_dict() == vm.to_dict()
+
+
+# --- VM leases ------------------------------------------------------------------------
+
+SD = "5b9a7c61-0d3e-4b7a-9f2c-6e8d1a4b3c2f"
+LEASE_XML = ("<lease><key>{key}</key><lockspace>{sd}</lockspace>"
+             "<target path='{path}' offset='{offset}'/></lease>")
+
+
+def test_vm_lease_placeholders_are_resolved_later_in_both_forms() -> None:
+    """The engine sends VDSM's placeholders; only the running host knows the path."""
+    placeholder = LEASE_XML.format(key=VM_ID, sd=SD, path=f"LEASE-PATH:{VM_ID}:{SD}",
+                                   offset=f"LEASE-OFFSET:{VM_ID}:{SD}")
+    from_xml = domxml.parse_domain(domain().replace("</devices>", placeholder + "</devices>"),
+                                   VM_ID)
+    from_dict = legacy.parse_vm_params(legacy_vm(
+        SDA_DICT, {"type": "lease", "device": "lease", "lease_id": VM_ID, "sd_id": SD,
+                   "path": f"LEASE-PATH:{VM_ID}:{SD}", "offset": f"LEASE-OFFSET:{VM_ID}:{SD}"}))
+    assert from_xml.lease == from_dict.lease == LeaseSpec(sd_id=SD, lease_id=VM_ID)
+    # And it survives vm.json.
+    assert VmDefinition.from_dict(from_xml.to_dict()).lease == from_xml.lease
+
+
+def test_vm_lease_with_its_place() -> None:
+    xml = LEASE_XML.format(key=VM_ID, sd=SD, path="/dev/x/xleases", offset=3 << 20)
+    vm = domxml.parse_domain(domain().replace("</devices>", xml + "</devices>"), VM_ID)
+    assert vm.lease == LeaseSpec(SD, VM_ID, "/dev/x/xleases", 3 << 20)
+
+
+@pytest.mark.parametrize("lease, match", [
+    ({"sd_id": "nope", "lease_id": VM_ID}, "sd_id"),
+    ({"sd_id": SD, "lease_id": None}, "lease_id"),
+    ({"sd_id": SD, "lease_id": VM_ID, "path": "relative/xleases", "offset": 0}, "path"),
+    ({"sd_id": SD, "lease_id": VM_ID, "offset": 1048576}, "offset without its path"),
+    ({"sd_id": SD, "lease_id": VM_ID, "path": "/x", "offset": -1}, "offset"),
+])
+def test_vm_lease_refusals_name_the_field(lease: dict[str, Any], match: str) -> None:
+    with pytest.raises(errors.VdsmError, match=match):
+        legacy.parse_vm_params(legacy_vm(SDA_DICT, {"type": "lease", **lease}))
+
+
+def test_a_second_vm_lease_is_refused() -> None:
+    dev = {"type": "lease", "sd_id": SD, "lease_id": VM_ID}
+    with pytest.raises(errors.InvalidParameter, match="second VM lease"):
+        legacy.parse_vm_params(legacy_vm(SDA_DICT, dev, dev))

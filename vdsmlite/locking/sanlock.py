@@ -406,31 +406,35 @@ def register() -> int:
 
 
 def acquire(sock: int, lockspace: str, resource: str, disks: Sequence[tuple[str, int]], *,
-            owner_nowait: bool = False, shared: bool = False) -> None:
-    """Acquire for the process registered on `sock`. SANLK_ACQUIRE_IDLIVE (243) if a
-    live host holds it; with owner_nowait, SANLK_ACQUIRE_OWNED_RETRY (247) instead of
-    waiting for an owner that stopped renewing to be declared dead."""
+            owner_nowait: bool = False, shared: bool = False, pid: int = -1) -> None:
+    """Acquire for the process registered on `sock` (or, with `sock` -1, for the
+    registered process `pid`: how a lease is handed to a qemu that registered itself).
+    SANLK_ACQUIRE_IDLIVE (243) if a live host holds it; with owner_nowait,
+    SANLK_ACQUIRE_OWNED_RETRY (247) instead of waiting for an owner that stopped
+    renewing to be declared dead."""
     lib = _get()
     res = _resource(lockspace, resource, disks, _RES_SHARED if shared else 0)
     args = lib.ffi.new("struct sanlk_resource *[1]", [res])
     flags = _ACQUIRE_OWNER_NOWAIT if owner_nowait else 0
-    _check("acquire", lib.lib.sanlock_acquire(sock, -1, flags, 1, args, lib.ffi.NULL))
+    _check("acquire", lib.lib.sanlock_acquire(sock, pid, flags, 1, args, lib.ffi.NULL))
 
 
 def release(sock: int, lockspace: str, resource: str,
-            disks: Sequence[tuple[str, int]]) -> None:
+            disks: Sequence[tuple[str, int]], *, pid: int = -1) -> None:
+    """Release for the process on `sock`, or with `sock` -1 for the registered `pid`."""
     lib = _get()
     res = _resource(lockspace, resource, disks)
     args = lib.ffi.new("struct sanlk_resource *[1]", [res])
-    _check("release", lib.lib.sanlock_release(sock, -1, 0, 1, args))
+    _check("release", lib.lib.sanlock_release(sock, pid, 0, 1, args))
 
 
-def inquire(sock: int) -> list[tuple[str, str]]:
-    """(lockspace, resource) of every lease the process on `sock` holds."""
+def inquire(sock: int, *, pid: int = -1) -> list[tuple[str, str]]:
+    """(lockspace, resource) of every lease the process on `sock` (or, with `sock`
+    -1, the registered process `pid`) holds."""
     lib = _get()
     count = lib.ffi.new("int *")
     state = lib.ffi.new("char **")
-    rv = lib.lib.sanlock_inquire(sock, -1, 0, count, state)
+    rv = lib.lib.sanlock_inquire(sock, pid, 0, count, state)
     try:
         _check("inquire", rv)
         if state[0] == lib.ffi.NULL:

@@ -27,6 +27,7 @@ from vdsmlite.virt.definition import (
     DiskDevice,
     DiskFormat,
     DiskSpec,
+    LeaseSpec,
     LunSource,
     VmDefinition,
     VolumeSource,
@@ -271,3 +272,28 @@ def source_of(pdiv: dict[str, Any], lun: Any, field: str) -> VolumeSource | LunS
     if lun not in (None, ""):
         return LunSource(guid=guid(lun, f"{field}.GUID"))
     return None
+
+
+# The engine's placeholders for what only the running host knows (VDSM fills them from
+# the domain's lease index): LEASE-PATH:<leaseId>:<sdId>, LEASE-OFFSET:<leaseId>:<sdId>.
+_PLACEHOLDERS = ("LEASE-PATH:", "LEASE-OFFSET:")
+
+
+def lease(sd_id: Any, lease_id: Any, path: Any, offset: Any, field: str) -> LeaseSpec:
+    """A VM lease; `path`/`offset` absent or placeholders mean "look it up"."""
+    sd = uuid(sd_id, f"{field}.sd_id")
+    key = uuid(lease_id, f"{field}.lease_id")
+    if isinstance(path, str) and path.startswith(_PLACEHOLDERS):
+        path = None
+    if isinstance(offset, str) and offset.startswith(_PLACEHOLDERS):
+        offset = None
+    if path in (None, ""):
+        if offset not in (None, ""):
+            raise invalid(field, "a lease offset without its path")
+        return LeaseSpec(sd_id=sd, lease_id=key)
+    if offset in (None, ""):
+        offset = 0  # libvirt's default: a volume's own .lease file starts with it
+    if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
+        raise invalid(f"{field}.path", f"not an absolute path: {path!r}")
+    return LeaseSpec(sd_id=sd, lease_id=key, path=path,
+                     offset=integer(offset, f"{field}.offset"))

@@ -78,6 +78,19 @@ class LunSource:
     guid: str
 
 
+@dataclass(frozen=True)
+class LeaseSpec:
+    """An HA VM's lease: sanlock resource `lease_id` in the lockspace of domain `sd_id`,
+    a slot of that domain's ``xleases`` volume. The engine usually sends placeholders
+    for `path` and `offset` (only the host running the VM knows where the volume is
+    mapped); they are resolved from the domain's lease index before the VM starts."""
+
+    sd_id: str
+    lease_id: str
+    path: str | None = None
+    offset: int | None = None
+
+
 @dataclass
 class DiskSpec:
     """One disk as requested; `path` (and `chain`) once its storage is prepared."""
@@ -137,6 +150,8 @@ class VmDefinition:
     boot_devices: list[str] = field(default_factory=list)
     launch_paused: bool = False
     disks: list[DiskSpec] = field(default_factory=list)
+    # Runs only while it holds this lease (qemu owns it; see virt.leaseexec).
+    lease: LeaseSpec | None = None
     # What the request carried that this agent does not run (graphics, NICs, ...):
     # accepted, listed in the VM's info so nobody thinks it is there.
     ignored: list[str] = field(default_factory=list)
@@ -150,8 +165,10 @@ class VmDefinition:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VmDefinition:
         disks = [_disk_from_dict(d) for d in data.get("disks", [])]
+        lease = data.get("lease")
         fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{**{k: v for k, v in data.items() if k in fields}, "disks": disks})
+        return cls(**{**{k: v for k, v in data.items() if k in fields}, "disks": disks,
+                      "lease": LeaseSpec(**lease) if lease else None})
 
 
 def _encode(value: Any) -> Any:

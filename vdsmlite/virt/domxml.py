@@ -36,6 +36,7 @@ from vdsmlite.virt.definition import (
     DiskFormat,
     DiskSpec,
     ErrorPolicy,
+    LeaseSpec,
     LunSource,
     Sgio,
     VmDefinition,
@@ -100,6 +101,7 @@ def parse_domain(xml: str | bytes, vm_id: str) -> VmDefinition:
                      if launch is not None else False)
 
     disks: list[DiskSpec] = []
+    vm_lease: LeaseSpec | None = None
     disk_meta = _disk_metadata(vm_meta, field)
     devices = root.find("devices")
     for elem in devices if devices is not None else ():
@@ -111,10 +113,13 @@ def parse_domain(xml: str | bytes, vm_id: str) -> VmDefinition:
                 ignored.append(disk)
             else:
                 disks.append(disk)
-        elif elem.tag == "lease" or (elem.tag == "hostdev" and elem.get("type") == "scsi"):
-            # A VM lease keeps an HA VM from running on two hosts at once (and so from
-            # two qemus writing its disks); a SCSI hostdev is a disk by another name.
-            # Neither can be dropped quietly.
+        elif elem.tag == "lease":
+            # Never dropped: an HA VM without its lease could run on two hosts at once.
+            if vm_lease is not None:
+                raise invalid(f"{field} <lease>", "a second VM lease; a VM has at most one")
+            vm_lease = _lease(elem, f"{field} <lease>")
+        elif elem.tag == "hostdev" and elem.get("type") == "scsi":
+            # A SCSI hostdev is a disk by another name: it cannot be dropped quietly.
             raise CannotCreateVM(f"{field}: <{elem.tag}> devices are not supported "
                                  f"({_describe(elem)})")
         else:
@@ -128,8 +133,17 @@ def parse_domain(xml: str | bytes, vm_id: str) -> VmDefinition:
         vm_id=vm_id, name=name, memory_mib=memory, vcpus=vcpus, max_vcpus=max_vcpus,
         cpu_sockets=cpu["sockets"], cpu_cores=cpu["cores"], cpu_threads=cpu["threads"],
         cpu_model=cpu["model"], cpu_flags=cpu["flags"], machine=machine, uefi=uefi,
-        boot_devices=boot, launch_paused=launch_paused, disks=disks, ignored=ignored,
-        source_form="xml", source_xml=source_xml), field)
+        boot_devices=boot, launch_paused=launch_paused, disks=disks, lease=vm_lease,
+        ignored=ignored, source_form="xml", source_xml=source_xml), field)
+
+
+def _lease(elem: etree._Element, field: str) -> LeaseSpec:
+    """libvirt's ``<lease><key>leaseId</key><lockspace>sdId</lockspace>
+    <target path=... offset=.../></lease>`` (path/offset may be VDSM's placeholders)."""
+    target = elem.find("target")
+    return checks.lease(_text(elem, "lockspace"), _text(elem, "key"),
+                        target.get("path") if target is not None else None,
+                        target.get("offset") if target is not None else None, field)
 
 
 def parse_hotplug(xml: str | bytes, vm_id: str, *, unplug: bool = False) -> DiskSpec:

@@ -31,6 +31,7 @@ from vdsmlite.virt.definition import (
     DiskFormat,
     DiskSpec,
     ErrorPolicy,
+    LeaseSpec,
     Sgio,
     VmDefinition,
 )
@@ -91,11 +92,18 @@ def parse_vm_params(params: Mapping[str, Any], vm_id: str | None = None) -> VmDe
     if not isinstance(devices, list):
         raise invalid(f"{field}.devices", f"not a list: {type(devices).__name__}")
     disks: list[DiskSpec] = []
+    vm_lease: LeaseSpec | None = None
     for i, dev in enumerate(devices):
         where = f"{field}.devices[{i}]"
         if not isinstance(dev, Mapping):
             raise invalid(where, f"not a mapping: {type(dev).__name__}")
-        if dev.get("type") == "disk":
+        if dev.get("type") == "lease":
+            # Never dropped: an HA VM without its lease could run on two hosts at once.
+            if vm_lease is not None:
+                raise invalid(where, "a second VM lease; a VM has at most one")
+            vm_lease = checks.lease(dev.get("sd_id"), dev.get("lease_id"), dev.get("path"),
+                                    dev.get("offset"), where)
+        elif dev.get("type") == "disk":
             disk = _drive(dev, where, CannotCreateVM)
             if isinstance(disk, str):
                 ignored.append(disk)
@@ -108,7 +116,7 @@ def parse_vm_params(params: Mapping[str, Any], vm_id: str | None = None) -> VmDe
         vm_id=vm_uuid, name=name, memory_mib=memory, vcpus=vcpus, max_vcpus=max_vcpus,
         cpu_sockets=sockets, cpu_cores=cores, cpu_threads=threads, cpu_model=cpu_model,
         cpu_flags=cpu_flags, machine=machine, launch_paused=launch_paused, disks=disks,
-        ignored=ignored, source_form="dict"), field)
+        lease=vm_lease, ignored=ignored, source_form="dict"), field)
 
 
 def parse_drive(drive: Mapping[str, Any], *, unplug: bool = False) -> DiskSpec:
