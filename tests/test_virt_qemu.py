@@ -457,3 +457,23 @@ def test_qemu_gets_a_systemd_scope_only_where_systemd_runs_faked_systemd_dir(
     scoped = qemu.in_own_scope(argv, vm)
     assert scoped[:2] == ["systemd-run", "--scope"] and scoped[-3:] == ["--", *argv]
     assert f"--unit=vdsmlite-vm-{vm}" in scoped and "--slice=machine.slice" in scoped
+
+
+@pytest.mark.parametrize("requested, runs, noted", [
+    (None, None, False),
+    ("host", "host", False),
+    ("Broadwell", "Broadwell", False),  # this qemu has it: as asked
+    ("Broadwell-noTSX-IBRS", "Broadwell-noTSX-IBRS", False),
+    # RHEL's and newer engines' names this qemu may lack: the nearest relative.
+    ("Broadwell-noTSX-IBRS-SSBD-future", "Broadwell-noTSX-IBRS", True),
+    ("NoSuchVendorCpu", None, True),
+])
+def test_cpu_models_this_qemu_lacks_run_as_the_nearest(requested: str | None,
+                                                       runs: str | None,
+                                                       noted: bool) -> None:
+    """Against the local qemu's own `-cpu help` list."""
+    model, note = qemu.resolve_cpu_model(requested)
+    assert model == runs
+    assert (note is not None) == noted
+    if note is not None:
+        assert requested is not None and requested in note

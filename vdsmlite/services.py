@@ -40,6 +40,8 @@ from vdsmlite.storage.domains import DomainStore
 from vdsmlite.storage.pool import PoolManager
 from vdsmlite.storage.users import StorageUsers
 from vdsmlite.virt.disks import DiskPreparer
+from vdsmlite.virt.fromovf import OvfVmSource
+from vdsmlite.virt.leases import VmLeases
 from vdsmlite.virt.manager import VmManager
 
 log = logging.getLogger("vdsmlite.services")
@@ -109,12 +111,17 @@ class Services:
                               workers=self.ovf_workers, jobs=self.jobs,
                               run_blocking=run_blocking)
         # VMs: qemu processes on prepared, held storage; found again after a restart.
+        self.vm_leases = VmLeases(lookup=None, host_id_of=self.monitors.host_id,
+                                  geometry_of=lambda sd: self.domains.get(sd).geometry(),
+                                  run_blocking=run_blocking)
         self.vms = VmManager(
             run_dir=config.virt_run_dir,
             disks=DiskPreparer(self.domains, self.storage_users), users=self.storage_users,
-            publish=self.events.publish, run_blocking=run_blocking,
+            leases=self.vm_leases, publish=self.events.publish, run_blocking=run_blocking,
             hotplug_slots=config.virt.hotplug_slots,
             unplug_timeout=config.virt.unplug_timeout, debug_monitor=config.virt.debug_monitor)
+        self.vms_from_ovf = OvfVmSource(ovf=self.ovf, domains=self.domains,
+                                        run_blocking=run_blocking)
         self.transfers = ImageTransfers(domains=self.domains, image_locks=self.image_locks,
                                         sdm=self.sdm, ovf=self.ovf, run_blocking=run_blocking)
         self._add_gauges()

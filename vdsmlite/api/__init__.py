@@ -34,7 +34,7 @@ def build_handlers(s: Services) -> dict[str, Handler]:
                    volumes=s.volumes, run_blocking=s.run_blocking),
         VolumesApi(s.volumes),
         OvfApi(s.ovf),
-        VmApi(s.vms),
+        VmApi(s.vms, s.vms_from_ovf),
         LockingApi(domains=s.domains, monitors=s.monitors, fencing=s.fencing,
                    agents=s.fence_agents, run_blocking=s.run_blocking),
     )

@@ -5,18 +5,41 @@ from __future__ import annotations
 from typing import Any
 
 from vdsmlite.api.base import verb
-from vdsmlite.virt import requests
+from vdsmlite.virt import checks, fromovf, requests
+from vdsmlite.virt.fromovf import OvfVmSource
 from vdsmlite.virt.manager import VmManager
 
 
 class VmApi:
-    def __init__(self, vms: VmManager) -> None:
+    def __init__(self, vms: VmManager, from_ovf: OvfVmSource) -> None:
         self._vms = vms
+        self._from_ovf = from_ovf
 
     @verb("VM.create")
     async def create(self, *, vmID: str, vmParams: dict[str, Any]) -> dict[str, Any]:
         self._vms.require_ready()  # 99 while recovering, before the request is even read
+        if fromovf.is_by_uuid(vmParams):
+            return await self._create_from_ovf(vmID, vmParams)
         return await self._vms.create(requests.parse_create(vmID, vmParams))
+
+    async def _create_from_ovf(self, vm_id: str, vm_params: dict[str, Any]) -> dict[str, Any]:
+        """Only the VM's id: its definition is its OVF in the newest OVF_STORE."""
+        sd_id = vm_params.get("storageDomainID")
+        found = await self._from_ovf.params(
+            _same_vm(vm_id, vm_params),
+            checks.uuid(sd_id, "vmParams.storageDomainID") if sd_id else None)
+        params = dict(found.params)
+        if "launchPaused" in vm_params:
+            params["launchPaused"] = vm_params["launchPaused"]
+        defn = requests.parse_create(vm_id, params)
+        defn.ignored[:0] = [f"OVF: {w}" for w in found.warnings]
+        return await self._vms.create(defn)
+
+    @verb("Host.getVMParamsFromOVF")
+    async def get_vm_params_from_ovf(self, *, vmID: str,
+                                     storagedomainID: str | None) -> dict[str, Any]:
+        found = await self._from_ovf.params(vmID, storagedomainID)
+        return found.to_json()
 
     @verb("VM.destroy")
     async def destroy(self, *, vmID: str, gracefulAttempts: int) -> bool:
@@ -67,3 +90,11 @@ class VmApi:
     @verb("Host.getAllVmStats")
     async def get_all_vm_stats(self) -> list[dict[str, Any]]:
         return [await vm.stats() for vm in self._vms.vms()]
+
+
+def _same_vm(vm_id: str, vm_params: dict[str, Any]) -> str:
+    vm_id = checks.uuid(vm_id, "vmID")
+    own = vm_params.get("vmId")
+    if own not in (None, "") and checks.uuid(own, "vmParams.vmId") != vm_id:
+        raise checks.invalid("vmParams.vmId", f"{own} is not the vmID {vm_id}")
+    return vm_id

@@ -36,6 +36,7 @@ from vdsmlite.storage.users import StorageUsers
 from vdsmlite.virt import qemu
 from vdsmlite.virt.definition import DiskSpec, VmDefinition
 from vdsmlite.virt.disks import DiskPreparer, key_of
+from vdsmlite.virt.leases import VmLeases
 from vdsmlite.virt.vm import Publish, Vm, VmStatus
 
 log = logging.getLogger("vdsmlite.virt.manager")
@@ -51,10 +52,12 @@ class ManagerState(enum.StrEnum):
 
 class VmManager:
     def __init__(self, *, run_dir: Path, disks: DiskPreparer, users: StorageUsers,
-                 publish: Publish, run_blocking: RunBlocking, hotplug_slots: int,
-                 unplug_timeout: float, debug_monitor: bool = False) -> None:
+                 leases: VmLeases, publish: Publish, run_blocking: RunBlocking,
+                 hotplug_slots: int, unplug_timeout: float,
+                 debug_monitor: bool = False) -> None:
         self.run_dir = run_dir
         self._disks = disks
+        self._leases = leases
         self._users = users
         self._publish = publish
         self._run_blocking = run_blocking
@@ -96,6 +99,8 @@ class VmManager:
         # Claimed before the first await: a second create of this id is refused (4).
         self._vms[defn.vm_id] = vm
         try:
+            if defn.lease is not None:
+                defn.lease = await self._leases.resolve(defn.lease)
             # One trip to the executor: under a burst of creates, every hop would queue
             # behind the other VMs' work.
             await self._run_blocking(self._prepare, vm)
@@ -111,9 +116,18 @@ class VmManager:
     def _prepare(self, vm: Vm) -> None:
         """Blocking: the VM's dir, its storage prepared and held, vm.json; or nothing."""
         defn = vm.defn
+        if defn.lease is not None:
+            # First: a VM another host runs is refused before anything is touched.
+            self._leases.check_startable(defn.lease)
         machine, note = qemu.resolve_machine(defn.machine)
         if note is not None:
             defn.machine = machine
+            defn.ignored.append(note)
+        cpu_model, note = qemu.resolve_cpu_model(defn.cpu_model)
+        if note is not None:
+            defn.cpu_model = cpu_model
+            if cpu_model is None:
+                defn.cpu_flags = []  # flags of a model that does not run here
             defn.ignored.append(note)
         self._make_dir(vm.run_dir)
         try:

@@ -350,6 +350,42 @@ def resolve_machine(requested: str | None, binary: str = QEMU_BINARY) -> tuple[s
     return "q35", f"machine {requested} (runs as q35)"
 
 
+@functools.cache
+def supported_cpu_models(binary: str = QEMU_BINARY) -> frozenset[str]:
+    """The CPU models this qemu offers (``-cpu help``; blocking, asked once)."""
+    try:
+        out = subprocess.run([binary, "-cpu", "help"], capture_output=True, text=True,
+                             timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("cannot list qemu CPU models: %s", e)
+        return frozenset()
+    # "x86 Broadwell-noTSX  (alias of Broadwell-v2)": the second word.
+    return frozenset(words[1] for words in (line.split() for line in out.splitlines())
+                     if len(words) >= 2 and words[0] == "x86")
+
+
+def resolve_cpu_model(requested: str | None,
+                      binary: str = QEMU_BINARY) -> tuple[str | None, str | None]:
+    """The CPU model to run for `requested`, and a note when it differs.
+
+    Definitions carry the engine host's model names; a name this qemu lacks runs as
+    its nearest relative: trailing variants are dropped one by one
+    ("Skylake-Server-noTSX-IBRS" -> "Skylake-Server-noTSX" -> "Skylake-Server"), and
+    a model with no relative here runs as qemu's default CPU. Blocking (asks qemu
+    once); an empty model list (qemu did not answer) leaves the name alone."""
+    if requested is None or requested == "host":
+        return requested, None
+    known = supported_cpu_models(binary)
+    if not known or requested in known:
+        return requested, None
+    candidate = requested
+    while "-" in candidate:
+        candidate = candidate.rsplit("-", 1)[0]
+        if candidate in known:
+            return candidate, f"cpu model {requested} (runs as {candidate})"
+    return None, f"cpu model {requested} (unknown to this qemu; runs as its default)"
+
+
 def _check_disks(disks: Sequence[DiskSpec]) -> None:
     names: set[str] = set()
     slots: set[tuple[DiskBus, int]] = set()

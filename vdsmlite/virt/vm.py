@@ -25,7 +25,7 @@ from typing import Any
 
 from vdsmlite import errors
 from vdsmlite.blocking import RunBlocking
-from vdsmlite.virt import qemu
+from vdsmlite.virt import leaseexec, qemu
 from vdsmlite.virt.definition import DiskSpec, LunSource, VmDefinition, VolumeSource
 from vdsmlite.virt.qmp import QmpError, QmpEvent, QmpSession, open_session
 
@@ -89,6 +89,12 @@ class Vm:
             lambda: qemu.command_line(self.defn, run_dir=self.run_dir,
                                       hotplug_slots=hotplug_slots,
                                       debug_monitor=debug_monitor))
+        lease = self.defn.lease
+        if lease is not None:
+            assert lease.path is not None and lease.offset is not None  # resolved at create
+            # qemu itself owns the lease, from before its first instruction.
+            argv = leaseexec.lease_argv(lease.sd_id, lease.lease_id, lease.path,
+                                        lease.offset, argv)
         self.process = await qemu.QemuProcess.start(argv, vm_id=self.id, run_dir=self.run_dir,
                                                     run_blocking=self._run_blocking)
         try:
@@ -246,7 +252,7 @@ class Vm:
             "emulatedMachine": d.machine or "q35",
             "launchPaused": str(d.launch_paused).lower(),
             "pid": str(self.pid or 0),
-            "devices": [_disk_info(disk) for disk in d.disks],
+            "devices": [_disk_info(disk) for disk in d.disks] + _lease_info(d),
             "ignoredDevices": list(d.ignored),
         }
 
@@ -264,6 +270,15 @@ class Vm:
                                     **self._last_block_stats.get(disk.name, {})}
                         for disk in self.defn.disks}
         return out
+
+
+def _lease_info(defn: VmDefinition) -> list[dict[str, Any]]:
+    """The VM lease as VDSM lists it among the devices."""
+    lease = defn.lease
+    if lease is None:
+        return []
+    return [{"type": "lease", "device": "lease", "sd_id": lease.sd_id,
+             "lease_id": lease.lease_id, "path": lease.path, "offset": lease.offset}]
 
 
 def _disk_info(disk: DiskSpec) -> dict[str, Any]:
