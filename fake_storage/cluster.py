@@ -5,9 +5,10 @@ name), its own vdsmlite daemon (own port, state and run dirs, configured to
 talk to that sanlock) and, if asked, its own emulated watchdog. They share the
 machine's loop LUNs, so they see the same storage as real hosts share a SAN.
 
-When a host's watchdog fires, the emulator "resets" it: the agent and the
-sanlock daemon are SIGKILLed by PID - nothing of that host renews a lease any
-more, exactly what its peers would see of a host that rebooted. `restart`
+When a host's watchdog fires, the emulator "resets" it: the agent, the
+sanlock daemon and the host's qemus are SIGKILLed by PID - nothing of that
+host renews a lease or writes a disk any more, exactly what its peers would
+see of a host that rebooted. `restart`
 brings it back as a new incarnation (sanlock gives it a new generation).
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fake_storage.agent import Agent
+from fake_storage.children import kill_vms_left_in
 from fake_storage.sanlockd import SanlockDaemon
 from fake_storage.watchdog import WatchdogEmulator
 
@@ -43,6 +45,8 @@ class SimHost:
         for section, values in (config or {}).items():
             sections.setdefault(section, {}).update(values)
         self.agent = Agent(self.workdir / "agent", config=sections)
+        run_dir = sections.get("virt", {}).get("run_dir")
+        self.vm_run_dir = Path(run_dir) if run_dir else None
         self._reset_lock = threading.Lock()
         self.resets = 0
 
@@ -62,6 +66,9 @@ class SimHost:
             self.resets += 1
             self.sanlock.kill()
             self.agent.kill()
+            if self.vm_run_dir is not None:
+                # Its VMs die with the host (they outlive only their agent).
+                kill_vms_left_in(self.vm_run_dir)
 
     def restart(self) -> SimHost:
         """Boot again after a reset (or a crash): same host name, new generation."""

@@ -67,7 +67,9 @@ class OvfVmSource:
         if str(entity["entity"].get("type", "")).upper() == "TEMPLATE":
             raise errors.MissingOvfFileFromVM(vm_id, f"is a Template in the OVF_STORE of "
                                                      f"domain {found_in}, not a VM")
-        conversion = await self._run_blocking(vmparams.convert, entity["ovf"].encode())
+        # Disks whose OVF names no domain (virt-v2v's) are on the store's domain.
+        conversion = await self._run_blocking(
+            lambda: vmparams.convert(entity["ovf"].encode(), domain_id=found_in))
         log.info("VM %s: OVF from the OVF_STORE %s/%s of domain %s (Last Updated %s)",
                  vm_id, entity["store"]["imageID"], entity["store"]["volumeID"], found_in,
                  entity["store"]["lastUpdated"])
