@@ -114,7 +114,8 @@ class Services:
             disks=DiskPreparer(self.domains, self.storage_users), users=self.storage_users,
             publish=self.events.publish, run_blocking=run_blocking,
             hotplug_slots=config.virt.hotplug_slots,
-            unplug_timeout=config.virt.unplug_timeout, debug_monitor=config.virt.debug_monitor)
+            unplug_timeout=config.virt.unplug_timeout, debug_monitor=config.virt.debug_monitor,
+            nic_backend=config.virt.nic_backend)
         self.transfers = ImageTransfers(domains=self.domains, image_locks=self.image_locks,
                                         sdm=self.sdm, ovf=self.ovf, run_blocking=run_blocking)
         self._add_gauges()

@@ -52,7 +52,8 @@ class ManagerState(enum.StrEnum):
 class VmManager:
     def __init__(self, *, run_dir: Path, disks: DiskPreparer, users: StorageUsers,
                  publish: Publish, run_blocking: RunBlocking, hotplug_slots: int,
-                 unplug_timeout: float, debug_monitor: bool = False) -> None:
+                 unplug_timeout: float, debug_monitor: bool = False,
+                 nic_backend: str = "") -> None:
         self.run_dir = run_dir
         self._disks = disks
         self._users = users
@@ -61,6 +62,7 @@ class VmManager:
         self._hotplug_slots = hotplug_slots
         self._unplug_timeout = unplug_timeout
         self._debug_monitor = debug_monitor
+        self._nic_backend = nic_backend
         self._vms: dict[str, Vm] = {}
         self._launches: dict[str, asyncio.Task[None]] = {}
         self.state = ManagerState.RECOVERING
@@ -129,7 +131,8 @@ class VmManager:
 
     async def _launch(self, vm: Vm) -> None:
         try:
-            await vm.launch(self._hotplug_slots, debug_monitor=self._debug_monitor)
+            await vm.launch(self._hotplug_slots, debug_monitor=self._debug_monitor,
+                            nic_backend=self._nic_backend)
         except Exception as e:
             message = e.message if isinstance(e, errors.VdsmError) else f"{e!r}"
             log.error("VM %s did not start: %s", vm.id, message)
