@@ -126,3 +126,15 @@ def test_packaged_config_file_is_valid() -> None:
     cfg = config.load(packaged)
     assert cfg.state_dir == Path("/var/lib/vdsmlite")
     assert cfg.run_dir == Path("/run/vdsmlite")
+
+
+@pytest.mark.parametrize("value", ["", "user", "bridge", "bridge:ovirtmgmt", "bridge:br-0.1"])
+def test_nic_backend_accepted(value: str) -> None:
+    assert config.load(overrides={"virt": {"nic_backend": value}}).virt.nic_backend == value
+
+
+@pytest.mark.parametrize("value", ["tap", "bridge:", "bridge:a b", "bridge:x,y",
+                                   "bridge:sixteen-chars-xy", "User"])
+def test_nic_backend_refused(value: str) -> None:
+    with pytest.raises(InvalidConfiguration, match=r"\[virt\] nic_backend"):
+        config.load(overrides={"virt": {"nic_backend": value}})

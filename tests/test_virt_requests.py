@@ -18,6 +18,8 @@ from lxml import etree
 from vdsmlite import errors
 from vdsmlite.virt import checks, domxml, legacy, requests
 from vdsmlite.virt.definition import (
+    ConsoleSpec,
+    ConsoleTarget,
     DiskBus,
     DiskDevice,
     DiskFormat,
@@ -25,6 +27,10 @@ from vdsmlite.virt.definition import (
     ErrorPolicy,
     LeaseSpec,
     LunSource,
+    NicModel,
+    NicSpec,
+    RngSource,
+    RngSpec,
     Sgio,
     VmDefinition,
     VolumeSource,
@@ -121,13 +127,18 @@ def test_running_domain_every_field() -> None:
             address={"type": "drive", "controller": "0", "bus": "0", "target": "0",
                      "unit": "0"},
             error_policy=ErrorPolicy.STOP, device_id=None)],
+        nics=[NicSpec(mac="00:1a:4a:16:01:00", model=NicModel.VIRTIO, network="ovirtmgmt",
+                      order=0)],
+        rng=RngSpec(source=RngSource.URANDOM), balloon=None,
         ignored=vm.ignored, source_form="xml", source_xml=xml)
     # The predicted path in <source dev=> is not taken: it comes from preparing.
     assert vm.disks[0].path is None
-    for what in ("graphics spice", "interface bridge ovirtmgmt", "video qxl",
-                 "controller scsi virtio-scsi", "memballoon none", "rng virtio",
+    for what in ("graphics spice (runs headless)", "video qxl (runs headless)",
+                 "controller scsi virtio-scsi",
                  "cdrom hdc (empty)", "clock", "features", "sysinfo smbios", "cpu numa"):
         assert what in vm.ignored
+    # Run now, so no longer ignored; memballoon none is simply no balloon.
+    assert not [w for w in vm.ignored if w.split()[0] in ("interface", "rng", "memballoon")]
 
 
 @pytest.mark.parametrize(("name", "expect"), [
@@ -191,7 +202,9 @@ def test_hosted_engine_lease_and_disk_read() -> None:
     assert vda.source.pool_id == "00000000-0000-0000-0000-000000000000"  # no pool
     assert vda.address == {"type": "pci", "domain": "0x0000", "bus": "0x00",
                            "slot": "0x06", "function": "0x0"}
-    assert "graphics vnc" in vm.ignored
+    assert "graphics vnc (runs headless)" in vm.ignored
+    assert vm.console == ConsoleSpec(target=ConsoleTarget.VIRTIO)
+    assert [(n.mac, n.network) for n in vm.nics] == [("00:1a:4a:16:10:9f", "ovirtmgmt")]
 
 
 def test_hotplug_lun_real_document() -> None:
@@ -232,10 +245,14 @@ DISK_BLOCK_LEGACY = {
          "shared": "false", "readonly": "false",
          "address": {"type": "drive", "controller": "0", "bus": "0", "target": "0",
                      "unit": "0"}},
-        {"type": "interface", "device": "bridge", "network": "ovirtmgmt", "nicModel": "pv"},
+        {"type": "interface", "device": "bridge", "network": "ovirtmgmt", "nicModel": "pv",
+         "macAddr": "00:1a:4a:16:01:00", "linkActive": "true"},
         {"type": "graphics", "device": "spice"},
         {"type": "video", "device": "qxl"},
         {"type": "controller", "device": "scsi", "model": "virtio-scsi"},
+        {"type": "balloon", "device": "memballoon", "specParams": {"model": "none"}},
+        {"type": "rng", "device": "virtio", "model": "virtio",
+         "specParams": {"source": "urandom"}},
     ],
 }
 
@@ -246,7 +263,7 @@ def test_both_forms_same_vm() -> None:
     dicts = legacy.parse_vm_params(DISK_BLOCK_LEGACY)
     assert same_vm(dicts) == same_vm(xml)
     assert dicts.source_form == "dict" and dicts.source_xml is None
-    for what in ("interface bridge ovirtmgmt", "graphics spice", "cdrom hdc (empty)"):
+    for what in ("graphics spice (runs headless)", "cdrom hdc (empty)"):
         assert what in dicts.ignored and what in xml.ignored
 
 
@@ -640,8 +657,8 @@ def test_legacy_names_follow_vdsm() -> None:
     assert [(d.name, d.bus, d.index) for d in vm.disks] == [
         ("vda", DiskBus.VIRTIO, 0), ("vdab", DiskBus.VIRTIO, 27), ("sdb", DiskBus.SCSI, 1),
         ("hdc", DiskBus.SATA, 2), ("sdd", DiskBus.SATA, 3)]
-    assert "interface bridge ovirtmgmt" in legacy.parse_vm_params(legacy_vm(
-        SDA_DICT, {"type": "interface", "device": "bridge", "network": "ovirtmgmt"})).ignored
+    assert "interface hostdev" in legacy.parse_vm_params(legacy_vm(
+        SDA_DICT, {"type": "interface", "device": "hostdev"})).ignored
 
 
 @pytest.mark.parametrize(("index", "name"), [(0, "a"), (25, "z"), (26, "aa"), (701, "zz"),

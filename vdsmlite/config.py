@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import tomllib
 import types
 import typing
@@ -139,6 +140,11 @@ class VirtSection:
     unplug_timeout: float = 10.0
     # A second QMP monitor per VM (<vm dir>/qmp-debug.sock) for inspection.
     debug_monitor: bool = False
+    # What VM NICs attach to: "" (nothing: the guest has the NIC, its frames go
+    # nowhere), "user" (qemu's slirp), "bridge" (the Linux bridge named as the
+    # NIC's network) or "bridge:<name>" (one bridge for all); bridges are joined
+    # through qemu-bridge-helper.
+    nic_backend: str = ""
 
 
 @dataclass(frozen=True)
@@ -303,6 +309,10 @@ def _validate(cfg: Config) -> None:
         raise InvalidConfiguration("[virt] hotplug_slots: must be within 0..24")
     if cfg.virt.unplug_timeout <= 0:
         raise InvalidConfiguration("[virt] unplug_timeout: must be positive")
+    if not re.fullmatch(r"|user|bridge(:[A-Za-z0-9_.-]{1,15})?", cfg.virt.nic_backend):
+        # The same syntax vdsmlite.virt.qemu.NIC_BACKEND accepts.
+        raise InvalidConfiguration(f"[virt] nic_backend: expected \"\", user, bridge or "
+                                   f"bridge:<interface name>, got {cfg.virt.nic_backend!r}")
     if d.host_uuid is not None and parse_uuid(d.host_uuid) is None:
         raise InvalidConfiguration(f"[daemon] host_uuid: {d.host_uuid!r} is not a UUID")
 

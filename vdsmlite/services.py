@@ -119,7 +119,8 @@ class Services:
             disks=DiskPreparer(self.domains, self.storage_users), users=self.storage_users,
             leases=self.vm_leases, publish=self.events.publish, run_blocking=run_blocking,
             hotplug_slots=config.virt.hotplug_slots,
-            unplug_timeout=config.virt.unplug_timeout, debug_monitor=config.virt.debug_monitor)
+            unplug_timeout=config.virt.unplug_timeout, debug_monitor=config.virt.debug_monitor,
+            nic_backend=config.virt.nic_backend)
         self.vms_from_ovf = OvfVmSource(ovf=self.ovf, domains=self.domains,
                                         run_blocking=run_blocking)
         self.transfers = ImageTransfers(domains=self.domains, image_locks=self.image_locks,

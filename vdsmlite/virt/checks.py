@@ -29,8 +29,12 @@ from vdsmlite.virt.definition import (
     DiskSpec,
     LeaseSpec,
     LunSource,
+    NicModel,
+    RngSource,
     VmDefinition,
     VolumeSource,
+    WatchdogAction,
+    WatchdogSpec,
 )
 
 # Upper bounds that no machine type reaches; they are sanity limits on the
@@ -53,6 +57,22 @@ _WORD_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SERIAL_RE = re.compile(r"^[A-Za-z0-9_.:+-]{1,64}$")
 _ADDRESS_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,32}$")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+_MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+# Engine network names (and libvirt's vdsm-<name> bridges): no blanks, commas or slashes.
+_NETWORK_RE = re.compile(r"^[A-Za-z0-9_.:+@-]{1,256}$")
+# The request's NIC model words; VDSM's "pv" is virtio.
+NIC_MODELS = {"pv": NicModel.VIRTIO, "virtio": NicModel.VIRTIO, "e1000": NicModel.E1000,
+              "e1000e": NicModel.E1000E, "rtl8139": NicModel.RTL8139}
+# The RNG source words, and the device paths libvirt's <backend> names for them.
+RNG_SOURCES = {"urandom": RngSource.URANDOM, "random": RngSource.RANDOM,
+               "hwrng": RngSource.HWRNG, "/dev/urandom": RngSource.URANDOM,
+               "/dev/random": RngSource.RANDOM, "/dev/hwrng": RngSource.HWRNG}
+WATCHDOG_MODELS = ("i6300esb",)
+MAX_NICS = 16
+# Devices for a display: the VM runs with "-display none" and no VGA, so these
+# are listed as ignored with a note that the VM runs headless.
+HEADLESS = ("graphics", "video")
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
@@ -152,6 +172,60 @@ def address(value: Any, field: str) -> dict[str, str] | None:
     return out
 
 
+def mac(value: Any, field: str) -> str:
+    """A NIC's MAC address: six octets, unicast (a multicast source address is
+    invalid on Ethernet and qemu refuses it); kept in lower case."""
+    if value is None or value == "":
+        raise missing(field)
+    if not isinstance(value, str) or not _MAC_RE.match(value):
+        raise invalid(field, f"not a MAC address (six hex octets, xx:xx:xx:xx:xx:xx): "
+                             f"{value!r}")
+    if int(value[:2], 16) & 1:
+        raise invalid(field, f"{value} is a multicast address; a NIC needs a unicast one")
+    return value.lower()
+
+
+def nic_model(value: Any, field: str) -> NicModel:
+    if value is None or value == "":
+        raise missing(field)
+    if value not in NIC_MODELS:
+        raise invalid(field, f"unknown NIC model {value!r} (one of {', '.join(NIC_MODELS)})")
+    return NIC_MODELS[value]
+
+
+def network(value: Any, field: str) -> str:
+    """The engine's network name of a NIC ("" when it gave none)."""
+    if value is None or value == "":
+        return ""
+    if not isinstance(value, str) or not _NETWORK_RE.match(value):
+        raise invalid(field, f"not a network name: {value!r}")
+    return value
+
+
+def rng_source(value: Any, field: str) -> RngSource:
+    if value not in RNG_SOURCES:
+        raise invalid(field, f"unknown RNG source {value!r} (urandom, random or hwrng)")
+    return RNG_SOURCES[value]
+
+
+def watchdog(model: Any, action: Any, field: str, ignored: list[str]) -> WatchdogSpec:
+    """A watchdog from its model and action words (libvirt's defaults when absent)."""
+    model = model or "i6300esb"
+    if model not in WATCHDOG_MODELS:
+        raise invalid(f"{field} model", f"unknown watchdog model {model!r} "
+                                        f"(only {', '.join(WATCHDOG_MODELS)} runs here)")
+    action = action or "reset"
+    try:
+        act = WatchdogAction(action)
+    except ValueError:
+        raise invalid(f"{field} action", f"unknown watchdog action {action!r} (one of "
+                                         f"{', '.join(a.value for a in WatchdogAction)})"
+                      ) from None
+    if act is WatchdogAction.DUMP:
+        ignored.append("watchdog action dump (runs as pause)")
+    return WatchdogSpec(model=model, action=act)
+
+
 def bus(value: Any, field: str) -> DiskBus:
     if value is None or value == "":
         raise missing(field)
@@ -243,6 +317,22 @@ def check_vm(vm: VmDefinition, field: str) -> VmDefinition:
         raise invalid(field, "both a whole-VM boot order (os/boot) and per-disk boot "
                              "orders")
     check_disks(vm.disks, field)
+    if len(vm.nics) > MAX_NICS:
+        raise invalid(field, f"{len(vm.nics)} NICs; at most {MAX_NICS}")
+    macs: set[str] = set()
+    boots = {d.boot_order for d in vm.disks if d.boot_order is not None}
+    for nic in vm.nics:
+        if nic.mac in macs:
+            raise invalid(field, f"two NICs with MAC address {nic.mac}")
+        macs.add(nic.mac)
+        if nic.boot_order is not None:
+            if nic.boot_order in boots:
+                raise invalid(field, f"two devices with boot order {nic.boot_order} "
+                                     f"(the second is NIC {nic.mac})")
+            boots.add(nic.boot_order)
+    if vm.boot_devices and any(n.boot_order is not None for n in vm.nics):
+        raise invalid(field, "both a whole-VM boot order (os/boot) and per-NIC boot "
+                             "orders")
     return vm
 
 

@@ -7,6 +7,11 @@ qemu command line, hot plug, recovery after an agent restart) reads only
 this. It is plain data, serialisable to JSON (`to_dict`/`from_dict`) so the
 agent can keep it in its run dir beside the qemu process it describes.
 
+Besides disks it carries the devices qemu runs next to them: NICs (`NicSpec`,
+attached to the netdev `[virt] nic_backend` names), a virtio RNG, a balloon, a
+watchdog and a console. Fields added after vm.json files were first written
+have defaults, so an older vm.json still reads (without those devices).
+
 A disk's source is either a domain volume (pool, domain, image, volume: the
 domain layer prepares its chain) or a direct LUN given by its GUID (resolved
 through udev to a device node). Paths are filled in when the storage is
@@ -129,6 +134,93 @@ class DiskSpec:
         return self.error_policy is not ErrorPolicy.STOP
 
 
+class NicModel(enum.StrEnum):
+    """The guest-visible NIC model (VDSM's ``nicModel``, libvirt's ``<model type=>``).
+
+    VDSM's "pv" is virtio. Each maps to one qemu device (`vdsmlite.virt.qemu`)."""
+
+    VIRTIO = "virtio"
+    E1000 = "e1000"
+    E1000E = "e1000e"
+    RTL8139 = "rtl8139"
+
+
+class RngSource(enum.StrEnum):
+    """Where the guest's virtio RNG reads from: VDSM's ``specParams.source``."""
+
+    URANDOM = "urandom"  # /dev/urandom
+    RANDOM = "random"  # /dev/random
+    HWRNG = "hwrng"  # /dev/hwrng, which the host must have
+
+
+class WatchdogAction(enum.StrEnum):
+    """What the guest watchdog does when it fires (libvirt's/VDSM's words)."""
+
+    RESET = "reset"
+    NONE = "none"
+    PAUSE = "pause"
+    POWEROFF = "poweroff"
+    SHUTDOWN = "shutdown"
+    INJECT_NMI = "inject-nmi"
+    # libvirt pauses, dumps the guest's core and resumes; qemu alone has no dump
+    # action, so this runs as PAUSE (noted in the VM's ignored devices).
+    DUMP = "dump"
+
+
+class ConsoleTarget(enum.StrEnum):
+    """How the guest sees its console: a 16550 serial port or a virtio console."""
+
+    SERIAL = "serial"
+    VIRTIO = "virtio"
+
+
+@dataclass
+class NicSpec:
+    """One NIC: what the guest sees (model, MAC, link) and the network it is meant for.
+
+    `order` is its position among the VM's NICs; qemu ids derive from it (``net0``),
+    so the command line is the same wherever the definition runs (migration)."""
+
+    mac: str  # lower case, six octets, unicast
+    model: NicModel
+    network: str  # the engine's network name ("ovirtmgmt"); "" if none given
+    order: int
+    link_up: bool = True
+    device_id: str | None = None
+    boot_order: int | None = None
+
+
+@dataclass
+class RngSpec:
+    source: RngSource = RngSource.URANDOM
+    # Rate limit (virtio-rng-pci max-bytes per period ms), when the engine sets one.
+    period_ms: int | None = None
+    max_bytes: int | None = None
+    device_id: str | None = None
+
+
+@dataclass
+class BalloonSpec:
+    """A virtio memory balloon (a request for model "none" is no BalloonSpec at all)."""
+
+    device_id: str | None = None
+
+
+@dataclass
+class WatchdogSpec:
+    model: str = "i6300esb"  # the only model run here
+    action: WatchdogAction = WatchdogAction.RESET
+    device_id: str | None = None
+
+
+@dataclass
+class ConsoleSpec:
+    """The guest console, served on ``console.sock`` in the VM's run dir."""
+
+    target: ConsoleTarget = ConsoleTarget.SERIAL
+    device_id: str | None = None
+
+
 @dataclass
 class VmDefinition:
     vm_id: str
@@ -150,6 +242,11 @@ class VmDefinition:
     boot_devices: list[str] = field(default_factory=list)
     launch_paused: bool = False
     disks: list[DiskSpec] = field(default_factory=list)
+    nics: list[NicSpec] = field(default_factory=list)
+    rng: RngSpec | None = None
+    balloon: BalloonSpec | None = None
+    watchdog: WatchdogSpec | None = None
+    console: ConsoleSpec | None = None
     # Runs only while it holds this lease (qemu owns it; see virt.leaseexec).
     lease: LeaseSpec | None = None
     # What the request carried that this agent does not run (graphics, NICs, ...):
@@ -167,8 +264,24 @@ class VmDefinition:
         disks = [_disk_from_dict(d) for d in data.get("disks", [])]
         lease = data.get("lease")
         fields = {f.name for f in dataclasses.fields(cls)}
+        # Devices absent from an older vm.json are simply not there.
+        devices: dict[str, Any] = {
+            "nics": [NicSpec(**{**n, "model": NicModel(n["model"])})
+                     for n in data.get("nics") or []],
+            "rng": _optional(data.get("rng"), lambda r: RngSpec(
+                **{**r, "source": RngSource(r["source"])})),
+            "balloon": _optional(data.get("balloon"), lambda b: BalloonSpec(**b)),
+            "watchdog": _optional(data.get("watchdog"), lambda w: WatchdogSpec(
+                **{**w, "action": WatchdogAction(w["action"])})),
+            "console": _optional(data.get("console"), lambda c: ConsoleSpec(
+                **{**c, "target": ConsoleTarget(c["target"])})),
+        }
         return cls(**{**{k: v for k, v in data.items() if k in fields}, "disks": disks,
-                      "lease": LeaseSpec(**lease) if lease else None})
+                      "lease": LeaseSpec(**lease) if lease else None, **devices})
+
+
+def _optional(value: Any, make: Any) -> Any:
+    return None if value is None else make(value)
 
 
 def _encode(value: Any) -> Any:

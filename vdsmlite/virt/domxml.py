@@ -3,7 +3,9 @@
 Engines since 4.2 send ``VM.create(vmID, {"vmId": ..., "xml": "<domain ...>"})``
 and ``VM.hotplugDisk/hotunplugDisk(vmID, {"vmId": ..., "xml": "<hotplug>..."})``.
 The XML is written for libvirt; we run qemu ourselves, so this room reads what
-decides the VM's identity and disks and lists the rest in `VmDefinition.ignored`.
+decides the VM's identity, its disks and the devices run beside them (bridged
+NICs, the virtio RNG, the balloon, the watchdog, the console) and lists the rest
+in `VmDefinition.ignored` (graphics and video saying the VM runs headless).
 
 What a disk *is* comes from ``<metadata><ovirt-vm:vm><ovirt-vm:device devtype="disk"
 name="sda">``: a domain volume (poolID, domainID, imageID, volumeID) or a direct
@@ -32,14 +34,21 @@ from vdsmlite.errors import (
 from vdsmlite.virt import checks
 from vdsmlite.virt.checks import invalid, missing
 from vdsmlite.virt.definition import (
+    BalloonSpec,
+    ConsoleSpec,
+    ConsoleTarget,
     DiskDevice,
     DiskFormat,
     DiskSpec,
     ErrorPolicy,
     LeaseSpec,
     LunSource,
+    NicModel,
+    NicSpec,
+    RngSpec,
     Sgio,
     VmDefinition,
+    WatchdogSpec,
 )
 
 OVIRT_VM_NS = "http://ovirt.org/vm/1.0"
@@ -102,12 +111,34 @@ def parse_domain(xml: str | bytes, vm_id: str) -> VmDefinition:
 
     disks: list[DiskSpec] = []
     vm_lease: LeaseSpec | None = None
+    nics: list[NicSpec] = []
+    rng: RngSpec | None = None
+    balloon: BalloonSpec | None = None
+    watchdog: WatchdogSpec | None = None
+    console: ConsoleSpec | None = None
     disk_meta = _disk_metadata(vm_meta, field)
     devices = root.find("devices")
     for elem in devices if devices is not None else ():
         if not isinstance(elem.tag, str):
             continue  # comments, processing instructions
-        if elem.tag == "disk":
+        if elem.tag == "interface" and elem.get("type") in ("bridge", "network"):
+            nics.append(_nic(elem, f"{field} interface {len(nics)}", len(nics)))
+        elif elem.tag == "rng" and rng is None:
+            rng = _rng(elem, f"{field} <rng>")
+        elif elem.tag == "memballoon" and balloon is None:
+            model = elem.get("model")
+            if model == "virtio":
+                balloon = BalloonSpec(device_id=_device_id(elem, {}, f"{field} <memballoon>"))
+            elif model != "none":
+                raise invalid(f"{field} <memballoon model>", f"unknown balloon model "
+                                                             f"{model!r} (virtio or none)")
+        elif elem.tag == "watchdog" and watchdog is None:
+            where = f"{field} <watchdog>"
+            watchdog = checks.watchdog(elem.get("model"), elem.get("action"), where, ignored)
+            watchdog.device_id = _device_id(elem, {}, where)
+        elif elem.tag == "console" and console is None:
+            console = _console(elem, f"{field} <console>")
+        elif elem.tag == "disk":
             disk = _disk(elem, disk_meta, field, CannotCreateVM)
             if isinstance(disk, str):
                 ignored.append(disk)
@@ -133,8 +164,9 @@ def parse_domain(xml: str | bytes, vm_id: str) -> VmDefinition:
         vm_id=vm_id, name=name, memory_mib=memory, vcpus=vcpus, max_vcpus=max_vcpus,
         cpu_sockets=cpu["sockets"], cpu_cores=cpu["cores"], cpu_threads=cpu["threads"],
         cpu_model=cpu["model"], cpu_flags=cpu["flags"], machine=machine, uefi=uefi,
-        boot_devices=boot, launch_paused=launch_paused, disks=disks, lease=vm_lease,
-        ignored=ignored, source_form="xml", source_xml=source_xml), field)
+        boot_devices=boot, launch_paused=launch_paused, disks=disks, nics=nics, rng=rng,
+        balloon=balloon, watchdog=watchdog, console=console, lease=vm_lease, ignored=ignored,
+        source_form="xml", source_xml=source_xml), field)
 
 
 def _lease(elem: etree._Element, field: str) -> LeaseSpec:
@@ -426,6 +458,67 @@ def _disk(elem: etree._Element, metadata: dict[str, dict[str, Any]], field: str,
     return checks.check_disk(disk, where, unsupported)
 
 
+def _nic(elem: etree._Element, where: str, order: int) -> NicSpec:
+    """A bridged NIC: <interface type='bridge'> (or 'network', VDSM's vdsm-<net>)."""
+    mac = elem.find("mac")
+    model_elem = elem.find("model")
+    # libvirt's default model for an x86 guest without <model> is rtl8139.
+    model = (checks.nic_model(model_elem.get("type"), f"{where} <model type>")
+             if model_elem is not None else NicModel.RTL8139)
+    source = elem.find("source")
+    if elem.get("type") == "bridge":
+        net = source.get("bridge") if source is not None else None
+    else:
+        net = source.get("network") if source is not None else None
+        # VDSM names the libvirt network of engine network X "vdsm-X".
+        if net and net.startswith("vdsm-"):
+            net = net[len("vdsm-"):]
+    link = elem.find("link")
+    state = link.get("state", "up") if link is not None else "up"
+    if state not in ("up", "down"):
+        raise invalid(f"{where} <link state>", f"unknown link state {state!r} (up or down)")
+    boot = elem.find("boot")
+    return NicSpec(
+        mac=checks.mac(mac.get("address") if mac is not None else None,
+                       f"{where} <mac address>"),
+        model=model, network=checks.network(net, f"{where} <source>"), order=order,
+        link_up=state == "up", device_id=_device_id(elem, {}, where),
+        boot_order=(checks.integer(boot.get("order"), f"{where} <boot order>", minimum=1)
+                    if boot is not None else None))
+
+
+def _rng(elem: etree._Element, where: str) -> RngSpec:
+    if elem.get("model", "virtio") != "virtio":
+        raise invalid(f"{where} model", f"unknown RNG model {elem.get('model')!r} (virtio)")
+    backend = elem.find("backend")
+    if backend is None:
+        raise missing(f"{where} <backend>")
+    if backend.get("model", "random") != "random":
+        # egd (a chardev to an entropy daemon) has no source file to read.
+        raise CannotCreateVM(f"{where}: RNG backend {backend.get('model')!r} is not "
+                             f"supported (random only)")
+    rate = elem.find("rate")
+    return RngSpec(
+        source=checks.rng_source((backend.text or "/dev/random").strip(),
+                                 f"{where} <backend>"),
+        period_ms=(checks.integer(rate.get("period"), f"{where} <rate period>", minimum=1)
+                   if rate is not None and rate.get("period") else None),
+        max_bytes=(checks.integer(rate.get("bytes"), f"{where} <rate bytes>", minimum=1)
+                   if rate is not None and rate.get("bytes") else None),
+        device_id=_device_id(elem, {}, where))
+
+
+def _console(elem: etree._Element, where: str) -> ConsoleSpec:
+    """<console type='pty'>: the guest side is its <target type>; the host side is
+    always a socket in the VM's run dir (there is no tty to hand out)."""
+    target = elem.find("target")
+    kind = (target.get("type") if target is not None else None) or "serial"
+    if kind not in ("serial", "virtio"):
+        raise invalid(f"{where} <target type>", f"unknown console type {kind!r} "
+                                                f"(serial or virtio)")
+    return ConsoleSpec(target=ConsoleTarget(kind), device_id=_device_id(elem, {}, where))
+
+
 def _device_id(elem: etree._Element, meta: dict[str, Any], where: str) -> str | None:
     """The engine's device id: its "ua-<id>" alias, else ovirt-vm:deviceId."""
     alias = elem.find("alias")
@@ -459,4 +552,6 @@ def _describe(elem: etree._Element) -> str:
             words.append(target.get("name") or "")
     elif elem.tag in ("on_poweroff", "on_reboot", "on_crash") and elem.text:
         words.append(elem.text.strip())
+    if elem.tag in checks.HEADLESS:
+        words.append("(runs headless)")
     return " ".join(w for w in words if w)

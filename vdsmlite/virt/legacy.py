@@ -10,7 +10,9 @@ virtio 0 -> vda, scsi 1 -> sdb, ide 2 -> hdc).
 
 As in the XML form, a disk is a domain volume (poolID, domainID, imageID,
 volumeID) or a direct LUN (GUID); a ``path`` in the dict is the engine's guess and
-is never used. Non-disk devices are accepted and listed in `VmDefinition.ignored`.
+is never used. NICs (``type: interface``, ``device: bridge``), the virtio RNG, the
+balloon, the watchdog and the console are run; other devices are accepted and
+listed in `VmDefinition.ignored` (graphics and video saying the VM runs headless).
 """
 
 from __future__ import annotations
@@ -27,13 +29,19 @@ from vdsmlite.errors import (
 from vdsmlite.virt import checks
 from vdsmlite.virt.checks import invalid, missing
 from vdsmlite.virt.definition import (
+    BalloonSpec,
+    ConsoleSpec,
+    ConsoleTarget,
     DiskDevice,
     DiskFormat,
     DiskSpec,
     ErrorPolicy,
     LeaseSpec,
+    NicSpec,
+    RngSpec,
     Sgio,
     VmDefinition,
+    WatchdogSpec,
 )
 
 # VDSM's propagateErrors words (its "true"/"false" too) -> error policy.
@@ -93,29 +101,42 @@ def parse_vm_params(params: Mapping[str, Any], vm_id: str | None = None) -> VmDe
         raise invalid(f"{field}.devices", f"not a list: {type(devices).__name__}")
     disks: list[DiskSpec] = []
     vm_lease: LeaseSpec | None = None
+    nics: list[NicSpec] = []
+    singles: dict[str, Any] = {}  # rng, balloon, watchdog, console: one each
     for i, dev in enumerate(devices):
         where = f"{field}.devices[{i}]"
         if not isinstance(dev, Mapping):
             raise invalid(where, f"not a mapping: {type(dev).__name__}")
-        if dev.get("type") == "lease":
+        kind = dev.get("type")
+        if kind == "lease":
             # Never dropped: an HA VM without its lease could run on two hosts at once.
             if vm_lease is not None:
                 raise invalid(where, "a second VM lease; a VM has at most one")
             vm_lease = checks.lease(dev.get("sd_id"), dev.get("lease_id"), dev.get("path"),
                                     dev.get("offset"), where)
-        elif dev.get("type") == "disk":
+        elif kind == "disk":
             disk = _drive(dev, where, CannotCreateVM)
             if isinstance(disk, str):
                 ignored.append(disk)
             else:
                 disks.append(disk)
+        elif kind == "interface" and dev.get("device") in (None, "", "bridge"):
+            nics.append(_nic(dev, where, len(nics)))
+        elif kind in _SINGLES:
+            if kind in singles:
+                raise invalid(where, f"a second {kind} device")
+            singles[kind] = _SINGLES[kind](dev, where, ignored)
         else:
             ignored.append(_describe(dev))
+    balloon = singles.get("balloon")
 
     return checks.check_vm(VmDefinition(
         vm_id=vm_uuid, name=name, memory_mib=memory, vcpus=vcpus, max_vcpus=max_vcpus,
         cpu_sockets=sockets, cpu_cores=cores, cpu_threads=threads, cpu_model=cpu_model,
         cpu_flags=cpu_flags, machine=machine, launch_paused=launch_paused, disks=disks,
+        nics=nics, rng=singles.get("rng"),
+        balloon=balloon if isinstance(balloon, BalloonSpec) else None,
+        watchdog=singles.get("watchdog"), console=singles.get("console"),
         lease=vm_lease, ignored=ignored, source_form="dict"), field)
 
 
@@ -226,9 +247,84 @@ def _drive(dev: Mapping[str, Any], where: str,
     return checks.check_disk(disk, where, unsupported)
 
 
+def _nic(dev: Mapping[str, Any], where: str, order: int) -> NicSpec:
+    boot = dev.get("bootOrder")
+    device_id = dev.get("deviceId")
+    return NicSpec(
+        mac=checks.mac(dev.get("macAddr"), f"{where}.macAddr"),
+        model=checks.nic_model(dev.get("nicModel"), f"{where}.nicModel"),
+        network=checks.network(dev.get("network"), f"{where}.network"),
+        order=order,
+        link_up=checks.boolean(dev.get("linkActive", True), f"{where}.linkActive"),
+        device_id=checks.uuid(device_id, f"{where}.deviceId") if device_id else None,
+        boot_order=(checks.integer(boot, f"{where}.bootOrder", minimum=1)
+                    if boot not in (None, "") else None))
+
+
+def _spec(dev: Mapping[str, Any], where: str) -> Mapping[str, Any]:
+    spec = dev.get("specParams") or {}
+    if not isinstance(spec, Mapping):
+        raise invalid(f"{where}.specParams", f"not a mapping: {type(spec).__name__}")
+    return spec
+
+
+def _dev_id(dev: Mapping[str, Any], where: str) -> str | None:
+    device_id = dev.get("deviceId")
+    return checks.uuid(device_id, f"{where}.deviceId") if device_id else None
+
+
+def _rng(dev: Mapping[str, Any], where: str, ignored: list[str]) -> RngSpec:
+    spec = _spec(dev, where)
+    model = dev.get("model") or dev.get("device") or "virtio"
+    if model != "virtio":
+        raise invalid(f"{where}.model", f"unknown RNG model {model!r} (virtio)")
+    period, size = spec.get("period"), spec.get("bytes")
+    return RngSpec(
+        source=checks.rng_source(spec.get("source", "urandom"), f"{where}.specParams.source"),
+        period_ms=(checks.integer(period, f"{where}.specParams.period", minimum=1)
+                   if period not in (None, "") else None),
+        max_bytes=(checks.integer(size, f"{where}.specParams.bytes", minimum=1)
+                   if size not in (None, "") else None),
+        device_id=_dev_id(dev, where))
+
+
+def _balloon(dev: Mapping[str, Any], where: str, ignored: list[str]) -> BalloonSpec | str:
+    """The balloon, or "none" when the engine asked for no balloon."""
+    model = _spec(dev, where).get("model", "virtio")
+    if model == "none":
+        return "none"
+    if model != "virtio":
+        raise invalid(f"{where}.specParams.model", f"unknown balloon model {model!r} "
+                                                   f"(virtio or none)")
+    return BalloonSpec(device_id=_dev_id(dev, where))
+
+
+def _watchdog(dev: Mapping[str, Any], where: str, ignored: list[str]) -> WatchdogSpec:
+    spec = _spec(dev, where)
+    wd = checks.watchdog(spec.get("model"), spec.get("action"), f"{where}.specParams",
+                         ignored)
+    wd.device_id = _dev_id(dev, where)
+    return wd
+
+
+def _console(dev: Mapping[str, Any], where: str, ignored: list[str]) -> ConsoleSpec:
+    target = _spec(dev, where).get("consoleType", "serial")
+    if target not in ("serial", "virtio"):
+        raise invalid(f"{where}.specParams.consoleType", f"unknown console type {target!r} "
+                                                         f"(serial or virtio)")
+    return ConsoleSpec(target=ConsoleTarget(target), device_id=_dev_id(dev, where))
+
+
+_SINGLES: dict[str, Any] = {"rng": _rng, "balloon": _balloon, "watchdog": _watchdog,
+                            "console": _console}
+
+
 def _describe(dev: Mapping[str, Any]) -> str:
-    """A short human name for a device left out: "interface bridge ovirtmgmt"."""
+    """A short human name for a device left out: "interface hostdev", "graphics vnc
+    (runs headless)"."""
     words = [str(dev.get("type", "device")), str(dev.get("device", ""))]
     if dev.get("type") == "interface" and dev.get("network"):
         words.append(str(dev["network"]))
+    if dev.get("type") in checks.HEADLESS:
+        words.append("(runs headless)")
     return " ".join(w for w in words if w)

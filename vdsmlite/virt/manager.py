@@ -53,8 +53,8 @@ class ManagerState(enum.StrEnum):
 class VmManager:
     def __init__(self, *, run_dir: Path, disks: DiskPreparer, users: StorageUsers,
                  leases: VmLeases, publish: Publish, run_blocking: RunBlocking,
-                 hotplug_slots: int, unplug_timeout: float,
-                 debug_monitor: bool = False) -> None:
+                 hotplug_slots: int, unplug_timeout: float, debug_monitor: bool = False,
+                 nic_backend: str = "") -> None:
         self.run_dir = run_dir
         self._disks = disks
         self._leases = leases
@@ -64,6 +64,7 @@ class VmManager:
         self._hotplug_slots = hotplug_slots
         self._unplug_timeout = unplug_timeout
         self._debug_monitor = debug_monitor
+        self._nic_backend = nic_backend
         self._vms: dict[str, Vm] = {}
         self._launches: dict[str, asyncio.Task[None]] = {}
         self.state = ManagerState.RECOVERING
@@ -143,7 +144,8 @@ class VmManager:
 
     async def _launch(self, vm: Vm) -> None:
         try:
-            await vm.launch(self._hotplug_slots, debug_monitor=self._debug_monitor)
+            await vm.launch(self._hotplug_slots, debug_monitor=self._debug_monitor,
+                            nic_backend=self._nic_backend)
         except Exception as e:
             message = e.message if isinstance(e, errors.VdsmError) else f"{e!r}"
             log.error("VM %s did not start: %s", vm.id, message)

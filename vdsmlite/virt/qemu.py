@@ -17,7 +17,14 @@ pidfd (readable when the process exits, immune to pid reuse): for our own child
 the exit status is known; for an adopted one (not our child) only that it died,
 and the tail of ``qemu.log`` (qemu's stderr) says why.
 
-Run dir layout: ``qmp.sock`` (QMP), ``qemu.pid`` (``-pidfile``), ``qemu.log``.
+The other devices (NICs, RNG, balloon, watchdog, console: `other_devices`) are
+named from their place in the definition (``net0``, ``rng0``...), never from
+anything of this host, so the same definition and config give the same command
+line on any host (what migration needs). NICs attach to the netdev ``[virt]
+nic_backend`` names (`nic_netdev`); by default to none.
+
+Run dir layout: ``qmp.sock`` (QMP), ``qemu.pid`` (``-pidfile``), ``qemu.log``,
+``console.sock`` (the guest console, when the VM has one).
 """
 
 from __future__ import annotations
@@ -44,12 +51,17 @@ from typing import Any
 from vdsmlite import errors
 from vdsmlite.blocking import RunBlocking
 from vdsmlite.virt.definition import (
+    ConsoleTarget,
     DiskBus,
     DiskDevice,
     DiskFormat,
     DiskSpec,
     ErrorPolicy,
+    NicModel,
+    NicSpec,
+    RngSource,
     VmDefinition,
+    WatchdogAction,
 )
 
 log = logging.getLogger("vdsmlite.virt.qemu")
@@ -59,6 +71,7 @@ QMP_SOCKET = "qmp.sock"
 DEBUG_QMP_SOCKET = "qmp-debug.sock"
 PIDFILE = "qemu.pid"
 LOGFILE = "qemu.log"
+CONSOLE_SOCKET = "console.sock"
 
 # Spare pcie-root-ports created at start: q35's root bus pcie.0 refuses hot plug, so a
 # virtio disk plugged later needs an empty root port made at start.
@@ -237,8 +250,12 @@ _ERROR_POLICY = {
 def command_line(defn: VmDefinition, *, run_dir: Path,
                  hotplug_slots: int = DEFAULT_HOTPLUG_SLOTS,
                  accels: Sequence[str] = ("kvm", "tcg"),
-                 binary: str = QEMU_BINARY, debug_monitor: bool = False) -> list[str]:
+                 binary: str = QEMU_BINARY, debug_monitor: bool = False,
+                 nic_backend: str = "") -> list[str]:
     """The argv that runs `defn` with its run dir `run_dir`.
+
+    `nic_backend` is ``[virt] nic_backend``: what the VM's NICs attach to
+    (`nic_netdev`).
 
     `debug_monitor` adds a second QMP monitor, ``qmp-debug.sock``, for an operator
     or a test to inspect the VM while the agent holds the first (a QMP socket
@@ -252,6 +269,8 @@ def command_line(defn: VmDefinition, *, run_dir: Path,
     options that carry our values (``-name``, the socket path) are escaped."""
     try:
         argv = _command_line(defn, run_dir, hotplug_slots, accels, binary)
+        argv += other_devices(defn, run_dir=Path(run_dir), nic_backend=nic_backend,
+                              binary=binary)
         if debug_monitor:
             debug = escape_opt(str(Path(run_dir) / DEBUG_QMP_SOCKET))
             argv += ["-chardev", f"socket,id=qmpdebug,path={debug},server=on,wait=off",
@@ -305,23 +324,163 @@ def _command_line(defn: VmDefinition, run_dir: Path, hotplug_slots: int,
 
     _check_disks(defn.disks)
     virtio = [d for d in defn.disks if d.bus is DiskBus.VIRTIO]
-    ports = len(virtio) + hotplug_slots
+    nic_ports = len(defn.nics)  # the first root ports: see nic_port
+    ports = nic_ports + len(virtio) + hotplug_slots
     if ports > MAX_ROOT_PORTS:
-        raise InvalidVmConfig(f"{len(virtio)} virtio disks and {hotplug_slots} hot plug "
-                              f"slots need {ports} root ports; at most {MAX_ROOT_PORTS}")
+        raise InvalidVmConfig(f"{nic_ports} NICs, {len(virtio)} virtio disks and "
+                              f"{hotplug_slots} hot plug slots need {ports} root ports; "
+                              f"at most {MAX_ROOT_PORTS}")
     devices: list[dict[str, Any]] = [
         {"driver": "virtio-scsi-pci", "id": SCSI_CONTROLLER, "bus": "pcie.0"}]
     devices += [{"driver": "pcie-root-port", "id": root_port_id(n), "bus": "pcie.0",
                  "chassis": n} for n in range(1, ports + 1)]
     for dev in devices:
         argv += ["-device", _json(dev)]
-    # Virtio disks take the first root ports in their order; the rest stay free.
-    port_of = {d.name: root_port_id(n) for n, d in enumerate(virtio, start=1)}
+    # Virtio disks take the root ports after the NICs' in their order; the rest stay
+    # free for hot plug.
+    port_of = {d.name: root_port_id(n)
+               for n, d in enumerate(virtio, start=nic_ports + 1)}
     for disk in defn.disks:
         for node in disk_blockdevs(disk, block=is_block_device(disk.path or "")):
             argv += ["-blockdev", _json(node)]
         argv += ["-device", _json(disk_device(disk, port=port_of.get(disk.name)))]
     return argv
+
+
+# --- NICs, RNG, balloon, watchdog, console ---------------------------------------------
+
+# The qemu device of each NIC model. e1000 stays the 82540EM the guest was installed
+# with (q35 takes it on a root port as well), rather than becoming e1000e.
+NIC_DRIVERS = {NicModel.VIRTIO: "virtio-net-pci", NicModel.E1000: "e1000",
+               NicModel.E1000E: "e1000e", NicModel.RTL8139: "rtl8139"}
+RNG_FILES = {RngSource.URANDOM: "/dev/urandom", RngSource.RANDOM: "/dev/random",
+             RngSource.HWRNG: "/dev/hwrng"}
+# qemu has no "dump" (libvirt dumps the guest's core from a pause itself).
+_WATCHDOG_ACTIONS = {a: a.value for a in WatchdogAction} | {WatchdogAction.DUMP: "pause"}
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+# [virt] nic_backend: "", "user", "bridge" or "bridge:<name>" (a Linux interface name).
+NIC_BACKEND = re.compile(r"|user|bridge(:[A-Za-z0-9_.-]{1,15})?")
+
+
+def nic_id(nic: NicSpec) -> str:
+    """The NIC's qemu device id (also its QMP net client name): net0, net1, ..."""
+    return f"net{nic.order}"
+
+
+def nic_port(nic: NicSpec) -> str:
+    """The NIC's root port: NICs take the first ones, in their order (rp1 = net0), so
+    a disk plugged or unplugged later never moves a NIC in the guest."""
+    return root_port_id(nic.order + 1)
+
+
+def nic_netdev(nic: NicSpec, nic_backend: str) -> dict[str, Any] | None:
+    """The ``-netdev`` a NIC attaches to, per ``[virt] nic_backend``, or None.
+
+    - "" (default): none. The NIC is in the guest with its MAC and model, link up,
+      but its frames go nowhere (qemu warns "nic netN has no peer" and runs).
+    - "user": qemu's user-mode (slirp) network, private to this NIC: outbound
+      connections only, through the host's stack; nothing reaches the guest.
+    - "bridge": a tap on the Linux bridge named as the NIC's network (VDSM's
+      bridge for network X is X), made by qemu-bridge-helper.
+    - "bridge:<name>": every NIC on bridge <name>, also through qemu-bridge-helper
+      (it must be installed setuid and <name> allowed in /etc/qemu/bridge.conf).
+    """
+    if not NIC_BACKEND.fullmatch(nic_backend):
+        raise InvalidVmConfig(f"nic backend {nic_backend!r}: expected \"\", user, bridge "
+                              f"or bridge:<name>")
+    netdev_id = f"hostnet{nic.order}"
+    if nic_backend == "":
+        return None
+    if nic_backend == "user":
+        return {"type": "user", "id": netdev_id}
+    bridge = nic_backend.partition(":")[2] or nic.network
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", bridge):
+        raise InvalidVmConfig(f"NIC {nic.mac}: network {nic.network!r} is not a bridge "
+                              f"name (nic_backend = bridge)")
+    return {"type": "bridge", "id": netdev_id, "br": bridge}
+
+
+def nic_device(nic: NicSpec, nic_backend: str) -> dict[str, Any]:
+    if not _MAC.fullmatch(nic.mac) or int(nic.mac[:2], 16) & 1:
+        raise InvalidVmConfig(f"NIC {nic.order}: bad MAC address {nic.mac!r}")
+    dev: dict[str, Any] = {"driver": NIC_DRIVERS[nic.model], "id": nic_id(nic),
+                           "bus": nic_port(nic), "addr": "0x0", "mac": nic.mac}
+    netdev = nic_netdev(nic, nic_backend)
+    if netdev is not None:
+        dev["netdev"] = netdev["id"]
+    if nic.boot_order is not None:
+        dev["bootindex"] = nic.boot_order
+    return dev
+
+
+def other_devices(defn: VmDefinition, *, run_dir: Path, nic_backend: str = "",
+                  binary: str = QEMU_BINARY) -> list[str]:
+    """The argv of the VM's NICs, RNG, balloon, watchdog and console.
+
+    NICs sit on root ports (see `nic_port`); the others are integrated endpoints on
+    pcie.0, which has room for them next to `MAX_ROOT_PORTS` ports and the SCSI
+    controller (30 usable slots). Blocking (checks /dev/hwrng, asks qemu once)."""
+    argv: list[str] = []
+    orders = [nic.order for nic in defn.nics]
+    if orders != list(range(len(defn.nics))):
+        raise InvalidVmConfig(f"NIC orders {orders}: expected 0..{len(defn.nics) - 1}")
+    for nic in defn.nics:
+        netdev = nic_netdev(nic, nic_backend)
+        if netdev is not None:
+            argv += ["-netdev", _json(netdev)]
+        argv += ["-device", _json(nic_device(nic, nic_backend))]
+    if defn.rng is not None:
+        path = RNG_FILES[defn.rng.source]
+        if defn.rng.source is RngSource.HWRNG and not os.path.exists(path):
+            raise InvalidVmConfig(f"rng source hwrng: this host has no {path}")
+        argv += ["-object", _json({"qom-type": "rng-random", "id": "rng0-backend",
+                                   "filename": path})]
+        rng: dict[str, Any] = {"driver": "virtio-rng-pci", "id": "rng0", "bus": "pcie.0",
+                               "rng": "rng0-backend"}
+        if defn.rng.max_bytes is not None:
+            rng["max-bytes"] = defn.rng.max_bytes
+            rng["period"] = defn.rng.period_ms or 1000  # libvirt's default period
+        argv += ["-device", _json(rng)]
+    if defn.balloon is not None:
+        argv += ["-device", _json({"driver": "virtio-balloon-pci", "id": "balloon0",
+                                   "bus": "pcie.0"})]
+    if defn.watchdog is not None:
+        if defn.watchdog.model != "i6300esb":
+            raise InvalidVmConfig(f"watchdog model {defn.watchdog.model!r}: i6300esb only")
+        argv += ["-device", _json({"driver": "i6300esb", "id": "watchdog0",
+                                   "bus": "pcie.0"})]
+        action = _WATCHDOG_ACTIONS[defn.watchdog.action]
+        argv += (["-action", f"watchdog={action}"] if has_action_option(binary)
+                 else ["-watchdog-action", action])  # qemu before 6.0
+    if defn.console is not None:
+        sock = str(Path(run_dir) / CONSOLE_SOCKET)
+        if len(sock.encode()) > _SUN_PATH_MAX:
+            raise InvalidVmConfig(f"run dir too long for a unix socket: {run_dir}")
+        argv += ["-chardev", f"socket,id=charconsole0,path={escape_opt(sock)},server=on,"
+                             f"wait=off"]
+        if defn.console.target is ConsoleTarget.VIRTIO:
+            argv += ["-device", _json({"driver": "virtio-serial-pci", "id": "virtio-serial0",
+                                       "bus": "pcie.0"}),
+                     "-device", _json({"driver": "virtconsole", "id": "console0",
+                                       "chardev": "charconsole0",
+                                       "bus": "virtio-serial0.0"})]
+        else:
+            argv += ["-device", _json({"driver": "isa-serial", "id": "console0",
+                                       "chardev": "charconsole0"})]
+    return argv
+
+
+@functools.cache
+def has_action_option(binary: str = QEMU_BINARY) -> bool:
+    """Whether this qemu has ``-action`` (6.0 and later; ``-watchdog-action`` before).
+    Blocking, asked once."""
+    try:
+        out = subprocess.run([binary, "-action", "help"], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("cannot ask qemu for -action: %s", e)
+        return True
+    return "watchdog=" in out
 
 
 @functools.cache

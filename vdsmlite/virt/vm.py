@@ -26,7 +26,7 @@ from typing import Any
 from vdsmlite import errors
 from vdsmlite.blocking import RunBlocking
 from vdsmlite.virt import leaseexec, qemu
-from vdsmlite.virt.definition import DiskSpec, LunSource, VmDefinition, VolumeSource
+from vdsmlite.virt.definition import DiskSpec, LunSource, NicSpec, VmDefinition, VolumeSource
 from vdsmlite.virt.qmp import QmpError, QmpEvent, QmpSession, open_session
 
 log = logging.getLogger("vdsmlite.virt.vm")
@@ -82,13 +82,15 @@ class Vm:
 
     # --- lifecycle -----------------------------------------------------------------------
 
-    async def launch(self, hotplug_slots: int, *, debug_monitor: bool = False) -> None:
+    async def launch(self, hotplug_slots: int, *, debug_monitor: bool = False,
+                     nic_backend: str = "") -> None:
         """Start qemu for the (prepared) definition and connect to it; `Up`, or `Paused`
         when the request said launchPaused. Raises CannotCreateVM; qemu is then gone."""
         argv = await self._run_blocking(
             lambda: qemu.command_line(self.defn, run_dir=self.run_dir,
                                       hotplug_slots=hotplug_slots,
-                                      debug_monitor=debug_monitor))
+                                      debug_monitor=debug_monitor,
+                                      nic_backend=nic_backend))
         lease = self.defn.lease
         if lease is not None:
             assert lease.path is not None and lease.offset is not None  # resolved at create
@@ -100,6 +102,7 @@ class Vm:
         try:
             self.session = await open_session(self.process, on_event=self._on_event,
                                               run_blocking=self._run_blocking)
+            await self._set_links(self.session)
             if not self.defn.launch_paused:
                 await self.session.cont()
         except BaseException:
@@ -109,6 +112,13 @@ class Vm:
             raise
         self._watch = asyncio.create_task(self._watch_exit(self.process))
         self._set_status(VmStatus.PAUSED if self.defn.launch_paused else VmStatus.UP)
+
+    async def _set_links(self, session: QmpSession) -> None:
+        # qemu has no device property for the link state: a NIC the engine wants
+        # unplugged from its wire (linkActive false) is set down before the guest runs.
+        for nic in self.defn.nics:
+            if not nic.link_up:
+                await session.execute("set_link", {"name": qemu.nic_id(nic), "up": False})
 
     async def adopt(self, process: qemu.QemuProcess) -> None:
         """Drive a qemu found running after an agent restart."""
@@ -252,7 +262,9 @@ class Vm:
             "emulatedMachine": d.machine or "q35",
             "launchPaused": str(d.launch_paused).lower(),
             "pid": str(self.pid or 0),
-            "devices": [_disk_info(disk) for disk in d.disks] + _lease_info(d),
+            "devices": ([_disk_info(disk) for disk in d.disks] +
+                        [_nic_info(nic) for nic in d.nics] + _other_devices_info(d) +
+                        _lease_info(d)),
             "ignoredDevices": list(d.ignored),
         }
 
@@ -269,6 +281,12 @@ class Vm:
         out["disks"] = {disk.name: {**_disk_info(disk),
                                     **self._last_block_stats.get(disk.name, {})}
                         for disk in self.defn.disks}
+        # VDSM's per-NIC entry, by NIC name; no traffic counters (no host-side tap
+        # is ours to read).
+        out["network"] = {qemu.nic_id(nic): {
+            "name": qemu.nic_id(nic), "macAddr": nic.mac, "network": nic.network,
+            "nicModel": str(nic.model), "state": "up" if nic.link_up else "down"}
+            for nic in self.defn.nics}
         return out
 
 
@@ -299,6 +317,38 @@ def _disk_info(disk: DiskSpec) -> dict[str, Any]:
         out["bootOrder"] = str(disk.boot_order)
     if disk.device_id is not None:
         out["deviceId"] = disk.device_id
+    return out
+
+
+def _nic_info(nic: NicSpec) -> dict[str, Any]:
+    """A NIC in VDSM's words (its interface device keys)."""
+    out: dict[str, Any] = {"type": "interface", "device": "bridge", "name": qemu.nic_id(nic),
+                           "alias": qemu.nic_id(nic), "macAddr": nic.mac,
+                           "nicModel": str(nic.model), "network": nic.network,
+                           "linkActive": str(nic.link_up).lower()}
+    if nic.boot_order is not None:
+        out["bootOrder"] = str(nic.boot_order)
+    if nic.device_id is not None:
+        out["deviceId"] = nic.device_id
+    return out
+
+
+def _other_devices_info(d: VmDefinition) -> list[dict[str, Any]]:
+    """RNG, balloon, watchdog and console as VDSM lists them."""
+    out: list[dict[str, Any]] = []
+    if d.rng is not None:
+        out.append({"type": "rng", "device": "virtio", "model": "virtio", "alias": "rng0",
+                    "specParams": {"source": str(d.rng.source)}})
+    if d.balloon is not None:
+        out.append({"type": "balloon", "device": "memballoon", "alias": "balloon0",
+                    "specParams": {"model": "virtio"}})
+    if d.watchdog is not None:
+        out.append({"type": "watchdog", "device": "watchdog", "alias": "watchdog0",
+                    "specParams": {"model": d.watchdog.model,
+                                   "action": str(d.watchdog.action)}})
+    if d.console is not None:
+        out.append({"type": "console", "device": "console", "alias": "console0",
+                    "specParams": {"consoleType": str(d.console.target)}})
     return out
 
 
