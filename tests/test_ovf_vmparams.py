@@ -235,7 +235,8 @@ def test_unsafe_engine_xml_is_not_passed_on() -> None:
 
 
 def test_hostile_engine_xml_is_ignored_not_expanded() -> None:
-    bomb = ('&lt;!DOCTYPE d [&lt;!ENTITY e "x"&gt;]&gt;&lt;domain&gt;&amp;e;&lt;/domain&gt;')
+    bomb = ('&lt;!DOCTYPE d [&lt;!ENTITY e "x"&gt;]&gt;&lt;domain&gt;&amp;e;'
+            '&lt;devices&gt;&lt;lease/&gt;&lt;/devices&gt;&lt;/domain&gt;')
     text = re.sub(r"<EngineXml>.*?</EngineXml>", f"<EngineXml>{bomb}</EngineXml>",
                   sample(HE_42), flags=re.S)
     conv = convert(text)

@@ -45,6 +45,7 @@ nested EngineXml too; the tree is walked once, by tag lookups in fixed tables.
 from __future__ import annotations
 
 import base64
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, cast
@@ -204,14 +205,21 @@ def _address(text: str | None) -> dict[str, str] | None:
     """The engine's map string "{type=pci, slot=0x06}" as VDSM's address dict."""
     if text is None:
         return None
+    return dict(_address_items(text)) or None
+
+
+@functools.lru_cache(maxsize=1024)
+def _address_items(text: str) -> tuple[tuple[str, str], ...]:
+    # Cached: a cluster's VMs share a handful of slot layouts, and this is a fifth of
+    # the walk otherwise. ValueError (not cached) if it is not a flat map.
     body = text.strip().removeprefix("{").removesuffix("}")
-    out = {}
+    out = []
     for part in body.split(","):
         key, eq, value = part.partition("=")
         if not eq or not key.strip():
             raise ValueError(part)
-        out[key.strip()] = value.strip()
-    return out or None
+        out.append((key.strip(), value.strip()))
+    return tuple(out)
 
 
 def _spec(el: etree._Element) -> dict[str, Any]:
@@ -360,14 +368,16 @@ class _Converter:
         return vm_id
 
     def _items(self, hardware: etree._Element) -> list[_Item]:
+        # The hot loop of a conversion: every child of every Item, one lookup each.
+        local = _LOCAL.get
         items = []
         for item in hardware:
-            if _LOCAL.get(item.tag) != "Item":
+            if local(item.tag) != "Item":
                 continue
             fields: dict[str, str] = {}
             spec = None
             for child in item:
-                name = _LOCAL.get(child.tag)
+                name = local(child.tag)
                 if name is None:
                     continue
                 if name == "SpecParams":
@@ -482,6 +492,11 @@ class _Converter:
 
     def _engine_xml(self, params: dict[str, Any], text: str, lease_sd: str | None) -> str | None:
         """Pass the engine's libvirt XML on as the HA agent does; the VM lease it holds."""
+        if "<lease" not in text:
+            # Without a lease element it is neither passed on nor holds a VM lease:
+            # no need to parse it (most EngineXml: only HE VMs with a lease differ).
+            self.warn("EngineXml not passed on as xmlBase64: it holds no lease")
+            return lease_sd
         try:
             domain = read_document(text.encode("utf-8"))
         except OvfError as e:
