@@ -220,6 +220,17 @@ class InvalidParameterException(_Fields):
         self.value = f"{name}={value}"
 
 
+class OvfConversionError(InvalidParameterException):
+    """An OVF that cannot become VM parameters (`ovf.vmparams`): not a well-formed OVF,
+    or missing what a VM cannot run without. The message names the OVF field."""
+
+    msg = "Cannot convert OVF to VM parameters"
+
+    def __init__(self, detail: str) -> None:
+        VdsmError.__init__(self, detail)
+        self.value = detail
+
+
 class MiscFileReadException(StorageException):
     code = 2001
     msg = "Internal file read failure"

@@ -7,8 +7,6 @@ hand in bytes and get values or errors back. One purpose per room:
 - `safexml`: the gate for untrusted XML (DTD refusal, safe parsers, `OvfValidator`);
 - `reader`: the OVF dialects read into the model (`parse`);
 - `tarstream`: the archive - member names, streaming validation, writing;
-- `workers`: the processes that check and read OVFs, and the batcher feeding them.
-
-Turning an OVF into VDSM VM parameters (start a VM from its OVF) will be a room
-of its own, `vmparams`, reading through `reader` and `model` like the rest.
+- `workers`: the processes that check and read OVFs, and the batcher feeding them;
+- `vmparams`: an OVF as VDSM's legacy ``vmParams`` (start a VM from its OVF).
 """

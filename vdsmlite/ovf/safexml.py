@@ -40,6 +40,16 @@ def read_envelope(data: bytes) -> tuple[etree._Element, str]:
     OvfError if the document is too large, has a DTD, is malformed or is not an
     OVF Envelope - checked in that order.
     """
+    root = read_document(data)
+    return root, _envelope_namespace(root)
+
+
+def read_document(data: bytes) -> etree._Element:
+    """The root of a whole document that passed the gate, whatever its root element.
+
+    For documents nested in an OVF, such as the engine's libvirt XML in ``EngineXml``:
+    the same size, DTD and well-formedness checks as `read_envelope`, in that order.
+    """
     if len(data) > MAX_OVF_SIZE:
         raise OvfError(f"OVF is {len(data)} bytes, more than the limit of {MAX_OVF_SIZE}")
     if _has_dtd_markup(data):
@@ -48,7 +58,8 @@ def read_envelope(data: bytes) -> tuple[etree._Element, str]:
         root = etree.fromstring(data, _thread_parser())
     except etree.XMLSyntaxError as e:
         raise _malformed(e) from e
-    return root, _envelope_namespace(root)
+    _refuse_doctype(root)
+    return root
 
 
 class OvfValidator:
@@ -231,11 +242,15 @@ def _malformed(error: etree.XMLSyntaxError) -> OvfError:
 
 def _envelope_namespace(root: etree._Element) -> str:
     """The OVF namespace spelling of a parsed document, after the checks scanning cannot do."""
-    # Defence in depth: the byte scan already refused any DOCTYPE it could see.
-    # (lxml has DocInfo.doctype; lxml-stubs 0.5 do not know it.)
-    if root.getroottree().docinfo.doctype:  # type: ignore[attr-defined]
-        raise _dtd_error()
+    _refuse_doctype(root)
     ns = _ENVELOPES.get(root.tag)
     if ns is None:
         raise OvfError(f"root element is not an OVF Envelope: {excerpt(repr(root.tag))}")
     return ns
+
+
+def _refuse_doctype(root: etree._Element) -> None:
+    # Defence in depth: the byte scan already refused any DOCTYPE it could see.
+    # (lxml has DocInfo.doctype; lxml-stubs 0.5 do not know it.)
+    if root.getroottree().docinfo.doctype:  # type: ignore[attr-defined]
+        raise _dtd_error()
