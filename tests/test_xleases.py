@@ -121,6 +121,9 @@ def test_reads_an_index_vdsm_wrote(tmp_path: Path) -> None:
                             half: {"offset": 45 * MiB, "updating": True}}
     with pytest.raises(errors.NoSuchLease):
         vol.lookup(new_id())
+    # An id longer than a record's 48 bytes must not match the lease it starts with.
+    with pytest.raises(errors.InvalidParameterException):
+        vol.lookup(a + "-and-more-than-48-bytes")
 
 
 @pytest.mark.parametrize(("offset", "data", "error"), [

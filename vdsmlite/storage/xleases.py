@@ -301,6 +301,7 @@ class LeasesVolume:
 
     def lookup(self, lease_id: str) -> LeaseInfo:
         """NoSuchLease (936) if absent, or only half-added by an old VDSM (updating)."""
+        _validate_lease_id(lease_id)  # a longer id would match its 48-byte prefix
         recnum = self._index.find(lease_id)
         if recnum == -1 or self._index.record(recnum).updating:
             raise errors.NoSuchLease(lease_id)
@@ -340,6 +341,7 @@ class LeasesVolume:
 
     def remove(self, lease_id: str) -> None:
         """NoSuchLease (936) if absent; the record goes first, then the resource."""
+        _validate_lease_id(lease_id)
         recnum = self._index.find(lease_id)
         if recnum == -1:
             raise errors.NoSuchLease(lease_id)
