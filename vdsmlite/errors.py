@@ -820,11 +820,78 @@ class StorageDomainIsMemberOfPool(StorageException):
         self.value = f"domain={sd_uuid}"
 
 
-class NoSuchLease(StorageException):
-    """Reserved for HA VMs' leases (virt; VDSM's Lease verbs); nothing raises it yet."""
+class NoSuchLease(_Fields):
+    """An external lease (Lease.*, the xleases index) that the index does not name."""
 
     code = 936
     msg = "No such lease"
+    fields = ("lease",)
+
+    def __init__(self, lease_id: str) -> None:
+        super().__init__(lease_id)
+
+
+# xleases (lib/vdsm/storage/xlease.py). VDSM raises these as plain errors, not
+# storage exceptions: its dispatcher and its tasks answer them with code 100 and
+# the error's own text, which is what `message` gives here.
+
+
+class XleasesError(VdsmError):
+    code = 100
+    msg = "General Exception"
+    text: str = ""
+
+    @property
+    def message(self) -> str:
+        return self.text
+
+
+class LeaseExists(XleasesError):
+    def __init__(self, lease_id: str) -> None:
+        super().__init__(lease_id)
+        self.text = f"Lease {lease_id} exists"
+
+
+class XleasesNoSpace(XleasesError):
+    """VDSM's xlease.NoSpace: every record of the index, or every slot of the volume,
+    is used."""
+
+    def __init__(self, lease_id: str) -> None:
+        super().__init__(lease_id)
+        self.text = f"No space to add lease {lease_id}"
+
+
+class InvalidRecord(XleasesError):
+    def __init__(self, reason: str, record: bytes) -> None:
+        super().__init__(reason, record)
+        self.text = f"Invalid record ({reason}): {record!r}"
+
+
+class InvalidIndex(XleasesError):
+    """The index cannot be used: it must be rebuilt (Lease.rebuild_leases) or formatted."""
+
+
+class IndexIsUpdating(InvalidIndex):
+    def __init__(self, metadata: str) -> None:
+        super().__init__(metadata)
+        self.text = ("Index is updating or an update operation was aborted, the index "
+                     f"must be formatted or rebuilt from storage: {metadata}")
+
+
+class InvalidIndexMetadata(InvalidIndex):
+    """VDSM's xlease.InvalidMetadata (not the 751 of volume metadata)."""
+
+    def __init__(self, reason: str, data: bytes) -> None:
+        super().__init__(reason, data)
+        self.text = (f"Invalid index metadata ({reason}), the index must be formatted or "
+                     f"rebuilt from storage: {data[:80]!r}")
+
+
+class TruncatedIndex(InvalidIndex):
+    def __init__(self, expected: int, available: int) -> None:
+        super().__init__(expected, available)
+        self.text = (f"Could not read index, expected {expected} bytes, available "
+                     f"{available} bytes")
 
 
 def all_vdsm_errors() -> list[type[VdsmError]]:

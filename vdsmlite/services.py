@@ -34,6 +34,7 @@ from vdsmlite.sdm.pools import PoolService
 from vdsmlite.sdm.provision import DomainProvisioner
 from vdsmlite.sdm.transfers import ImageTransfers
 from vdsmlite.sdm.volumes import VolumeService
+from vdsmlite.sdm.xleases import ExternalLeases
 from vdsmlite.storage.activation import Activator
 from vdsmlite.storage.connections import ConnectionManager
 from vdsmlite.storage.domains import DomainStore
@@ -100,6 +101,10 @@ class Services:
         self.volumes = VolumeService(domains=self.domains, pools=self.pools, jobs=self.jobs,
                                      image_locks=self.image_locks, sdm=self.sdm,
                                      users=self.storage_users, run_blocking=run_blocking)
+        # VM and job leases in the domains' xleases volumes (Lease.*; VMs ask lease_info).
+        self.external_leases = ExternalLeases(domains=self.domains, jobs=self.jobs,
+                                              locks=self.image_locks, sdm=self.sdm,
+                                              run_blocking=run_blocking)
         self.provisioner = DomainProvisioner(
             domains=self.domains, pools=self.pools, monitors=self.monitors,
             connections=self.connections, activator=self.activator, users=self.storage_users,
@@ -111,7 +116,8 @@ class Services:
                               workers=self.ovf_workers, jobs=self.jobs,
                               run_blocking=run_blocking)
         # VMs: qemu processes on prepared, held storage; found again after a restart.
-        self.vm_leases = VmLeases(lookup=None, host_id_of=self.monitors.host_id,
+        self.vm_leases = VmLeases(lookup=self.external_leases.lease_info,
+                                  host_id_of=self.monitors.host_id,
                                   geometry_of=lambda sd: self.domains.get(sd).geometry(),
                                   run_blocking=run_blocking)
         self.vms = VmManager(

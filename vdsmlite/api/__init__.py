@@ -12,6 +12,7 @@ from vdsmlite.api.base import collect
 from vdsmlite.api.devices import DevicesApi
 from vdsmlite.api.domains import DomainsApi
 from vdsmlite.api.host import HostApi
+from vdsmlite.api.lease import LeaseApi
 from vdsmlite.api.locking import LockingApi
 from vdsmlite.api.ovf import OvfApi
 from vdsmlite.api.storage_server import StorageServerApi
@@ -35,6 +36,7 @@ def build_handlers(s: Services) -> dict[str, Handler]:
         VolumesApi(s.volumes),
         OvfApi(s.ovf),
         VmApi(s.vms, s.vms_from_ovf),
+        LeaseApi(s.external_leases),
         LockingApi(domains=s.domains, monitors=s.monitors, fencing=s.fencing,
                    agents=s.fence_agents, run_blocking=s.run_blocking),
     )

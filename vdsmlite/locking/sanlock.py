@@ -45,6 +45,7 @@ HOST_STATE_NAMES = {HOST_UNKNOWN: "unknown", HOST_FREE: "free", HOST_LIVE: "live
 _HOST_MASK = 0x0F
 
 # sanlock's own error codes (returned negated).
+SANLK_LEADER_MAGIC = 223       # read_resource: no paxos leader here (never written, or cleared)
 SANLK_ACQUIRE_IDLIVE = 243     # "Lease is held by another host"
 SANLK_ACQUIRE_OWNED_RETRY = 247  # OWNER_NOWAIT: held by a host not known dead yet
 SANLK_ACQUIRE_OTHER = 244
@@ -105,6 +106,7 @@ int sanlock_get_lockspaces(struct sanlk_lockspace **lss, int *lss_count, uint32_
 int sanlock_get_hosts(const char *ls_name, uint64_t host_id, struct sanlk_host **hss,
                       int *hss_count, uint32_t flags);
 int sanlock_set_config(const char *ls_name, uint32_t flags, uint32_t cmd, void *data);
+int sanlock_read_resource(struct sanlk_resource *res, uint32_t flags);
 int sanlock_read_resource_owners(struct sanlk_resource *res, uint32_t flags,
                                  struct sanlk_host **hss, int *hss_count);
 int sanlock_register(void);
@@ -146,6 +148,15 @@ class Host:
     timestamp: int
     io_timeout: int
     state: str  # unknown, free, live, fail, dead
+
+
+@dataclass(frozen=True)
+class Resource:
+    """What a paxos lease on storage says it is (read_resource)."""
+
+    lockspace: str
+    name: str
+    version: int  # the lease version (lver): bumped by every acquire
 
 
 @dataclass(frozen=True)
@@ -205,9 +216,9 @@ def _check(op: str, rv: int) -> int:
     raise SanlockError(op, code, message)
 
 
-def _name(value: str, what: str) -> bytes:
+def _name(value: str, what: str, *, allow_empty: bool = False) -> bytes:
     raw = value.encode()
-    if not raw or len(raw) > NAME_LEN or b"\0" in raw:
+    if (not raw and not allow_empty) or len(raw) > NAME_LEN or b"\0" in raw:
         raise ValueError(f"sanlock {what} name must be 1..{NAME_LEN} bytes without NUL: "
                          f"{value!r}")
     return raw
@@ -242,7 +253,7 @@ def _lockspace(name: str, host_id: int, path: str, offset: int, flags: int = 0) 
 
 
 def _resource(lockspace: str, name: str, disks: Sequence[tuple[str, int]],
-              flags: int = 0) -> Any:
+              flags: int = 0, *, allow_empty: bool = False) -> Any:
     if not 1 <= len(disks) <= MAX_DISKS:
         raise ValueError(f"a sanlock resource has 1..{MAX_DISKS} disks, not {len(disks)}")
     lib = _get()
@@ -250,7 +261,8 @@ def _resource(lockspace: str, name: str, disks: Sequence[tuple[str, int]],
     # pads included (the daemon reuses the wire struct internally).
     res = lib.ffi.new("struct sanlk_resource *", {"num_disks": len(disks),
                                                   "disks": [{} for _ in disks]})
-    ls_raw, name_raw = _name(lockspace, "lockspace"), _name(name, "resource")
+    ls_raw = _name(lockspace, "lockspace", allow_empty=allow_empty)
+    name_raw = _name(name, "resource", allow_empty=allow_empty)
     lib.ffi.memmove(res.lockspace_name, ls_raw, len(ls_raw))
     lib.ffi.memmove(res.name, name_raw, len(name_raw))
     res.flags = flags
@@ -318,8 +330,14 @@ def read_lockspace(path: str, offset: int = 0, *, align: int | None = None,
 def write_resource(lockspace: str, name: str, disks: Sequence[tuple[str, int]], *,
                    max_hosts: int = 0, num_hosts: int = 0, align: int | None = None,
                    sector: int | None = None, clear: bool = False) -> None:
-    """Format a paxos lease. `clear` writes one that later reads refuse (a deleted lease)."""
-    res = _resource(lockspace, name, disks, _geometry("resource", align, sector))
+    """Format a paxos lease. `clear` writes one that later reads refuse (a deleted lease).
+
+    Empty names (both) write the lease VDSM writes over a removed external lease:
+    readable, but naming nothing (see `storage.xleases`).
+    """
+    empty = lockspace == "" and name == ""
+    res = _resource(lockspace, name, disks, _geometry("resource", align, sector),
+                    allow_empty=empty)
     _check("write_resource", _get().lib.sanlock_write_resource(
         res, max_hosts, num_hosts, _WRITE_CLEAR if clear else 0))
 
@@ -451,6 +469,26 @@ def inquire(sock: int, *, pid: int = -1) -> list[tuple[str, str]]:
         if len(parts) >= 2:
             out.append((parts[0], parts[1]))
     return out
+
+
+def read_resource(path: str, offset: int, *, align: int | None = None,
+                  sector: int | None = None) -> Resource:
+    """The paxos lease at path:offset as written on storage (no lockspace needed).
+
+    SanlockError with errno SANLK_LEADER_MAGIC where no lease was ever written, or
+    one was cleared.
+    """
+    lib = _get()
+    res = lib.ffi.new("struct sanlk_resource *", {"num_disks": 1, "disks": [{}]})
+    raw_path = _path(path)
+    lib.ffi.memmove(res.disks[0].path, raw_path, len(raw_path))
+    res.disks[0].offset = offset
+    res.flags = _geometry("resource", align, sector)
+    _check("read_resource", lib.lib.sanlock_read_resource(res, 0))
+    return Resource(
+        lockspace=lib.ffi.string(res.lockspace_name, NAME_LEN).decode(errors="replace"),
+        name=lib.ffi.string(res.name, NAME_LEN).decode(errors="replace"),
+        version=res.lver)
 
 
 def read_resource_owners(lockspace: str, resource: str, disks: Sequence[tuple[str, int]], *,

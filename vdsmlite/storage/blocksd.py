@@ -32,7 +32,15 @@ from typing import Any
 
 from vdsmlite import errors, failpoints
 from vdsmlite.ids import parse_uuid
-from vdsmlite.storage import clusterlock, commands, directio, lvm, persistent, qemuimg
+from vdsmlite.storage import (
+    clusterlock,
+    commands,
+    directio,
+    lvm,
+    persistent,
+    qemuimg,
+    xleases,
+)
 from vdsmlite.storage import constants as sc
 from vdsmlite.storage import devices as devmod
 from vdsmlite.storage.activation import Activator
@@ -128,6 +136,9 @@ class BlockDomain(Domain):
 
     def leases_path(self) -> str:
         return str(self.held_path(sc.LEASES))
+
+    def xleases_path(self) -> str:
+        return str(self.held_path(sc.XLEASES))
 
     def health_path(self) -> Path:
         return self.held_path(sc.METADATA)
@@ -563,6 +574,9 @@ def create_block_domain(
                               align=alignment, io_timeout=io_timeout)
         clusterlock.init_resource(vg_name, sc.SDM_LEASE_NAME, domain.held_path(sc.LEASES),
                              sc.SDM_LEASE_SLOT * alignment, sector=block_size, align=alignment)
+        # VDSM formats the external leases index at creation (format_external_leases).
+        xleases.format_index(vg_name, domain.xleases_path(), alignment=alignment,
+                             block_size=block_size)
         extra = {K_VGUUID: vg.uuid}
         mapoffset = 0
         for i, pv_name in enumerate(vg.pv_names):

@@ -30,7 +30,7 @@ from typing import Any
 from vdsmlite import errors, failpoints
 from vdsmlite.fsutil import fsync_dir
 from vdsmlite.ids import parse_uuid
-from vdsmlite.storage import clusterlock, directio, persistent, qemuimg
+from vdsmlite.storage import clusterlock, directio, persistent, qemuimg, xleases
 from vdsmlite.storage import constants as sc
 from vdsmlite.storage.image import Image
 from vdsmlite.storage.sd import (
@@ -107,6 +107,9 @@ class FileDomain(Domain):
 
     def leases_path(self) -> str:
         return str(self.path / sc.DOMAIN_META_DATA / sc.LEASES)
+
+    def xleases_path(self) -> str:
+        return str(self.path / sc.DOMAIN_META_DATA / sc.XLEASES)
 
     def health_path(self) -> Path:
         return self.md_path
@@ -354,6 +357,10 @@ def create_file_domain(
             clusterlock.init_resource(sd_uuid, sc.SDM_LEASE_NAME, md_dir / sc.LEASES,
                                  sc.SDM_LEASE_SLOT * alignment, sector=block_size,
                                  align=alignment)
+        # VDSM formats the external leases index at creation (format_external_leases);
+        # the file starts empty and grows as leases are added.
+        xleases.format_index(sd_uuid, str(md_dir / sc.XLEASES), alignment=alignment,
+                             block_size=block_size)
         md = initial_metadata(sd_uuid=sd_uuid, storage_type=storage_type, name=name,
                               domain_class=domain_class, block_size=block_size,
                               alignment=alignment, extra={K_REMOTE_PATH: remote_path})

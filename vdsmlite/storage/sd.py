@@ -342,6 +342,11 @@ class Domain(ABC):
     def leases_path(self) -> str:
         """The volume holding the domain's paxos leases (SDM at slot 1)."""
 
+    @abstractmethod
+    def xleases_path(self) -> str:
+        """The external leases volume (VM and job leases), usable by sanlock here: the
+        file, or the block domain's xleases LV activated and kept active."""
+
     def sdm_lease(self) -> tuple[str, str, list[tuple[str, int]]]:
         """(lockspace, resource, disks) of the lease that guards metadata changes."""
         _, alignment = self.geometry()

@@ -23,6 +23,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from typing import Protocol
 
 from vdsmlite import errors
 from vdsmlite.blocking import RunBlocking
@@ -31,8 +32,13 @@ from vdsmlite.virt.definition import LeaseSpec
 
 log = logging.getLogger("vdsmlite.virt.leases")
 
-# (sd_id, lease_id) -> (path on this host, offset): the domain's lease index.
-LeaseLookup = Callable[[str, str], Awaitable[tuple[str, int]]]
+class LeasePlace(Protocol):
+    path: str  # on this host
+    offset: int
+
+
+# (sd_id, lease_id) -> where the lease is: the domain's lease index (sdm.xleases).
+LeaseLookup = Callable[[str, str], Awaitable[LeasePlace]]
 # sd_id -> this host's id in that domain's lockspace, None when not joined.
 HostIdOf = Callable[[str], int | None]
 # sd_id -> (sector size, alignment) of the domain's sanlock areas.
@@ -59,8 +65,8 @@ class VmLeases:
             raise errors.CannotCreateVM(
                 f"VM lease {lease.lease_id} on domain {lease.sd_id}: no lease index to find "
                 "it in, and no path valid on this host")
-        path, offset = await self._lookup(lease.sd_id, lease.lease_id)
-        return replace(lease, path=path, offset=offset)
+        place = await self._lookup(lease.sd_id, lease.lease_id)
+        return replace(lease, path=place.path, offset=place.offset)
 
     def check_startable(self, lease: LeaseSpec) -> None:
         """Blocking: 651 if a host that may be alive holds the lease (see module doc)."""
