@@ -33,8 +33,11 @@ from vdsmlite.virt.definition import LeaseSpec
 log = logging.getLogger("vdsmlite.virt.leases")
 
 class LeasePlace(Protocol):
-    path: str  # on this host
-    offset: int
+    @property
+    def path(self) -> str: ...  # on this host
+
+    @property
+    def offset(self) -> int: ...
 
 
 # (sd_id, lease_id) -> where the lease is: the domain's lease index (sdm.xleases).
