@@ -291,3 +291,28 @@ def test_an_ovf_without_memory_is_refused_naming_the_field(ovfenv: OvfEnv) -> No
         c.call("StorageDomain.removeOVFEntity", {
             "storagedomainID": ovfenv.dom.sd, "entityID": vm_id})
     assert err == 1000  # OvfConversionError, an InvalidParameterException
+
+
+def test_an_ovf_whose_disk_this_host_cannot_find_is_refused(ovfenv: OvfEnv) -> None:
+    """The OVF names a volume that is not on the domain: refused naming it, nothing
+    prepared or started."""
+    sample = ovfenv.samples["he-ha-ovf_test-3.6"]
+    vm_id = new_id()
+    disks = [d for d in params_of(ovfenv, sample.vm_id)["vmParams"]["devices"]
+             if d.get("type") == "disk" and "volumeID" in d]
+    missing_image = new_id()
+    text = sample.ovf.decode().replace(sample.vm_id, vm_id).replace(disks[0]["imageID"],
+                                                                    missing_image)
+    with ovfenv.client as c:
+        c.call("StorageDomain.updateOVFEntity", {
+            "storagedomainID": ovfenv.dom.sd, "entityID": vm_id, "ovf": text})
+        try:
+            err, message = code(lambda: c.call("VM.create", {"vmID": vm_id,
+                                                             "vmParams": {"vmId": vm_id}}))
+            assert vm_id not in c.call("Host.getVMList", {"onlyUUID": True})
+        finally:
+            c.call("StorageDomain.removeOVFEntity", {
+                "storagedomainID": ovfenv.dom.sd, "entityID": vm_id})
+    assert err in (201, 254, 358), (err, message)  # VolumeDoesNotExist, ImageFileNotFound
+    assert missing_image in message or disks[0]["volumeID"] in message, message
+    assert not (ovfenv.vm_run_dir / vm_id).exists()
