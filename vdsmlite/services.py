@@ -14,6 +14,7 @@ import time
 import uuid
 
 from vdsmlite.blocking import BlockingExecutor
+from vdsmlite.client import TlsFiles
 from vdsmlite.config import Config
 from vdsmlite.events import EventBus
 from vdsmlite.fsutil import write_file_durably
@@ -114,7 +115,8 @@ class Services:
             disks=DiskPreparer(self.domains, self.storage_users), users=self.storage_users,
             publish=self.events.publish, run_blocking=run_blocking,
             hotplug_slots=config.virt.hotplug_slots,
-            unplug_timeout=config.virt.unplug_timeout, debug_monitor=config.virt.debug_monitor)
+            unplug_timeout=config.virt.unplug_timeout, debug_monitor=config.virt.debug_monitor,
+            peer_tls=_peer_tls(config))
         self.transfers = ImageTransfers(domains=self.domains, image_locks=self.image_locks,
                                         sdm=self.sdm, ovf=self.ovf, run_blocking=run_blocking)
         self._add_gauges()
@@ -175,3 +177,11 @@ def load_host_uuid(config: Config) -> str:
     write_file_durably(path, new + "\n")
     log.info("generated host uuid %s", new)
     return new
+
+
+def _peer_tls(config: Config) -> TlsFiles | None:
+    """How this agent calls another one (VM.migrate): with its own certificate."""
+    r = config.rpc
+    if r.tls_cert is None or r.tls_key is None or r.tls_ca is None:
+        return None
+    return TlsFiles(r.tls_cert, r.tls_key, r.tls_ca)
