@@ -66,7 +66,7 @@ DEFAULT_PORT = 54321  # VDSM's management port: a dst without a port
 DEFAULT_MAX_BANDWIDTH = 52  # MiB/s, VDSM's migration_max_bandwidth
 PEER_TIMEOUT = 60.0  # one call to the destination agent
 FINISH_RETRY = 30.0  # seconds the source keeps asking an unreachable destination to finish
-POLL = 0.5  # query-migrate at least this often (MIGRATION events wake it earlier)
+POLL = 0.05  # query-migrate at least this often (MIGRATION events wake it earlier)
 MiB = 1 << 20
 
 
