@@ -88,9 +88,24 @@ class CannotCreateVM(VdsmError):
     msg = "Error creating the requested VM"
 
 
+class NoConnectionToPeer(VdsmError):
+    """VM.migrate (virt.migration): the destination agent could not be reached."""
+
+    code = 10
+    msg = "Could not connect to peer VDS"
+
+
 class MissingParameter(VdsmError):
     code = 11
     msg = "Missing required parameter"
+
+
+class MigrationError(VdsmError):
+    """VM.migrate (virt.migration): the migration failed (the destination refused,
+    qemu's migration failed, ...); the VM keeps running on the source."""
+
+    code = 12
+    msg = "Fatal error during migration"
 
 
 class ImageFileNotFound(VdsmError):
@@ -138,6 +153,28 @@ class HotunplugDiskFailed(VdsmError):
 
     code = 46
     msg = "Failed to hotunplug disk"
+
+
+class MigrationCancelationFailed(VdsmError):
+    """VM.migrateCancel (virt.migration) of a VM that is not migrating."""
+
+    code = 47
+    msg = "Migration not in progress"
+
+
+class MigrationNotInProgress(VdsmError):
+    """VM.migrateChangeParams (virt.migration) of a VM that is not migrating."""
+
+    code = 81
+    msg = "Migration not in progress"
+
+
+class MigrationInProgress(VdsmError):
+    """A VM verb that cannot run while the VM migrates (a second VM.migrate, pause,
+    hot plug); virt.migration, virt.vm."""
+
+    code = 51
+    msg = "Command not supported during migration"
 
 
 class MergeFailed(VdsmError):

@@ -14,6 +14,7 @@ import time
 import uuid
 
 from vdsmlite.blocking import BlockingExecutor
+from vdsmlite.client import TlsFiles
 from vdsmlite.config import Config
 from vdsmlite.events import EventBus
 from vdsmlite.fsutil import write_file_durably
@@ -126,7 +127,7 @@ class Services:
             leases=self.vm_leases, publish=self.events.publish, run_blocking=run_blocking,
             hotplug_slots=config.virt.hotplug_slots,
             unplug_timeout=config.virt.unplug_timeout, debug_monitor=config.virt.debug_monitor,
-            nic_backend=config.virt.nic_backend)
+            nic_backend=config.virt.nic_backend, peer_tls=_peer_tls(config))
         self.vms_from_ovf = OvfVmSource(ovf=self.ovf, domains=self.domains,
                                         run_blocking=run_blocking)
         self.transfers = ImageTransfers(domains=self.domains, image_locks=self.image_locks,
@@ -189,3 +190,11 @@ def load_host_uuid(config: Config) -> str:
     write_file_durably(path, new + "\n")
     log.info("generated host uuid %s", new)
     return new
+
+
+def _peer_tls(config: Config) -> TlsFiles | None:
+    """How this agent calls another one (VM.migrate): with its own certificate."""
+    r = config.rpc
+    if r.tls_cert is None or r.tls_key is None or r.tls_ca is None:
+        return None
+    return TlsFiles(r.tls_cert, r.tls_key, r.tls_ca)

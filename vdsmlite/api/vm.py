@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from vdsmlite.api.base import verb
-from vdsmlite.virt import checks, fromovf, requests
+from vdsmlite.virt import checks, fromovf, migration, requests
 from vdsmlite.virt.fromovf import OvfVmSource
 from vdsmlite.virt.manager import VmManager
 
@@ -74,6 +74,37 @@ class VmApi:
         self._vms.get(vmID)
         disk = requests.parse_hotplug(vmID, params, unplug=True)
         return await self._vms.hotunplug(vmID, disk)
+
+    @verb("VM.migrate")
+    async def migrate(self, *, vmID: str, params: dict[str, Any]) -> bool:
+        await self._vms.migrate(vmID, params)
+        return True
+
+    @verb("VM.migrateCancel")
+    async def migrate_cancel(self, *, vmID: str) -> bool:
+        await self._vms.migrate_cancel(vmID)
+        return True
+
+    @verb("VM.migrateChangeParams")
+    async def migrate_change_params(self, *, vmID: str, params: dict[str, Any]) -> bool:
+        await self._vms.migrate_change_params(vmID, params)
+        return True
+
+    @verb("VM.getMigrationStatus")
+    async def get_migration_status(self, *, vmID: str) -> dict[str, Any]:
+        return self._vms.migration_status(vmID)
+
+    @verb("VM.migrationCreate")
+    async def migration_create(self, *, vmID: str, params: dict[str, Any],
+                               incomingLimit: int) -> dict[str, Any]:
+        self._vms.require_ready()
+        defn = migration.definition_from_peer(vmID, params) or \
+            requests.parse_create(vmID, params)
+        return await self._vms.migration_create(defn)
+
+    @verb("VM.migrationFinish")
+    async def migration_finish(self, *, vmID: str, resume: bool) -> dict[str, Any]:
+        return await self._vms.migration_finish(vmID, resume)
 
     @verb("Host.getVMList")
     async def get_vm_list(self, *, fullStatus: bool, vmList: list[str],

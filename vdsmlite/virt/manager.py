@@ -30,14 +30,15 @@ from typing import Any
 
 from vdsmlite import errors
 from vdsmlite.blocking import RunBlocking
+from vdsmlite.client import TlsFiles
 from vdsmlite.fsutil import write_file_durably
 from vdsmlite.ids import parse_uuid
 from vdsmlite.storage.users import StorageUsers
-from vdsmlite.virt import qemu
+from vdsmlite.virt import migration, qemu
 from vdsmlite.virt.definition import DiskSpec, VmDefinition
 from vdsmlite.virt.disks import DiskPreparer, key_of
 from vdsmlite.virt.leases import VmLeases
-from vdsmlite.virt.vm import Publish, Vm, VmStatus
+from vdsmlite.virt.vm import ExitReason, Publish, Vm, VmStatus
 
 log = logging.getLogger("vdsmlite.virt.manager")
 
@@ -54,7 +55,7 @@ class VmManager:
     def __init__(self, *, run_dir: Path, disks: DiskPreparer, users: StorageUsers,
                  leases: VmLeases, publish: Publish, run_blocking: RunBlocking,
                  hotplug_slots: int, unplug_timeout: float, debug_monitor: bool = False,
-                 nic_backend: str = "") -> None:
+                 nic_backend: str = "", peer_tls: TlsFiles | None = None) -> None:
         self.run_dir = run_dir
         self._disks = disks
         self._leases = leases
@@ -65,6 +66,7 @@ class VmManager:
         self._unplug_timeout = unplug_timeout
         self._debug_monitor = debug_monitor
         self._nic_backend = nic_backend
+        self._peer_tls = peer_tls  # how VM.migrate talks to the destination agent
         self._vms: dict[str, Vm] = {}
         self._launches: dict[str, asyncio.Task[None]] = {}
         self.state = ManagerState.RECOVERING
@@ -161,6 +163,11 @@ class VmManager:
     async def destroy(self, vm_id: str) -> None:
         """Stop the VM (if it runs), release its storage, forget it."""
         vm = self.get(vm_id)
+        if vm.migration is not None and vm.migration.active:
+            # An outgoing migration stops first (the VM stays here and is destroyed).
+            with contextlib.suppress(errors.VdsmError):
+                await vm.migration.cancel()
+            await vm.migration.wait()
         launching = self._launches.get(vm_id)
         if launching is not None:
             # A qemu being started is killed by the cancelled start itself.
@@ -195,6 +202,91 @@ class VmManager:
         await self._run_blocking(self._disks.release, vm_id, [removed])
         return vm.info()
 
+    # --- live migration (virt.migration) -------------------------------------------------
+
+    async def migrate(self, vm_id: str, params: dict[str, Any]) -> None:
+        """VM.migrate: check, then migrate in the background."""
+        vm = self.get(vm_id)
+        parsed = migration.parse_params(params)
+        if (vm.migration is not None and vm.migration.active) or \
+                vm.status in (VmStatus.MIGRATION_SOURCE, VmStatus.MIGRATION_DESTINATION):
+            raise errors.MigrationInProgress(f"VM {vm_id} is {vm.status}")
+        if vm.status not in (VmStatus.UP, VmStatus.PAUSED) or vm.session is None:
+            raise errors.NoSuchVM(f"VM {vm_id} is {vm.status}")
+        peer = migration.Peer(parsed.host, parsed.port, self._peer_tls)
+        vm.migration = migration.SourceMigration(
+            vm, parsed, peer, run_blocking=self._run_blocking, publish=self._publish,
+            save=self._save_async, on_done=self._migrated)
+        vm.migration.start()
+
+    async def _save_async(self, vm: Vm) -> None:
+        await self._run_blocking(self._save, vm)
+
+    async def _migrated(self, vm: Vm) -> None:
+        """The VM runs on the destination: stop qemu here (Down, exitReason 4, storage
+        released by `_vm_down`); listed until VM.destroy, as with VDSM."""
+        await vm.destroy()
+
+    async def migrate_cancel(self, vm_id: str, timeout: float = 60.0) -> None:
+        vm = self.get(vm_id)
+        if vm.migration is None or not vm.migration.active:
+            raise errors.MigrationCancelationFailed(f"VM {vm_id}")
+        await vm.migration.cancel()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(vm.migration.wait(), timeout)
+
+    async def migrate_change_params(self, vm_id: str, params: dict[str, Any]) -> None:
+        vm = self.get(vm_id)
+        bandwidth = migration.parse_bandwidth(params)
+        if vm.migration is None or not vm.migration.active:
+            raise errors.MigrationNotInProgress(f"VM {vm_id}")
+        await vm.migration.change_bandwidth(bandwidth)
+
+    def migration_status(self, vm_id: str) -> dict[str, Any]:
+        vm = self.get(vm_id)
+        if vm.migration is None:
+            return {"status": {"code": 0, "message": "Migration not in progress"},
+                    "progress": 0}
+        status: dict[str, Any] = vm.migration.status()
+        return status
+
+    async def migration_create(self, defn: VmDefinition) -> dict[str, Any]:
+        """VM.migrationCreate: storage prepared and held as for VM.create (a refusal
+        leaves nothing), then qemu waiting for the migration; or nothing at all."""
+        self.require_ready()
+        if defn.vm_id in self._vms:
+            raise errors.VMExists(defn.vm_id)
+        vm = Vm(defn, self._vm_dir(defn.vm_id), publish=self._publish, on_down=self._vm_down,
+                run_blocking=self._run_blocking)
+        vm.status = VmStatus.MIGRATION_DESTINATION  # saved so in vm.json
+        self._vms[defn.vm_id] = vm
+        try:
+            await self._run_blocking(self._prepare, vm)
+        except BaseException:
+            del self._vms[defn.vm_id]
+            raise
+        vm.announce()
+        uri = migration.incoming_uri(vm.run_dir)
+        try:
+            await vm.launch_incoming(self._hotplug_slots, uri, debug_monitor=self._debug_monitor)
+        except BaseException as e:
+            message = e.message if isinstance(e, errors.VdsmError) else f"{e!r}"
+            log.error("VM %s: cannot receive the migration: %s", vm.id, message)
+            vm.mark_dead(message, ExitReason.MIGRATION_FAILED)
+            await self._vm_down(vm)
+            self._vms.pop(vm.id, None)
+            await self._run_blocking(shutil.rmtree, vm.run_dir, True)
+            if isinstance(e, errors.VdsmError | asyncio.CancelledError):
+                raise
+            raise errors.MigrationError(message) from e
+        return {"migrationPort": 0, "params": vm.info(), "migrationUri": uri}
+
+    async def migration_finish(self, vm_id: str, resume: bool) -> dict[str, Any]:
+        vm = self.get(vm_id)
+        await migration.finish_incoming(vm, resume)
+        await self._run_blocking(self._save, vm)
+        return vm.info()
+
     # --- recovery ----------------------------------------------------------------------
 
     async def recover(self) -> None:
@@ -219,6 +311,10 @@ class VmManager:
             # The storage first: refcounts and holds exactly as before the restart.
             await self._run_blocking(self._adopt_storage, vm)
             await vm.adopt(process)
+            if saved.get("status") == VmStatus.MIGRATION_SOURCE:
+                await migration.recover_source(vm)
+            elif saved.get("status") == VmStatus.MIGRATION_DESTINATION:
+                await migration.recover_destination(vm)
             log.info("recovered VM %s (qemu %d): %s", vm.id, process.pid, vm.status)
         for vm in dead:
             # Only what no recovered VM holds: a shared disk stays with the living.
@@ -296,5 +392,10 @@ class VmManager:
         self.state = ManagerState.CLOSED
         for task in list(self._launches.values()):
             task.cancel()
+        for vm in self._vms.values():
+            # Outgoing migrations are abandoned: the VM keeps running here.
+            if vm.migration is not None and vm.migration.task is not None:
+                vm.migration.task.cancel()
+                await vm.migration.wait()
         for vm in self._vms.values():
             await vm.detach()

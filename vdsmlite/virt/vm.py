@@ -39,6 +39,10 @@ class VmStatus(enum.StrEnum):
     UP = "Up"
     PAUSED = "Paused"
     DOWN = "Down"
+    # Live migration (virt.migration): the VM runs here and is being sent away, or
+    # is being received here (qemu -incoming, not running until the source says so).
+    MIGRATION_SOURCE = "Migration Source"
+    MIGRATION_DESTINATION = "Migration Destination"
 
 
 class ExitReason(enum.IntEnum):
@@ -47,8 +51,10 @@ class ExitReason(enum.IntEnum):
     SUCCESS = 0
     GENERIC_ERROR = 1
     LOST_QEMU_CONNECTION = 2
+    MIGRATION_SUCCEEDED = 4
     ADMIN_SHUTDOWN = 6
     USER_SHUTDOWN = 7
+    MIGRATION_FAILED = 8
 
 
 Publish = Callable[[str, dict[str, Any]], None]
@@ -75,6 +81,12 @@ class Vm:
         self._destroying = False
         self._devices_lock = asyncio.Lock()
         self._last_block_stats: dict[str, dict[str, Any]] = {}
+        # Live migration (virt.migration): the outgoing migration (its status and
+        # progress), callbacks that see every QMP event, and how the VM goes Down
+        # when its qemu is stopped after a migration.
+        self.migration: Any = None
+        self.event_hooks: list[Callable[[QmpEvent], None]] = []
+        self.exit_as: tuple[int, str, ExitReason] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -138,7 +150,12 @@ class Vm:
         ended = await process.wait()
         if self.session is not None:
             await self.session.close()
-        if self._destroying:
+        if self.exit_as is not None:
+            self._down(*self.exit_as)
+        elif self.status is VmStatus.MIGRATION_DESTINATION:
+            self._down(1, "incoming migration ended: " + ended.describe(),
+                       ExitReason.MIGRATION_FAILED)
+        elif self._destroying:
             self._down(0, "VM destroyed", ExitReason.ADMIN_SHUTDOWN)
         elif ended.returncode == 0:
             self._down(0, "User shut down from within the guest", ExitReason.USER_SHUTDOWN)
@@ -146,9 +163,10 @@ class Vm:
             self._down(1, ended.describe(), ExitReason.GENERIC_ERROR)
         await self._on_down(self)
 
-    def mark_dead(self, message: str) -> None:
+    def mark_dead(self, message: str,
+                  reason: ExitReason = ExitReason.LOST_QEMU_CONNECTION) -> None:
         """A VM whose qemu was gone when the agent came back (nothing to watch)."""
-        self._down(1, message, ExitReason.LOST_QEMU_CONNECTION)
+        self._down(1, message, reason)
 
     def _down(self, code: int, message: str, reason: ExitReason) -> None:
         self.exit_code, self.exit_message, self.exit_reason = code, message, reason
@@ -157,7 +175,13 @@ class Vm:
     async def destroy(self, grace: float = 10.0) -> None:
         """Stop qemu (QMP quit, then SIGTERM/SIGKILL) and wait until it is gone."""
         self._destroying = True
-        if self.process is None or self.process.exited:
+        if self.process is None:
+            return
+        if self.process.exited:
+            # It exited by itself (an incoming migration that failed): its watcher may
+            # still be recording that; let it finish before the VM is forgotten.
+            if self._watch is not None:
+                await self._watch
             return
         if self.session is not None:
             with contextlib.suppress(QmpError, errors.VdsmError):
@@ -179,9 +203,36 @@ class Vm:
         if self.process is not None:
             self.process.close()
 
+    async def launch_incoming(self, hotplug_slots: int, uri: str, *,
+                              debug_monitor: bool = False) -> None:
+        """Start qemu for the (prepared) definition waiting for an incoming migration on
+        `uri` (``-incoming defer`` + ``migrate-incoming``), its vCPUs stopped until the
+        migration is finished (`virt.migration`). Raises; qemu is then gone."""
+        argv = await self._run_blocking(
+            lambda: qemu.command_line(self.defn, run_dir=self.run_dir,
+                                      hotplug_slots=hotplug_slots,
+                                      debug_monitor=debug_monitor))
+        argv += [*(() if "-S" in argv else ("-S",)), "-incoming", "defer"]
+        self.process = await qemu.QemuProcess.start(argv, vm_id=self.id, run_dir=self.run_dir,
+                                                    run_blocking=self._run_blocking)
+        try:
+            self.session = await open_session(self.process, on_event=self._on_event,
+                                              run_blocking=self._run_blocking)
+            await self.session.execute("migrate-set-capabilities", {"capabilities": [
+                {"capability": "events", "state": True}]})
+            await self.session.execute("migrate-incoming", {"uri": uri})
+        except BaseException:
+            await self.process.kill(grace=1.0)
+            if self.session is not None:
+                await self.session.close()
+            raise
+        self._watch = asyncio.create_task(self._watch_exit(self.process))
+
     # --- state changes -------------------------------------------------------------------
 
     def _require_running(self) -> QmpSession:
+        if self.status in (VmStatus.MIGRATION_SOURCE, VmStatus.MIGRATION_DESTINATION):
+            raise errors.MigrationInProgress(f"VM {self.id} is {self.status}")
         if self.status not in (VmStatus.UP, VmStatus.PAUSED) or self.session is None:
             raise errors.NoSuchVM(f"VM {self.id} is {self.status}")
         return self.session
@@ -201,6 +252,8 @@ class Vm:
             raise errors.UnexpectedError(f"VM {self.id}: {e}") from e
 
     def _on_event(self, event: QmpEvent) -> None:
+        for hook in self.event_hooks:
+            hook(event)
         if event.name == "STOP" and self.status is VmStatus.UP:
             self._set_status(VmStatus.PAUSED)
         elif event.name == "RESUME" and self.status is VmStatus.PAUSED:
@@ -209,6 +262,10 @@ class Vm:
     def announce(self) -> None:
         """Publish the status as it is (a new VM's WaitForLaunch)."""
         self._publish(f"|virt|VM_status|{self.id}", {self.id: self.short_status()})
+
+    def set_status(self, status: VmStatus) -> None:
+        """Change the status (migration states); published as every change is."""
+        self._set_status(status)
 
     def _set_status(self, status: VmStatus) -> None:
         if status is self.status:
@@ -278,6 +335,8 @@ class Vm:
                 self._last_block_stats = _block_stats(raw)
             except (QmpError, TimeoutError) as e:
                 log.debug("VM %s: no fresh block stats: %s", self.id, e)
+        if self.migration is not None and self.migration.active:
+            out["migrationProgress"] = self.migration.progress
         out["disks"] = {disk.name: {**_disk_info(disk),
                                     **self._last_block_stats.get(disk.name, {})}
                         for disk in self.defn.disks}

@@ -1,0 +1,361 @@
+"""Live migration between two agents (VM.migrate and friends) on real qemu.
+
+Two simulated hosts, A and B (each its own sanlock daemon, agent and VM run dir),
+see one block domain and spare loop LUNs, as two hosts share a SAN; built once
+for the module. VMs run for real (not launched paused: SeaBIOS runs, no guest
+OS). A migration that must stay in flight while a test acts is throttled: a VM
+with 8 GiB of (untouched, so zero) RAM at maxBandwidth 1 MiB/s needs about 20 s,
+and VM.migrateChangeParams lets it finish when the test says so. Guest writes go
+through qemu-io on the VM's debug monitor; their bytes are then read straight
+from the loop LUN with O_DIRECT.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fake_storage.children import kill_vms_left_in
+from fake_storage.cluster import SimHost
+from fake_storage.lunfarm import FakeLun, LunFarm
+from tests.helpers import check_clean, eventually, run
+from tests.storage_helpers import (
+    BLANK,
+    DomainUnderTest,
+    MiB,
+    make_block_domain,
+    new_id,
+    read_direct,
+    unmount_under,
+)
+from vdsmlite.client import Client, ServerError
+from vdsmlite.virt.qmp import QmpSession
+
+pytestmark = pytest.mark.root
+
+SLOW_MEMORY = "8192"  # MiB: a throttled migration that takes a while
+BLOCK = 4096
+
+
+@dataclass
+class Side:
+    host: SimHost
+    run_dir: Path
+
+    def client(self) -> Client:
+        return self.host.agent.client()
+
+    def call(self, method: str, **params: Any) -> Any:
+        with self.client() as c:
+            return c.call(method, params)
+
+    @property
+    def dst(self) -> str:
+        addr = self.host.agent.tcp_address
+        assert addr is not None
+        return f"{addr[0]}:{addr[1]}"
+
+    def listed(self) -> set[str]:
+        return set(self.call("Host.getVMList", onlyUUID=True))
+
+    def stats(self, vm_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.call("VM.getStats", vmID=vm_id)[0]
+        return result
+
+    def status(self, vm_id: str) -> str | None:
+        if vm_id not in self.listed():
+            return None
+        return str(self.stats(vm_id)["status"])
+
+    def qmp(self, vm_id: str, command: str, args: dict[str, Any] | None = None) -> Any:
+        async def call() -> Any:
+            session = QmpSession(self.run_dir / vm_id / "qmp-debug.sock", name="test")
+            await session.connect(10)
+            try:
+                return await session.execute(command, args)
+            finally:
+                await session.close()
+
+        return run(call())
+
+
+@dataclass
+class Env:
+    a: Side
+    b: Side
+    dom: DomainUnderTest
+    img: str
+    vol: str
+    luns: list[FakeLun]
+    farm: LunFarm
+
+
+def _side(base: Path, name: str) -> Side:
+    run_dir = Path(tempfile.mkdtemp(prefix=f"vm{name}-", dir="/tmp"))
+    host = SimHost(base / name, name, config={
+        "virt": {"run_dir": str(run_dir), "unplug_timeout": 1.0, "debug_monitor": True}})
+    return Side(host, run_dir)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    base = tmp_path_factory.mktemp("mig")
+    farm = LunFarm(base / "farm")
+    a, b = _side(base, "host-a"), _side(base, "host-b")
+    try:
+        a.host.start()
+        b.host.start()
+        dom = make_block_domain(a.host.agent, farm)
+        img, vol = dom.create_volume(size=256 * MiB)
+        luns = farm.create(3, "256M")
+        yield Env(a, b, dom, img, vol, luns, farm)
+    finally:
+        for side in (a, b):
+            if side.host.agent.proc is not None and side.host.agent.proc.poll() is None:
+                for vm_id in side.listed():
+                    side.call("VM.destroy", vmID=vm_id)
+        for side in (a, b):
+            unmount_under(side.host.agent.state_dir)
+            side.host.stop()
+            kill_vms_left_in(side.run_dir)
+            shutil.rmtree(side.run_dir, ignore_errors=True)
+        problems = farm.destroy()
+        assert not problems, problems
+        for side in (a, b):
+            check_clean(side.host.agent)
+
+
+@pytest.fixture
+def vms(env: Env) -> Iterator[list[str]]:
+    """VM ids a test made: destroyed on both hosts after it, whatever happened."""
+    made: list[str] = []
+    yield made
+    for side in (env.a, env.b):
+        listed = side.listed()
+        for vm_id in made:
+            if vm_id in listed:
+                try:
+                    side.call("VM.destroy", vmID=vm_id)
+                except ServerError as e:
+                    if e.code != 1:
+                        raise
+
+
+def vm_params(env: Env, vm_id: str, lun: FakeLun, *, memory: str = "128",
+              volume: bool = True) -> dict[str, Any]:
+    """The legacy dict form: a GUID disk (scsi) and the domain volume (virtio)."""
+    devices = [{"type": "disk", "device": "lun", "iface": "scsi", "index": "0",
+                "format": "raw", "readonly": "false", "shared": "false",
+                "propagateErrors": "off", "GUID": lun.guid}]
+    if volume:
+        devices.append({"type": "disk", "device": "disk", "iface": "virtio", "index": "0",
+                        "format": "raw", "readonly": "false", "shared": "false",
+                        "propagateErrors": "off", "poolID": BLANK, "domainID": env.dom.sd,
+                        "imageID": env.img, "volumeID": env.vol, "bootOrder": "1"})
+    return {"vmId": vm_id, "vmName": f"mig-{vm_id[:8]}", "memSize": memory, "smp": "1",
+            "maxVCpus": "1", "emulatedMachine": "q35", "launchPaused": "false",
+            "devices": devices}
+
+
+def create_running(env: Env, vms: list[str], lun: FakeLun, **kw: Any) -> str:
+    vm_id = new_id()
+    vms.append(vm_id)
+    env.a.call("VM.create", vmID=vm_id, vmParams=vm_params(env, vm_id, lun, **kw))
+    eventually(lambda: env.a.status(vm_id) == "Up", 60, "the VM Up on A")
+    return vm_id
+
+
+def migration(side: Side, vm_id: str) -> dict[str, Any]:
+    result: dict[str, Any] = side.call("VM.getMigrationStatus", vmID=vm_id)
+    return result
+
+
+def state_is(side: Side, vm_id: str, *states: str) -> bool:
+    return migration(side, vm_id).get("state") in states
+
+
+def write(side: Side, vm_id: str, offset: int, pattern: int) -> None:
+    """One guest write through the VM's SCSI LUN disk (qemu-io on its block device)."""
+    out = side.qmp(vm_id, "human-monitor-command", {
+        "command-line": f'qemu-io -d disk-sda "write -P {pattern} {offset} {BLOCK}"'})
+    # qemu-io's report does not reach HMP's answer, its errors do.
+    assert "fail" not in out and "error" not in out.lower(), out
+
+
+def check_writes(lun: FakeLun, written: dict[int, int]) -> None:
+    for offset, pattern in written.items():
+        assert read_direct(lun.loop, offset, BLOCK) == bytes([pattern]) * BLOCK, offset
+
+
+def assert_gone(side: Side, vm_id: str) -> None:
+    """No VM listed, no VM dir (so no qemu) on that host."""
+    assert vm_id not in side.listed()
+    assert not (side.run_dir / vm_id).exists()
+
+
+def wait_migrated(src: Side, dst: Side, vm_id: str, want: str) -> None:
+    eventually(lambda: src.status(vm_id) == "Down", 120, "the source VM Down")
+    down = src.stats(vm_id)
+    assert (down["exitCode"], down["exitReason"], down["exitMessage"]) == \
+        (0, 4, "Migration succeeded")
+    assert migration(src, vm_id)["status"] == {"code": 0, "message": "Migration done"}
+    assert migration(src, vm_id)["progress"] == 100
+    assert dst.status(vm_id) == want
+    src.call("VM.destroy", vmID=vm_id)  # the engine's destroy after a migration
+    assert_gone(src, vm_id)
+
+
+def lv_link(side: Side, env: Env) -> Path:
+    return side.host.agent.run_dir / "lv" / env.dom.sd / env.vol
+
+
+# --- the full round trip ------------------------------------------------------------------
+
+
+def test_migrate_a_running_vm_there_and_back_while_it_writes(env: Env, vms: list[str]) -> None:
+    lun = env.luns[0]
+    vm_id = create_running(env, vms, lun, memory=SLOW_MEMORY)
+    pid_a = int(env.a.stats(vm_id)["pid"])
+    written: dict[int, int] = {}
+    n = 0
+
+    def writes(side: Side, count: int) -> None:
+        nonlocal n
+        for _ in range(count):
+            offset, pattern = n * BLOCK, n % 250 + 1
+            write(side, vm_id, offset, pattern)
+            written[offset] = pattern
+            n += 1
+
+    writes(env.a, 8)  # before
+    env.a.call("VM.migrate", vmID=vm_id, params={"dst": env.b.dst, "maxBandwidth": 1,
+                                                 "method": "online"})
+    eventually(lambda: state_is(env.a, vm_id, "migrating"), 60, "migrating")
+    assert env.a.status(vm_id) == "Migration Source"
+    stats_b = env.b.stats(vm_id)
+    assert stats_b["status"] == "Migration Destination"
+    assert set(stats_b["disks"]) == {"sda", "vda"}
+    writes(env.a, 16)  # during: the guest still runs on A
+    eventually(lambda: "migrationProgress" in env.a.stats(vm_id), 30, "progress in stats")
+    env.a.call("VM.migrateChangeParams", vmID=vm_id, params={"maxBandwidth": 10000})
+    wait_migrated(env.a, env.b, vm_id, "Up")
+    assert not Path(f"/proc/{pid_a}").exists()
+    assert not lv_link(env.a, env).exists()  # A released its volume
+    assert env.b.qmp(vm_id, "query-status")["running"]
+    writes(env.b, 8)  # after, on B
+    check_writes(lun, written)
+
+    # Back to A, paused this time: it stays paused.
+    env.b.call("VM.pause", vmID=vm_id)
+    eventually(lambda: env.b.status(vm_id) == "Paused", 30, "Paused on B")
+    env.b.call("VM.migrate", vmID=vm_id, params={"dst": env.a.dst})
+    wait_migrated(env.b, env.a, vm_id, "Paused")
+    assert not lv_link(env.b, env).exists()
+    assert not env.a.qmp(vm_id, "query-status")["running"]
+    writes(env.a, 8)  # the block layer works on the paused VM
+    env.a.call("VM.cont", vmID=vm_id)
+    eventually(lambda: env.a.status(vm_id) == "Up", 30, "Up on A again")
+    check_writes(lun, written)
+    env.a.call("VM.destroy", vmID=vm_id)
+    assert_gone(env.a, vm_id)
+    assert not lv_link(env.a, env).exists()
+
+
+# --- cancel and failures ---------------------------------------------------------------------
+
+
+def start_slow(env: Env, vm_id: str) -> int:
+    """A throttled migration A -> B in flight; the pid of B's qemu."""
+    env.a.call("VM.migrate", vmID=vm_id, params={"dst": env.b.dst, "maxBandwidth": 1})
+    eventually(lambda: state_is(env.a, vm_id, "migrating"), 60, "migrating")
+    return int(env.b.stats(vm_id)["pid"])
+
+
+def test_cancel_halfway_keeps_the_vm_on_the_source(env: Env, vms: list[str]) -> None:
+    vm_id = create_running(env, vms, env.luns[1], memory=SLOW_MEMORY)
+    pid_a = int(env.a.stats(vm_id)["pid"])
+    pid_b = start_slow(env, vm_id)
+    env.a.call("VM.migrateCancel", vmID=vm_id)
+    assert migration(env.a, vm_id)["state"] == "cancelled"
+    assert migration(env.a, vm_id)["status"]["message"] == "Migration canceled"
+    assert env.a.status(vm_id) == "Up" and int(env.a.stats(vm_id)["pid"]) == pid_a
+    assert env.a.qmp(vm_id, "query-status")["running"]
+    eventually(lambda: not Path(f"/proc/{pid_b}").exists(), 30, "B's qemu gone")
+    assert_gone(env.b, vm_id)
+    assert not lv_link(env.b, env).exists()
+    # Nothing to cancel any more; and the VM migrates fine afterwards.
+    with pytest.raises(ServerError) as e:
+        env.a.call("VM.migrateCancel", vmID=vm_id)
+    assert e.value.code == 47
+    env.a.call("VM.migrate", vmID=vm_id, params={"dst": env.b.dst, "maxBandwidth": 10000})
+    wait_migrated(env.a, env.b, vm_id, "Up")
+
+
+def test_destination_qemu_killed_midway(env: Env, vms: list[str]) -> None:
+    vm_id = create_running(env, vms, env.luns[1], memory=SLOW_MEMORY)
+    pid_a = int(env.a.stats(vm_id)["pid"])
+    pid_b = start_slow(env, vm_id)
+    os.kill(pid_b, signal.SIGKILL)
+    eventually(lambda: state_is(env.a, vm_id, "failed"), 60, "the migration failed")
+    assert migration(env.a, vm_id)["status"]["code"] == 12
+    assert env.a.status(vm_id) == "Up" and int(env.a.stats(vm_id)["pid"]) == pid_a
+    assert env.a.qmp(vm_id, "query-status")["running"]
+    eventually(lambda: vm_id not in env.b.listed(), 30, "B's copy destroyed")
+    assert_gone(env.b, vm_id)
+    assert not lv_link(env.b, env).exists()
+
+
+def test_destination_that_cannot_see_a_lun_refuses(env: Env, vms: list[str]) -> None:
+    lun = env.luns[2]
+    vm_id = create_running(env, vms, lun)
+    pid_a = int(env.a.stats(vm_id)["pid"])
+    # B stops seeing the LUN (its udev entry gone); A's VM already runs on it.
+    udev = Path(lun.udev_file)
+    hidden = udev.with_name(udev.name + ".hidden")
+    os.rename(udev, hidden)
+    try:
+        env.a.call("VM.migrate", vmID=vm_id, params={"dst": env.b.dst})
+        eventually(lambda: state_is(env.a, vm_id, "failed"), 60, "the migration refused")
+    finally:
+        os.rename(hidden, udev)
+    status = migration(env.a, vm_id)["status"]
+    assert status["code"] == 12 and "37" in status["message"] and lun.guid in status["message"]
+    assert env.a.status(vm_id) == "Up" and int(env.a.stats(vm_id)["pid"]) == pid_a
+    assert_gone(env.b, vm_id)
+    assert not lv_link(env.b, env).exists()  # the volume before the LUN was rolled back
+
+
+def test_params_are_checked(env: Env, vms: list[str]) -> None:
+    vm_id = create_running(env, vms, env.luns[2], volume=False)
+
+    def code(params: dict[str, Any], target: str = vm_id) -> int:
+        with pytest.raises(ServerError) as e:
+            env.a.call("VM.migrate", vmID=target, params=params)
+        return e.value.code
+
+    assert code({}) == 11
+    for bad in ("", "no:such:host", "host:0", "host:99999", "host:port", "a b:1", 7):
+        assert code({"dst": bad}) == 91, bad
+    assert code({"dst": env.b.dst, "maxBandwidth": "fast"}) == 91
+    assert code({"dst": env.b.dst, "maxBandwidth": 0}) == 91
+    assert code({"dst": env.b.dst, "method": "offline"}) == 91
+    assert code({"dst": env.b.dst, "mode": "file"}) == 91
+    assert code({"dst": env.b.dst}, target=new_id()) == 1
+    with pytest.raises(ServerError) as e:
+        env.a.call("VM.migrateCancel", vmID=vm_id)
+    assert e.value.code == 47
+    assert migration(env.a, vm_id)["status"]["message"] == "Migration not in progress"
+    # A destination nobody listens on: refused in the background (10), VM untouched.
+    env.a.call("VM.migrate", vmID=vm_id, params={"dst": "127.0.0.1:1"})
+    eventually(lambda: state_is(env.a, vm_id, "failed"), 30, "the migration failed")
+    assert migration(env.a, vm_id)["status"]["code"] == 10
+    assert env.a.status(vm_id) == "Up"
+    assert vm_id not in env.b.listed()

@@ -1,0 +1,544 @@
+"""Live migration of a VM between two vdsmlite agents (shared storage, memory only).
+
+Verbs (VDSM's names; `vdsmlite.api.vm`):
+
+* ``VM.migrate(vmID, params)`` on the source: checks the params (``dst`` is the
+  destination agent, ``host[:port]``, port 54321 by default) and answers at once
+  (``true``: VDSM's Bridge drops the ``{"status", "progress"}`` body); the
+  migration then runs in the background (`SourceMigration`).
+* ``VM.migrationCreate(vmID, params)`` on the destination, called by the source
+  agent: prepares the storage exactly as VM.create does (a definition it cannot
+  prepare, e.g. a GUID it does not see, is refused before anything moves), starts
+  qemu stopped with ``-incoming defer`` and ``migrate-incoming`` on
+  ``unix:<its VM dir>/migrate.sock``, and answers ``{"migrationPort": 0, "params":
+  <the VM>, "migrationUri": <uri>}``. Status ``Migration Destination``.
+* ``VM.migrationFinish(vmID, resume)`` on the destination (vdsmlite's own verb,
+  VDSM lets libvirt do this): after the incoming migration completed, run the VM
+  (``cont``) if it ran on the source, else keep it paused. Up / Paused.
+* ``VM.migrateCancel(vmID)`` and ``VM.getMigrationStatus(vmID)`` on the source;
+  ``migrationProgress`` in VM.getStats while it migrates.
+
+Source state machine (`SourceMigration.state`)::
+
+    starting -> preparing (VM.migrationCreate on the destination)
+             -> migrating (QMP migrate, followed by MIGRATION events and query-migrate)
+             -> completing (source qemu paused by qemu at completion;
+                            [lease hand-over point]; VM.migrationFinish)
+             -> done (source qemu stopped, storage released, VM Down, exitReason 4)
+    any step -> failed | cancelled: QMP migrate_cancel if needed, the VM resumed on
+                the source if the migration paused it, status back to Up/Paused, and
+                the destination's VM destroyed (VM.destroy: qemu killed, storage
+                released, VM forgotten).
+
+The VM's status is ``Migration Source`` from start to end; every change is a
+``|virt|VM_status|`` event, progress a ``|virt|VM_migration_status|`` event.
+
+Never two running copies: the destination qemu runs only once the source agent
+says so (`finish`), after the source qemu was paused by qemu at completion. If
+the source cannot tell whether the destination ran it (the destination agent
+unreachable at that point), the source keeps its qemu paused (status Paused) and
+says so in the migration status: the engine decides. Agent restarts: see
+`recover_source` and `recover_destination`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vdsmlite import errors
+from vdsmlite.blocking import RunBlocking
+from vdsmlite.client import Client, ClientError, ServerError, TlsFiles
+from vdsmlite.virt.definition import VmDefinition
+from vdsmlite.virt.qmp import QmpError, QmpEvent
+from vdsmlite.virt.vm import ExitReason, Vm, VmStatus
+
+log = logging.getLogger("vdsmlite.virt.migration")
+
+MIGRATION_SOCKET = "migrate.sock"  # in the destination VM's run dir
+DEFAULT_PORT = 54321  # VDSM's management port: a dst without a port
+DEFAULT_MAX_BANDWIDTH = 52  # MiB/s, VDSM's migration_max_bandwidth
+PEER_TIMEOUT = 60.0  # one call to the destination agent
+FINISH_RETRY = 30.0  # seconds the source keeps asking an unreachable destination to finish
+POLL = 0.05  # query-migrate at least this often (MIGRATION events wake it earlier)
+MiB = 1 << 20
+
+
+def incoming_uri(vm_dir: Path) -> str:
+    return f"unix:{vm_dir / MIGRATION_SOCKET}"
+
+
+# --- params -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MigrateParams:
+    host: str
+    port: int
+    max_bandwidth: int  # MiB/s
+    downtime: int | None  # ms
+    auto_converge: bool
+    compressed: bool
+
+    @property
+    def dst(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def _bool(params: dict[str, Any], name: str) -> bool:
+    value = params.get(name, False)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise errors.InvalidParameter(f"{name}: expected a boolean, got {value!r}")
+
+
+def _int(params: dict[str, Any], name: str, minimum: int) -> int | None:
+    value = params.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise errors.InvalidParameter(f"{name}: expected an integer, got {value!r}") from None
+    if number < minimum or isinstance(value, bool):
+        raise errors.InvalidParameter(f"{name}: must be >= {minimum}, got {value!r}")
+    return number
+
+
+def parse_dst(dst: Any) -> tuple[str, int]:
+    """``host``, ``host:port``, ``[v6]`` or ``[v6]:port`` (VDSM's dst)."""
+    if not isinstance(dst, str) or not dst.strip() or any(c.isspace() for c in dst):
+        raise errors.InvalidParameter(f"dst: expected host[:port], got {dst!r}")
+    host, port = dst, str(DEFAULT_PORT)
+    if dst.startswith("["):
+        end = dst.find("]")
+        rest = dst[end + 1:] if end >= 0 else ""
+        if end < 0 or (rest and not rest.startswith(":")):
+            raise errors.InvalidParameter(f"dst: expected host[:port], got {dst!r}")
+        host = dst[1:end]
+        if rest:
+            port = rest[1:]
+    elif dst.count(":") == 1:
+        host, port = dst.split(":")
+    elif ":" in dst:
+        raise errors.InvalidParameter(f"dst: an IPv6 address goes in brackets: {dst!r}")
+    if not host or "/" in host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise errors.InvalidParameter(f"dst: expected host[:port], got {dst!r}")
+    return host, int(port)
+
+
+def parse_params(params: dict[str, Any]) -> MigrateParams:
+    """VM.migrate's params (VDSM's MigrateParams). Refused: another mode than remote,
+    another method than online, encrypted (TLS) migration, post-copy. Accepted and not
+    used: tunneled, abortOnError, consoleAddress, dstqemu (the URI is the
+    destination's choice), convergenceSchedule, outgoingLimit, incomingLimit."""
+    if "dst" not in params:
+        raise errors.MissingParameter("dst")
+    host, port = parse_dst(params["dst"])
+    if params.get("mode", "remote") != "remote":
+        raise errors.InvalidParameter(f"mode {params['mode']!r}: only remote migration")
+    if params.get("method", "online") != "online":
+        raise errors.InvalidParameter(f"method {params['method']!r}: only online migration")
+    if _bool(params, "encrypted"):
+        raise errors.InvalidParameter("encrypted: TLS migration is not supported")
+    if params.get("enableGuestEvents") not in (None, False, "false") or \
+            params.get("postcopy") not in (None, False, "false"):
+        raise errors.InvalidParameter("post-copy migration is not supported")
+    for name in ("tunneled", "abortOnError"):
+        _bool(params, name)
+    downtime = _int(params, "migrationDowntime", 0)
+    if downtime is None:
+        downtime = _int(params, "downtime", 0)
+    return MigrateParams(
+        host=host, port=port,
+        max_bandwidth=_int(params, "maxBandwidth", 1) or DEFAULT_MAX_BANDWIDTH,
+        downtime=downtime, auto_converge=_bool(params, "autoConverge"),
+        compressed=_bool(params, "compressed"))
+
+
+def parse_bandwidth(params: dict[str, Any]) -> int:
+    """VM.migrateChangeParams' params: {"maxBandwidth": MiB/s}."""
+    value = _int(params, "maxBandwidth", 1)
+    if value is None:
+        raise errors.MissingParameter("maxBandwidth")
+    return value
+
+
+def definition_for_peer(defn: VmDefinition) -> dict[str, Any]:
+    """The definition the destination prepares for itself: no local paths."""
+    data = defn.to_dict()
+    for disk in data["disks"]:
+        disk["path"] = None
+        disk["chain"] = []
+    return data
+
+
+def definition_from_peer(vm_id: str, params: dict[str, Any]) -> VmDefinition | None:
+    """The definition a vdsmlite source sent (None: the engine's VM.create form)."""
+    data = params.get("definition")
+    if data is None:
+        return None
+    try:
+        defn = VmDefinition.from_dict(data)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise errors.InvalidParameter(f"definition: {e!r}") from e
+    if defn.vm_id != vm_id:
+        raise errors.InvalidParameter(f"definition of VM {defn.vm_id}, not {vm_id}")
+    for disk in defn.disks:
+        disk.path, disk.chain = None, []
+    return defn
+
+
+# --- the destination agent, as the source sees it --------------------------------------
+
+
+class Peer:
+    """JSON-RPC calls to the destination agent (blocking; run them off the loop)."""
+
+    def __init__(self, host: str, port: int, tls: TlsFiles | None) -> None:
+        self.host, self.port, self.tls = host, port, tls
+
+    def call(self, method: str, params: dict[str, Any]) -> Any:
+        with Client.tcp(self.host, self.port, tls=self.tls, timeout=PEER_TIMEOUT) as c:
+            return c.call(method, params)
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class _Unknown(Exception):
+    """The destination may or may not run the VM: the source must not resume it."""
+
+
+# --- the source ---------------------------------------------------------------------------
+
+
+class SourceMigration:
+    """One outgoing migration of a running VM (see the module docstring)."""
+
+    def __init__(self, vm: Vm, params: MigrateParams, peer: Peer, *,
+                 run_blocking: RunBlocking, publish: Any, save: Any, on_done: Any) -> None:
+        self.vm = vm
+        self.params = params
+        self.peer = peer
+        self._run = run_blocking
+        self._publish = publish
+        self._save = save  # async (vm) -> None: vm.json with the current status
+        self._on_done = on_done  # async (vm) -> None: qemu stopped after success
+        self.state = "starting"
+        self.progress = 0
+        self.downtime: int | None = None
+        self.error: errors.VdsmError | None = None
+        self.started = time.monotonic()
+        self._cancel = asyncio.Event()
+        self._wake = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.state in ("starting", "preparing", "migrating", "completing")
+
+    def status(self) -> dict[str, Any]:
+        """VM.getMigrationStatus: VDSM's migrationStats."""
+        if self.error is not None:
+            status = {"code": self.error.code, "message": self.error.message}
+        elif self.state == "done":
+            status = {"code": 0, "message": "Migration done"}
+        elif self.state == "cancelled":
+            status = {"code": 0, "message": "Migration canceled"}
+        else:
+            status = {"code": 0, "message": "Migration in progress"}
+        out: dict[str, Any] = {"status": status, "progress": self.progress,
+                               "state": self.state, "dst": self.params.dst}
+        if self.downtime is not None:
+            out["downtime"] = self.downtime
+        return out
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._run_migration())
+
+    async def cancel(self) -> None:
+        """VM.migrateCancel: the migration stops, the VM keeps running here."""
+        if not self.active or self.state == "completing":
+            # At completing the VM already ran its last instruction here: too late.
+            raise errors.MigrationCancelationFailed(f"VM {self.vm.id}: migration is "
+                                                    f"{self.state}")
+        self._cancel.set()
+        self._wake.set()
+        if self.state == "migrating" and self.vm.session is not None:
+            with contextlib.suppress(QmpError):
+                await self.vm.session.execute("migrate_cancel")
+
+    async def change_bandwidth(self, mib_per_s: int) -> None:
+        """VM.migrateChangeParams: a new max-bandwidth for the running migration."""
+        if not self.active or self.vm.session is None:
+            raise errors.MigrationNotInProgress(f"VM {self.vm.id}: migration is {self.state}")
+        self.params = dataclasses.replace(self.params, max_bandwidth=mib_per_s)
+        try:
+            await self.vm.session.execute("migrate-set-parameters",
+                                          {"max-bandwidth": mib_per_s * MiB})
+        except QmpError as e:
+            raise errors.MigrationError(f"VM {self.vm.id}: {e}") from e
+
+    async def wait(self) -> None:
+        if self.task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(self.task)
+
+    # --- the flow ---
+
+    async def _run_migration(self) -> None:
+        vm = self.vm
+        session = vm.session
+        assert session is not None
+        vm.set_status(VmStatus.MIGRATION_SOURCE)
+        running = True
+        created = False
+        vm.event_hooks.append(self._on_event)
+        try:
+            await self._save(vm)
+            running = bool((await session.query_status()).get("running"))
+            self._check_cancel()
+            self.state = "preparing"
+            reply = await self._call("VM.migrationCreate", {
+                "vmID": vm.id, "params": {"vmId": vm.id,
+                                          "definition": definition_for_peer(vm.defn)}})
+            created = True
+            uri = reply.get("migrationUri") if isinstance(reply, dict) else None
+            if not isinstance(uri, str) or not uri.startswith(("unix:", "tcp:")):
+                raise errors.MigrationError(f"destination gave no migration URI: {reply!r}")
+            self._check_cancel()
+            await self._setup(session)
+            self.state = "migrating"
+            log.info("VM %s: migrating to %s over %s", vm.id, self.params.dst, uri)
+            await session.execute("migrate", {"uri": uri})
+            await self._follow(session)
+            # qemu stopped the vCPUs at completion: the VM ran its last instruction here.
+            self.state = "completing"
+            # --- Lease hand-over point (HA VMs, not built yet): the source qemu is
+            # paused for good here and the destination has not run the VM; release
+            # the VM lease on this host now, and let the destination acquire it in
+            # `finish_incoming` before its `cont`. A failed hand-over goes to the
+            # except branches below like any failure before VM.migrationFinish.
+            await self._finish(running)
+        except _Unknown as e:
+            self._fail(errors.MigrationError(str(e)))
+            # Never resume here: the destination may run it. Paused, for the engine.
+            if vm.status is VmStatus.MIGRATION_SOURCE:
+                vm.set_status(VmStatus.PAUSED)
+        except (_Cancelled, errors.VdsmError, QmpError, asyncio.CancelledError) as e:
+            if isinstance(e, _Cancelled):
+                self.state = "cancelled"
+                log.info("VM %s: migration cancelled", vm.id)
+            elif isinstance(e, asyncio.CancelledError):
+                self._fail(errors.MigrationError("agent stopping"))
+            else:
+                err = e if isinstance(e, errors.VdsmError) else errors.MigrationError(str(e))
+                self._fail(err)
+            await self._stay_here(session, running)
+            if created:
+                await self._destroy_remote()
+            if isinstance(e, asyncio.CancelledError):
+                raise
+        finally:
+            vm.event_hooks.remove(self._on_event)
+            if vm.status is not VmStatus.DOWN:
+                with contextlib.suppress(OSError):
+                    await self._save(vm)
+
+    def _fail(self, err: errors.VdsmError) -> None:
+        self.state = "failed"
+        self.error = err
+        log.error("VM %s: migration to %s failed: %s", self.vm.id, self.params.dst, err)
+
+    def _check_cancel(self) -> None:
+        if self._cancel.is_set():
+            raise _Cancelled()
+
+    async def _call(self, method: str, params: dict[str, Any]) -> Any:
+        try:
+            return await self._run(self.peer.call, method, params)
+        except ClientError as e:
+            raise errors.NoConnectionToPeer(f"{self.params.dst}: {e}") from e
+        except ServerError as e:
+            raise errors.MigrationError(f"destination {self.params.dst} refused {method}: "
+                                        f"{e.code}: {e.message}") from e
+
+    async def _setup(self, session: Any) -> None:
+        caps = [{"capability": "events", "state": True},
+                {"capability": "auto-converge", "state": self.params.auto_converge},
+                {"capability": "xbzrle", "state": self.params.compressed}]
+        await session.execute("migrate-set-capabilities", {"capabilities": caps})
+        args: dict[str, Any] = {"max-bandwidth": self.params.max_bandwidth * MiB}
+        if self.params.downtime is not None:
+            args["downtime-limit"] = self.params.downtime
+        await session.execute("migrate-set-parameters", args)
+
+    def _on_event(self, event: QmpEvent) -> None:
+        if event.name in ("MIGRATION", "MIGRATION_PASS", "STOP"):
+            self._wake.set()
+
+    async def _follow(self, session: Any) -> None:
+        last_progress = -1
+        while True:
+            self._wake.clear()
+            info = await session.execute("query-migrate")
+            status = info.get("status")
+            ram = info.get("ram") or {}
+            total, remaining = ram.get("total") or 0, ram.get("remaining") or 0
+            if total and status == "active":
+                self.progress = max(self.progress, min(99, 100 - 100 * remaining // total))
+            if self.progress != last_progress:
+                last_progress = self.progress
+                self._publish(f"|virt|VM_migration_status|{self.vm.id}",
+                              {self.vm.id: {"progress": self.progress}})
+            if status == "completed":
+                self.downtime = info.get("downtime")
+                self.progress = 100
+                return
+            if status == "cancelled" or (self._cancel.is_set() and status == "failed"):
+                raise _Cancelled()
+            if status == "failed":
+                raise errors.MigrationError(f"qemu: {info.get('error-desc', 'failed')}")
+            if self.vm.process is None or self.vm.process.exited:
+                raise errors.MigrationError("source qemu exited")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), POLL)
+
+    async def _finish(self, running: bool) -> None:
+        deadline = time.monotonic() + FINISH_RETRY
+        while True:
+            try:
+                await self._run(self.peer.call, "VM.migrationFinish",
+                                {"vmID": self.vm.id, "resume": running})
+                break
+            except ServerError as e:
+                # The destination answered: it does not run the VM. Ours is the copy.
+                raise errors.MigrationError(f"destination {self.params.dst} could not "
+                                            f"finish: {e.code}: {e.message}") from e
+            except ClientError as e:
+                if time.monotonic() > deadline:
+                    raise _Unknown(f"destination {self.params.dst} unreachable after the "
+                                   f"migration completed ({e}); the VM stays paused here "
+                                   "and may run there") from e
+                await asyncio.sleep(1.0)
+        self.state = "done"
+        log.info("VM %s: migrated to %s (downtime %s ms)", self.vm.id, self.params.dst,
+                 self.downtime)
+        self.vm.exit_as = (0, "Migration succeeded", ExitReason.MIGRATION_SUCCEEDED)
+        await self._on_done(self.vm)
+
+    async def _stay_here(self, session: Any, running: bool) -> None:
+        """After a failure: the VM goes on here as it was (resumed if it ran)."""
+        vm = self.vm
+        if vm.process is None or vm.process.exited or vm.status is VmStatus.DOWN:
+            return  # the source qemu died: Down already (or about to be)
+        try:
+            info = await session.execute("query-migrate")
+            if info.get("status") in ("active", "setup", "pre-switchover", "device"):
+                await session.execute("migrate_cancel")
+                for _ in range(100):
+                    info = await session.execute("query-migrate")
+                    if info.get("status") not in ("active", "setup", "cancelling",
+                                                  "pre-switchover", "device"):
+                        break
+                    await asyncio.sleep(0.05)
+            state = await session.query_status()
+            if running and not state.get("running"):
+                await session.cont()
+                state = await session.query_status()
+            vm.set_status(VmStatus.UP if state.get("running") else VmStatus.PAUSED)
+        except (QmpError, errors.VdsmError) as e:
+            log.error("VM %s: cannot resume after the failed migration: %s", vm.id, e)
+            vm.set_status(VmStatus.UP if running else VmStatus.PAUSED)
+
+    async def _destroy_remote(self) -> None:
+        try:
+            await self._run(self.peer.call, "VM.destroy", {"vmID": self.vm.id})
+        except ServerError as e:
+            if e.code != errors.NoSuchVM.code:
+                log.warning("VM %s: destination %s did not destroy its copy: %s",
+                            self.vm.id, self.params.dst, e)
+        except ClientError as e:
+            # Its qemu exits by itself when the migration stream breaks.
+            log.warning("VM %s: cannot reach destination %s to clean up: %s", self.vm.id,
+                        self.params.dst, e)
+
+
+# --- the destination ------------------------------------------------------------------------
+
+
+async def finish_incoming(vm: Vm, resume: bool, timeout: float = 30.0) -> None:
+    """VM.migrationFinish: the incoming migration completed; run the VM if it ran."""
+    if vm.status is not VmStatus.MIGRATION_DESTINATION or vm.session is None:
+        raise errors.MigrationError(f"VM {vm.id} is {vm.status}, not receiving")
+    session = vm.session
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            info = await session.execute("query-migrate")
+            status = info.get("status")
+            if status == "completed":
+                break
+            if status == "failed" or time.monotonic() > deadline:
+                raise errors.MigrationError(f"VM {vm.id}: incoming migration {status}")
+            await asyncio.sleep(0.01)
+        # --- Lease hand-over, destination side: acquire the VM lease here, before
+        # the first instruction runs on this host (see SourceMigration).
+        if resume:
+            await session.cont()
+    except QmpError as e:
+        raise errors.MigrationError(f"VM {vm.id}: {e}") from e
+    vm.set_status(VmStatus.UP if resume else VmStatus.PAUSED)
+
+
+async def recover_source(vm: Vm) -> None:
+    """The agent restarted while this VM was being sent away: nobody follows that
+    migration any more, so it is cancelled (the destination's qemu then exits by
+    itself). A qemu that completed meanwhile (``postmigrate``) may run on the
+    destination already: it stays paused here."""
+    session = vm.session
+    if session is None:
+        return
+    try:
+        info = await session.execute("query-migrate")
+        if info.get("status") in ("active", "setup", "pre-switchover", "device"):
+            log.warning("VM %s: cancelling the migration the previous agent started", vm.id)
+            await session.execute("migrate_cancel")
+        state = await session.query_status()
+    except (QmpError, errors.VdsmError) as e:
+        log.error("VM %s: cannot inspect its migration after restart: %s", vm.id, e)
+        return
+    if state.get("status") == "postmigrate":
+        log.error("VM %s: its migration completed while the agent was away; it may run "
+                  "on the destination: left paused here", vm.id)
+    vm.set_status(VmStatus.UP if state.get("running") else VmStatus.PAUSED)
+
+
+async def recover_destination(vm: Vm) -> None:
+    """The agent restarted while this VM was being received. A qemu that runs was
+    finished (only the saved status is stale): it is Up. Otherwise the source's agent
+    can no longer finish through us with certainty: the copy here is destroyed (the
+    source then keeps or resumes the VM), never started."""
+    session = vm.session
+    running = False
+    if session is not None:
+        with contextlib.suppress(QmpError, errors.VdsmError):
+            running = bool((await session.query_status()).get("running"))
+    if running:
+        vm.set_status(VmStatus.UP)
+        return
+    log.warning("VM %s: incoming migration interrupted by an agent restart: destroying "
+                "the copy here", vm.id)
+    vm.exit_as = (1, "incoming migration interrupted by an agent restart",
+                  ExitReason.MIGRATION_FAILED)
+    await vm.destroy(grace=2.0)
