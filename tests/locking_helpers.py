@@ -23,6 +23,20 @@ def holds(host: SimHost, resource: str) -> bool:
     return f":{resource}:" in host.sanlock.status()
 
 
+def holder_pid(host: SimHost, sd: str, vm_id: str) -> int | None:
+    """The pid holding the VM's lease on `host`, as its sanlock daemon reports it
+    (``sanlock client status``: ``r <lockspace>:<resource>:<path>:<offset>:<lver> p <pid>``),
+    not as the agent says."""
+    if not host.sanlock.alive():
+        return None
+    for line in host.sanlock.status().splitlines():
+        words = line.split()
+        if len(words) >= 4 and words[0] == "r" and words[1].startswith(f"{sd}:{vm_id}:") \
+                and words[2] == "p":
+            return int(words[3])
+    return None
+
+
 class StalledUpload:
     """A chunked PUT /ovfstore that sends nothing after its headers: the domain's SDM
     lease is held until the body ends (on exit: an empty store is sent)."""

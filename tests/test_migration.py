@@ -26,14 +26,17 @@ import pytest
 from fake_storage.children import kill_vms_left_in
 from fake_storage.cluster import SimHost
 from fake_storage.lunfarm import FakeLun, LunFarm
-from tests.helpers import check_clean, eventually, run
+from tests.helpers import call, check_clean, eventually, run
+from tests.locking_helpers import holder_pid
 from tests.storage_helpers import (
     BLANK,
     DomainUnderTest,
     MiB,
+    join_lockspace,
     make_block_domain,
     new_id,
     read_direct,
+    run_task,
     unmount_under,
 )
 from vdsmlite.client import Client, ServerError
@@ -359,3 +362,43 @@ def test_params_are_checked(env: Env, vms: list[str]) -> None:
     assert migration(env.a, vm_id)["status"]["code"] == 10
     assert env.a.status(vm_id) == "Up"
     assert vm_id not in env.b.listed()
+
+
+# --- HA VMs: the lease moves with the VM ----------------------------------------------------
+
+
+def test_a_leased_vm_takes_its_lease_along(env: Env, vms: list[str]) -> None:
+    """The source qemu holds the VM lease until the migration completes; then the
+    destination's qemu (registered with its sanlock from the start) takes it before
+    its first instruction. As each host's sanlock daemon reports it."""
+    if call(env.b.host.agent, "Host.getStorageRepoStats", domains=[env.dom.sd]).get(
+            env.dom.sd, {}).get("acquired") is not True:
+        join_lockspace(env.b.host.agent, env.dom.sd, host_id=2)
+    vm_id = new_id()
+    with env.a.client as c:
+        run_task(c, "Lease.create", {"lease": {"sd_id": env.dom.sd, "lease_id": vm_id}})
+    params = vm_params(env, vm_id, env.luns[1], volume=False)
+    params["devices"].append({"type": "lease", "device": "lease", "sd_id": env.dom.sd,
+                              "lease_id": vm_id, "path": f"LEASE-PATH:{vm_id}:{env.dom.sd}",
+                              "offset": f"LEASE-OFFSET:{vm_id}:{env.dom.sd}"})
+    vms.append(vm_id)
+    env.a.call("VM.create", vmID=vm_id, vmParams=params)
+    eventually(lambda: env.a.status(vm_id) == "Up", 60, "the VM Up on A")
+    assert holder_pid(env.a.host, env.dom.sd, vm_id) == int(env.a.stats(vm_id)["pid"])
+    # While it runs on A, B cannot start it.
+    with pytest.raises(ServerError) as e:
+        env.b.call("VM.create", vmID=vm_id, vmParams=params)
+    assert e.value.code == 651
+
+    env.a.call("VM.migrate", vmID=vm_id, params={"dst": env.b.dst})
+    wait_migrated(env.a, env.b, vm_id, "Up")
+    assert holder_pid(env.b.host, env.dom.sd, vm_id) == int(env.b.stats(vm_id)["pid"])
+    assert holder_pid(env.a.host, env.dom.sd, vm_id) is None
+
+    env.b.call("VM.migrate", vmID=vm_id, params={"dst": env.a.dst})
+    wait_migrated(env.b, env.a, vm_id, "Up")
+    assert holder_pid(env.a.host, env.dom.sd, vm_id) == int(env.a.stats(vm_id)["pid"])
+    assert holder_pid(env.b.host, env.dom.sd, vm_id) is None
+    with env.a.client as c:
+        c.call("VM.destroy", {"vmID": vm_id})
+        run_task(c, "Lease.delete", {"lease": {"sd_id": env.dom.sd, "lease_id": vm_id}})

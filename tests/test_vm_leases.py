@@ -27,6 +27,7 @@ from fake_storage.children import kill_vms_left_in
 from fake_storage.cluster import SimHost
 from fake_storage.lunfarm import FakeLun
 from tests.helpers import call, eventually
+from tests.locking_helpers import holder_pid
 from tests.storage_helpers import (
     DomainUnderTest,
     StorageEnv,
@@ -98,20 +99,6 @@ def wait_status(c: Client, vm_id: str, wanted: str, timeout: float = 60) -> dict
         if time.monotonic() > deadline:
             raise AssertionError(f"VM {vm_id} is {stats['status']}, not {wanted}")
         time.sleep(0.05)
-
-
-def holder_pid(host: SimHost, sd: str, vm_id: str) -> int | None:
-    """The pid holding the VM's lease on `host`, as its sanlock daemon reports it
-    (``sanlock client status``: ``r <lockspace>:<resource>:<path>:<offset>:<lver> p <pid>``),
-    not as the agent says."""
-    if not host.sanlock.alive():
-        return None
-    for line in host.sanlock.status().splitlines():
-        words = line.split()
-        if len(words) >= 4 and words[0] == "r" and words[1].startswith(f"{sd}:{vm_id}:") \
-                and words[2] == "p":
-            return int(words[3])
-    return None
 
 
 def start(host: SimHost, vm_id: str, params: dict[str, Any]) -> int:

@@ -116,10 +116,10 @@ class VmManager:
         task.add_done_callback(lambda _: self._launches.pop(vm.id, None))
         return vm.info()
 
-    def _prepare(self, vm: Vm) -> None:
+    def _prepare(self, vm: Vm, *, incoming: bool = False) -> None:
         """Blocking: the VM's dir, its storage prepared and held, vm.json; or nothing."""
         defn = vm.defn
-        if defn.lease is not None:
+        if defn.lease is not None and not incoming:
             # First: a VM another host runs is refused before anything is touched.
             self._leases.check_startable(defn.lease)
         machine, note = qemu.resolve_machine(defn.machine)
@@ -216,7 +216,7 @@ class VmManager:
         peer = migration.Peer(parsed.host, parsed.port, self._peer_tls)
         vm.migration = migration.SourceMigration(
             vm, parsed, peer, run_blocking=self._run_blocking, publish=self._publish,
-            save=self._save_async, on_done=self._migrated)
+            save=self._save_async, on_done=self._migrated, leases=self._leases)
         vm.migration.start()
 
     async def _save_async(self, vm: Vm) -> None:
@@ -261,14 +261,19 @@ class VmManager:
         vm.status = VmStatus.MIGRATION_DESTINATION  # saved so in vm.json
         self._vms[defn.vm_id] = vm
         try:
-            await self._run_blocking(self._prepare, vm)
+            if defn.lease is not None:
+                # Where the lease is on this host; the source's qemu holds it until the
+                # hand-over (`migration.finish_incoming`), so it is not checked free.
+                defn.lease = await self._leases.resolve(defn.lease)
+            await self._run_blocking(lambda: self._prepare(vm, incoming=True))
         except BaseException:
             del self._vms[defn.vm_id]
             raise
         vm.announce()
         uri = migration.incoming_uri(vm.run_dir)
         try:
-            await vm.launch_incoming(self._hotplug_slots, uri, debug_monitor=self._debug_monitor)
+            await vm.launch_incoming(self._hotplug_slots, uri, debug_monitor=self._debug_monitor,
+                                     nic_backend=self._nic_backend)
         except BaseException as e:
             message = e.message if isinstance(e, errors.VdsmError) else f"{e!r}"
             log.error("VM %s: cannot receive the migration: %s", vm.id, message)
@@ -283,7 +288,7 @@ class VmManager:
 
     async def migration_finish(self, vm_id: str, resume: bool) -> dict[str, Any]:
         vm = self.get(vm_id)
-        await migration.finish_incoming(vm, resume)
+        await migration.finish_incoming(vm, resume, self._leases, self._run_blocking)
         await self._run_blocking(self._save, vm)
         return vm.info()
 

@@ -56,6 +56,7 @@ from vdsmlite import errors
 from vdsmlite.blocking import RunBlocking
 from vdsmlite.client import Client, ClientError, ServerError, TlsFiles
 from vdsmlite.virt.definition import VmDefinition
+from vdsmlite.virt.leases import VmLeases
 from vdsmlite.virt.qmp import QmpError, QmpEvent
 from vdsmlite.virt.vm import ExitReason, Vm, VmStatus
 
@@ -173,11 +174,15 @@ def parse_bandwidth(params: dict[str, Any]) -> int:
 
 
 def definition_for_peer(defn: VmDefinition) -> dict[str, Any]:
-    """The definition the destination prepares for itself: no local paths."""
+    """The definition the destination prepares for itself: no local paths (the
+    lease's place too is found again there: a block domain's xleases LV is mapped
+    at a path of each host's own)."""
     data = defn.to_dict()
     for disk in data["disks"]:
         disk["path"] = None
         disk["chain"] = []
+    if data.get("lease"):
+        data["lease"].update(path=None, offset=None)
     return data
 
 
@@ -226,8 +231,11 @@ class SourceMigration:
     """One outgoing migration of a running VM (see the module docstring)."""
 
     def __init__(self, vm: Vm, params: MigrateParams, peer: Peer, *,
-                 run_blocking: RunBlocking, publish: Any, save: Any, on_done: Any) -> None:
+                 run_blocking: RunBlocking, publish: Any, save: Any, on_done: Any,
+                 leases: VmLeases) -> None:
         self.vm = vm
+        self._leases = leases
+        self._lease_released = False  # this VM's lease given up by our qemu
         self.params = params
         self.peer = peer
         self._run = run_blocking
@@ -324,11 +332,11 @@ class SourceMigration:
             await self._follow(session)
             # qemu stopped the vCPUs at completion: the VM ran its last instruction here.
             self.state = "completing"
-            # --- Lease hand-over point (HA VMs, not built yet): the source qemu is
-            # paused for good here and the destination has not run the VM; release
-            # the VM lease on this host now, and let the destination acquire it in
-            # `finish_incoming` before its `cont`. A failed hand-over goes to the
-            # except branches below like any failure before VM.migrationFinish.
+            # Lease hand-over (HA VMs): our qemu is paused for good and the destination
+            # has not run the VM. Ours lets go now; the destination's qemu acquires it
+            # in `finish_incoming` before its first instruction. If that fails, the
+            # except branches below take the lease back before resuming here.
+            await self._release_lease()
             await self._finish(running)
         except _Unknown as e:
             self._fail(errors.MigrationError(str(e)))
@@ -437,11 +445,29 @@ class SourceMigration:
         self.vm.exit_as = (0, "Migration succeeded", ExitReason.MIGRATION_SUCCEEDED)
         await self._on_done(self.vm)
 
+    async def _release_lease(self) -> None:
+        lease, pid = self.vm.defn.lease, self.vm.pid
+        if lease is None or pid is None:
+            return
+        await self._run(self._leases.release_for, pid, lease)
+        self._lease_released = True
+
     async def _stay_here(self, session: Any, running: bool) -> None:
         """After a failure: the VM goes on here as it was (resumed if it ran)."""
         vm = self.vm
         if vm.process is None or vm.process.exited or vm.status is VmStatus.DOWN:
             return  # the source qemu died: Down already (or about to be)
+        lease = vm.defn.lease
+        if lease is not None and self._lease_released and vm.pid is not None:
+            try:
+                await self._run(self._leases.acquire_for, vm.pid, lease)
+                self._lease_released = False
+            except errors.VdsmError as e:
+                # Somebody else holds it now (the destination may run the VM): never
+                # resume without it.
+                log.error("VM %s: cannot take the VM lease back after the failed "
+                          "migration (%s); it stays paused", vm.id, e)
+                running = False
         try:
             info = await session.execute("query-migrate")
             if info.get("status") in ("active", "setup", "pre-switchover", "device"):
@@ -477,7 +503,8 @@ class SourceMigration:
 # --- the destination ------------------------------------------------------------------------
 
 
-async def finish_incoming(vm: Vm, resume: bool, timeout: float = 30.0) -> None:
+async def finish_incoming(vm: Vm, resume: bool, leases: VmLeases, run_blocking: RunBlocking,
+                          timeout: float = 30.0) -> None:
     """VM.migrationFinish: the incoming migration completed; run the VM if it ran."""
     if vm.status is not VmStatus.MIGRATION_DESTINATION or vm.session is None:
         raise errors.MigrationError(f"VM {vm.id} is {vm.status}, not receiving")
@@ -492,8 +519,10 @@ async def finish_incoming(vm: Vm, resume: bool, timeout: float = 30.0) -> None:
             if status == "failed" or time.monotonic() > deadline:
                 raise errors.MigrationError(f"VM {vm.id}: incoming migration {status}")
             await asyncio.sleep(0.01)
-        # --- Lease hand-over, destination side: acquire the VM lease here, before
-        # the first instruction runs on this host (see SourceMigration).
+        # Lease hand-over, destination side: our qemu (registered at start) takes the
+        # VM lease before its first instruction here (see SourceMigration).
+        if vm.defn.lease is not None and vm.pid is not None:
+            await run_blocking(leases.acquire_for, vm.pid, vm.defn.lease)
         if resume:
             await session.cont()
     except QmpError as e:

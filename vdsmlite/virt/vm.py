@@ -204,15 +204,23 @@ class Vm:
             self.process.close()
 
     async def launch_incoming(self, hotplug_slots: int, uri: str, *,
-                              debug_monitor: bool = False) -> None:
+                              debug_monitor: bool = False, nic_backend: str = "") -> None:
         """Start qemu for the (prepared) definition waiting for an incoming migration on
         `uri` (``-incoming defer`` + ``migrate-incoming``), its vCPUs stopped until the
         migration is finished (`virt.migration`). Raises; qemu is then gone."""
         argv = await self._run_blocking(
             lambda: qemu.command_line(self.defn, run_dir=self.run_dir,
                                       hotplug_slots=hotplug_slots,
-                                      debug_monitor=debug_monitor))
+                                      debug_monitor=debug_monitor,
+                                      nic_backend=nic_backend))
         argv += [*(() if "-S" in argv else ("-S",)), "-incoming", "defer"]
+        lease = self.defn.lease
+        if lease is not None:
+            assert lease.path is not None and lease.offset is not None
+            # Registered with sanlock but not holding: the source's qemu holds the lease
+            # until the hand-over gives it to this pid (`migration.finish_incoming`).
+            argv = leaseexec.lease_argv(lease.sd_id, lease.lease_id, lease.path,
+                                        lease.offset, argv, register_only=True)
         self.process = await qemu.QemuProcess.start(argv, vm_id=self.id, run_dir=self.run_dir,
                                                     run_blocking=self._run_blocking)
         try:
