@@ -205,7 +205,11 @@ def assert_gone(side: Side, vm_id: str) -> None:
 
 
 def wait_migrated(src: Side, dst: Side, vm_id: str, want: str) -> None:
-    eventually(lambda: src.status(vm_id) == "Down", 120, "the source VM Down")
+    try:
+        eventually(lambda: src.status(vm_id) == "Down", 120, "the source VM Down")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; migration: {migration(src, vm_id)}; source "
+                             f"{src.status(vm_id)}, destination {dst.status(vm_id)}") from e
     down = src.stats(vm_id)
     assert (down["exitCode"], down["exitReason"], down["exitMessage"]) == \
         (0, 4, "Migration succeeded")
@@ -375,7 +379,7 @@ def test_a_leased_vm_takes_its_lease_along(env: Env, vms: list[str]) -> None:
             env.dom.sd, {}).get("acquired") is not True:
         join_lockspace(env.b.host.agent, env.dom.sd, host_id=2)
     vm_id = new_id()
-    with env.a.client as c:
+    with env.a.client() as c:
         run_task(c, "Lease.create", {"lease": {"sd_id": env.dom.sd, "lease_id": vm_id}})
     params = vm_params(env, vm_id, env.luns[1], volume=False)
     params["devices"].append({"type": "lease", "device": "lease", "sd_id": env.dom.sd,
@@ -399,6 +403,6 @@ def test_a_leased_vm_takes_its_lease_along(env: Env, vms: list[str]) -> None:
     wait_migrated(env.b, env.a, vm_id, "Up")
     assert holder_pid(env.a.host, env.dom.sd, vm_id) == int(env.a.stats(vm_id)["pid"])
     assert holder_pid(env.b.host, env.dom.sd, vm_id) is None
-    with env.a.client as c:
+    with env.a.client() as c:
         c.call("VM.destroy", {"vmID": vm_id})
         run_task(c, "Lease.delete", {"lease": {"sd_id": env.dom.sd, "lease_id": vm_id}})

@@ -26,7 +26,7 @@ import pytest
 from fake_storage.lunfarm import LunFarm
 from tests.helpers import run
 from vdsmlite import errors
-from vdsmlite.virt import qemu
+from vdsmlite.virt import leaseexec, qemu
 from vdsmlite.virt.definition import (
     DiskBus,
     DiskFormat,
@@ -477,3 +477,20 @@ def test_cpu_models_this_qemu_lacks_run_as_the_nearest(requested: str | None,
     assert (note is not None) == noted
     if note is not None:
         assert requested is not None and requested in note
+
+
+def test_lease_wrapper_command_line_round_trips() -> None:
+    """What `lease_argv` writes is what `leaseexec` reads, flags included, and the
+    program's own arguments (even ones that look like ours) pass untouched."""
+    program = ["qemu", "--register-only", "--", "-S"]
+    for register_only in (False, True):
+        argv = leaseexec.lease_argv("sd", "lease", "/dev/x", 3 << 20, program,
+                                    register_only=register_only)
+        assert argv[:3] == [sys.executable, "-m", "vdsmlite.virt.leaseexec"]
+        assert leaseexec.parse(argv[3:]) == leaseexec.Invocation(
+            "sd", "lease", "/dev/x", 3 << 20, register_only, program)
+    for bad in (["sd", "lease", "/x", "0"], ["sd", "lease", "/x", "0", "--"],
+                ["sd", "/x", "0", "--", "qemu"], ["sd", "lease", "/x", "zero", "--", "q"]):
+        with pytest.raises(ValueError):
+            leaseexec.parse(bad)
+        assert leaseexec.main(bad) == leaseexec.EXIT_USAGE

@@ -25,9 +25,9 @@ a lease refused (`EXIT_LEASE_REFUSED`) from other errors.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+from dataclasses import dataclass
 
 from vdsmlite.locking import sanlock
 
@@ -48,34 +48,54 @@ def lease_argv(lockspace: str, resource: str, path: str, offset: int, argv: list
     return [*out, "--", *argv]
 
 
-def main(args: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vdsmlite.virt.leaseexec")
-    parser.add_argument("lockspace")
-    parser.add_argument("resource")
-    parser.add_argument("path")
-    parser.add_argument("offset", type=int)
-    parser.add_argument("--register-only", action="store_true")
-    parser.add_argument("argv", nargs=argparse.REMAINDER)
-    ns = parser.parse_args(args)
-    argv = ns.argv[1:] if ns.argv[:1] == ["--"] else ns.argv
+@dataclass(frozen=True)
+class Invocation:
+    lockspace: str
+    resource: str
+    path: str
+    offset: int
+    register_only: bool
+    argv: list[str]
+
+
+def parse(args: list[str]) -> Invocation:
+    """Our arguments end at the first "--"; what follows is the program's, untouched
+    (qemu's own arguments may look like ours). ValueError if malformed."""
+    if "--" not in args:
+        raise ValueError("no '--' before the command to run")
+    split = args.index("--")
+    ours, argv = args[:split], args[split + 1:]
     if not argv:
-        print("leaseexec: nothing to run", file=sys.stderr)
+        raise ValueError("nothing to run")
+    register_only = "--register-only" in ours
+    positional = [a for a in ours if a != "--register-only"]
+    if len(positional) != 4 or any(a.startswith("-") for a in positional[:3]):
+        raise ValueError(f"expected LOCKSPACE RESOURCE PATH OFFSET, got {ours!r}")
+    lockspace, resource, path, offset = positional
+    return Invocation(lockspace, resource, path, int(offset), register_only, argv)
+
+
+def main(args: list[str] | None = None) -> int:
+    try:
+        inv = parse(sys.argv[1:] if args is None else args)
+    except ValueError as e:
+        print(f"leaseexec: {e}", file=sys.stderr)
         return EXIT_USAGE
-    disk = (ns.path, ns.offset)
+    disk = (inv.path, inv.offset)
     try:
         sock = sanlock.register()
         # The registration must survive exec: it is what makes qemu the owner.
         os.set_inheritable(sock, True)
-        if not ns.register_only:
-            sanlock.acquire(sock, ns.lockspace, ns.resource, [disk])
+        if not inv.register_only:
+            sanlock.acquire(sock, inv.lockspace, inv.resource, [disk])
     except sanlock.SanlockError as e:
-        print(f"{REFUSED}: lease {ns.resource} in lockspace {ns.lockspace} "
-              f"({ns.path}:{ns.offset}): {e}", file=sys.stderr, flush=True)
+        print(f"{REFUSED}: lease {inv.resource} in lockspace {inv.lockspace} "
+              f"({inv.path}:{inv.offset}): {e}", file=sys.stderr, flush=True)
         return EXIT_LEASE_REFUSED
     try:
-        os.execvp(argv[0], argv)
+        os.execvp(inv.argv[0], inv.argv)
     except OSError as e:
-        print(f"leaseexec: cannot run {argv[0]}: {e}", file=sys.stderr, flush=True)
+        print(f"leaseexec: cannot run {inv.argv[0]}: {e}", file=sys.stderr, flush=True)
     return 127
 
 
