@@ -168,7 +168,10 @@ def test_a_leased_vm_runs_on_one_host_and_moves_after_fencing(lease_env: LeaseEn
         assert start(env.a, vm_id, params) == 0
         winner, loser = env.a, env.b
 
-    # Fence A through storage: its watchdog resets it, its qemu dies with it...
+    # Fence A through storage (once B's sanlock has read A's lease): its watchdog
+    # resets it, its qemu dies with it...
+    eventually(lambda: fence(env.b, "status", {env.dom.sd: 1})["power"] == "on", 30,
+               "B seeing A")
     assert fence(env.b, "reboot", {env.dom.sd: 1})["operationStatus"] == "initiated"
     assert env.a.watchdog is not None
     env.a.watchdog.wait_reset(60)

@@ -264,7 +264,15 @@ class FenceService:
         nonce = secrets.randbits(63) or 1
         generations = {}
         for sd_uuid, host_id in host_map.items():
-            hosts = await self._run(sanlock.get_hosts, sd_uuid, host_id)
+            try:
+                hosts = await self._run(sanlock.get_hosts, sd_uuid, host_id)
+            except sanlock.SanlockError as e:
+                # EAGAIN: this host joined the lockspace moments ago and its sanlock has
+                # not read the target's lease yet; nothing can be addressed to it.
+                raise errors.InvalidParameterException(
+                    "storageDomainHostIdMap",
+                    f"host id {host_id} in domain {sd_uuid} is not known to this host's "
+                    f"lock manager yet ({e}); ask again once it is") from e
             if not hosts or hosts[0].generation == 0 or hosts[0].state == "free":
                 # Not in the lockspace (never joined, or left cleanly): a request there
                 # would never be read, and "initiated" would be a lie.
