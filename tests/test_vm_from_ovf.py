@@ -218,6 +218,11 @@ def test_every_sample_starts_by_uuid_as_its_ovf_says(ovfenv: OvfEnv, started: li
             assert ovfenv.lun.loop in files
         else:
             assert any(dev["volumeID"] in f for f in files), (dev, files)
+    # Every NIC with the OVF's MAC, in the OVF's order.
+    macs = [d["macAddr"].lower() for d in params["devices"] if d.get("type") == "interface"]
+    running = [qmp(ovfenv, vm, "qom-get", {"path": f"/machine/peripheral/net{i}",
+                                           "property": "mac"}) for i in range(len(macs))]
+    assert running == macs
     # What the conversion warned about is in the VM's info.
     for warning in found["warnings"]:
         assert f"OVF: {warning}" in info["ignoredDevices"]
