@@ -69,7 +69,15 @@ def eventually(predicate: Callable[[], T], timeout: float = 30.0, what: str = "a
 def check_clean(agent: Agent, since: int = 0) -> None:
     """No unexpected exception in the daemon's log (from byte `since` on)."""
     crashes = agent.crashes(since)
-    assert not crashes, "daemon logged unexpected exceptions:\n" + agent.log_text()[-6000:]
+    if crashes:
+        # Each crash with what the log says around it: the tail alone may be noise.
+        text = agent.log_text()
+        excerpts = []
+        for line in crashes[:3]:
+            at = text.find(line)
+            excerpts.append(text[max(0, at - 1500):at + 3000])
+        raise AssertionError("daemon logged unexpected exceptions:\n" +
+                             "\n-----\n".join(excerpts))
 
 
 class RawHttp:

@@ -35,6 +35,18 @@ class _RequestIdFilter(logging.Filter):
         return True
 
 
+class _QmpRetryFilter(logging.Filter):
+    """qemu.qmp logs a refused connect at ERROR (and its traceback at DEBUG); qemu
+    binds its QMP socket a moment before it listens, so `virt.qmp.open_session`
+    expects that refusal and retries. Only that record is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # qemu.qmp logs per session under child loggers ("qemu.qmp.protocol.VM <id>"),
+        # which a filter on a parent logger never sees: this one sits on the handler.
+        return not (record.name.startswith("qemu.qmp") and record.getMessage().startswith(
+            "Failed to establish connection: ConnectionRefusedError"))
+
+
 class _BadRequestFilter(logging.Filter):
     """Malformed requests from clients are the client's problem: one INFO line, no traceback.
 
@@ -108,3 +120,7 @@ def setup(level: str = "INFO", fmt: str = "text") -> None:
     server_log = logging.getLogger("aiohttp.server")
     server_log.setLevel(max(root.level, logging.INFO))
     server_log.addFilter(_BadRequestFilter())
+    # qemu.qmp's DEBUG is every QMP message pretty-printed (stats polls included): far
+    # too much for a daemon log. Our own virt loggers say what was sent and why.
+    logging.getLogger("qemu.qmp").setLevel(max(root.level, logging.INFO))
+    handler.addFilter(_QmpRetryFilter())
