@@ -54,6 +54,8 @@ class Disk:
     shareable: bool
     lun_guid: str | None          # LUNs only: lun_id, or the disk id without one
     storage_type: str             # "IMAGE", "LUN" (or another engine DiskStorageType name)
+    # (volume id, ovf:vm_snapshot_id) of the volumes that name their owning snapshot
+    volume_snapshots: tuple[tuple[str, str], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -72,6 +74,7 @@ class Disk:
             "shareable": self.shareable,
             "lunGuid": self.lun_guid,
             "storageType": self.storage_type,
+            "volumeSnapshots": dict(self.volume_snapshots),
         }
 
 
