@@ -173,8 +173,8 @@ def run(dom: Domain, sub: Subchain, progress: Progress,
     progress(5)
 
     leaf = p.child.uuid if p.child is not None else top.uuid
-    image = Image(dom, img)
-    image.prepare(leaf, allow_illegal=True)
+    # Torn down volume by volume after: the chain under `leaf` changes on the way.
+    prepared = Image(dom, img).prepare(leaf, allow_illegal=True)
     try:
         img_dir = dom.images_dir() / img
         paths = {s.uuid: str(img_dir / s.uuid) for s in p.chain}
@@ -214,7 +214,8 @@ def run(dom: Domain, sub: Subchain, progress: Progress,
         failpoints.hit("merge.after_relink")
         progress(95)
     finally:
-        image.teardown(leaf)
+        for state in reversed(prepared):
+            dom.teardown_volume(img, state.uuid)
     # 5. done: base usable again, its generation moved on (one write)
     fresh = dom.volume(img, base.uuid)
     assert fresh.md is not None
