@@ -260,7 +260,7 @@ def test_to_dict_is_json_with_camel_case_keys() -> None:
         "domainId": None, "alias": "MAorTestOnlyLun_Disk1", "description": "ef7c",
         "size": 5 * GIB, "actualSize": None, "format": None, "interface": "VirtIO_SCSI",
         "boot": True, "readOnly": False, "shareable": False,
-        "lunGuid": "36001405bb1b5071cfb44a4e9576aef7c", "storageType": "LUN",
+        "lunGuid": "36001405bb1b5071cfb44a4e9576aef7c", "storageType": "LUN", "volumeSnapshots": {},
     }
 
 

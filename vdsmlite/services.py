@@ -30,6 +30,8 @@ from vdsmlite.locking.watchdog import WatchdogService
 from vdsmlite.metrics import Metrics
 from vdsmlite.ovf.workers import OvfWorkers
 from vdsmlite.sdm.lease import SdmLease
+from vdsmlite.sdm.merge import SdmJobs
+from vdsmlite.sdm.overview import SnapshotOverview
 from vdsmlite.sdm.ovfstore import OvfService
 from vdsmlite.sdm.pools import PoolService
 from vdsmlite.sdm.provision import DomainProvisioner
@@ -116,6 +118,13 @@ class Services:
         self.ovf = OvfService(domains=self.domains, image_locks=self.image_locks, sdm=self.sdm,
                               workers=self.ovf_workers, jobs=self.jobs,
                               run_blocking=run_blocking)
+        # SDM.* jobs on volumes (cold merge, update_volume) and the snapshot overview.
+        self.sdm_jobs = SdmJobs(volumes=self.volumes, jobs=self.jobs,
+                                image_locks=self.image_locks, sdm=self.sdm,
+                                leases=self.leases, users=self.storage_users,
+                                run_blocking=run_blocking)
+        self.overview = SnapshotOverview(volumes=self.volumes, ovf=self.ovf,
+                                         run_blocking=run_blocking)
         # VMs: qemu processes on prepared, held storage; found again after a restart.
         self.vm_leases = VmLeases(lookup=self.external_leases.lease_info,
                                   host_id_of=self.monitors.host_id,

@@ -15,6 +15,7 @@ from vdsmlite.api.host import HostApi
 from vdsmlite.api.lease import LeaseApi
 from vdsmlite.api.locking import LockingApi
 from vdsmlite.api.ovf import OvfApi
+from vdsmlite.api.sdm import SdmApi
 from vdsmlite.api.storage_server import StorageServerApi
 from vdsmlite.api.task import TaskApi
 from vdsmlite.api.vm import VmApi
@@ -35,6 +36,7 @@ def build_handlers(s: Services) -> dict[str, Handler]:
                    volumes=s.volumes, run_blocking=s.run_blocking),
         VolumesApi(s.volumes),
         OvfApi(s.ovf),
+        SdmApi(s.sdm_jobs, s.overview),
         VmApi(s.vms, s.vms_from_ovf),
         LeaseApi(s.external_leases),
         LockingApi(domains=s.domains, monitors=s.monitors, fencing=s.fencing,

@@ -12,7 +12,7 @@ This is the floor of the package: no XML, no I/O, so every other room (the gate 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 # How much of a value an error message may quote: the input is untrusted and may be
@@ -54,6 +54,9 @@ class Disk:
     shareable: bool
     lun_guid: str | None          # LUNs only: lun_id, or the disk id without one
     storage_type: str             # "IMAGE", "LUN" (or another engine DiskStorageType name)
+    # (volume id, ovf:vm_snapshot_id) of the volumes that name their owning snapshot;
+    # detail of the chain, not part of what makes two disks the same disk
+    volume_snapshots: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -72,6 +75,7 @@ class Disk:
             "shareable": self.shareable,
             "lunGuid": self.lun_guid,
             "storageType": self.storage_type,
+            "volumeSnapshots": dict(self.volume_snapshots),
         }
 
 

@@ -525,6 +525,8 @@ def _image_disk(image_id: str | None, volumes: list[_Volume],
         shareable=_flag(attrs.get("shareable")),
         lun_guid=None,
         storage_type=leaf.storage_type,
+        volume_snapshots=tuple((v.volume_id, v.attrs["vm_snapshot_id"]) for v in volumes
+                               if v.attrs.get("vm_snapshot_id")),
     )
 
 

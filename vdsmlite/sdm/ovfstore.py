@@ -42,7 +42,7 @@ from vdsmlite.sdm.lease import SdmLease
 from vdsmlite.storage import ovfstore, streamio, volumestream
 from vdsmlite.storage.domains import DomainStore
 from vdsmlite.storage.image import Image
-from vdsmlite.storage.sd import Domain
+from vdsmlite.storage.sd import Domain, VolumeState
 
 log = logging.getLogger("vdsmlite.sdm.ovfstore")
 
@@ -144,10 +144,13 @@ class OvfService:
 
     # --- reads -------------------------------------------------------------------------
 
-    async def contents(self, sd_uuid: str, job: Job | None = None) -> StoreContents | None:
-        """The newest store that validates, with its entities; None if there is none."""
+    async def contents(self, sd_uuid: str, job: Job | None = None, *,
+                       scanned: dict[str, dict[str, VolumeState]] | None = None,
+                       ) -> StoreContents | None:
+        """The newest store that validates, with its entities; None if there is none.
+        `scanned`: the domain's volumes (Domain.scan) if the caller already read them."""
         dom = await self._domain(sd_uuid)
-        stores = await self._run_blocking(ovfstore.find_stores, dom)
+        stores = await self._run_blocking(ovfstore.find_stores, dom, scanned)
         for store in ovfstore.by_preference(stores):
             if not store.good:
                 continue

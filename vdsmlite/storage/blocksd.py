@@ -268,6 +268,82 @@ class BlockDomain(Domain):
                 states[state.md.parent].children.append(state.uuid)
         return states
 
+    def scan(self) -> dict[str, dict[str, VolumeState]]:
+        """Every volume by image from one ``lvs`` report and one read of the metadata
+        area (all used slots at once), not a command or a read per volume."""
+        lvs = self._volume_lvs()
+        slots: dict[str, int] = {}
+        for name, lv in lvs.items():
+            value = lv.tag_value(sc.TAG_SLOT)
+            if value is not None and value.isdigit():
+                slots[name] = int(value)
+        block_size, alignment = self.geometry()
+        area = b""
+        if slots:
+            end = self._slot_offset(max(slots.values()) + 1)
+            area = directio.read(self.held_path(sc.METADATA), sc.METADATA_BASE_V5,
+                                 end - sc.METADATA_BASE_V5, block_size)
+        leases = str(self.activator.link(self.uuid, sc.LEASES))
+        out: dict[str, dict[str, VolumeState]] = {}
+        for name, lv in lvs.items():
+            img = lv.tag_value(sc.TAG_IMAGE) or ""
+            if parse_uuid(img) != img:
+                continue
+            slot = slots.get(name)
+            md, problem, lease = None, None, None
+            if slot is None:
+                problem = "no metadata slot"
+            else:
+                start = self._slot_offset(slot) - sc.METADATA_BASE_V5
+                try:
+                    md = VolumeMetadata.from_bytes(
+                        area[start:start + max(sc.METADATA_SIZE, block_size)])
+                except errors.VolumeMetadataReadError as e:
+                    problem = str(e)
+                lease = (leases, (sc.RESERVED_LEASES + slot) * alignment)
+            out.setdefault(img, {})[name] = VolumeState(
+                uuid=name, image=img, md=md, apparent_size=lv.size, true_size=lv.size,
+                initializing=sc.TAG_INITIALIZING in lv.tags, lease=lease, slot=slot,
+                problem=problem)
+        for states in out.values():
+            for state in states.values():
+                if state.md is not None and state.md.parent in states:
+                    states[state.md.parent].children.append(state.uuid)
+        return out
+
+    def set_parent(self, img_uuid: str, vol_uuid: str, parent_uuid: str) -> None:
+        """The parent lives twice on block domains: the PU_ tag and the metadata slot.
+        The tag first: a reader that finds them different trusts the metadata."""
+        with self.lock:
+            lv = self.lv(vol_uuid)
+            old = [t for t in lv.tags if t.startswith(sc.TAG_PARENT)]
+            new = sc.TAG_PARENT + parent_uuid
+            if old != [new]:
+                try:
+                    lvm.lv_change_tags(self.uuid, vol_uuid, self.devices,
+                                       remove=[t for t in old if t != new], add=[new])
+                except lvm.LVMError as e:
+                    raise _lvm_error(errors.MetaDataGeneralError, vol_uuid, e) from e
+            self.update_volume(img_uuid, vol_uuid, parent=parent_uuid)
+
+    def ensure_allocation(self, img_uuid: str, vol_uuid: str, size: int) -> None:
+        with self.lock:
+            lv = self.lv(vol_uuid)
+            if size <= lv.size:
+                return
+            vg = self.vg()
+            needed = -(-(size - lv.size) // vg.extent_size)
+            if needed > vg.free_count:
+                raise errors.NoSpaceLeftOnDomain(self.uuid)
+            log.info("extending LV %s/%s from %d to %d bytes", self.uuid, vol_uuid,
+                     lv.size, size)
+            try:
+                lvm.lvextend(self.uuid, vol_uuid, size, self.devices)
+            except lvm.LVMError as e:
+                raise errors.LogicalVolumeExtendError(self.uuid, vol_uuid, size) from e
+            pe_starts, extent = self.layout()
+            self.activator.refresh(self.lv(vol_uuid), pe_starts, extent, self.devices)
+
     def find_volume_image(self, vol_uuid: str) -> str | None:
         lv = self.lvs([vol_uuid]).get(vol_uuid)
         return None if lv is None else lv.tag_value(sc.TAG_IMAGE)

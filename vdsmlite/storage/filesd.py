@@ -192,6 +192,23 @@ class FileDomain(Domain):
                            true_size=true, initializing=initializing, lease=lease_info,
                            problem=problem)
 
+    def scan(self) -> dict[str, dict[str, VolumeState]]:
+        """Every volume by image in one walk of the images directory: one listing per
+        image, a stat per data file and a read per ``.meta``."""
+        out: dict[str, dict[str, VolumeState]] = {}
+        for img in self.image_ids():
+            states: dict[str, VolumeState] = {}
+            for vol in self.volume_ids(img):
+                try:
+                    states[vol] = self.volume(img, vol)
+                except errors.VolumeDoesNotExist:
+                    continue  # deleted while we looked
+            for state in states.values():
+                if state.md is not None and state.md.parent in states:
+                    states[state.md.parent].children.append(state.uuid)
+            out[img] = states
+        return out
+
     def set_volume_metadata(self, img_uuid: str, vol_uuid: str, md: VolumeMetadata) -> None:
         _, meta, _ = self._paths(img_uuid, vol_uuid)
         _write_atomic(meta, md.to_bytes())

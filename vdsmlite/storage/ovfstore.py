@@ -151,11 +151,14 @@ def is_store(state: VolumeState) -> bool:
     return desc is not None and desc.get(DISK_DESCRIPTION) == OVF_STORE
 
 
-def find_stores(dom: Domain) -> list[Store]:
-    """Every OVF_STORE of the domain (single-volume images only, as the engine requires)."""
+def find_stores(dom: Domain,
+                scanned: dict[str, dict[str, VolumeState]] | None = None) -> list[Store]:
+    """Every OVF_STORE of the domain (single-volume images only, as the engine requires),
+    from `scanned` (Domain.scan) or one fresh scan of the domain."""
     stores = []
-    for img in dom.image_ids():
-        volumes = dom.volumes(img)
+    if scanned is None:
+        scanned = dom.scan()
+    for img, volumes in sorted(scanned.items()):
         if len(volumes) != 1:
             continue
         state = next(iter(volumes.values()))

@@ -63,3 +63,46 @@ def info(path: str, fmt: str | None = None) -> dict[str, Any]:
 
 def resize(path: str, fmt: str, size: int) -> None:
     _run("resize", "-q", "-f", fmt, "--", path, str(size))
+
+
+def commit(top: str, top_fmt: str, base: str, *, cwd: str | None = None,
+           timeout: float = 3600.0) -> None:
+    """``qemu-img commit -b base``: copy the data of `top` (and any volumes between it
+    and `base`) into `base`. With ``-b`` qemu-img leaves `top` as it was, so a commit
+    that is interrupted and run again gives the same result (VDSM's cold merge)."""
+    args = ["commit", "-q", "-t", "none", "-b", base, "-f", top_fmt, "--", top]
+    try:
+        commands.run([QEMU_IMG, *args], timeout=timeout, cwd=cwd)
+    except commands.CommandError as e:
+        raise QemuImgError(str(e)) from e
+
+
+def rebase_unsafe(path: str, backing: str, backing_fmt: str, *,
+                  cwd: str | None = None) -> None:
+    """Point a qcow2 image at another backing file without copying (``rebase -u``);
+    `backing` is stored as given (a bare volume UUID, relative to the image dir)."""
+    args = ["rebase", "-q", "-u", "-f", QCOW2, "-b", backing, "-F", backing_fmt, "--", path]
+    try:
+        commands.run([QEMU_IMG, *args], timeout=TIMEOUT, cwd=cwd)
+    except commands.CommandError as e:
+        raise QemuImgError(str(e)) from e
+
+
+def measure_subchain(chain: list[tuple[str, str]], *, block: bool) -> dict[str, Any]:
+    """``qemu-img measure -O qcow2`` of the volumes `chain` ((path, format), base first)
+    as one image, ignoring whatever is below the base (VDSM's measure with ``base``)."""
+    protocol = "host_device" if block else "file"
+    node: dict[str, Any] | None = None
+    for path, fmt in chain:
+        current: dict[str, Any] = {"driver": fmt, "file": {"driver": protocol,
+                                                           "filename": path}}
+        if fmt == QCOW2:
+            current["backing"] = node
+        node = current
+    assert node is not None
+    out = _run("measure", "--output", "json", "-O", QCOW2, "json:" + json.dumps(node))
+    try:
+        result: dict[str, Any] = json.loads(out.out)
+    except ValueError as e:
+        raise QemuImgError(f"qemu-img measure: bad JSON: {e}") from e
+    return result

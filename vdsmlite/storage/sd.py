@@ -265,6 +265,20 @@ class Domain(ABC):
                 states[state.md.parent].children.append(state.uuid)
         return states
 
+    def scan(self) -> dict[str, dict[str, VolumeState]]:
+        """Every volume of the domain by image, children filled in, read in as few
+        storage operations as the layout allows (the layouts override this)."""
+        return {img: self.volumes(img) for img in self.image_ids()}
+
+    def set_parent(self, img_uuid: str, vol_uuid: str, parent_uuid: str) -> None:
+        """Make `parent_uuid` the volume's parent in its metadata (and wherever else
+        the layout records it); the qcow2 backing file is the caller's."""
+        self.update_volume(img_uuid, vol_uuid, parent=parent_uuid)
+
+    def ensure_allocation(self, img_uuid: str, vol_uuid: str, size: int) -> None:  # noqa: B027
+        """Make the volume's storage at least `size` bytes (block: extend the LV);
+        nothing to do on layouts that grow on write."""
+
     def find_volume_image(self, vol_uuid: str) -> str | None:
         for img in self.image_ids():
             if vol_uuid in self.volume_ids(img):
