@@ -41,6 +41,9 @@ from lxml import etree
 from vdsmlite.ids import BLANK_UUID, UUID_PATTERN
 from vdsmlite.ovf.model import Disk, Entity, OvfError, Snapshot, excerpt
 from vdsmlite.ovf.safexml import OVF_NAMESPACES, read_envelope
+from vdsmlite.ovf.values import flag as _flag
+from vdsmlite.ovf.values import integer as _int
+from vdsmlite.ovf.values import text as _text
 
 RASD_NS = "http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData"
 XSI_NS = "http://www.w3.org/2001/XMLSchema-instance"
@@ -142,12 +145,6 @@ def _attrs(el: etree._Element, names: dict[str, str]) -> dict[str, str]:
     return found
 
 
-def _text(el: etree._Element) -> str | None:
-    text = el.text
-    if text is None:
-        return None
-    return text.strip() or None
-
 
 def _stripped(value: str | None) -> str | None:
     if value is None:
@@ -155,18 +152,6 @@ def _stripped(value: str | None) -> str | None:
     return value.strip() or None
 
 
-def _int(text: str | None) -> int | None:
-    if text is None:
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        return None
-
-
-def _flag(text: str | None) -> bool:
-    # The engine writes true/false, virt-v2v True/False.
-    return text is not None and text.lower() == "true"
 
 
 def _unit_shift(units: str | None, default: int) -> int | None:

@@ -57,6 +57,9 @@ from vdsmlite.ids import BLANK_UUID, parse_uuid
 from vdsmlite.ovf.model import OvfError, excerpt
 from vdsmlite.ovf.reader import RASD_NS, XSI_NS
 from vdsmlite.ovf.safexml import OVF_NAMESPACES, read_document, read_envelope
+from vdsmlite.ovf.values import flag as _flag
+from vdsmlite.ovf.values import integer as _int
+from vdsmlite.ovf.values import text as _text
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,25 +183,7 @@ class _Item(NamedTuple):
     spec: etree._Element | None
 
 
-def _text(el: etree._Element) -> str | None:
-    text = el.text
-    if text is None:
-        return None
-    return text.strip() or None
 
-
-def _int(text: str | None) -> int | None:
-    if text is None:
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        return None
-
-
-def _flag(text: str | None) -> bool:
-    # The engine writes true/false, virt-v2v True/False.
-    return text is not None and text.lower() == "true"
 
 
 def _address(text: str | None) -> dict[str, str] | None:
