@@ -42,8 +42,9 @@ def dom(request: pytest.FixtureRequest, domains: SharedDomains) -> Iterator[Doma
 
 
 def qemu_io(path: str, command: str) -> None:
-    subprocess.run(["qemu-io", "-f", "qcow2", "-c", command, path], check=True,
-                   capture_output=True, cwd=str(Path(path).parent))
+    out = subprocess.run(["qemu-io", "-f", "qcow2", "-c", command, path],
+                         capture_output=True, text=True, cwd=str(Path(path).parent))
+    assert out.returncode == 0, (path, command, out.stdout, out.stderr)
 
 
 def write_layer(dom: DomainUnderTest, img: str, vol: str, index: int) -> None:

@@ -26,7 +26,7 @@ import pytest
 from fake_storage.children import kill_vms_left_in
 from fake_storage.cluster import SimHost
 from fake_storage.lunfarm import FakeLun, LunFarm
-from tests.helpers import call, check_clean, eventually, run
+from tests.helpers import call, check_clean, eventually
 from tests.locking_helpers import holder_pid
 from tests.storage_helpers import (
     BLANK,
@@ -39,8 +39,8 @@ from tests.storage_helpers import (
     run_task,
     unmount_under,
 )
+from tests.vm_helpers import debug_qmp
 from vdsmlite.client import Client, ServerError
-from vdsmlite.virt.qmp import QmpSession
 
 pytestmark = pytest.mark.root
 
@@ -79,15 +79,7 @@ class Side:
         return str(self.stats(vm_id)["status"])
 
     def qmp(self, vm_id: str, command: str, args: dict[str, Any] | None = None) -> Any:
-        async def call() -> Any:
-            session = QmpSession(self.run_dir / vm_id / "qmp-debug.sock", name="test")
-            await session.connect(10)
-            try:
-                return await session.execute(command, args)
-            finally:
-                await session.close()
-
-        return run(call())
+        return debug_qmp(self.run_dir / vm_id, command, args)
 
 
 @dataclass

@@ -15,7 +15,6 @@ import os
 import shutil
 import signal
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +36,8 @@ from tests.storage_helpers import (
     read_direct,
     unmount_under,
 )
+from tests.vm_helpers import debug_qmp, wait_status
 from vdsmlite.client import Client, ServerError
-from vdsmlite.virt.qmp import QmpSession
 
 pytestmark = pytest.mark.root
 
@@ -200,31 +199,10 @@ def dict_params(vm_id: str, disks: list[Disk]) -> dict[str, Any]:
 FORMS = {"xml": xml_params, "dict": dict_params}
 
 
-def wait_status(c: Client, vm_id: str, wanted: str, timeout: float = 60) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = c.call("VM.getStats", {"vmID": vm_id})[0]
-        if stats["status"] == wanted:
-            return stats
-        if stats["status"] == "Down" and wanted != "Down":
-            raise AssertionError(f"VM {vm_id} went Down: {stats.get('exitMessage')}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"VM {vm_id} is {stats['status']}, not {wanted}")
-        time.sleep(0.05)
-
 
 def qmp(env: VmEnv, vm_id: str, command: str, args: dict[str, Any] | None = None) -> Any:
     """One command on the VM's debug monitor (the agent holds the main one)."""
-
-    async def call() -> Any:
-        session = QmpSession(env.vm_dir(vm_id) / "qmp-debug.sock", name="test")
-        await session.connect(10)
-        try:
-            return await session.execute(command, args)
-        finally:
-            await session.close()
-
-    return run(call())
+    return debug_qmp(env.vm_dir(vm_id), command, args)
 
 
 def code_of(call: Any) -> int:

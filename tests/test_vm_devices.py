@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +19,9 @@ import pytest
 
 from fake_storage.agent import Agent
 from fake_storage.children import kill_vms_left_in
-from tests.helpers import run
 from tests.storage_helpers import new_id
+from tests.vm_helpers import debug_qmp, wait_status
 from vdsmlite.client import Client
-from vdsmlite.virt.qmp import QmpSession
 
 pytestmark = pytest.mark.root
 
@@ -76,28 +74,9 @@ def params(vm_id: str) -> dict[str, Any]:
                 {"type": "graphics", "device": "vnc"}]}
 
 
-def wait_status(c: Client, vm_id: str, wanted: str, timeout: float = 60) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = c.call("VM.getStats", {"vmID": vm_id})[0]
-        if stats["status"] == wanted:
-            return stats
-        if stats["status"] == "Down" or time.monotonic() > deadline:
-            raise AssertionError(f"VM {vm_id} is {stats['status']}, not {wanted}: "
-                                 f"{stats.get('exitMessage')}")
-        time.sleep(0.05)
-
 
 def qmp(env: DevEnv, vm_id: str, command: str, args: dict[str, Any] | None = None) -> Any:
-    async def call() -> Any:
-        session = QmpSession(env.vm_run_dir / vm_id / "qmp-debug.sock", name="test")
-        await session.connect(10)
-        try:
-            return await session.execute(command, args)
-        finally:
-            await session.close()
-
-    return run(call())
+    return debug_qmp(env.vm_run_dir / vm_id, command, args)
 
 
 def qom_type(env: DevEnv, vm_id: str, qdev: str) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,6 @@ import pytest
 from fake_storage.children import kill_vms_left_in
 from fake_storage.cluster import SimHost
 from fake_storage.lunfarm import FakeLun, LunFarm
-from tests.helpers import run
 from tests.ovf_helpers import SAMPLES, put_store, sample_id, store_tar
 from tests.storage_helpers import (
     BLANK,
@@ -38,8 +36,8 @@ from tests.storage_helpers import (
     run_task,
     unmount_under,
 )
+from tests.vm_helpers import debug_qmp, wait_status
 from vdsmlite.client import Client, ServerError
-from vdsmlite.virt.qmp import QmpSession
 
 pytestmark = pytest.mark.root
 
@@ -140,29 +138,9 @@ def make_disks_of(env: OvfEnv, vm_id: str) -> None:
             made.add((img, vol))
 
 
-def wait_status(c: Client, vm_id: str, wanted: str, timeout: float = 60) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        stats: dict[str, Any] = c.call("VM.getStats", {"vmID": vm_id})[0]
-        if stats["status"] == wanted:
-            return stats
-        if stats["status"] == "Down":
-            raise AssertionError(f"VM {vm_id} went Down: {stats.get('exitMessage')}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"VM {vm_id} is {stats['status']}, not {wanted}")
-        time.sleep(0.05)
-
 
 def qmp(env: OvfEnv, vm_id: str, command: str, args: dict[str, Any] | None = None) -> Any:
-    async def call() -> Any:
-        session = QmpSession(env.vm_run_dir / vm_id / "qmp-debug.sock", name="test")
-        await session.connect(10)
-        try:
-            return await session.execute(command, args)
-        finally:
-            await session.close()
-
-    return run(call())
+    return debug_qmp(env.vm_run_dir / vm_id, command, args)
 
 
 @pytest.fixture

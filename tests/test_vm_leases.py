@@ -15,7 +15,6 @@ from __future__ import annotations
 import shutil
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from tests.storage_helpers import (
     new_id,
     run_task,
 )
+from tests.vm_helpers import wait_status
 from vdsmlite.client import Client, ServerError
 
 pytestmark = pytest.mark.root
@@ -87,18 +87,6 @@ def create_lease(c: Client, sd: str, lease_id: str) -> dict[str, Any]:
     info: dict[str, Any] = c.call("Lease.info", {"lease": {"sd_id": sd, "lease_id": lease_id}})
     return info
 
-
-def wait_status(c: Client, vm_id: str, wanted: str, timeout: float = 60) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        stats: dict[str, Any] = c.call("VM.getStats", {"vmID": vm_id})[0]
-        if stats["status"] == wanted:
-            return stats
-        if stats["status"] == "Down" and wanted != "Down":
-            raise AssertionError(f"VM {vm_id} went Down: {stats.get('exitMessage')}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"VM {vm_id} is {stats['status']}, not {wanted}")
-        time.sleep(0.05)
 
 
 def start(host: SimHost, vm_id: str, params: dict[str, Any]) -> int:
