@@ -1,0 +1,275 @@
+"""Live snapshots and live merges on real qemu, on a block domain (LUN drives skipped).
+
+One simulated host, a block domain and spare loop LUNs, built once for the module.
+VMs are launched paused (no guest OS); data goes in and is checked through qemu-io in
+the VM's debug QMP monitor, qemu's chain is read there too (the agent holds the main
+monitor).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fake_storage.children import kill_vms_left_in
+from fake_storage.cluster import SimHost
+from fake_storage.lunfarm import LunFarm
+from tests.storage_helpers import BLANK, MiB, make_block_domain, new_id, unmount_under
+from tests.test_vm import Disk, VmEnv, _destroy_all, code_of, dict_params, qmp, wait_status
+from vdsmlite.client import Client
+from vdsmlite.virt.livemerge import _filename
+
+pytestmark = pytest.mark.root
+
+COW, RAW = 4, 5
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmEnv]:
+    base = tmp_path_factory.mktemp("lm")
+    farm = LunFarm(base / "farm")
+    vm_run_dir = Path(tempfile.mkdtemp(prefix="lm-", dir="/tmp"))
+    host = SimHost(base / "host", "lmhost", config={
+        "virt": {"run_dir": str(vm_run_dir), "unplug_timeout": 1.0, "debug_monitor": True}})
+    try:
+        host.start()
+        dom = make_block_domain(host.agent, farm)
+        luns = farm.create(1, "64M")
+        yield VmEnv(host, dom, "", "", luns, vm_run_dir)
+    finally:
+        _destroy_all(host)
+        unmount_under(host.agent.state_dir)
+        host.stop()
+        kill_vms_left_in(vm_run_dir)
+        shutil.rmtree(vm_run_dir, ignore_errors=True)
+        problems = farm.destroy()
+        assert not problems, problems
+
+
+@pytest.fixture
+def vms(env: VmEnv) -> Iterator[list[str]]:
+    created: list[str] = []
+    yield created
+    with env.client as c:
+        listed = set(c.call("Host.getVMList", {"onlyUUID": True}))
+        for vm_id in created:
+            if vm_id in listed:
+                c.call("VM.destroy", {"vmID": vm_id})
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+
+def start_vm(env: VmEnv, vms: list[str], disks: list[Disk]) -> str:
+    vm_id = new_id()
+    vms.append(vm_id)
+    with env.client as c:
+        c.call("VM.create", {"vmID": vm_id, "vmParams": dict_params(vm_id, disks)})
+        wait_status(c, vm_id, "Paused")
+    return vm_id
+
+
+def qemu_io(env: VmEnv, vm_id: str, dev: str, cmd: str) -> str:
+    qdev = f"/machine/peripheral/disk-{dev}/virtio-backend" if dev.startswith("vd") \
+        else f"disk-{dev}"
+    out: str = qmp(env, vm_id, "human-monitor-command",
+                   {"command-line": f'qemu-io -d {qdev} "{cmd}"'})
+    assert "error" not in out.lower() and "failed" not in out.lower(), out
+    return out
+
+
+def snapshot_volume(env: VmEnv, img: str, parent: str, size: int) -> str:
+    _, vol = env.dom.create_volume(img, size=size, fmt=COW, parent=parent)
+    return vol
+
+
+def disk_info(c: Client, vm_id: str, name: str) -> dict[str, Any]:
+    info = c.call("VM.getInfo", {"vmID": vm_id})
+    return next(d for d in info["devices"] if d.get("name") == name)
+
+
+def qemu_chain(env: VmEnv, vm_id: str, dev: str) -> tuple[str, list[str]]:
+    """(root node-name, chain base first by filename) of a disk, as qemu runs it."""
+    for b in qmp(env, vm_id, "query-block"):
+        if f"disk-{dev}" in (b.get("qdev") or ""):
+            chain, image = [], b["inserted"]["image"]
+            while image is not None:
+                chain.append(Path(_filename(image["filename"])).name)
+                image = image.get("backing-image")
+            return b["inserted"]["node-name"], chain[::-1]
+    raise AssertionError(f"no disk {dev}")
+
+
+def wait_for(what: Callable[[], Any], timeout: float = 120, desc: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = what()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {desc or what}")
+        time.sleep(0.05)
+
+
+def vm_jobs(c: Client, vm_id: str) -> dict[str, Any]:
+    jobs: dict[str, Any] = c.call("VM.getStats", {"vmID": vm_id})[0]["vmJobs"]
+    return jobs
+
+
+def merge(c: Client, env: VmEnv, vm_id: str, img: str, *, base: str, top: str,
+          bandwidth: int = 0) -> str:
+    job = new_id()
+    c.call("VM.merge", {"vmID": vm_id, "drive": {"poolID": BLANK, "domainID": env.dom.sd,
+                                                 "imageID": img, "volumeID": top},
+                        "baseVolUUID": base, "topVolUUID": top, "bandwidth": bandwidth,
+                        "jobUUID": job})
+    return job
+
+
+def reconcile(c: Client, env: VmEnv, img: str, leaf: str) -> list[str]:
+    chain: list[str] = c.call("Image.reconcileVolumeChain", {
+        "storagepoolID": BLANK, "storagedomainID": env.dom.sd, "imageID": img,
+        "leafVolID": leaf})
+    return chain
+
+
+# --- tests -------------------------------------------------------------------------------
+
+
+def test_snapshots_then_internal_and_active_merge(env: VmEnv, vms: list[str]) -> None:
+    img, vol0 = env.dom.create_volume(size=128 * MiB)  # raw base
+    vm_id = start_vm(env, vms, [Disk("vda", "virtio", volume=(env.dom.sd, img, vol0)),
+                                Disk("sda", "scsi", guid=env.luns[0].guid)])
+    qemu_io(env, vm_id, "vda", "write -P 0xa1 0 64k")
+    vol1 = snapshot_volume(env, img, vol0, 128 * MiB)
+    with env.client as c:
+        # The LUN drive is skipped, as VDSM does.
+        c.call("VM.snapshot", {"vmID": vm_id, "snapDrives": [
+            {"domainID": env.dom.sd, "imageID": img, "volumeID": vol1,
+             "baseVolumeID": vol0},
+            {"GUID": env.luns[0].guid, "device": "lun"}]})
+        vda = disk_info(c, vm_id, "vda")
+        assert vda["volumeID"] == vol1 and vda["volumeChain"] == [vol0, vol1]
+        assert vda["format"] == "cow"
+    root, chain = qemu_chain(env, vm_id, "vda")
+    assert chain == [vol0, vol1] and root != "vda-format"
+    assert qemu_chain(env, vm_id, "sda")[0] == "sda-format"
+    qemu_io(env, vm_id, "vda", "write -P 0xb2 64k 64k")
+    vol2 = snapshot_volume(env, img, vol1, 128 * MiB)
+    with env.client as c:
+        c.call("VM.snapshot", {"vmID": vm_id, "snapDrives": [
+            {"domainID": env.dom.sd, "imageID": img, "volumeID": vol2}]})
+    qemu_io(env, vm_id, "vda", "write -P 0xc3 128k 64k")
+    assert qemu_chain(env, vm_id, "vda")[1] == [vol0, vol1, vol2]
+    # What the VM runs is saved: vm.json says the new chain.
+    assert vol2 in (env.vm_dir(vm_id) / "vm.json").read_text()
+
+    with env.client as c:
+        # Internal merge: vol1 into vol0; vol2 now sits on vol0.
+        merge(c, env, vm_id, img, base=vol0, top=vol1)
+        wait_for(lambda: not vm_jobs(c, vm_id), desc="internal merge")
+        assert qemu_chain(env, vm_id, "vda")[1] == [vol0, vol2]
+        assert disk_info(c, vm_id, "vda")["volumeChain"] == [vol0, vol2]
+        assert env.dom.info(img, vol2)["parent"] == vol0
+        assert env.dom.info(img, vol1)["legality"] == "ILLEGAL"
+        assert reconcile(c, env, img, vol2) == [vol0, vol2]
+        env.dom.delete_volume(img, vol1)  # while the VM runs on the rest of the image
+        assert code_of(lambda: c.call("Volume.getInfo", env.dom.vol_params(img, vol1))) \
+            == 201
+
+        # Active merge with pivot: vol2 into vol0, vol0 the leaf again.
+        merge(c, env, vm_id, img, base=vol0, top=vol2)
+        wait_for(lambda: not vm_jobs(c, vm_id), desc="active merge")
+        root, chain = qemu_chain(env, vm_id, "vda")
+        assert chain == [vol0]
+        vda = disk_info(c, vm_id, "vda")
+        assert vda["volumeID"] == vol0 and vda["volumeChain"] == [vol0]
+        assert vda["format"] == "raw"
+        assert env.dom.info(img, vol0)["voltype"] == "LEAF"
+        assert env.dom.info(img, vol2)["legality"] == "ILLEGAL"
+        assert reconcile(c, env, img, vol0) == [vol0]
+        env.dom.delete_volume(img, vol2)
+    # Every byte of every layer is in the base now, read through the VM.
+    for pattern, offset in ((0xa1, 0), (0xb2, 64 * 1024), (0xc3, 128 * 1024)):
+        qemu_io(env, vm_id, "vda", f"read -P {pattern:#x} {offset} 64k")
+    with env.client as c:
+        assert wait_status(c, vm_id, "Paused")
+
+
+def test_a_failed_snapshot_leaves_every_drive_on_its_leaf(env: VmEnv,
+                                                         vms: list[str]) -> None:
+    img_a, a0 = env.dom.create_volume(size=128 * MiB)
+    img_b, b0 = env.dom.create_volume(size=128 * MiB)
+    vm_id = start_vm(env, vms, [Disk("vda", "virtio", volume=(env.dom.sd, img_a, a0)),
+                                Disk("vdb", "virtio", volume=(env.dom.sd, img_b, b0))])
+    a1 = snapshot_volume(env, img_a, a0, 128 * MiB)
+    with env.client as c:
+        code = code_of(lambda: c.call("VM.snapshot", {"vmID": vm_id, "snapDrives": [
+            {"domainID": env.dom.sd, "imageID": img_a, "volumeID": a1},
+            {"domainID": env.dom.sd, "imageID": img_b, "volumeID": new_id()}]}))
+        assert code == 48
+        for name, vol in (("vda", a0), ("vdb", b0)):
+            assert disk_info(c, vm_id, name)["volumeChain"] == [vol]
+            assert qemu_chain(env, vm_id, name) == (f"{name}-format", [vol])
+    nodes = {n["node-name"] for n in qmp(env, vm_id, "query-named-block-nodes")}
+    assert not any(n.startswith("vda-") and n not in ("vda-format", "vda-storage")
+                   for n in nodes)
+    # The new volume is unused: not prepared; the VM runs on and the volume can go
+    # once it stops (a running VM's image keeps its volumes, but merged-away ones).
+    assert not (env.host.agent.run_dir / "lv" / env.dom.sd / a1).exists()
+    with env.client as c:
+        wait_status(c, vm_id, "Paused")
+        c.call("VM.destroy", {"vmID": vm_id})
+    env.dom.delete_volume(img_a, a1)
+
+
+def test_throttled_merge_progress_abort_and_agent_restart(env: VmEnv,
+                                                          vms: list[str]) -> None:
+    img, vol0 = env.dom.create_volume(size=128 * MiB)
+    vm_id = start_vm(env, vms, [Disk("vda", "virtio", volume=(env.dom.sd, img, vol0))])
+    vol1 = snapshot_volume(env, img, vol0, 128 * MiB)
+    with env.client as c:
+        c.call("VM.snapshot", {"vmID": vm_id, "snapDrives": [
+            {"domainID": env.dom.sd, "imageID": img, "volumeID": vol1}]})
+    qemu_io(env, vm_id, "vda", "write -P 0x5e 0 24M")
+    vol2 = snapshot_volume(env, img, vol1, 128 * MiB)
+    with env.client as c:
+        c.call("VM.snapshot", {"vmID": vm_id, "snapDrives": [
+            {"domainID": env.dom.sd, "imageID": img, "volumeID": vol2}]})
+        # 1 MiB/s: the merge runs long enough to be seen, then is cancelled.
+        job = merge(c, env, vm_id, img, base=vol0, top=vol1, bandwidth=1)
+        seen = wait_for(lambda: vm_jobs(c, vm_id).get(job), desc="vmJobs entry")
+        assert seen["id"] == job and seen["jobType"] == "block"
+        assert seen["blockJobType"] == "commit" and seen["imgUUID"] == img
+        assert seen["bandwidth"] == 1 and int(seen["end"]) > 0
+        c.call("VM.mergeAbort", {"vmID": vm_id, "jobUUID": job})
+        assert job not in vm_jobs(c, vm_id)
+        assert disk_info(c, vm_id, "vda")["volumeChain"] == [vol0, vol1, vol2]
+        assert env.dom.info(img, vol1)["legality"] == "LEGAL"
+        assert code_of(lambda: c.call("VM.mergeAbort", {"vmID": vm_id, "jobUUID": job})) \
+            == 66
+    assert qemu_chain(env, vm_id, "vda")[1] == [vol0, vol1, vol2]
+
+    with env.client as c:
+        job = merge(c, env, vm_id, img, base=vol0, top=vol1, bandwidth=1)
+        wait_for(lambda: vm_jobs(c, vm_id).get(job), desc="vmJobs entry")
+    env.host.agent.kill()  # SIGKILL during the merge
+    env.host.agent.start()
+    with env.client as c:
+        assert job in vm_jobs(c, vm_id)  # found again from vm.json and qemu
+        # Let it run at full speed now (the test's own monitor).
+        qmp(env, vm_id, "block-job-set-speed", {"device": f"merge-{job}", "speed": 0})
+        wait_for(lambda: not vm_jobs(c, vm_id), desc="recovered merge")
+        assert disk_info(c, vm_id, "vda")["volumeChain"] == [vol0, vol2]
+        assert env.dom.info(img, vol2)["parent"] == vol0
+        assert env.dom.info(img, vol1)["legality"] == "ILLEGAL"
+        assert reconcile(c, env, img, vol2) == [vol0, vol2]
+        wait_status(c, vm_id, "Paused")
+    assert qemu_chain(env, vm_id, "vda")[1] == [vol0, vol2]
+    qemu_io(env, vm_id, "vda", "read -P 0x5e 0 24M")
