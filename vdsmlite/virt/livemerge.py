@@ -11,7 +11,9 @@ always has the filename ``<image dir>/<volume UUID>``), and ``block-commit`` nam
 ``top-node`` / ``base-node``. Restart-safe and independent of how the VM started.
 
 The job (``merge-<jobUUID>`` in qemu, ``auto-dismiss`` off, so a job that ends while
-the agent is away is still there to read) is polled every `POLL` seconds: its
+the agent is away is still there to read) is followed with ``query-block-jobs``,
+woken by its QMP events (``JOB_STATUS_CHANGE``, ``BLOCK_JOB_*``) and at least every
+`POLL` seconds: its
 progress is what ``vmJobs`` reports (`MergeJob.info`), so ``VM.getStats`` never waits
 for it. An active commit (top = leaf) is completed (the pivot, ``job-complete``) once
 qemu says it is ``ready``. On success, in this order:
@@ -37,6 +39,7 @@ import dataclasses
 import json
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,12 +52,12 @@ from vdsmlite.storage.image import Image
 from vdsmlite.storage.sd import Domain
 from vdsmlite.virt import qemu
 from vdsmlite.virt.definition import DiskFormat, DiskSpec, VolumeSource
-from vdsmlite.virt.qmp import QmpCommandError, QmpError, QmpSession
+from vdsmlite.virt.qmp import QmpCommandError, QmpError, QmpEvent, QmpSession
 from vdsmlite.virt.snapshot import root_nodes
 
 log = logging.getLogger("vdsmlite.virt.livemerge")
 
-POLL = 0.2  # seconds between two query-block-jobs of a running merge
+POLL = 0.5  # seconds between two query-block-jobs of a running merge (events wake it)
 MiB = 1024 * 1024
 
 
@@ -72,7 +75,9 @@ class MergeJob:
     end: int = 0
     state: str = "running"  # running | ready | pivoting | done | failed | aborting
     error: str = ""
+    pivot_ms: float | None = None  # job-complete sent .. job concluded (active commit)
     task: asyncio.Task[None] | None = field(default=None, repr=False, compare=False)
+    wake: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)
 
     @property
     def qemu_id(self) -> str:
@@ -202,6 +207,17 @@ class Merger:
                 return d
         raise errors.MergeFailed(f"VM {self.vm_id} has no disk {job.drive}")
 
+    def on_event(self, event: QmpEvent) -> None:
+        """A VM event hook: a change of one of our jobs wakes its follower at once
+        (polling alone would add up to `POLL` to the pivot and the end)."""
+        if not (event.name.startswith("BLOCK_JOB_") or event.name == "JOB_STATUS_CHANGE"):
+            return
+        qemu_id = event.data.get("id") or event.data.get("device") or ""
+        if qemu_id.startswith("merge-"):
+            job = self.jobs.get(qemu_id[len("merge-"):])
+            if job is not None:
+                job.wake.set()
+
     def session(self) -> QmpSession:
         s = self._session()
         if s is None:
@@ -277,7 +293,9 @@ class Merger:
 
     async def _track(self, job: MergeJob) -> None:
         completing = False
+        pivot_start = 0.0
         while True:
+            job.wake.clear()
             session = self.session()
             found = next((j for j in await session.execute("query-block-jobs")
                           if j.get("device") == job.qemu_id), None)
@@ -288,6 +306,10 @@ class Merger:
             job.cur, job.end = int(found.get("offset", 0)), int(found.get("len", 0))
             status = found.get("status")
             if status == "concluded":
+                if completing:
+                    job.pivot_ms = (time.monotonic() - pivot_start) * 1000
+                    log.info("VM %s: merge %s pivoted in %.1f ms", self.vm_id, job.id,
+                             job.pivot_ms)
                 if found.get("error") or job.state == "aborting" or \
                         (job.active and not completing and job.cur < job.end):
                     await self._dismiss(session, job)
@@ -299,8 +321,10 @@ class Merger:
                     and job.state != "aborting":
                 job.state = "pivoting"
                 completing = True
+                pivot_start = time.monotonic()
                 await session.execute("job-complete", {"id": job.qemu_id})
-            await asyncio.sleep(POLL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(job.wake.wait(), POLL)
 
     async def _decide_by_chain(self, job: MergeJob) -> None:
         disk = self._disk(job)

@@ -241,6 +241,7 @@ class VmManager:
                 domain=self._disks.domain, jobs=vm.jobs,
                 save=lambda: self._save_async(vm), run_blocking=self._run_blocking,
                 publish=vm.announce)
+            vm.event_hooks.append(vm.merger.on_event)
         merger: livemerge.Merger = vm.merger
         return merger
 
