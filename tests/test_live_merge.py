@@ -12,6 +12,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,25 @@ import pytest
 from fake_storage.children import kill_vms_left_in
 from fake_storage.cluster import SimHost
 from fake_storage.lunfarm import LunFarm
-from tests.storage_helpers import BLANK, MiB, make_block_domain, new_id, unmount_under
-from tests.test_vm import Disk, VmEnv, _destroy_all, code_of, dict_params, qmp, wait_status
+from tests.storage_helpers import (
+    BLANK,
+    DomainUnderTest,
+    MiB,
+    make_block_domain,
+    make_localfs_domain,
+    new_id,
+    unmount_under,
+)
+from tests.test_vm import (
+    Disk,
+    VmEnv,
+    _destroy_all,
+    code_of,
+    dict_params,
+    hotplug_xml,
+    qmp,
+    wait_status,
+)
 from vdsmlite.client import Client
 from vdsmlite.virt.livemerge import _filename
 
@@ -30,8 +48,19 @@ pytestmark = pytest.mark.root
 COW, RAW = 4, 5
 
 
+@dataclass
+class LmEnv(VmEnv):
+    file_dom: DomainUnderTest | None = None
+
+    def domain(self, kind: str) -> DomainUnderTest:
+        if kind == "block":
+            return self.dom
+        assert self.file_dom is not None
+        return self.file_dom
+
+
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmEnv]:
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LmEnv]:
     base = tmp_path_factory.mktemp("lm")
     farm = LunFarm(base / "farm")
     vm_run_dir = Path(tempfile.mkdtemp(prefix="lm-", dir="/tmp"))
@@ -40,8 +69,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmEnv]:
     try:
         host.start()
         dom = make_block_domain(host.agent, farm)
+        file_dom = make_localfs_domain(host.agent, base / "local")
         luns = farm.create(1, "64M")
-        yield VmEnv(host, dom, "", "", luns, vm_run_dir)
+        yield LmEnv(host, dom, "", "", luns, vm_run_dir, file_dom)
     finally:
         _destroy_all(host)
         unmount_under(host.agent.state_dir)
@@ -53,7 +83,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmEnv]:
 
 
 @pytest.fixture
-def vms(env: VmEnv) -> Iterator[list[str]]:
+def vms(env: LmEnv) -> Iterator[list[str]]:
     created: list[str] = []
     yield created
     with env.client as c:
@@ -66,7 +96,7 @@ def vms(env: VmEnv) -> Iterator[list[str]]:
 # --- helpers -----------------------------------------------------------------------------
 
 
-def start_vm(env: VmEnv, vms: list[str], disks: list[Disk]) -> str:
+def start_vm(env: LmEnv, vms: list[str], disks: list[Disk]) -> str:
     vm_id = new_id()
     vms.append(vm_id)
     with env.client as c:
@@ -75,7 +105,7 @@ def start_vm(env: VmEnv, vms: list[str], disks: list[Disk]) -> str:
     return vm_id
 
 
-def qemu_io(env: VmEnv, vm_id: str, dev: str, cmd: str) -> str:
+def qemu_io(env: LmEnv, vm_id: str, dev: str, cmd: str) -> str:
     qdev = f"/machine/peripheral/disk-{dev}/virtio-backend" if dev.startswith("vd") \
         else f"disk-{dev}"
     out: str = qmp(env, vm_id, "human-monitor-command",
@@ -84,8 +114,8 @@ def qemu_io(env: VmEnv, vm_id: str, dev: str, cmd: str) -> str:
     return out
 
 
-def snapshot_volume(env: VmEnv, img: str, parent: str, size: int) -> str:
-    _, vol = env.dom.create_volume(img, size=size, fmt=COW, parent=parent)
+def snapshot_volume(dom: DomainUnderTest, img: str, parent: str, size: int) -> str:
+    _, vol = dom.create_volume(img, size=size, fmt=COW, parent=parent)
     return vol
 
 
@@ -94,7 +124,7 @@ def disk_info(c: Client, vm_id: str, name: str) -> dict[str, Any]:
     return next(d for d in info["devices"] if d.get("name") == name)
 
 
-def qemu_chain(env: VmEnv, vm_id: str, dev: str) -> tuple[str, list[str]]:
+def qemu_chain(env: LmEnv, vm_id: str, dev: str) -> tuple[str, list[str]]:
     """(root node-name, chain base first by filename) of a disk, as qemu runs it."""
     for b in qmp(env, vm_id, "query-block"):
         if f"disk-{dev}" in (b.get("qdev") or ""):
@@ -122,19 +152,19 @@ def vm_jobs(c: Client, vm_id: str) -> dict[str, Any]:
     return jobs
 
 
-def merge(c: Client, env: VmEnv, vm_id: str, img: str, *, base: str, top: str,
+def merge(c: Client, dom: DomainUnderTest, vm_id: str, img: str, *, base: str, top: str,
           bandwidth: int = 0) -> str:
     job = new_id()
-    c.call("VM.merge", {"vmID": vm_id, "drive": {"poolID": BLANK, "domainID": env.dom.sd,
+    c.call("VM.merge", {"vmID": vm_id, "drive": {"poolID": BLANK, "domainID": dom.sd,
                                                  "imageID": img, "volumeID": top},
                         "baseVolUUID": base, "topVolUUID": top, "bandwidth": bandwidth,
                         "jobUUID": job})
     return job
 
 
-def reconcile(c: Client, env: VmEnv, img: str, leaf: str) -> list[str]:
+def reconcile(c: Client, dom: DomainUnderTest, img: str, leaf: str) -> list[str]:
     chain: list[str] = c.call("Image.reconcileVolumeChain", {
-        "storagepoolID": BLANK, "storagedomainID": env.dom.sd, "imageID": img,
+        "storagepoolID": BLANK, "storagedomainID": dom.sd, "imageID": img,
         "leafVolID": leaf})
     return chain
 
@@ -142,16 +172,19 @@ def reconcile(c: Client, env: VmEnv, img: str, leaf: str) -> list[str]:
 # --- tests -------------------------------------------------------------------------------
 
 
-def test_snapshots_then_internal_and_active_merge(env: VmEnv, vms: list[str]) -> None:
-    img, vol0 = env.dom.create_volume(size=128 * MiB)  # raw base
-    vm_id = start_vm(env, vms, [Disk("vda", "virtio", volume=(env.dom.sd, img, vol0)),
+@pytest.mark.parametrize("kind", ["block", "file"])
+def test_snapshots_then_internal_and_active_merge(env: LmEnv, vms: list[str],
+                                                  kind: str) -> None:
+    dom = env.domain(kind)
+    img, vol0 = dom.create_volume(size=128 * MiB)  # raw base
+    vm_id = start_vm(env, vms, [Disk("vda", "virtio", volume=(dom.sd, img, vol0)),
                                 Disk("sda", "scsi", guid=env.luns[0].guid)])
     qemu_io(env, vm_id, "vda", "write -P 0xa1 0 64k")
-    vol1 = snapshot_volume(env, img, vol0, 128 * MiB)
+    vol1 = snapshot_volume(dom, img, vol0, 128 * MiB)
     with env.client as c:
         # The LUN drive is skipped, as VDSM does.
         c.call("VM.snapshot", {"vmID": vm_id, "snapDrives": [
-            {"domainID": env.dom.sd, "imageID": img, "volumeID": vol1,
+            {"domainID": dom.sd, "imageID": img, "volumeID": vol1,
              "baseVolumeID": vol0},
             {"GUID": env.luns[0].guid, "device": "lun"}]})
         vda = disk_info(c, vm_id, "vda")
@@ -161,10 +194,10 @@ def test_snapshots_then_internal_and_active_merge(env: VmEnv, vms: list[str]) ->
     assert chain == [vol0, vol1] and root != "vda-format"
     assert qemu_chain(env, vm_id, "sda")[0] == "sda-format"
     qemu_io(env, vm_id, "vda", "write -P 0xb2 64k 64k")
-    vol2 = snapshot_volume(env, img, vol1, 128 * MiB)
+    vol2 = snapshot_volume(dom, img, vol1, 128 * MiB)
     with env.client as c:
         c.call("VM.snapshot", {"vmID": vm_id, "snapDrives": [
-            {"domainID": env.dom.sd, "imageID": img, "volumeID": vol2}]})
+            {"domainID": dom.sd, "imageID": img, "volumeID": vol2}]})
     qemu_io(env, vm_id, "vda", "write -P 0xc3 128k 64k")
     assert qemu_chain(env, vm_id, "vda")[1] == [vol0, vol1, vol2]
     # What the VM runs is saved: vm.json says the new chain.
@@ -172,29 +205,29 @@ def test_snapshots_then_internal_and_active_merge(env: VmEnv, vms: list[str]) ->
 
     with env.client as c:
         # Internal merge: vol1 into vol0; vol2 now sits on vol0.
-        merge(c, env, vm_id, img, base=vol0, top=vol1)
+        merge(c, dom, vm_id, img, base=vol0, top=vol1)
         wait_for(lambda: not vm_jobs(c, vm_id), desc="internal merge")
         assert qemu_chain(env, vm_id, "vda")[1] == [vol0, vol2]
         assert disk_info(c, vm_id, "vda")["volumeChain"] == [vol0, vol2]
-        assert env.dom.info(img, vol2)["parent"] == vol0
-        assert env.dom.info(img, vol1)["legality"] == "ILLEGAL"
-        assert reconcile(c, env, img, vol2) == [vol0, vol2]
-        env.dom.delete_volume(img, vol1)  # while the VM runs on the rest of the image
-        assert code_of(lambda: c.call("Volume.getInfo", env.dom.vol_params(img, vol1))) \
+        assert dom.info(img, vol2)["parent"] == vol0
+        assert dom.info(img, vol1)["legality"] == "ILLEGAL"
+        assert reconcile(c, dom, img, vol2) == [vol0, vol2]
+        dom.delete_volume(img, vol1)  # while the VM runs on the rest of the image
+        assert code_of(lambda: c.call("Volume.getInfo", dom.vol_params(img, vol1))) \
             == 201
 
         # Active merge with pivot: vol2 into vol0, vol0 the leaf again.
-        merge(c, env, vm_id, img, base=vol0, top=vol2)
+        merge(c, dom, vm_id, img, base=vol0, top=vol2)
         wait_for(lambda: not vm_jobs(c, vm_id), desc="active merge")
         root, chain = qemu_chain(env, vm_id, "vda")
         assert chain == [vol0]
         vda = disk_info(c, vm_id, "vda")
         assert vda["volumeID"] == vol0 and vda["volumeChain"] == [vol0]
         assert vda["format"] == "raw"
-        assert env.dom.info(img, vol0)["voltype"] == "LEAF"
-        assert env.dom.info(img, vol2)["legality"] == "ILLEGAL"
-        assert reconcile(c, env, img, vol0) == [vol0]
-        env.dom.delete_volume(img, vol2)
+        assert dom.info(img, vol0)["voltype"] == "LEAF"
+        assert dom.info(img, vol2)["legality"] == "ILLEGAL"
+        assert reconcile(c, dom, img, vol0) == [vol0]
+        dom.delete_volume(img, vol2)
     # Every byte of every layer is in the base now, read through the VM.
     for pattern, offset in ((0xa1, 0), (0xb2, 64 * 1024), (0xc3, 128 * 1024)):
         qemu_io(env, vm_id, "vda", f"read -P {pattern:#x} {offset} 64k")
@@ -202,13 +235,13 @@ def test_snapshots_then_internal_and_active_merge(env: VmEnv, vms: list[str]) ->
         assert wait_status(c, vm_id, "Paused")
 
 
-def test_a_failed_snapshot_leaves_every_drive_on_its_leaf(env: VmEnv,
+def test_a_failed_snapshot_leaves_every_drive_on_its_leaf(env: LmEnv,
                                                          vms: list[str]) -> None:
     img_a, a0 = env.dom.create_volume(size=128 * MiB)
     img_b, b0 = env.dom.create_volume(size=128 * MiB)
     vm_id = start_vm(env, vms, [Disk("vda", "virtio", volume=(env.dom.sd, img_a, a0)),
                                 Disk("vdb", "virtio", volume=(env.dom.sd, img_b, b0))])
-    a1 = snapshot_volume(env, img_a, a0, 128 * MiB)
+    a1 = snapshot_volume(env.dom, img_a, a0, 128 * MiB)
     with env.client as c:
         code = code_of(lambda: c.call("VM.snapshot", {"vmID": vm_id, "snapDrives": [
             {"domainID": env.dom.sd, "imageID": img_a, "volumeID": a1},
@@ -229,21 +262,21 @@ def test_a_failed_snapshot_leaves_every_drive_on_its_leaf(env: VmEnv,
     env.dom.delete_volume(img_a, a1)
 
 
-def test_throttled_merge_progress_abort_and_agent_restart(env: VmEnv,
+def test_throttled_merge_progress_abort_and_agent_restart(env: LmEnv,
                                                           vms: list[str]) -> None:
     img, vol0 = env.dom.create_volume(size=128 * MiB)
     vm_id = start_vm(env, vms, [Disk("vda", "virtio", volume=(env.dom.sd, img, vol0))])
-    vol1 = snapshot_volume(env, img, vol0, 128 * MiB)
+    vol1 = snapshot_volume(env.dom, img, vol0, 128 * MiB)
     with env.client as c:
         c.call("VM.snapshot", {"vmID": vm_id, "snapDrives": [
             {"domainID": env.dom.sd, "imageID": img, "volumeID": vol1}]})
     qemu_io(env, vm_id, "vda", "write -P 0x5e 0 24M")
-    vol2 = snapshot_volume(env, img, vol1, 128 * MiB)
+    vol2 = snapshot_volume(env.dom, img, vol1, 128 * MiB)
     with env.client as c:
         c.call("VM.snapshot", {"vmID": vm_id, "snapDrives": [
             {"domainID": env.dom.sd, "imageID": img, "volumeID": vol2}]})
         # 1 MiB/s: the merge runs long enough to be seen, then is cancelled.
-        job = merge(c, env, vm_id, img, base=vol0, top=vol1, bandwidth=1)
+        job = merge(c, env.dom, vm_id, img, base=vol0, top=vol1, bandwidth=1)
         seen = wait_for(lambda: vm_jobs(c, vm_id).get(job), desc="vmJobs entry")
         assert seen["id"] == job and seen["jobType"] == "block"
         assert seen["blockJobType"] == "commit" and seen["imgUUID"] == img
@@ -257,7 +290,7 @@ def test_throttled_merge_progress_abort_and_agent_restart(env: VmEnv,
     assert qemu_chain(env, vm_id, "vda")[1] == [vol0, vol1, vol2]
 
     with env.client as c:
-        job = merge(c, env, vm_id, img, base=vol0, top=vol1, bandwidth=1)
+        job = merge(c, env.dom, vm_id, img, base=vol0, top=vol1, bandwidth=1)
         wait_for(lambda: vm_jobs(c, vm_id).get(job), desc="vmJobs entry")
     env.host.agent.kill()  # SIGKILL during the merge
     env.host.agent.start()
@@ -269,7 +302,28 @@ def test_throttled_merge_progress_abort_and_agent_restart(env: VmEnv,
         assert disk_info(c, vm_id, "vda")["volumeChain"] == [vol0, vol2]
         assert env.dom.info(img, vol2)["parent"] == vol0
         assert env.dom.info(img, vol1)["legality"] == "ILLEGAL"
-        assert reconcile(c, env, img, vol2) == [vol0, vol2]
+        assert reconcile(c, env.dom, img, vol2) == [vol0, vol2]
         wait_status(c, vm_id, "Paused")
     assert qemu_chain(env, vm_id, "vda")[1] == [vol0, vol2]
     qemu_io(env, vm_id, "vda", "read -P 0x5e 0 24M")
+
+
+def test_unplug_after_a_snapshot_and_reconcile_without_a_vm(env: LmEnv,
+                                                            vms: list[str]) -> None:
+    dom = env.domain("file")
+    img, vol0 = dom.create_volume(size=128 * MiB)
+    vm_id = start_vm(env, vms, [Disk("sda", "scsi", guid=env.luns[0].guid)])
+    drive = hotplug_xml(vm_id, Disk("sdb", "scsi", volume=(dom.sd, img, vol0)))
+    vol1 = snapshot_volume(dom, img, vol0, 128 * MiB)
+    with env.client as c:
+        c.call("VM.hotplugDisk", {"vmID": vm_id, "params": drive})
+        c.call("VM.snapshot", {"vmID": vm_id, "snapDrives": [
+            {"domainID": dom.sd, "imageID": img, "volumeID": vol1}]})
+        assert qemu_chain(env, vm_id, "sdb")[1] == [vol0, vol1]
+        # Unplugged with every node of it, the snapshot's overlay included.
+        c.call("VM.hotunplugDisk", {"vmID": vm_id, "params": drive})
+        nodes = {n["node-name"] for n in qmp(env, vm_id, "query-named-block-nodes")}
+        assert not any(n.startswith("sdb-") for n in nodes), nodes
+        # No VM runs the image: the chain as the qcow2 headers say.
+        assert reconcile(c, dom, img, vol1) == [vol0, vol1]
+        wait_status(c, vm_id, "Paused")

@@ -369,14 +369,8 @@ class Merger:
             disk.path = str(Path(disk.path).parent / job.base)
             disk.format = DiskFormat.COW if base_format == sc.VolumeFormat.COW \
                 else DiskFormat.RAW
-        job.state = "done"
+        job.state = "done"  # no longer saved; listed in vmJobs until cleaned up
         job.cur = job.end
-        self.jobs.pop(job.id, None)
-        self.finished[job.id] = job
-        await self._save()
-        if dismiss:
-            await self._dismiss(session, job)
-        await self._drop_nodes(session, disk.name, [nodes[v] for v in removed if v in nodes])
 
         def teardown() -> None:
             for vol in reversed(removed):
@@ -386,7 +380,18 @@ class Merger:
                     log.warning("VM %s: cannot tear down merged volume %s: %s",
                                 self.vm_id, vol, e)
 
-        await self._run(teardown)
+        try:
+            await self._save()
+            with contextlib.suppress(QmpError):  # qemu gone meanwhile: nothing to clean
+                if dismiss:
+                    await self._dismiss(session, job)
+                await self._drop_nodes(session, disk.name,
+                                       [nodes[v] for v in removed if v in nodes])
+        finally:
+            # Not the VM's any more (it left the chain): released whatever happens.
+            await self._run(teardown)
+            self.jobs.pop(job.id, None)
+            self.finished[job.id] = job
         log.info("VM %s: merge %s done: disk %s chain %s", self.vm_id, job.id, disk.name,
                  disk.chain)
         self._publish()

@@ -174,6 +174,8 @@ class VmManager:
             launching.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await launching
+        if vm.merger is not None:
+            await vm.merger.close()  # a merge ends with its qemu; nothing to follow
         await vm.destroy()
         if vm.status is not VmStatus.DOWN:
             # It never started (destroyed while launching): nothing watched its exit.
@@ -481,8 +483,10 @@ class VmManager:
     @staticmethod
     def _save(vm: Vm) -> None:
         state: dict[str, Any] = {"definition": vm.defn.to_dict(), "status": str(vm.status)}
-        if vm.jobs:
-            state["jobs"] = [job.to_dict() for job in list(vm.jobs.values())]
+        running = [job.to_dict() for job in list(vm.jobs.values())
+                   if job.state not in ("done", "failed")]
+        if running:
+            state["jobs"] = running
         if vm.status is VmStatus.DOWN:
             state.update(exitCode=vm.exit_code, exitMessage=vm.exit_message)
         write_file_durably(vm.run_dir / DEFINITION, json.dumps(state, indent=1) + "\n")
