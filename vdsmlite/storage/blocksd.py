@@ -278,6 +278,11 @@ class BlockDomain(Domain):
             raise errors.VolumeMetadataWriteError(vol_uuid, "no metadata slot")
         self.write_slot(state.slot, md.to_bytes())
 
+    def _write_volume_metadata(self, state: VolumeState, md: VolumeMetadata) -> None:
+        if state.slot is None:
+            raise errors.VolumeMetadataWriteError(state.uuid, "no metadata slot")
+        self.write_slot(state.slot, md.to_bytes())
+
     def _lv_size(self, req: CreateVolumeRequest) -> int:
         if req.format == sc.VolumeFormat.RAW:
             return req.capacity

@@ -106,16 +106,22 @@ class MergeJob:
 
 async def volume_nodes(session: QmpSession, disk: DiskSpec) -> dict[str, str]:
     """Volume UUID -> the node-name of its format node in qemu, for the disk's chain."""
+    return {vol: node["node-name"] for vol, node in
+            (await volume_node_info(session, disk)).items()}
+
+
+async def volume_node_info(session: QmpSession, disk: DiskSpec) -> dict[str, dict[str, Any]]:
+    """Volume UUID -> its format node as query-named-block-nodes lists it."""
     assert disk.path is not None
     image_dir = os.path.dirname(disk.path)
     wanted = {os.path.join(image_dir, v): v for v in disk.chain}
-    out: dict[str, str] = {}
+    out: dict[str, dict[str, Any]] = {}
     for node in await session.query_named_block_nodes():
         if node.get("drv") not in ("qcow2", "raw"):
             continue
         vol = wanted.get(_filename(node.get("file", "")))
         if vol is not None and vol not in out:
-            out[vol] = node["node-name"]
+            out[vol] = node
     return out
 
 
@@ -240,19 +246,21 @@ class Merger:
             raise errors.InvalidParameter(f"bandwidth {bandwidth}")
         session = self.session()
         dom = self._domain(src.domain_id)
-        above = chain[chain.index(base) + 1:chain.index(top) + 1]
-        try:
-            await self._run(extend_base_if_needed, dom, disk, base, above)
-        except (errors.VdsmError, commands.CommandError, ValueError, KeyError) as e:
-            raise errors.MergeFailed(f"disk {disk.name}: cannot extend base {base}: "
-                                     f"{e}") from e
-        job = MergeJob(id=job_id, drive=disk.name, sd_id=src.domain_id,
-                       img_id=src.image_id, base=base, top=top, bandwidth=bandwidth,
-                       active=top == chain[-1])
-        nodes = await volume_nodes(session, disk)
+        info = await volume_node_info(session, disk)
+        nodes = {vol: node["node-name"] for vol, node in info.items()}
         if base not in nodes or top not in nodes:
             raise errors.MergeFailed(f"disk {disk.name}: qemu does not run {base} and "
                                      f"{top} (nodes {nodes})")
+        if info[base].get("drv") == "qcow2":  # a raw base has all its room already
+            above = chain[chain.index(base) + 1:chain.index(top) + 1]
+            try:
+                await self._run(extend_base_if_needed, dom, disk, base, above)
+            except (errors.VdsmError, commands.CommandError, ValueError, KeyError) as e:
+                raise errors.MergeFailed(f"disk {disk.name}: cannot extend base {base}: "
+                                         f"{e}") from e
+        job = MergeJob(id=job_id, drive=disk.name, sd_id=src.domain_id,
+                       img_id=src.image_id, base=base, top=top, bandwidth=bandwidth,
+                       active=top == chain[-1])
         roots = await root_nodes(session)
         args: dict[str, Any] = {
             "job-id": job.qemu_id, "device": roots[qemu.disk_names(disk.name).device],
@@ -310,19 +318,26 @@ class Merger:
                     job.pivot_ms = (time.monotonic() - pivot_start) * 1000
                     log.info("VM %s: merge %s pivoted in %.1f ms", self.vm_id, job.id,
                              job.pivot_ms)
-                if found.get("error") or job.state == "aborting" or \
-                        (job.active and not completing and job.cur < job.end):
+                # qemu's chain decides, not how the job ended: a cancel that came
+                # too late, or an active commit cancelled once ready (no pivot),
+                # must not be reported otherwise than the VM runs.
+                chain = await qemu_chain(session, self._disk(job))
+                if job.top not in chain and job.base in chain:
+                    await self._finish(job)
+                else:
                     await self._dismiss(session, job)
                     await self._end(job, failed=found.get("error") or "cancelled")
-                else:
-                    await self._finish(job)
                 return
             if status == "ready" and job.active and not completing \
                     and job.state != "aborting":
                 job.state = "pivoting"
                 completing = True
                 pivot_start = time.monotonic()
-                await session.execute("job-complete", {"id": job.qemu_id})
+                try:
+                    await session.execute("job-complete", {"id": job.qemu_id})
+                except QmpCommandError as e:
+                    # Asked already (before an agent restart): it completes anyway.
+                    log.info("VM %s: merge %s: job-complete: %s", self.vm_id, job.id, e)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(job.wake.wait(), POLL)
 
@@ -350,17 +365,16 @@ class Merger:
         # Node names of the merged-away volumes, while qemu still lists them.
         nodes = await volume_nodes(session, disk)
 
-        def metadata() -> str:
-            if child is not None:
-                dom.update_volume(job.img_id, child, parent=job.base)
-            else:
-                dom.update_volume(job.img_id, job.base, voltype=sc.LEAF)
-            for vol in removed:
-                dom.update_volume(job.img_id, vol, legality=sc.ILLEGAL)
-            md = dom.volume(job.img_id, job.base).md
-            return md.format if md is not None else sc.VolumeFormat.COW
-
-        base_format = await self._run(metadata)
+        # The volume above the range first (then the chain is already right), the
+        # merged-away volumes ILLEGAL after; one read of the image for all of it.
+        changes: dict[str, dict[str, object]] = {}
+        if child is not None:
+            changes[child] = {"parent": job.base}
+        changes[job.base] = {} if child is not None else {"voltype": sc.LEAF}
+        for vol in removed:
+            changes[vol] = {"legality": sc.ILLEGAL}
+        written = await self._run(dom.update_volumes, job.img_id, changes)
+        base_format = written[job.base].format
         disk.chain = chain[:b + 1] + chain[t + 1:]
         src = disk.source
         assert isinstance(src, VolumeSource) and disk.path is not None
