@@ -40,7 +40,7 @@ from tests.test_vm import (
     qmp,
     wait_status,
 )
-from vdsmlite.client import Client
+from vdsmlite.client import Client, ServerError
 from vdsmlite.virt.livemerge import _filename
 
 pytestmark = pytest.mark.root
@@ -256,10 +256,36 @@ def test_a_failed_snapshot_leaves_every_drive_on_its_leaf(env: LmEnv,
     # The new volume is unused: not prepared; the VM runs on and the volume can go
     # once it stops (a running VM's image keeps its volumes, but merged-away ones).
     assert not (env.host.agent.run_dir / "lv" / env.dom.sd / a1).exists()
+
+    # Both new volumes exist, but qemu refuses the second drive inside the
+    # transaction (a block job the agent does not know of holds vdb): neither moves.
+    b1 = snapshot_volume(env.dom, img_b, b0, 128 * MiB)
+    target = env.vm_dir(vm_id) / "mirror.raw"
+    qmp(env, vm_id, "drive-mirror", {"job-id": "busy", "device": "vdb-format",
+                                     "target": str(target), "format": "raw",
+                                     "sync": "full", "speed": 1})
+    try:
+        with env.client as c:
+            with pytest.raises(ServerError) as e:
+                c.call("VM.snapshot", {"vmID": vm_id, "snapDrives": [
+                    {"domainID": env.dom.sd, "imageID": img_a, "volumeID": a1},
+                    {"domainID": env.dom.sd, "imageID": img_b, "volumeID": b1}]})
+            assert e.value.code == 48 and "transaction" in str(e.value), e.value
+            for name, vol in (("vda", a0), ("vdb", b0)):
+                assert disk_info(c, vm_id, name)["volumeChain"] == [vol]
+                assert qemu_chain(env, vm_id, name) == (f"{name}-format", [vol])
+    finally:
+        qmp(env, vm_id, "block-job-cancel", {"device": "busy", "force": True})
+    nodes = {n["node-name"] for n in qmp(env, vm_id, "query-named-block-nodes")}
+    assert not any(n.startswith(("vda-", "vdb-")) and not n.endswith(("-format", "-storage"))
+                   for n in nodes), nodes
+    for vol in (a1, b1):
+        assert not (env.host.agent.run_dir / "lv" / env.dom.sd / vol).exists()
     with env.client as c:
         wait_status(c, vm_id, "Paused")
         c.call("VM.destroy", {"vmID": vm_id})
     env.dom.delete_volume(img_a, a1)
+    env.dom.delete_volume(img_b, b1)
 
 
 def test_throttled_merge_progress_abort_and_agent_restart(env: LmEnv,
@@ -306,6 +332,29 @@ def test_throttled_merge_progress_abort_and_agent_restart(env: LmEnv,
         wait_status(c, vm_id, "Paused")
     assert qemu_chain(env, vm_id, "vda")[1] == [vol0, vol2]
     qemu_io(env, vm_id, "vda", "read -P 0x5e 0 24M")
+
+    # An active merge whose job got ready while the agent was away: pivoted at start.
+    qemu_io(env, vm_id, "vda", "write -P 0x6f 1M 8M")
+    with env.client as c:
+        job = merge(c, env.dom, vm_id, img, base=vol0, top=vol2, bandwidth=1)
+        wait_for(lambda: vm_jobs(c, vm_id).get(job), desc="vmJobs entry")
+    env.host.agent.kill()
+    qmp(env, vm_id, "block-job-set-speed", {"device": f"merge-{job}", "speed": 0})
+    wait_for(lambda: [j for j in qmp(env, vm_id, "query-block-jobs")
+                      if j["device"] == f"merge-{job}" and j["status"] == "ready"],
+             desc="job ready")
+    env.host.agent.start()
+    with env.client as c:
+        wait_for(lambda: not vm_jobs(c, vm_id), desc="recovered active merge")
+        vda = disk_info(c, vm_id, "vda")
+        assert vda["volumeID"] == vol0 and vda["volumeChain"] == [vol0]
+        assert env.dom.info(img, vol2)["legality"] == "ILLEGAL"
+        assert env.dom.info(img, vol0)["voltype"] == "LEAF"
+    assert qemu_chain(env, vm_id, "vda")[1] == [vol0]
+    assert not qmp(env, vm_id, "query-block-jobs")
+    qemu_io(env, vm_id, "vda", "read -P 0x5e 0 1M")
+    qemu_io(env, vm_id, "vda", "read -P 0x6f 1M 8M")
+    qemu_io(env, vm_id, "vda", "read -P 0x5e 9M 15M")
 
 
 def test_unplug_after_a_snapshot_and_reconcile_without_a_vm(env: LmEnv,
