@@ -177,16 +177,22 @@ class MigrationInProgress(VdsmError):
     msg = "Command not supported during migration"
 
 
+class SnapshotFailed(VdsmError):
+    """VM.snapshot: the drives stay on their old leaves."""
+
+    code = 48
+    msg = "Snapshot failed"
+
+
 class MergeFailed(VdsmError):
-    """Reserved for VM.merge (virt); nothing raises it yet."""
+    """VM.merge that cannot start (`virt.livemerge`)."""
 
     code = 52
     msg = "Merge failed"
 
 
 class NoSuchJob(VdsmError):
-    """Reserved for VM.merge block jobs (virt): an unknown job id; nothing raises it
-    yet."""
+    """VM.mergeAbort naming a block job the VM does not run."""
 
     code = 66
     msg = "Job does not exist"

@@ -75,6 +75,30 @@ class VmApi:
         disk = requests.parse_hotplug(vmID, params, unplug=True)
         return await self._vms.hotunplug(vmID, disk)
 
+    @verb("VM.snapshot")
+    async def snapshot(self, *, vmID: str, snapDrives: list[dict[str, Any]],
+                       snapMemory: str | None, frozen: bool, jobUUID: str | None,
+                       timeout: int, freeze_timeout: int) -> dict[str, Any]:
+        await self._vms.snapshot(vmID, snapDrives, snapMemory)
+        return {"quiesce": False}
+
+    @verb("VM.merge")
+    async def merge(self, *, vmID: str, drive: dict[str, Any], baseVolUUID: str,
+                    topVolUUID: str, bandwidth: int, jobUUID: str) -> bool:
+        await self._vms.merge(vmID, drive, base=baseVolUUID, top=topVolUUID,
+                             bandwidth=bandwidth, job_id=jobUUID)
+        return True
+
+    @verb("VM.mergeAbort")
+    async def merge_abort(self, *, vmID: str, jobUUID: str) -> bool:
+        await self._vms.merge_abort(vmID, jobUUID)
+        return True
+
+    @verb("Image.reconcileVolumeChain")
+    async def reconcile_volume_chain(self, *, storagepoolID: str, storagedomainID: str,
+                                     imageID: str, leafVolID: str) -> list[str]:
+        return await self._vms.reconcile_chain(storagedomainID, imageID, leafVolID)
+
     @verb("VM.migrate")
     async def migrate(self, *, vmID: str, params: dict[str, Any]) -> bool:
         await self._vms.migrate(vmID, params)

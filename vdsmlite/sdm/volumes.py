@@ -93,8 +93,13 @@ class VolumeService:
     async def delete(self, sd_uuid: str, sp_uuid: str, img_uuid: str, vol_uuid: str, *,
                      post_zero: bool, force: bool) -> str:
         dom = await self.domain(sd_uuid, sp_uuid)
-        self._users.require_unused(ImageKey(sd_uuid, img_uuid), "delete a volume")
-        await self._run_blocking(Image(dom, img_uuid).check_deletable, vol_uuid, force)
+        state = await self._run_blocking(Image(dom, img_uuid).check_deletable, vol_uuid,
+                                         force)
+        if not (state.legality == sc.ILLEGAL and not state.children and
+                state.md is not None):
+            # A running VM's image: only a volume a live merge left out of its chain
+            # (ILLEGAL, nothing above it) may go; a VM never runs an ILLEGAL volume.
+            self._users.require_unused(ImageKey(sd_uuid, img_uuid), "delete a volume")
 
         def work(job: Job) -> None:
             dom.delete_volume(img_uuid, vol_uuid, post_zero=post_zero, force=force,

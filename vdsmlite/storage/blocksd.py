@@ -354,6 +354,11 @@ class BlockDomain(Domain):
             raise errors.VolumeMetadataWriteError(vol_uuid, "no metadata slot")
         self.write_slot(state.slot, md.to_bytes())
 
+    def _write_volume_metadata(self, state: VolumeState, md: VolumeMetadata) -> None:
+        if state.slot is None:
+            raise errors.VolumeMetadataWriteError(state.uuid, "no metadata slot")
+        self.write_slot(state.slot, md.to_bytes())
+
     def _lv_size(self, req: CreateVolumeRequest) -> int:
         if req.format == sc.VolumeFormat.RAW:
             return req.capacity
@@ -514,6 +519,25 @@ class BlockDomain(Domain):
             finally:
                 self._release(vol_uuid)
         return capacity
+
+    def ensure_lv_size(self, img_uuid: str, vol_uuid: str, size: int) -> None:
+        """Grow a volume's LV to at least `size` bytes (its capacity unchanged): the
+        room a live merge needs in its base. An active LV is refreshed under its user."""
+        with self.lock:
+            lv = self.lv(vol_uuid)
+            if lv.tag_value(sc.TAG_IMAGE) != img_uuid:
+                raise errors.VolumeDoesNotExist(vol_uuid)
+            if size <= lv.size:
+                return
+            vg = self.vg()
+            if -(-(size - lv.size) // vg.extent_size) > vg.free_count:
+                raise errors.NoSpaceLeftOnDomain(self.uuid)
+            try:
+                lvm.lvextend(self.uuid, vol_uuid, size, self.devices)
+            except lvm.LVMError as e:
+                raise errors.LogicalVolumeExtendError(self.uuid, vol_uuid, size) from e
+            pe_starts, extent = self.layout()
+            self.activator.refresh(self.lv(vol_uuid), pe_starts, extent, self.devices)
 
     def prepare_volume(self, img_uuid: str, vol_uuid: str) -> Path:
         lv = self.lv(vol_uuid)

@@ -345,6 +345,29 @@ class Domain(ABC):
             self.set_volume_metadata(img_uuid, vol_uuid, md)
             return md
 
+    def update_volumes(self, img_uuid: str,
+                       changes: dict[str, dict[str, object]]) -> dict[str, VolumeMetadata]:
+        """Several volumes of one image changed under one lock and one read of the
+        image (a live merge's chain change), written in the order given."""
+        with self.lock:
+            states = self.volumes(img_uuid)
+            out: dict[str, VolumeMetadata] = {}
+            for vol_uuid, fields in changes.items():
+                state = states.get(vol_uuid)
+                if state is None:
+                    raise errors.VolumeDoesNotExist(vol_uuid)
+                if state.md is None:
+                    raise errors.VolumeMetadataReadError(vol_uuid,
+                                                         state.problem or "no metadata")
+                md = state.md.replace(**fields)
+                self._write_volume_metadata(state, md)
+                out[vol_uuid] = md
+            return out
+
+    def _write_volume_metadata(self, state: VolumeState, md: VolumeMetadata) -> None:
+        """Write `md` for a volume just read as `state` (no second read needed)."""
+        self.set_volume_metadata(state.image, state.uuid, md)
+
     # --- sanlock and health -------------------------------------------------------
 
     @abstractmethod

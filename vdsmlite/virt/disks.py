@@ -99,6 +99,10 @@ class DiskPreparer:
         disk.chain = [s.uuid for s in chain]
         disk.path = str(dom.images_dir() / src.image_id / src.volume_id)
 
+    def domain(self, sd_id: str) -> Domain:
+        """The domain a VM's volume is on (live snapshot and merge)."""
+        return self._domains.get(sd_id)
+
     def _domain(self, src: VolumeSource) -> Domain:
         try:
             dom = self._domains.get(src.domain_id)

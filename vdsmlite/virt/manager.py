@@ -34,8 +34,8 @@ from vdsmlite.client import TlsFiles
 from vdsmlite.fsutil import write_file_durably
 from vdsmlite.ids import parse_uuid
 from vdsmlite.storage.users import StorageUsers
-from vdsmlite.virt import migration, qemu
-from vdsmlite.virt.definition import DiskSpec, VmDefinition
+from vdsmlite.virt import livemerge, migration, qemu, snapshot
+from vdsmlite.virt.definition import DiskSpec, VmDefinition, VolumeSource
 from vdsmlite.virt.disks import DiskPreparer, key_of
 from vdsmlite.virt.leases import VmLeases
 from vdsmlite.virt.vm import ExitReason, Publish, Vm, VmStatus
@@ -174,6 +174,8 @@ class VmManager:
             launching.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await launching
+        if vm.merger is not None:
+            await vm.merger.close()  # a merge ends with its qemu; nothing to follow
         await vm.destroy()
         if vm.status is not VmStatus.DOWN:
             # It never started (destroyed while launching): nothing watched its exit.
@@ -201,6 +203,86 @@ class VmManager:
         await self._run_blocking(self._save, vm)
         await self._run_blocking(self._disks.release, vm_id, [removed])
         return vm.info()
+
+    # --- live snapshot and merge (virt.snapshot, virt.livemerge) ---------------------
+
+    async def snapshot(self, vm_id: str, snap_drives: list[dict[str, Any]],
+                       snap_memory: str | None) -> None:
+        """VM.snapshot: every listed volume drive moves to its new leaf, or none does."""
+        vm = self.get(vm_id)
+        if snap_memory:
+            raise errors.SnapshotFailed("memory snapshots are not supported")
+        requested = snapshot.parse_drives(snap_drives)
+        async with vm.chain_lock:
+            session = vm._require_running()
+            if vm.jobs:
+                raise errors.SnapshotFailed(f"VM {vm_id} has a block job running")
+            drives = []
+            for disk, new_vol in snapshot.match_drives(vm.defn.disks, requested):
+                assert isinstance(disk.source, VolumeSource)
+                dom = await self._run_blocking(self._disks.domain, disk.source.domain_id)
+                drives.append(snapshot.SnapDrive(disk, dom, new_vol))
+            if not drives:
+                return
+            await self._run_blocking(snapshot.prepare, drives)
+            try:
+                await snapshot.switch(session, drives)
+            except BaseException:
+                await self._run_blocking(snapshot.teardown, drives)
+                raise
+            snapshot.commit_definition(drives)
+            await self._run_blocking(self._save, vm)
+        log.info("VM %s: live snapshot of %s", vm_id,
+                 ", ".join(f"{d.disk.name} -> {d.new_vol}" for d in drives))
+        vm.announce()
+
+    def _merger(self, vm: Vm) -> livemerge.Merger:
+        if vm.merger is None:
+            vm.merger = livemerge.Merger(
+                vm_id=vm.id, session=lambda: vm.session, disks=lambda: vm.defn.disks,
+                domain=self._disks.domain, jobs=vm.jobs,
+                save=lambda: self._save_async(vm), run_blocking=self._run_blocking,
+                publish=vm.announce)
+            vm.event_hooks.append(vm.merger.on_event)
+        merger: livemerge.Merger = vm.merger
+        return merger
+
+    async def merge(self, vm_id: str, drive: dict[str, Any], *, base: str, top: str,
+                    bandwidth: int, job_id: str) -> None:
+        vm = self.get(vm_id)
+        disk = next((d for d in vm.defn.disks if isinstance(d.source, VolumeSource)
+                     and d.source.image_id == drive.get("imageID")
+                     and d.source.domain_id == drive.get("domainID")), None)
+        if disk is None:
+            raise errors.MergeFailed(f"VM {vm_id} has no disk of image "
+                                     f"{drive.get('imageID')}")
+        async with vm.chain_lock:
+            vm._require_running()
+            await self._merger(vm).start(disk, base, top, bandwidth, job_id)
+
+    async def merge_abort(self, vm_id: str, job_id: str) -> None:
+        vm = self.get(vm_id)
+        await self._merger(vm).abort(job_id)
+
+    async def reconcile_chain(self, sd_id: str, img_id: str, leaf: str) -> list[str]:
+        """Image.reconcileVolumeChain: the chain as qemu runs it when a VM here runs
+        the image (metadata of volumes left out of it marked ILLEGAL), else the chain
+        as the volumes' qcow2 headers say it."""
+        for vm in self._vms.values():
+            for disk in vm.defn.disks:
+                src = disk.source
+                if isinstance(src, VolumeSource) and src.image_id == img_id and \
+                        src.domain_id == sd_id and vm.session is not None and \
+                        vm.status in (VmStatus.UP, VmStatus.PAUSED):
+                    chain = await livemerge.qemu_chain(vm.session, disk)
+                    if any(j.img_id == img_id for j in vm.jobs.values()):
+                        return chain  # a merge finishing: it fixes the metadata itself
+                    dom = await self._run_blocking(self._disks.domain, sd_id)
+                    await self._run_blocking(livemerge.reconcile_metadata, dom, img_id,
+                                             leaf, chain)
+                    return chain
+        dom = await self._run_blocking(self._disks.domain, sd_id)
+        return list(await self._run_blocking(livemerge.chain_from_headers, dom, img_id, leaf))
 
     # --- live migration (virt.migration) -------------------------------------------------
 
@@ -320,6 +402,7 @@ class VmManager:
                 await migration.recover_source(vm)
             elif saved.get("status") == VmStatus.MIGRATION_DESTINATION:
                 await migration.recover_destination(vm)
+            self._recover_jobs(vm, saved.get("jobs") or [])
             log.info("recovered VM %s (qemu %d): %s", vm.id, process.pid, vm.status)
         for vm in dead:
             # Only what no recovered VM holds: a shared disk stays with the living.
@@ -328,6 +411,19 @@ class VmManager:
                 await self._run_blocking(self._save, vm)
         self.state = ManagerState.READY
         log.info("VM recovery done: %d VMs, %d down", len(self._vms), len(dead))
+
+    def _recover_jobs(self, vm: Vm, saved: list[dict[str, Any]]) -> None:
+        """Merges that ran when the agent stopped: followed again from qemu."""
+        merger = self._merger(vm)
+        for raw in saved:
+            try:
+                job = livemerge.MergeJob.from_dict(raw)
+            except (KeyError, TypeError, ValueError) as e:
+                log.error("VM %s: unreadable saved job %r: %s", vm.id, raw, e)
+                continue
+            vm.jobs[job.id] = job
+            merger.follow(job)
+            log.info("VM %s: following merge %s again", vm.id, job.id)
 
     def _adopt_storage(self, vm: Vm) -> None:
         for disk in vm.defn.disks:
@@ -387,6 +483,10 @@ class VmManager:
     @staticmethod
     def _save(vm: Vm) -> None:
         state: dict[str, Any] = {"definition": vm.defn.to_dict(), "status": str(vm.status)}
+        running = [job.to_dict() for job in list(vm.jobs.values())
+                   if job.state not in ("done", "failed")]
+        if running:
+            state["jobs"] = running
         if vm.status is VmStatus.DOWN:
             state.update(exitCode=vm.exit_code, exitMessage=vm.exit_message)
         write_file_durably(vm.run_dir / DEFINITION, json.dumps(state, indent=1) + "\n")
@@ -403,4 +503,6 @@ class VmManager:
                 vm.migration.task.cancel()
                 await vm.migration.wait()
         for vm in self._vms.values():
+            if vm.merger is not None:
+                await vm.merger.close()  # qemu's jobs go on; found again at start
             await vm.detach()

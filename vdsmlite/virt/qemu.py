@@ -132,6 +132,16 @@ def disk_names(name: str) -> DiskNames:
     return DiskNames(storage=f"{name}-storage", format=f"{name}-format", device=f"disk-{name}")
 
 
+def overlay_names(name: str, vol_uuid: str) -> DiskNames:
+    """The nodes of a volume added under a running disk by a live snapshot: named by
+    the disk and the volume (the first 16 hex digits of its UUID), so every overlay
+    of a qemu's life has its own names (at most 31 characters)."""
+    names = disk_names(name)
+    short = vol_uuid.replace("-", "")[:16]
+    return DiskNames(storage=f"{name}-{short}-s", format=f"{name}-{short}-f",
+                     device=names.device)
+
+
 def root_port_id(n: int) -> str:
     return f"{ROOT_PORT_PREFIX}{n}"
 

@@ -376,11 +376,38 @@ class QmpSession:
                                              "attached") from e
         except QmpError as e:
             raise errors.HotunplugDiskFailed(f"disk {disk.name}: {e}") from e
-        problems = await self._remove_nodes([names.format, names.storage])
+        problems = await self._remove_disk_nodes(disk.name)
         if problems:
             raise errors.HotunplugDiskFailed(f"disk {disk.name}: device removed, but "
                                              f"{'; '.join(problems)}")
         log.info("%s: unplugged disk %s", self.name, disk.name)
+
+    async def _remove_disk_nodes(self, name: str) -> list[str]:
+        """Every node we added for disk `name` (``<name>-...``: its first leaf and the
+        overlays of live snapshots, which keep their backing nodes in use), the ones
+        nothing uses first, until none is left or none can go."""
+        prefix = f"{name}-"
+        problems: list[str] = []
+        while True:
+            try:
+                left = [n["node-name"] for n in await self.query_named_block_nodes()
+                        if str(n.get("node-name", "")).startswith(prefix)]
+            except QmpError as e:
+                return [f"cannot list block nodes: {e}"]
+            if not left:
+                return []
+            removed = False
+            problems = []
+            for node in left:
+                try:
+                    await self.blockdev_del(node)
+                    removed = True
+                except QmpError as e:
+                    problems.append(f"node {node} left: {e}")
+            if not removed:
+                for p in problems:
+                    log.error("%s: %s", self.name, p)
+                return problems
 
     async def _remove_nodes(self, node_names: Any) -> list[str]:
         """blockdev-del each existing node, top first; what could not be removed."""

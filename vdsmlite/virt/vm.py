@@ -87,6 +87,12 @@ class Vm:
         self.migration: Any = None
         self.event_hooks: list[Callable[[QmpEvent], None]] = []
         self.exit_as: tuple[int, str, ExitReason] | None = None
+        # Live merges (virt.livemerge): the block jobs running, by the engine's jobUUID;
+        # set up by the manager (`Merger`), reported as vmJobs.
+        self.jobs: dict[str, Any] = {}
+        self.merger: Any = None
+        # Serialises live snapshots and the start of merges (one chain change at a time).
+        self.chain_lock = asyncio.Lock()
 
     @property
     def pid(self) -> int | None:
@@ -345,6 +351,8 @@ class Vm:
                 log.debug("VM %s: no fresh block stats: %s", self.id, e)
         if self.migration is not None and self.migration.active:
             out["migrationProgress"] = self.migration.progress
+        # Block jobs as VDSM reports them; their progress is kept by their own task.
+        out["vmJobs"] = {job_id: job.info() for job_id, job in self.jobs.items()}
         out["disks"] = {disk.name: {**_disk_info(disk),
                                     **self._last_block_stats.get(disk.name, {})}
                         for disk in self.defn.disks}
