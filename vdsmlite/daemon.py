@@ -1,7 +1,8 @@
 """The vdsmlite daemon: start-up, listeners, signals and an orderly shutdown.
 
 Start-up order: config -> logging -> services -> verb handlers bound to the
-schema -> HTTP application -> listeners (TCP, optionally TLS; unix socket) ->
+schema -> HTTP application and STOMP server -> listeners (TCP, optionally TLS;
+unix socket; each tells HTTP from STOMP by the first bytes) ->
 READY=1. Shutdown on SIGTERM/SIGINT, in the order that loses nothing:
 
 1. STOPPING=1; new calls are refused (3001) while calls in flight continue;
