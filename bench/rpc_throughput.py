@@ -7,11 +7,19 @@ under test the other. Targets alternate over several rounds and medians are
 reported, so machine noise hits both alike.
 
 Target (issue 2): vdsmlite / bare >= 0.7 in calls/s at 64 clients.
+
+STOMP (issue 13): wrk speaks no STOMP, so a second, Python load generator
+(`--load`, run as its own process, raw asyncio protocols, one call in flight
+per connection like wrk) drives the same Host.ping2 over STOMP to vdsmlite and
+over HTTP keep-alive to vdsmlite and to the bare server, in the same run. The
+STOMP ratios compare like with like: STOMP / HTTP (target >= 1.0) and STOMP /
+bare, all measured by that generator.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import re
 import shutil
@@ -19,8 +27,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -64,7 +74,97 @@ def wrk(url: str, clients: int, seconds: float, script: Path) -> tuple[float, fl
     return rate, p50, p99
 
 
+# --- the Python load generator (HTTP keep-alive or STOMP), one call in flight per connection
+
+
+_BODY = json.dumps(REQUEST, separators=(",", ":")).encode()
+_HTTP_REQ = (b"POST /jsonrpc HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+             b"Content-Length: " + str(len(_BODY)).encode() + b"\r\n\r\n" + _BODY)
+# Each connection its own reply-to queue: a reply goes to every subscriber of its queue.
+_STOMP_REQ = (b"SEND\ndestination:jms.topic.vdsm_requests\nreply-to:r%d\n"
+              b"content-type:application/json\ncontent-length:" + str(len(_BODY)).encode()
+              + b"\n\n" + _BODY + b"\0")
+_STOMP_HELLO = (b"CONNECT\naccept-version:1.2\nheart-beat:0,0\n\n\0"
+                b"SUBSCRIBE\ndestination:r%d\nid:1\nack:auto\n\n\0")
+
+
+class _LoadConn(asyncio.Protocol):
+    def __init__(self, kind: str, stats: dict[str, Any], n: int) -> None:
+        self.kind = kind
+        self.stomp_req = _STOMP_REQ % n
+        self.stomp_hello = _STOMP_HELLO % n
+        self.stats = stats
+        self.buf = b""
+        self.sent = 0.0
+        self.transport: Any = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        if self.kind == "stomp":
+            transport.write(self.stomp_hello)
+        self._send()
+
+    def _send(self) -> None:
+        if time.monotonic() >= self.stats["end"]:
+            self.transport.close()
+            return
+        self.sent = time.monotonic()
+        self.transport.write(self.stomp_req if self.kind == "stomp" else _HTTP_REQ)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while True:
+            if self.kind == "stomp":
+                end = self.buf.find(b"\0")
+                if end < 0:
+                    return
+                frame, self.buf = self.buf[:end], self.buf[end + 1:].lstrip(b"\n")
+                if not frame.startswith(b"MESSAGE"):
+                    continue
+            else:
+                head_end = self.buf.find(b"\r\n\r\n")
+                if head_end < 0:
+                    return
+                i = self.buf.find(b"Content-Length: ", 0, head_end)
+                n = int(self.buf[i + 16:self.buf.find(b"\r\n", i)])
+                if len(self.buf) < head_end + 4 + n:
+                    return
+                self.buf = self.buf[head_end + 4 + n:]
+            now = time.monotonic()
+            if now >= self.stats["start"]:
+                self.stats["lat"].append(now - self.sent)
+            self._send()
+
+
+async def _load(kind: str, host: str, port: int, clients: int, seconds: float) -> dict[str, float]:
+    loop = asyncio.get_running_loop()
+    stats: dict[str, Any] = {"start": time.monotonic() + 0.5,
+                             "end": time.monotonic() + 0.5 + seconds, "lat": []}
+    conns = [await loop.create_connection(lambda n=n: _LoadConn(kind, stats, n), host, port)
+             for n in range(clients)]
+    await asyncio.sleep(stats["end"] - time.monotonic() + 0.2)
+    for transport, _ in conns:
+        transport.close()
+    lat = sorted(stats["lat"])
+    return {"rate": len(lat) / seconds, "p50": lat[len(lat) // 2] * 1000,
+            "p99": lat[int(len(lat) * 0.99)] * 1000}
+
+
+def pyload(kind: str, host: str, port: int, clients: int,
+           seconds: float) -> tuple[float, float, float]:
+    out = subprocess.run([sys.executable, __file__, "--load", kind, host, str(port), str(clients),
+                          str(seconds)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"load generator ({kind}, {clients} clients) failed:\n{out.stderr}")
+    r = json.loads(out.stdout)
+    return r["rate"], r["p50"], r["p99"]
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--load":
+        kind, host, port, clients, seconds = sys.argv[2:7]
+        print(json.dumps(asyncio.run(_load(kind, host, int(port), int(clients), float(seconds)))))
+        return
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seconds", type=float, default=5.0, help="per measurement")
     ap.add_argument("--rounds", type=int, default=3)
@@ -86,13 +186,24 @@ def main() -> None:
             for url in targets.values():
                 check(url)
             results: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
+            assert agent.tcp_address is not None
+            bare_port = int(targets["bare-aiohttp"].rsplit(":", 1)[1].split("/")[0])
+            py_targets = {"stomp": ("stomp", *agent.tcp_address),
+                          "http": ("http", *agent.tcp_address),
+                          "bare-http": ("http", "127.0.0.1", bare_port)}
+            py: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
             for clients in (1, 64):
                 for url in targets.values():
                     wrk(url, clients, 1, script)  # warm-up
+                for kind, host, port in py_targets.values():
+                    pyload(kind, host, port, clients, 1)  # warm-up
                 for _ in range(args.rounds):
                     for name, url in targets.items():
                         results.setdefault((name, clients), []).append(
                             wrk(url, clients, args.seconds, script))
+                    for name, (kind, host, port) in py_targets.items():
+                        py.setdefault((name, clients), []).append(
+                            pyload(kind, host, port, clients, args.seconds))
         finally:
             bare.terminate()
             bare.wait(10)
@@ -112,6 +223,21 @@ def main() -> None:
         ratio = rates["vdsmlite"] / rates["bare-aiohttp"]
         target = "  (target >= 0.70)" if clients == 64 else ""
         print(f"{clients:>7} {'ratio':>13} {ratio:>9.2f}{target}")
+
+    print(f"\nrpc_throughput: Host.ping2, STOMP vs HTTP, Python load generator, "
+          f"medians of {args.rounds} x {args.seconds:.0f}s")
+    print(f"{'clients':>7} {'door':>13} {'calls/s':>9} {'p50 ms':>7} {'p99 ms':>7}")
+    for clients in (1, 64):
+        rates = {}
+        for name in py_targets:
+            runs = py[(name, clients)]
+            rates[name] = statistics.median(r[0] for r in runs)
+            p50 = statistics.median(r[1] for r in runs)
+            p99 = statistics.median(r[2] for r in runs)
+            print(f"{clients:>7} {name:>13} {rates[name]:>9.0f} {p50:>7.2f} {p99:>7.2f}")
+        print(f"{clients:>7} {'stomp/http':>13} {rates['stomp'] / rates['http']:>9.2f}"
+              "  (target >= 1.00)")
+        print(f"{clients:>7} {'stomp/bare':>13} {rates['stomp'] / rates['bare-http']:>9.2f}")
 
 
 if __name__ == "__main__":

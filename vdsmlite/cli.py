@@ -9,7 +9,8 @@ at every level lists exactly what the daemon accepts. Values are parsed as
 JSON when they are JSON (numbers, booleans, lists, objects) and taken as
 strings otherwise; the daemon coerces them the same way it coerces the engine's.
 By default the client talks over the daemon's unix socket (from the same config
-the daemon reads); ``--host``/``--port`` and ``--tls-*`` reach it over TCP.
+the daemon reads); ``--host``/``--port`` and ``--tls-*`` reach it over TCP;
+``--stomp`` speaks JSON-RPC over STOMP 1.2 (the engine's door) instead of HTTP.
 
 Exit status: 0 success, 1 the verb failed (error printed as JSON on stderr),
 2 usage error, 3 the daemon could not be reached.
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from vdsmlite import config
-from vdsmlite.client import Client, ClientError, ServerError, TlsFiles
+from vdsmlite.client import Client, ClientError, ServerError, StompClient, TlsFiles
 from vdsmlite.errors import InvalidConfiguration
 from vdsmlite.rpc.schema import Schema, Verb, default_schema
 
@@ -58,6 +59,8 @@ def build_parser(schema: Schema) -> argparse.ArgumentParser:
     conn.add_argument("--tls-cert", type=Path, help="client certificate (TLS)")
     conn.add_argument("--tls-key", type=Path, help="client key (TLS)")
     conn.add_argument("--tls-ca", type=Path, help="CA that signed the daemon's certificate")
+    conn.add_argument("--stomp", action="store_true",
+                      help="speak JSON-RPC over STOMP (as vdsm-client) instead of HTTP")
     conn.add_argument("--timeout", type=float, default=600.0, help="seconds (default 600)")
     top.add_argument("-f", "--file", type=Path,
                      help="read params as a JSON object from FILE ('-' for stdin)")
@@ -94,21 +97,22 @@ def parse_params(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def connect(args: argparse.Namespace) -> Client:
+def connect(args: argparse.Namespace) -> Client | StompClient:
+    kind: Any = StompClient if args.stomp else Client
     if args.host:
         tls = None
         if args.tls_cert or args.tls_key or args.tls_ca:
             if not (args.tls_cert and args.tls_key and args.tls_ca):
                 raise ValueError("--tls-cert, --tls-key and --tls-ca go together")
             tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_ca)
-        return Client.tcp(args.host, args.port, tls, timeout=args.timeout)
+        return kind.tcp(args.host, args.port, tls, timeout=args.timeout)
     path = args.unix
     if path is None:
         cfg = config.load(args.config)
         path = cfg.unix_socket_path
         if path is None:
             raise ValueError("the daemon's config disables the unix socket; use --host")
-    return Client.unix(path, timeout=args.timeout)
+    return kind.unix(path, timeout=args.timeout)
 
 
 def main(argv: list[str] | None = None) -> None:

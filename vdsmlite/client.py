@@ -1,4 +1,5 @@
-"""A small synchronous JSON-RPC client for vdsmlite (HTTP over TCP, TLS or a unix socket).
+"""Small synchronous JSON-RPC clients for vdsmlite: HTTP (`Client`) or STOMP
+(`StompClient`), over TCP, TLS or a unix socket.
 
 Used by `vdsmlite-client`, the tests and the benchmarks::
 
@@ -13,9 +14,12 @@ import itertools
 import json
 import socket
 import ssl
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from vdsmlite.rpc import stomp
 
 
 class ClientError(Exception):
@@ -133,3 +137,130 @@ class Client:
             err = reply["error"]
             raise ServerError(err.get("code", -1), err.get("message", ""), err.get("data"))
         return reply.get("result")
+
+
+class StompClient:
+    """JSON-RPC over STOMP 1.2, as VDSM's own client does it: CONNECT, SUBSCRIBE to a
+    private response queue, SEND requests to ``jms.topic.vdsm_requests`` with
+    ``reply-to`` that queue. Same `call` interface as `Client`."""
+
+    REQUEST_QUEUE = "jms.topic.vdsm_requests"
+
+    def __init__(self, sock_factory: Any, describe: str, timeout: float = 60.0) -> None:
+        self._factory = sock_factory
+        self._sock: socket.socket | None = None
+        self._parser: Any = None
+        self._frames: list[Any] = []
+        self._ids = itertools.count(1)
+        self._timeout = timeout
+        self.response_queue = f"vdsmlite-client.{uuid.uuid4()}"
+        self.address = describe
+
+    @classmethod
+    def unix(cls, path: str | Path, timeout: float = 60.0) -> StompClient:
+        def connect() -> socket.socket:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            try:
+                sock.connect(str(path))
+            except OSError:
+                sock.close()
+                raise
+            return sock
+        return cls(connect, f"stomp+unix://{path}", timeout)
+
+    @classmethod
+    def tcp(cls, host: str, port: int, tls: TlsFiles | None = None,
+            timeout: float = 60.0) -> StompClient:
+        ctx = tls.context() if tls is not None else None
+
+        def connect() -> socket.socket:
+            sock = socket.create_connection((host, port), timeout=timeout)
+            if ctx is not None:
+                try:
+                    return ctx.wrap_socket(sock, server_hostname=host)
+                except (OSError, ssl.SSLError):
+                    sock.close()
+                    raise
+            return sock
+        scheme = "stomp+ssl" if tls else "stomp"
+        return cls(connect, f"{scheme}://{host}:{port}", timeout)
+
+    def _connect(self) -> socket.socket:
+        try:
+            sock = self._factory()
+        except OSError as e:
+            raise ClientError(f"{self.address}: {e}") from e
+        self._sock = sock
+        self._parser = stomp.Parser(max_body=1 << 31)
+        self._frames = []
+        self._send(stomp.encode("CONNECT", {"accept-version": "1.2", "heart-beat": "0,0"}))
+        frame = self._read()
+        if frame.command != "CONNECTED":
+            self.close()
+            raise ClientError(f"{self.address}: {frame.command}: {frame.body[:200]!r}")
+        self._send(stomp.encode("SUBSCRIBE", {"destination": self.response_queue,
+                                              "id": str(uuid.uuid4()), "ack": "auto"}))
+        return sock
+
+    def _send(self, data: bytes) -> None:
+        assert self._sock is not None
+        try:
+            self._sock.sendall(data)
+        except OSError as e:
+            self.close()
+            raise ClientError(f"{self.address}: {e}") from e
+
+    def _read(self) -> Any:
+        while not self._frames:
+            assert self._sock is not None
+            try:
+                data = self._sock.recv(65536)
+            except OSError as e:
+                self.close()
+                raise ClientError(f"{self.address}: {e}") from e
+            if not data:
+                self.close()
+                raise ClientError(f"{self.address}: connection closed by the daemon")
+            self._frames += self._parser.feed(data)
+        return self._frames.pop(0)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def __enter__(self) -> StompClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def call(self, method: str, params: dict[str, Any] | list[Any] | None = None,
+             headers: dict[str, str] | None = None) -> Any:
+        if self._sock is None:
+            self._connect()
+        msg_id = f"{next(self._ids)}"
+        msg: dict[str, Any] = {"jsonrpc": "2.0", "id": msg_id, "method": method}
+        if params is not None:
+            msg["params"] = params
+        self._send(stomp.encode("SEND", {
+            "destination": self.REQUEST_QUEUE, "reply-to": self.response_queue,
+            "content-type": "application/json", **(headers or {})},
+            json.dumps(msg).encode()))
+        while True:
+            frame = self._read()
+            if frame.command == "ERROR":
+                raise ClientError(f"{self.address}: ERROR: {frame.body[:200]!r}")
+            if frame.command != "MESSAGE":
+                continue
+            try:
+                reply = json.loads(frame.body)
+            except ValueError as e:
+                raise ClientError(f"{self.address}: invalid JSON reply: {e}") from e
+            if not isinstance(reply, dict) or reply.get("id") != msg_id:
+                continue  # not ours (e.g. an event)
+            if "error" in reply:
+                err = reply["error"]
+                raise ServerError(err.get("code", -1), err.get("message", ""), err.get("data"))
+            return reply.get("result")

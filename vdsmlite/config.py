@@ -62,6 +62,9 @@ class RpcSection:
     max_request_size: int = 16 * MiB
     # Calls executing at once; more wait for a slot (protects the host from floods).
     max_concurrent_calls: int = 256
+    # Seconds a new connection may take to send its first bytes (protocol detection),
+    # and a STOMP frame may stay incomplete, before the connection is dropped.
+    stall_timeout: float = 30.0
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
@@ -297,6 +300,8 @@ def _validate(cfg: Config) -> None:
         raise InvalidConfiguration("[watchdog] timeout: must be within 2..3600 seconds")
     if r.max_concurrent_calls < 1:
         raise InvalidConfiguration("[rpc] max_concurrent_calls: must be at least 1")
+    if r.stall_timeout <= 0:
+        raise InvalidConfiguration("[rpc] stall_timeout: must be positive")
     tls = (r.tls_cert, r.tls_key, r.tls_ca)
     if any(tls) and not all(tls):
         raise InvalidConfiguration("[rpc] tls_cert, tls_key and tls_ca must be set together")

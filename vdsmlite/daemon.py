@@ -1,7 +1,8 @@
 """The vdsmlite daemon: start-up, listeners, signals and an orderly shutdown.
 
 Start-up order: config -> logging -> services -> verb handlers bound to the
-schema -> HTTP application -> listeners (TCP, optionally TLS; unix socket) ->
+schema -> HTTP application and STOMP server -> listeners (TCP, optionally TLS;
+unix socket; each tells HTTP from STOMP by the first bytes) ->
 READY=1. Shutdown on SIGTERM/SIGINT, in the order that loses nothing:
 
 1. STOPPING=1; new calls are refused (3001) while calls in flight continue;
@@ -28,6 +29,7 @@ import socket
 import ssl
 import sys
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -37,8 +39,10 @@ from vdsmlite.errors import InvalidConfiguration
 from vdsmlite.http.common import StreamDoors
 from vdsmlite.locking.watchdog import WatchdogError
 from vdsmlite.rpc import http as rpc_http
+from vdsmlite.rpc.detect import DetectingProtocol
 from vdsmlite.rpc.dispatch import Dispatcher
 from vdsmlite.rpc.schema import default_schema
+from vdsmlite.rpc.stompserver import StompServer
 from vdsmlite.sdnotify import Notifier
 from vdsmlite.services import Services
 
@@ -77,6 +81,48 @@ def _claim_unix_socket(path: Path) -> None:
     finally:
         probe.close()
     raise StartupError(f"another vdsmlite is already listening on {path}")
+
+
+class _Detecting:
+    """A protocol factory: each connection starts with protocol detection (HTTP or STOMP)."""
+
+    def __init__(self, runner: web.AppRunner, stomp: StompServer, timeout: float) -> None:
+        assert runner.server is not None
+        self._http = runner.server
+        self._stomp = stomp
+        self._timeout = timeout
+
+    def __call__(self) -> DetectingProtocol:
+        return DetectingProtocol(self._http, self._stomp.protocol, self._timeout)
+
+
+class MultiProtocolTCPSite(web.TCPSite):
+    """aiohttp's TCP site, with STOMP detected on the same port (after TLS)."""
+
+    def __init__(self, runner: web.AppRunner, factory: _Detecting, *args: Any,
+                 **kw: Any) -> None:
+        super().__init__(runner, *args, **kw)
+        self._factory = factory
+
+    async def start(self) -> None:
+        self._runner._reg_site(self)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._factory, self._host, self._port, ssl=self._ssl_context,
+            backlog=self._backlog, reuse_address=self._reuse_address,
+            reuse_port=self._reuse_port)
+
+
+class MultiProtocolUnixSite(web.UnixSite):
+    def __init__(self, runner: web.AppRunner, factory: _Detecting, path: str) -> None:
+        super().__init__(runner, path)
+        self._factory = factory
+
+    async def start(self) -> None:
+        self._runner._reg_site(self)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(self._factory, self._path,
+                                                     backlog=self._backlog)
 
 
 def build_app(services: Services) -> tuple[web.Application, Dispatcher]:
@@ -145,8 +191,11 @@ class Daemon:
         runner = web.AppRunner(app, handle_signals=False, access_log=None,
                                shutdown_timeout=cfg.daemon.shutdown_timeout)
         await runner.setup()
+        stomp = StompServer(dispatcher, services.events,
+                            max_request_size=cfg.rpc.max_request_size,
+                            stall_timeout=cfg.rpc.stall_timeout)
         try:
-            await self._listen(runner)
+            await self._listen(runner, _Detecting(runner, stomp, cfg.rpc.stall_timeout))
             if cfg.storage.local_domain is not None:
                 # Calls are answered 99 (initializing) until the local domain is ready.
                 sd = await services.provisioner.ensure_local_domain(cfg.storage.local_domain)
@@ -178,6 +227,7 @@ class Daemon:
                 with contextlib.suppress(Exception):
                     await site.stop()
             await dispatcher.drain(grace=cfg.daemon.shutdown_timeout)
+            stomp.close()
             await rpc_http.close_websockets(app)
             await runner.cleanup()
             await services.close()
@@ -187,11 +237,11 @@ class Daemon:
             await self.notifier.close()
             log.info("vdsmlite stopped")
 
-    async def _listen(self, runner: web.AppRunner) -> None:
+    async def _listen(self, runner: web.AppRunner, factory: _Detecting) -> None:
         cfg = self.cfg
         ssl_ctx = server_ssl_context(cfg)
-        site = web.TCPSite(runner, cfg.rpc.listen, cfg.rpc.port, ssl_context=ssl_ctx,
-                           reuse_address=True, backlog=1024)
+        site = MultiProtocolTCPSite(runner, factory, cfg.rpc.listen, cfg.rpc.port,
+                                    ssl_context=ssl_ctx, reuse_address=True, backlog=1024)
         try:
             await site.start()
         except OSError as e:
@@ -210,7 +260,7 @@ class Daemon:
         path = cfg.unix_socket_path
         if path is not None:
             _claim_unix_socket(path)
-            usite = web.UnixSite(runner, str(path))
+            usite = MultiProtocolUnixSite(runner, factory, str(path))
             await usite.start()
             self._own_socket = path
             # Root (and the admin group) only: the socket is unauthenticated.
