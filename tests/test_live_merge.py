@@ -8,8 +8,6 @@ monitor).
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,9 +16,6 @@ from typing import Any
 
 import pytest
 
-from fake_storage.children import kill_vms_left_in
-from fake_storage.cluster import SimHost
-from fake_storage.lunfarm import LunFarm
 from tests.storage_helpers import (
     BLANK,
     DomainUnderTest,
@@ -28,18 +23,16 @@ from tests.storage_helpers import (
     make_block_domain,
     make_localfs_domain,
     new_id,
-    unmount_under,
 )
 from tests.test_vm import (
     Disk,
     VmEnv,
-    _destroy_all,
     code_of,
     dict_params,
     hotplug_xml,
     qmp,
-    wait_status,
 )
+from tests.vm_helpers import vm_host, wait_status
 from vdsmlite.client import Client, ServerError
 from vdsmlite.virt.livemerge import _filename
 
@@ -62,24 +55,11 @@ class LmEnv(VmEnv):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LmEnv]:
     base = tmp_path_factory.mktemp("lm")
-    farm = LunFarm(base / "farm")
-    vm_run_dir = Path(tempfile.mkdtemp(prefix="lm-", dir="/tmp"))
-    host = SimHost(base / "host", "lmhost", config={
-        "virt": {"run_dir": str(vm_run_dir), "unplug_timeout": 1.0, "debug_monitor": True}})
-    try:
-        host.start()
+    with vm_host(base, "lmhost", unplug_timeout=1.0) as (host, farm, vm_run_dir):
         dom = make_block_domain(host.agent, farm)
         file_dom = make_localfs_domain(host.agent, base / "local")
         luns = farm.create(1, "64M")
         yield LmEnv(host, dom, "", "", luns, vm_run_dir, file_dom)
-    finally:
-        _destroy_all(host)
-        unmount_under(host.agent.state_dir)
-        host.stop()
-        kill_vms_left_in(vm_run_dir)
-        shutil.rmtree(vm_run_dir, ignore_errors=True)
-        problems = farm.destroy()
-        assert not problems, problems
 
 
 @pytest.fixture

@@ -12,9 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +21,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from fake_storage.children import kill_vms_left_in
 from fake_storage.cluster import SimHost
-from fake_storage.lunfarm import FakeLun, LunFarm
+from fake_storage.lunfarm import FakeLun
 from tests.helpers import run
 from tests.storage_helpers import (
     BLANK,
@@ -34,9 +31,8 @@ from tests.storage_helpers import (
     make_block_domain,
     new_id,
     read_direct,
-    unmount_under,
 )
-from tests.vm_helpers import debug_qmp, wait_status
+from tests.vm_helpers import debug_qmp, vm_host, wait_status
 from vdsmlite.client import Client, ServerError
 
 pytestmark = pytest.mark.root
@@ -63,34 +59,12 @@ class VmEnv:
 
 @pytest.fixture(scope="module")
 def vmenv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmEnv]:
-    base = tmp_path_factory.mktemp("vm")
-    farm = LunFarm(base / "farm")
-    # Short: a QMP socket path must fit in 107 bytes.
-    vm_run_dir = Path(tempfile.mkdtemp(prefix="vl-", dir="/tmp"))
-    host = SimHost(base / "host", "vmhost", config={
-        "virt": {"run_dir": str(vm_run_dir), "unplug_timeout": 1.0, "debug_monitor": True}})
-    try:
-        host.start()
+    with vm_host(tmp_path_factory.mktemp("vm"), "vmhost", unplug_timeout=1.0) as (
+            host, farm, vm_run_dir):
         dom = make_block_domain(host.agent, farm)
         img, vol = dom.create_volume(size=512 * MiB)
         luns = farm.create(4, "256M")
         yield VmEnv(host, dom, img, vol, luns, vm_run_dir)
-    finally:
-        _destroy_all(host)
-        unmount_under(host.agent.state_dir)
-        host.stop()
-        kill_vms_left_in(vm_run_dir)
-        shutil.rmtree(vm_run_dir, ignore_errors=True)
-        problems = farm.destroy()
-        assert not problems, problems
-
-
-def _destroy_all(host: SimHost) -> None:
-    if host.agent.proc is None or host.agent.proc.poll() is not None:
-        return
-    with host.agent.client() as c:
-        for vm in c.call("Host.getVMList", {"onlyUUID": True}):
-            c.call("VM.destroy", {"vmID": vm})
 
 
 @pytest.fixture

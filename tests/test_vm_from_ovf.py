@@ -12,8 +12,6 @@ monitor), not against what the agent says it did.
 from __future__ import annotations
 
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +19,8 @@ from typing import Any
 
 import pytest
 
-from fake_storage.children import kill_vms_left_in
 from fake_storage.cluster import SimHost
-from fake_storage.lunfarm import FakeLun, LunFarm
+from fake_storage.lunfarm import FakeLun
 from tests.ovf_helpers import SAMPLES, put_store, sample_id, store_tar
 from tests.storage_helpers import (
     BLANK,
@@ -34,9 +31,8 @@ from tests.storage_helpers import (
     make_block_domain,
     new_id,
     run_task,
-    unmount_under,
 )
-from tests.vm_helpers import debug_qmp, wait_status
+from tests.vm_helpers import debug_qmp, vm_host, wait_status
 from vdsmlite.client import Client, ServerError
 
 pytestmark = pytest.mark.root
@@ -75,13 +71,7 @@ def pointed_here(text: str, sd: str, lun: str) -> str:
 
 @pytest.fixture(scope="module")
 def ovfenv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OvfEnv]:
-    base = tmp_path_factory.mktemp("fromovf")
-    farm = LunFarm(base / "farm")
-    vm_run_dir = Path(tempfile.mkdtemp(prefix="vl-", dir="/tmp"))
-    host = SimHost(base / "host", "ovfhost", config={
-        "virt": {"run_dir": str(vm_run_dir), "debug_monitor": True}})
-    try:
-        host.start()
+    with vm_host(tmp_path_factory.mktemp("fromovf"), "ovfhost") as (host, farm, vm_run_dir):
         dom = make_block_domain(host.agent, farm)
         [lun] = farm.create(1, "64M")
         samples = {}
@@ -99,17 +89,6 @@ def ovfenv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OvfEnv]:
         for sample in samples.values():
             make_disks_of(env, sample.vm_id)
         yield env
-    finally:
-        if host.agent.proc is not None and host.agent.proc.poll() is None:
-            with host.agent.client() as c:
-                for vm in c.call("Host.getVMList", {"onlyUUID": True}):
-                    c.call("VM.destroy", {"vmID": vm})
-        unmount_under(host.agent.state_dir)
-        host.stop()
-        kill_vms_left_in(vm_run_dir)
-        shutil.rmtree(vm_run_dir, ignore_errors=True)
-        problems = farm.destroy()
-        assert not problems, problems
 
 
 def params_of(env: OvfEnv, vm_id: str, **kw: Any) -> dict[str, Any]:

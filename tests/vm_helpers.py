@@ -2,13 +2,52 @@
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from fake_storage.children import kill_vms_left_in
+from fake_storage.cluster import SimHost
+from fake_storage.lunfarm import LunFarm
 from tests.helpers import run
+from tests.storage_helpers import unmount_under
 from vdsmlite.client import Client
 from vdsmlite.virt.qmp import QmpSession
+
+
+@contextlib.contextmanager
+def vm_host(base: Path, name: str, **virt: Any) -> Iterator[tuple[SimHost, LunFarm, Path]]:
+    """A simulated host that runs VMs (debug monitor on, `virt` overriding the rest of
+    ``[virt]``), a LUN farm, and the VMs' run dir; everything is gone afterwards: VMs,
+    mounts, the host, its qemus and the LUNs."""
+    farm = LunFarm(base / "farm")
+    # Short, under /tmp: a QMP socket path must fit in 107 bytes.
+    vm_run_dir = Path(tempfile.mkdtemp(prefix="vl-", dir="/tmp"))
+    host = SimHost(base / "host", name, config={
+        "virt": {"run_dir": str(vm_run_dir), "debug_monitor": True, **virt}})
+    try:
+        host.start()
+        yield host, farm, vm_run_dir
+    finally:
+        destroy_all_vms(host)
+        unmount_under(host.agent.state_dir)
+        host.stop()
+        kill_vms_left_in(vm_run_dir)
+        shutil.rmtree(vm_run_dir, ignore_errors=True)
+        problems = farm.destroy()
+        assert not problems, problems
+
+
+def destroy_all_vms(host: SimHost) -> None:
+    if host.agent.proc is None or host.agent.proc.poll() is not None:
+        return
+    with host.agent.client() as c:
+        for vm in c.call("Host.getVMList", {"onlyUUID": True}):
+            c.call("VM.destroy", {"vmID": vm})
 
 
 def wait_status(c: Client, vm_id: str, wanted: str, timeout: float = 60) -> dict[str, Any]:
