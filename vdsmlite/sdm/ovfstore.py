@@ -25,7 +25,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Generator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,8 +85,21 @@ class OvfService:
     async def upload(self, sd_uuid: str, body: AsyncIterator[bytes], *, length: int | None,
                      job: Job) -> dict[str, Any]:
         """The commit protocol above; returns what was stored."""
+
+        async def given() -> AsyncIterator[bytes]:
+            return body
+
+        return await self._commit(sd_uuid, given, length=length, job=job)
+
+    async def _commit(self, sd_uuid: str, make_body: Callable[[], Awaitable[AsyncIterator[bytes]]],
+                      *, length: int | None, job: Job) -> dict[str, Any]:
+        """The commit protocol, with the archive from `make_body`, called once this
+        host holds the domain's upload lock and SDM lease: an archive derived from the
+        store (an edit) is derived from the newest one, not from one a concurrent
+        commit is overwriting."""
         dom = await self._domain(sd_uuid)
         async with self._image_locks.hold(("ovf", sd_uuid)), self._sdm.hold(dom) as lease:
+            body = await make_body()
             stores = await self._run_blocking(ovfstore.ensure_stores, dom)
             target = ovfstore.pick_target(stores)
             if length is not None and length > target.capacity:
@@ -269,12 +282,18 @@ class OvfService:
             if entity.id != entity_id:
                 raise errors.InvalidParameterException(
                     "ovf", f"OVF is for entity {entity.id}, not {entity_id}")
-        contents = await self.contents(sd_uuid)
-        if ovf is None and (contents is None or entity_id not in contents.entities):
-            raise errors.MissingOvfFileFromVM(entity_id)
-        dom = await self._domain(sd_uuid)
-        members = self._rebuilt_members(dom, sd_uuid, contents, entity_id, ovf)
-        return await self.upload(sd_uuid, self._as_async(members), length=None, job=job)
+
+        async def rebuilt() -> AsyncIterator[bytes]:
+            # Under the upload lock (see `_commit`): two edits racing each other both
+            # land, each on the store the other committed.
+            contents = await self.contents(sd_uuid)
+            if ovf is None and (contents is None or entity_id not in contents.entities):
+                raise errors.MissingOvfFileFromVM(entity_id)
+            dom = await self._domain(sd_uuid)
+            return self._as_async(self._rebuilt_members(dom, sd_uuid, contents, entity_id,
+                                                        ovf))
+
+        return await self._commit(sd_uuid, rebuilt, length=None, job=job)
 
     def _rebuilt_members(self, dom: Domain, sd_uuid: str, contents: StoreContents | None,
                          entity_id: str, ovf: bytes | None
