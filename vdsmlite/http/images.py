@@ -10,7 +10,10 @@ UploadStream / RetrieveImageData commands work unchanged:
   once the data is on storage;
 * GET needs ``Range: bytes=0-<last>`` and answers ``206`` with
   ``content-range: bytes 0-<last>`` (no ``/total``) and ``Task-Id``;
-* errors carry VDSM's JSON ``{"status": {"code": N, "message": ...}}``.
+* errors of the storage operation answer ``500`` with VDSM's JSON
+  ``{"status": {"code": N, "message": ...}}`` and ``Content-Type:
+  application/json`` exactly; refused requests (headers) answer 400/411 as VDSM
+  does, with the same JSON where VDSM sends no body (diagnostics only).
 
 Writes into an OVF_STORE volume are validated as archives while they stream;
 the engine itself flips the store's ``Updated`` flag around the PUT.
@@ -18,6 +21,7 @@ the engine itself flips the store's ``Updated`` flag around the PUT.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 
@@ -35,13 +39,20 @@ _REQUIRED = ("Storage-Pool-Id", "Storage-Domain-Id", "Image-Id")
 
 
 def _error(status: int, code: int, message: str, task_id: str | None = None) -> web.Response:
-    headers = {"Task-Id": task_id} if task_id else None
-    return common.json_error(status, {"status": {"code": code, "message": message}}, headers)
+    # VDSM's Content-Type is exactly "application/json": the engine compares the whole
+    # header, so aiohttp's "; charset=utf-8" must not be added.
+    headers = {"Content-Type": "application/json"}
+    if task_id:
+        headers["Task-Id"] = task_id
+    body = json.dumps({"status": {"code": code, "message": message}}).encode()
+    return web.Response(status=status, body=body, headers=headers)
 
 
 def _from(exc: BaseException, task_id: str | None = None) -> web.Response:
-    status, code, message = common.error_status(exc)
-    return _error(status, code, message, task_id)
+    """What the storage operation refused: VDSM answers every such error with 500 and
+    its status JSON (``_send_error_response``); the code in the JSON says which."""
+    _, code, message = common.error_status(exc)
+    return _error(500, code, message, task_id)
 
 
 def _ids(request: web.Request) -> tuple[str, str, str | None]:
