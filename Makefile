@@ -12,12 +12,24 @@ RUN_ARGS ?=
 # Extra arguments for pytest, e.g. PYTEST_ARGS="-k rpc -x".
 PYTEST_ARGS ?=
 
-# Debian packages. The embedded default (a local file domain) needs qemu-img, and
-# qemu itself for VMs; the test suite drives real LVM, sanlock, qemu, iscsiadm and
-# mount helpers.
-APT_RUN  := qemu-utils qemu-system-x86 util-linux
-APT_TEST := $(APT_RUN) lvm2 sanlock libsanlock-client1 open-iscsi \
-            nfs-common e2fsprogs xfsprogs openssl curl systemd
+# Debian packages, checked against what a minimal Debian 12 (debootstrap minbase, the
+# debian:12 image) lacks and what the code and tests execute or dlopen.
+# - The virtualenv: python3 and python3-venv (minimal Debian has neither; without
+#   python3-venv `python3 -m venv` fails for want of ensurepip). Every dependency in
+#   setup.cfg ships manylinux wheels for CPython 3.11 (cffi, lxml, aiohttp, PyYAML), so
+#   no compiler or python3-dev is needed.
+# - Libraries loaded at run time: libudev1 (pyudev), libblkid1 (blkid.py, cffi),
+#   libsanlock-client1 (locking/sanlock.py, cffi).
+# - The agent runs qemu-img (qemu-utils), qemu-system-x86_64 under systemd-run
+#   (qemu-system-x86, systemd), mount/umount/losetup (mount), and for block and shared
+#   domains LVM (lvm2), sanlock, mkfs -t ext3 for the master LV (util-linux, e2fsprogs),
+#   iscsiadm (open-iscsi) and mount.nfs (nfs-common).
+# - The tests also run qemu-io (qemu-utils), mkfs.ext4 (e2fsprogs), blkid, lsblk,
+#   findmnt, setpriv, unshare (util-linux), openssl and curl.
+APT_BASE := python3 python3-venv libudev1 libblkid1 util-linux mount
+APT_RUN  := $(APT_BASE) qemu-utils qemu-system-x86 systemd lvm2 sanlock \
+            libsanlock-client1 e2fsprogs
+APT_TEST := $(APT_RUN) open-iscsi nfs-common openssl curl
 # Benchmarks also need a load generator faster than the servers it measures.
 APT_BENCH := $(APT_TEST) wrk
 

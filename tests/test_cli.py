@@ -46,6 +46,19 @@ def test_call_over_explicit_socket_and_tcp(shared_agent: Agent) -> None:
     assert json.loads(out.stdout) == {}
 
 
+def test_port_alone_means_tcp_on_localhost(shared_agent: Agent) -> None:
+    """`--port N` without --host is the TCP port on this machine, not the unix socket
+    of a config that may not exist."""
+    assert shared_agent.tcp_address is not None
+    _, port = shared_agent.tcp_address
+    out = cli("--port", str(port), "Host", "ping2")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) is True
+    out = cli("--unix", str(shared_agent.unix_socket), "--port", str(port), "Host", "ping2")
+    assert out.returncode == 2
+    assert "--unix goes alone" in out.stderr
+
+
 def test_verb_error_is_json_on_stderr_with_exit_1(shared_agent: Agent) -> None:
     task = str(uuid.uuid4())
     out = cli("--unix", str(shared_agent.unix_socket), "Task", "getStatus", f"taskID={task}")

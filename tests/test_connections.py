@@ -87,10 +87,13 @@ def test_localfs_links_the_directory(agent: Agent, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("path", "code"), [
-    ("/nonexistent/dir", 453),
-    ("relative/dir", 453),
-    ("/tmp/../etc", 453),
-    ("/", 453),
+    # VDSM (storageServer.LocalDirectoryConnection.checkTarget) answers 1000
+    # (InvalidParameterException) for a path that is not a directory; "/" and
+    # un-normalized paths it would link, vdsmlite refuses with the same code.
+    ("/nonexistent/dir", 1000),
+    ("relative/dir", 1000),
+    ("/tmp/../etc", 1000),
+    ("/", 1000),
 ])
 def test_localfs_bad_paths(shared_agent: Agent, path: str, code: int) -> None:
     agent = shared_agent
@@ -101,7 +104,7 @@ def test_localfs_bad_paths(shared_agent: Agent, path: str, code: int) -> None:
 def test_localfs_file_is_not_a_directory(shared_agent: Agent, tmp_path: Path) -> None:
     f = tmp_path / "afile"
     f.write_text("x")
-    assert connect(shared_agent, LOCALFS, {"id": str(uuid.uuid4()), "connection": str(f)}) == [469]
+    assert connect(shared_agent, LOCALFS, {"id": str(uuid.uuid4()), "connection": str(f)}) == [1000]
 
 
 # --- posixfs ---------------------------------------------------------------------
@@ -240,8 +243,17 @@ def test_nfs_options_follow_vdsm() -> None:
     c = connections.parse(NFS, {**base, "protocol_version": "4.2", "retrans": "6",
                                 "timeout": "600", "mnt_options": "sec=krb5"}, repo)
     assert c.options == "soft,nosharecache,timeo=600,retrans=6,nfsvers=4,minorversion=2,sec=krb5"
+    # VDSM's _connectionDict2ConnectionInfo: no protocol_version means "3"; a v3 or
+    # negotiated mount gets "nolock" after the engine's options unless they say lock.
     c = connections.parse(NFS, {**base, "protocol_version": "auto"}, repo)
-    assert c.options == "soft,nosharecache,timeo=100,retrans=3"
+    assert c.options == "soft,nosharecache,timeo=100,retrans=3,nolock"
+    c = connections.parse(NFS, base, repo)
+    assert c.options == "soft,nosharecache,timeo=100,retrans=3,nfsvers=3,nolock"
+    c = connections.parse(NFS, {**base, "mnt_options": "lock,sec=sys"}, repo)
+    assert c.options == "soft,nosharecache,timeo=100,retrans=3,nfsvers=3,lock,sec=sys"
+    c = connections.parse(NFS, {**base, "protocol_version": "4.1", "mnt_options": "nolock"},
+                          repo)
+    assert c.options == "soft,nosharecache,timeo=100,retrans=3,nfsvers=4,minorversion=1,nolock"
     c = connections.parse(NFS, {**base, "connection": "[fd00::1]:/export"}, repo)
     assert c.path == "/rhev/data-center/mnt/[fd00::1]:_export"
     with pytest.raises(StorageDomainIllegalRemotePath):

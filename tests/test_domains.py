@@ -50,7 +50,12 @@ def test_localfs_domain_layout(env: StorageEnv, tmp_path: Path) -> None:
     a = env.agent()
     d = make_localfs_domain(a, tmp_path / "data")
     dom_dir = tmp_path / "data" / d.sd
-    assert sorted(os.listdir(dom_dir / "dom_md")) == ["ids", "leases", "metadata", "xleases"]
+    # As VDSM's fileSD._prepareMetadata: every special volume of a V4+ domain
+    # (sd.SPECIAL_VOLUMES_V4), mailboxes included, on localfs too.
+    assert sorted(os.listdir(dom_dir / "dom_md")) == [
+        "ids", "inbox", "leases", "metadata", "outbox", "xleases"]
+    for mailbox in ("inbox", "outbox"):
+        assert (dom_dir / "dom_md" / mailbox).stat().st_size == 16 * MiB
     assert (dom_dir / "images").is_dir()
     assert not [p for p in (tmp_path / "data").iterdir() if p.name.startswith(".")]
     lines = (dom_dir / "dom_md" / "metadata").read_text().splitlines()

@@ -9,7 +9,8 @@ at every level lists exactly what the daemon accepts. Values are parsed as
 JSON when they are JSON (numbers, booleans, lists, objects) and taken as
 strings otherwise; the daemon coerces them the same way it coerces the engine's.
 By default the client talks over the daemon's unix socket (from the same config
-the daemon reads); ``--host``/``--port`` and ``--tls-*`` reach it over TCP;
+the daemon reads); ``--host``/``--port`` and ``--tls-*`` reach it over TCP (a
+port alone means TCP on localhost);
 ``--stomp`` speaks JSON-RPC over STOMP 1.2 (the engine's door) instead of HTTP.
 
 Exit status: 0 success, 1 the verb failed (error printed as JSON on stderr),
@@ -29,6 +30,8 @@ from vdsmlite import config
 from vdsmlite.client import Client, ClientError, ServerError, StompClient, TlsFiles
 from vdsmlite.errors import InvalidConfiguration
 from vdsmlite.rpc.schema import Schema, Verb, default_schema
+
+DEFAULT_PORT = 54321
 
 
 def _param_help(verb: Verb) -> str:
@@ -55,7 +58,8 @@ def build_parser(schema: Schema) -> argparse.ArgumentParser:
     conn.add_argument("--config", type=Path, help="daemon config to find the unix socket in")
     conn.add_argument("--unix", type=Path, help="unix socket path (default: from the config)")
     conn.add_argument("--host", help="connect over TCP to this host instead of the unix socket")
-    conn.add_argument("--port", type=int, default=54321, help="TCP port (default 54321)")
+    conn.add_argument("--port", type=int, default=None,
+                      help="TCP port (default 54321); given alone: TCP on localhost")
     conn.add_argument("--tls-cert", type=Path, help="client certificate (TLS)")
     conn.add_argument("--tls-key", type=Path, help="client key (TLS)")
     conn.add_argument("--tls-ca", type=Path, help="CA that signed the daemon's certificate")
@@ -99,13 +103,17 @@ def parse_params(pairs: list[str]) -> dict[str, Any]:
 
 def connect(args: argparse.Namespace) -> Client | StompClient:
     kind: Any = StompClient if args.stomp else Client
-    if args.host:
+    if args.unix is not None and (args.host or args.port is not None):
+        raise ValueError("--unix goes alone; --host/--port mean TCP")
+    if args.host or args.port is not None:
+        host = args.host or "localhost"
+        port = DEFAULT_PORT if args.port is None else args.port
         tls = None
         if args.tls_cert or args.tls_key or args.tls_ca:
             if not (args.tls_cert and args.tls_key and args.tls_ca):
                 raise ValueError("--tls-cert, --tls-key and --tls-ca go together")
             tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_ca)
-        return kind.tcp(args.host, args.port, tls, timeout=args.timeout)
+        return kind.tcp(host, port, tls, timeout=args.timeout)
     path = args.unix
     if path is None:
         cfg = config.load(args.config)

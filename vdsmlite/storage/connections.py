@@ -62,7 +62,7 @@ _KINDS: dict[int, str] = {
 
 _VFS_RE = re.compile(r"^[a-z0-9_.]{1,32}$")
 _OPTIONS_RE = re.compile(r"^[A-Za-z0-9_.=,:/@+-]{0,1024}$")
-_NFS_VERSIONS = {"3": "nfsvers=3,nolock", "4": "nfsvers=4", "4.0": "nfsvers=4,minorversion=0",
+_NFS_VERSIONS = {"3": "nfsvers=3", "4": "nfsvers=4", "4.0": "nfsvers=4,minorversion=0",
                  "4.1": "nfsvers=4,minorversion=1", "4.2": "nfsvers=4,minorversion=2",
                  "auto": "", "": ""}
 
@@ -213,7 +213,9 @@ def parse(domain_type: int, params: dict[str, Any], repository: Path) -> Connect
         raw = _get(params, "connection")
         path = normalize_abs(raw)
         if path is None or path == "/":
-            raise errors.StorageServerValidationError(raw)
+            # VDSM's only refusal of a local path is LocalDirectoryConnection.checkTarget's
+            # InvalidParameterException (1000); it would link "/" or "/a/../b", we do not.
+            raise errors.InvalidParameterException("path", f"{raw} (not a directory)")
         return Connection(cid, kind, remote=path,
                           path=_mount_dir(repository, mount.transform_path(path)))
 
@@ -228,7 +230,9 @@ def parse(domain_type: int, params: dict[str, Any], repository: Path) -> Connect
     if kind == "nfs":
         if remote.startswith("/"):
             raise errors.StorageDomainIllegalRemotePath(raw)
-        version = _get(params, "protocol_version", "auto").strip() or "auto"
+        # storageServer._connectionDict2ConnectionInfo: no protocol_version is "3";
+        # "auto" (or "") lets the kernel negotiate.
+        version = str(params.get("protocol_version", "3")).strip()
         if version not in _NFS_VERSIONS:
             raise errors.InvalidParameterException("protocol_version", version)
         try:
@@ -237,11 +241,15 @@ def parse(domain_type: int, params: dict[str, Any], repository: Path) -> Connect
         except ValueError as e:
             raise errors.InvalidParameterException("retrans/timeout", params.get("retrans")) \
                 from e
+        # NFSConnection.__init__: defaults, nfsvers[,minorversion], the engine's options,
+        # then "nolock" for a v3 or negotiated ("auto") mount unless they say lock/nolock.
         opts = ["soft", "nosharecache", f"timeo={timeo}", f"retrans={retrans}"]
         if _NFS_VERSIONS[version]:
             opts.append(_NFS_VERSIONS[version])
-        if user_options:
-            opts.append(user_options)
+        extra = [o for o in user_options.split(",") if o]
+        opts += extra
+        if version in ("3", "auto") and "lock" not in extra and "nolock" not in extra:
+            opts.append("nolock")
         return Connection(cid, kind, remote=remote, vfs_type="nfs", options=",".join(opts),
                           path=_mount_dir(repository, mount.transform_path(remote)))
     vfs_type = _get(params, "vfs_type").strip()
@@ -417,10 +425,10 @@ def _remove_dir(path: Path) -> None:
 
 def _link_local(conn: Connection) -> None:
     target = Path(conn.remote)
-    if not target.exists():
-        raise errors.StorageServerValidationError(conn.remote)
     if not target.is_dir():
-        raise errors.StorageServerLocalNotDirError(conn.remote)
+        # storageServer.LocalDirectoryConnection.checkTarget: missing or not a directory
+        # is InvalidParameterException('path', path, "not a directory"), status 1000.
+        raise errors.InvalidParameterException("path", f"{conn.remote} (not a directory)")
     if not os.access(target, os.R_OK | os.W_OK | os.X_OK):
         raise errors.StorageServerAccessPermissionError(conn.remote)
     link = Path(conn.path)

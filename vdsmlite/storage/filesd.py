@@ -360,7 +360,10 @@ def create_file_domain(
         md_dir = work / sc.DOMAIN_META_DATA
         md_dir.mkdir(parents=True, mode=0o755)
         (work / sc.DOMAIN_IMAGES).mkdir(mode=0o755)
-        files = [sc.IDS, sc.LEASES, sc.XLEASES] + ([] if local else [sc.INBOX, sc.OUTBOX])
+        # VDSM's fileSD._prepareMetadata makes every special volume of a V4+ domain
+        # (sd.SPECIAL_VOLUMES_V4), localfs included: ids/leases/xleases empty, the
+        # mailboxes 16 MiB (FILE_SPECIAL_VOLUME_SIZES_MIB).
+        files = [sc.IDS, sc.LEASES, sc.XLEASES, sc.INBOX, sc.OUTBOX]
         for fname in files:
             fd = os.open(md_dir / fname, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
                          sc.FILE_VOLUME_PERMISSIONS)

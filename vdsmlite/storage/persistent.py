@@ -7,7 +7,9 @@ The format is VDSM's, so either agent can read a domain the other wrote:
   ``PV10``: sorting the joined strings would put ``PV10=`` first, since ``0``
   sorts before ``=``), concatenated without separators, encoded as ASCII with
   XML character references for anything else;
-* a file domain keeps the pairs as sorted lines in ``dom_md/metadata``;
+* a file domain keeps the pairs as sorted lines in ``dom_md/metadata``, encoded as
+  UTF-8 (``fileSD.FileMetadataRW``), the checksum line last; a value is kept as
+  written, surrounding spaces included (``persistent._parse_lines`` strips keys only);
 * a block domain keeps them as VG tags ``MDT_<KEY>=<VALUE>``, where characters
   LVM does not allow in tags are written as ``&<ord>&``.
 
@@ -83,22 +85,26 @@ def _string_order_checksum(md: Mapping[str, str]) -> str:
 
 def dump_lines(md: Mapping[str, str]) -> bytes:
     sealed = seal(md)
-    body = "".join(f"{k}={v}\n" for k, v in sorted(sealed.items()))
-    return body.encode("ascii", "xmlcharrefreplace")
+    cksum = sealed.pop(CHECKSUM_KEY)
+    lines = [f"{k}={v}" for k, v in sorted(sealed.items())] + [f"{CHECKSUM_KEY}={cksum}"]
+    return "".join(line + "\n" for line in lines).encode("utf-8")
 
 
 def parse_lines(data: bytes) -> dict[str, str]:
-    """KEY=VALUE lines (stopping at NUL padding) -> verified dict."""
-    text = data.split(b"\0", 1)[0].decode("ascii", errors="replace")
+    """KEY=VALUE lines (stopping at NUL padding) -> verified dict, read as VDSM does:
+    UTF-8 text, the key stripped, the value as written."""
+    try:
+        text = data.split(b"\0", 1)[0].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise errors.MetaDataGeneralError(f"metadata is not UTF-8: {e}") from e
     md: dict[str, str] = {}
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line:
+    for line in text.splitlines():
+        if not line.strip():
             continue
         key, sep, value = line.partition("=")
         if not sep:
             raise errors.MetaDataGeneralError(f"malformed metadata line {line!r}")
-        md[key] = value
+        md[key.strip()] = value
     return verify(md)
 
 
