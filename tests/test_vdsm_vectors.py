@@ -2,9 +2,10 @@
 
 vdsmlite must read what VDSM wrote and write bytes VDSM's parser accepts. Where VDSM's
 tests hold literal bytes we compare with them; where they do not (a block domain's VG
-tags, a live volume's slot) we parse what vdsmlite wrote with a transcription of VDSM's
-reader, quoted from lib/vdsm/storage/{persistent,blockSD,fileSD,volumemetadata}.py at the
-commit named in SOURCES.md.
+tags, a live volume's slot) we parse what vdsmlite wrote with a small model of VDSM's
+reader and writer, written for this test from the rules in
+lib/vdsm/storage/{persistent,blockSD,fileSD,volumemetadata}.py at the commit named in
+SOURCES.md (its own code is not copied here), and independent of vdsmlite's.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def vector(name: str) -> bytes:
     return (VECTORS / name).read_bytes()
 
 
-# --- VDSM's reader and writer, transcribed -----------------------------------------------
+# --- VDSM's reader and writer, modelled --------------------------------------------------
 # persistent.py: _dump_lines, _calc_checksum, _parse_lines, PersistentDict._refresh
 # (checksum over _dump_lines of the parsed dict, without _SHA_CKSUM) and _flush
 # (checksum line appended last); fileSD.py FileMetadataRW (UTF-8, rstrip NUL,
