@@ -86,6 +86,8 @@ def test_spm_holds_the_master_lease_from_start_to_stop(pool: Pool) -> None:
     on_a = pool.status(a)
     assert on_a["spmId"] == 1 and on_a["spmStatus"] == "SPM" and on_a["spmLver"] >= 1
     assert pool.status(b) == {**on_a, "spmStatus": "Free"}
+    info = call(b.agent, "StoragePool.getInfo", storagepoolID=sp)["info"]
+    assert (info["spm_id"], info["lver"]) == (1, on_a["spmLver"])
     held = sdm_line(a, pool.dom.sd)
     assert held is not None and held.split()[1].endswith(f":{on_a['spmLver']}")
     # A second start on the SPM, or leaving the pool while SPM, is a client error.

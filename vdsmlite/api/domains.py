@@ -162,4 +162,13 @@ class DomainsApi:
 
     @verb("StoragePool.getInfo")
     async def pool_info(self, *, storagepoolID: str) -> dict[str, Any]:
-        return await self._pools.info(storagepoolID)
+        info = await self._pools.info(storagepoolID)
+        if info["info"].get("pool_status") == "connected":
+            # As VDSM's memory backend: the SPM's id and lver from the lease on storage.
+            try:
+                spm = await self._spm.status(storagepoolID)
+            except errors.VdsmError:
+                pass
+            else:
+                info["info"].update(spm_id=spm["spmId"], lver=spm["spmLver"])
+        return info
