@@ -425,7 +425,8 @@ class StoragePoolUnknown(StorageException):
 
 
 class StoragePoolNotConnected(StorageException):
-    """An SPM verb for a pool this host does not serve (StoragePool.connect first)."""
+    """Reserved for SPM and pool verbs called before StoragePool.connect (they raise
+    StoragePoolUnknown, 309, as VDSM's getPool does); nothing raises it yet."""
 
     code = 313
     msg = "Storage pool not connected"

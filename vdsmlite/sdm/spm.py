@@ -98,10 +98,15 @@ class SpmService:
         async def body(job: Job) -> None:
             try:
                 await self._acquire(role, master, prev_id, prev_lver, dom_version)
-            except BaseException:
+            except BaseException as e:
                 await role.stack.aclose()
                 if self._roles.get(sp_uuid) is role:
                     del self._roles[sp_uuid]
+                if isinstance(e, Exception) and not isinstance(e, errors.VdsmError):
+                    # VDSM's default exception of the spmStart task.
+                    raise errors.SpmStartError(
+                        f"spUUID={sp_uuid}, prevID={prev_id}, prevLVER={prev_lver}, "
+                        f"maxHostID={max_host_id}, domVersion={dom_version}: {e}") from e
                 raise
 
         role.job = self._jobs.start(body, description=f"spmStart of pool {sp_uuid}",
