@@ -106,6 +106,9 @@ class SanlockSection:
     # Seconds a metadata change waits for the domain's SDM lease while another
     # host holds it, before failing with 651.
     lease_timeout: float = 30.0
+    # Seconds a metadata change (or StoragePool.spmStart) waits for this host's join of
+    # the domain's lockspace when one is in progress (VDSM: 180, ACQUIRE_HOST_ID_TIMEOUT).
+    host_id_timeout: float = 180.0
     # Seconds between domain monitor cycles (VDSM: [irs] sd_health_check_delay).
     monitor_interval: float = 10.0
 
@@ -287,8 +290,10 @@ def _validate(cfg: Config) -> None:
         raise InvalidConfiguration("[storage] ovf_parser_memory_mib: must be at least 256")
     if not 1 <= cfg.sanlock.io_timeout <= 300:
         raise InvalidConfiguration("[sanlock] io_timeout: must be within 1..300 seconds")
-    if cfg.sanlock.lease_timeout < 0 or cfg.sanlock.monitor_interval <= 0:
-        raise InvalidConfiguration("[sanlock] lease_timeout and monitor_interval: "
+    if cfg.sanlock.lease_timeout < 0 or cfg.sanlock.monitor_interval <= 0 or \
+            cfg.sanlock.host_id_timeout < 0:
+        raise InvalidConfiguration("[sanlock] lease_timeout, host_id_timeout and "
+                                   "monitor_interval: "
                                    "must be positive")
     w = cfg.watchdog
     if w.backend not in ("device", "emulated", "none"):

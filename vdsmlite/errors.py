@@ -425,8 +425,8 @@ class StoragePoolUnknown(StorageException):
 
 
 class StoragePoolNotConnected(StorageException):
-    """Reserved for SPM and pool verbs called before StoragePool.connect; nothing
-    raises it yet."""
+    """Reserved for SPM and pool verbs called before StoragePool.connect (they raise
+    StoragePoolUnknown, 309, as VDSM's getPool does); nothing raises it yet."""
 
     code = 313
     msg = "Storage pool not connected"
@@ -485,6 +485,13 @@ class StorageDomainNotInPool(_Fields):
 
     def __init__(self, domain: str, pool: str) -> None:
         super().__init__(domain, pool)
+
+
+class StorageDomainMasterError(StorageException):
+    """StoragePool.getSpmStatus cannot read the master domain's SDM lease."""
+
+    code = 355
+    msg = "Error validating master storage domain"
 
 
 class StorageDomainDoesNotExist(StorageException):
@@ -578,6 +585,23 @@ class CannotFormatAttachedStorageDomain(StorageException):
 class UnsupportedDomainVersion(StorageException):
     code = 394
     msg = "Domain version is unsupported by this version of VDSM"
+
+
+class CurrentVersionTooAdvancedError(StorageException):
+    """StoragePool.spmStart with a domVersion older than the master domain's."""
+
+    code = 395
+    msg = "Current domain version is too advanced"
+
+    def __init__(self, sd_uuid: str, cur_ver: int, exp_ver: int) -> None:
+        super().__init__(sd_uuid, cur_ver, exp_ver)
+        self.value = ""
+
+    @property
+    def message(self) -> str:
+        sd_uuid, cur_ver, exp_ver = self.args
+        return (f"Current domain `{sd_uuid}` version is too advanced, "
+                f"expected `{exp_ver}` and found `{cur_ver}`")
 
 
 class NoSpaceLeftOnDomain(StorageException):
@@ -808,11 +832,32 @@ class LeaseLost(StorageException):
     http_status = 409
 
 
+class SpmStartError(StorageException):
+    """StoragePool.spmStart failed for a reason with no code of its own."""
+
+    code = 650
+    msg = "Error starting SPM"
+
+
+class SpmStopError(StorageException):
+    """StoragePool.spmStop while operations still run under the SPM's lease."""
+
+    code = 653
+    msg = "Error stopping SPM, SPM has unfinished task(s)"
+
+
 class SpmStatusError(StorageException):
     """Reserved for SPM-only verbs on a host that is not the SPM; nothing raises it yet."""
 
     code = 654
     msg = "Not SPM"
+
+
+class IsSpm(StorageException):
+    """StoragePool.spmStart on a host that is already SPM (or contending)."""
+
+    code = 656
+    msg = "Operation not allowed while SPM is active"
 
 
 class AcquireHostIdFailure(StorageException):

@@ -35,6 +35,7 @@ from vdsmlite.sdm.overview import SnapshotOverview
 from vdsmlite.sdm.ovfstore import OvfService
 from vdsmlite.sdm.pools import PoolService
 from vdsmlite.sdm.provision import DomainProvisioner
+from vdsmlite.sdm.spm import SpmService
 from vdsmlite.sdm.transfers import ImageTransfers
 from vdsmlite.sdm.volumes import VolumeService
 from vdsmlite.sdm.xleases import ExternalLeases
@@ -100,7 +101,11 @@ class Services:
         # Storage held by running VMs: not torn down, deleted or wiped under them.
         self.storage_users = StorageUsers()
         self.sdm = SdmLease(leases=self.leases, monitors=self.monitors, watchdog=self.watchdog,
-                            run_blocking=run_blocking)
+                            run_blocking=run_blocking,
+                            host_id_timeout=config.sanlock.host_id_timeout)
+        # The SPM role: the master domain's SDM lease kept from spmStart to spmStop.
+        self.spm = SpmService(pools=self.pools, domains=self.domains, leases=self.leases,
+                              sdm=self.sdm, jobs=self.jobs, run_blocking=run_blocking)
         self.volumes = VolumeService(domains=self.domains, pools=self.pools, jobs=self.jobs,
                                      image_locks=self.image_locks, sdm=self.sdm,
                                      users=self.storage_users, run_blocking=run_blocking)
@@ -173,6 +178,7 @@ class Services:
     async def close(self) -> None:
         await self.vms.close()  # VMs keep running; the next start finds them
         await self.jobs.close(grace=self.config.daemon.shutdown_timeout)
+        await self.spm.close()
         await self.leases.close()
         await self.fencing.close()
         await self.monitors.close(leave=self.watchdog.fenced is None)

@@ -33,7 +33,7 @@ def build_handlers(s: Services) -> dict[str, Handler]:
         DevicesApi(s.connections, s.run_blocking),
         StorageServerApi(s.connections),
         DomainsApi(domains=s.domains, provisioner=s.provisioner, pools=s.pool_service,
-                   volumes=s.volumes, run_blocking=s.run_blocking),
+                   spm=s.spm, volumes=s.volumes, run_blocking=s.run_blocking),
         VolumesApi(s.volumes),
         OvfApi(s.ovf),
         SdmApi(s.sdm_jobs, s.overview),

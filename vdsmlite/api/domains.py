@@ -10,6 +10,7 @@ from vdsmlite.api.base import verb
 from vdsmlite.blocking import RunBlocking
 from vdsmlite.sdm.pools import PoolService
 from vdsmlite.sdm.provision import DomainProvisioner
+from vdsmlite.sdm.spm import SpmService
 from vdsmlite.sdm.volumes import VolumeService
 from vdsmlite.storage import constants as sc
 from vdsmlite.storage.domains import DomainStore
@@ -18,9 +19,10 @@ from vdsmlite.storage.sd import Domain
 
 class DomainsApi:
     def __init__(self, *, domains: DomainStore, provisioner: DomainProvisioner,
-                 pools: PoolService, volumes: VolumeService,
+                 pools: PoolService, spm: SpmService, volumes: VolumeService,
                  run_blocking: RunBlocking) -> None:
         self._domains = domains
+        self._spm = spm
         self._provisioner = provisioner
         self._pools = pools
         self._volumes = volumes
@@ -137,9 +139,36 @@ class DomainsApi:
     @verb("StoragePool.disconnect")
     async def disconnect_pool(self, *, storagepoolID: str, hostID: int, scsiKey: str,
                               remove: bool) -> bool:
+        self._spm.require_not_spm(storagepoolID)
         await self._pools.disconnect(storagepoolID)
         return True
 
+    @verb("StoragePool.spmStart")
+    async def spm_start(self, *, storagepoolID: str, prevID: int, prevLver: int,
+                        enableScsiFencing: bool, maxHostID: int | None,
+                        domVersion: int | None) -> str:
+        return await self._spm.start(storagepoolID, prevID, prevLver,
+                                     sc.MAX_HOST_ID if maxHostID is None else maxHostID,
+                                     domVersion)
+
+    @verb("StoragePool.spmStop")
+    async def spm_stop(self, *, storagepoolID: str) -> bool:
+        await self._spm.stop(storagepoolID)
+        return True
+
+    @verb("StoragePool.getSpmStatus")
+    async def spm_status(self, *, storagepoolID: str) -> dict[str, Any]:
+        return await self._spm.status(storagepoolID)
+
     @verb("StoragePool.getInfo")
     async def pool_info(self, *, storagepoolID: str) -> dict[str, Any]:
-        return await self._pools.info(storagepoolID)
+        info = await self._pools.info(storagepoolID)
+        if info["info"].get("pool_status") == "connected":
+            # As VDSM's memory backend: the SPM's id and lver from the lease on storage.
+            try:
+                spm = await self._spm.status(storagepoolID)
+            except errors.VdsmError:
+                pass
+            else:
+                info["info"].update(spm_id=spm["spmId"], lver=spm["spmLver"])
+        return info

@@ -118,6 +118,21 @@ class LeaseManager:
         finally:
             await self._release(lease)
 
+    @contextlib.asynccontextmanager
+    async def share(self, lease: Lease) -> AsyncIterator[Lease]:
+        """Use a lease this host already holds, with no call to sanlock (the SPM's
+        lease, for each operation it runs): 651 if it is gone."""
+        lease.check()
+        async with self._key_locks.setdefault((lease.lockspace, lease.resource),
+                                              asyncio.Lock()):
+            lease.check()
+            lease.users += 1
+        try:
+            yield lease
+            lease.check()
+        finally:
+            await self._release(lease)
+
     def held(self) -> list[dict[str, Any]]:
         return [{"lockspace": h.lockspace, "resource": r, "users": lease.users}
                 for h in self._holders.values() for r, lease in h.leases.items()]

@@ -87,6 +87,9 @@ class DomainMonitor:
         self._listener = listener
         self._lockspace: tuple[str, str, int] | None = None
         self._joining = False
+        # The last sanlock error keeping the host id; a DaemonUnreachable one means
+        # waiting for the join is pointless.
+        self.join_error: sanlock.SanlockError | None = None
         self._announced = False
         self._task: asyncio.Task[None] | None = None
         self._wakeup = asyncio.Event()
@@ -143,7 +146,9 @@ class DomainMonitor:
             held = await self._run(sanlock.inq_lockspace, name, self.host_id, path, offset)
             if held is False:
                 await self._join(name, path, offset)
+            self.join_error = None
         except sanlock.SanlockError as e:
+            self.join_error = e
             held = False
             status.code = errors.AcquireHostIdFailure.code
             status.problem = str(e)
@@ -195,6 +200,10 @@ class DomainMonitor:
             await self._run(sanlock.rem_lockspace, name, self.host_id, path, offset,
                             wait=wait, unused=True)
             log.info("left lockspace %s (host id %d)", name, self.host_id)
+        except sanlock.DaemonUnreachable as e:
+            # No daemon: none holds this host's id for it (a daemon that dies takes
+            # its lockspaces with it).
+            log.warning("leaving lockspace %s: %s", name, e)
         except sanlock.SanlockError as e:
             if e.errno == errno.ENOENT:
                 return
@@ -273,6 +282,34 @@ class MonitorManager:
         if monitor is None or not monitor.status.acquired:
             return None
         return monitor.host_id
+
+    async def wait_host_id(self, sd_uuid: str, timeout: float) -> int | None:
+        """This host's id in the domain's lockspace, waiting up to `timeout` seconds
+        while a join is in progress (a monitor holding an id, not acquired yet: VDSM's
+        spmStart waits the same way). None at once when no join was asked for, or when
+        no sanlock daemon answers; None after `timeout` otherwise."""
+        deadline = time.monotonic() + timeout
+        while True:
+            monitor = self.monitors.get(sd_uuid)
+            if monitor is None or monitor.host_id is None:
+                return None
+            if monitor.status.acquired:
+                return monitor.host_id
+            if isinstance(monitor.join_error, sanlock.DaemonUnreachable):
+                return None
+            if time.monotonic() >= deadline:
+                return None
+            monitor.poke()  # ask sanlock now rather than at the next cycle
+            await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+
+    def join_problem(self, sd_uuid: str) -> str | None:
+        """Why the host id of a domain is not held, as the monitor last saw it."""
+        monitor = self.monitors.get(sd_uuid)
+        if monitor is None:
+            return None
+        if monitor.join_error is not None:
+            return str(monitor.join_error)
+        return monitor.status.problem
 
     def forget_announcement(self, sd_uuid: str) -> None:
         monitor = self.monitors.get(sd_uuid)

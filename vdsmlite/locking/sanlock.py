@@ -28,6 +28,7 @@ from __future__ import annotations
 import errno as errno_
 import functools
 import os
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -139,6 +140,40 @@ class SanlockError(Exception):
         self.message = message
 
 
+class DaemonUnreachable(SanlockError):
+    """No sanlock daemon answers on the socket this process talks to: the call never
+    reached sanlock (its errno - ENOENT, ECONNREFUSED - is the socket's, not storage's)."""
+
+    def __init__(self, op: str, errno: int, path: str, reason: str) -> None:
+        run_dir = os.path.dirname(path)
+        message = (f"no sanlock daemon is reachable at {path} ({reason}); start it "
+                   f"(`systemctl start sanlock`, or `SANLOCK_RUN_DIR={run_dir} sanlock "
+                   f"daemon`), or set [sanlock] run_dir to the run directory of the "
+                   f"sanlock daemon of this host")
+        super().__init__(op, errno, message)
+        Exception.__init__(self, f"sanlock {op}: {message}")
+        self.path = path
+
+
+def socket_path() -> str:
+    """The daemon's socket as libsanlock finds it (SANLOCK_RUN_DIR, else /run/sanlock)."""
+    return os.path.join(os.environ.get("SANLOCK_RUN_DIR") or "/run/sanlock", "sanlock.sock")
+
+
+def daemon_problem() -> str | None:
+    """Why no daemon answers on `socket_path()`, or None when one accepts connections."""
+    path = socket_path()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(5)
+        s.connect(path)
+    except OSError as e:
+        return f"connecting to it: {e.strerror or e}"
+    finally:
+        s.close()
+    return None
+
+
 @dataclass(frozen=True)
 class Host:
     """A host as a lockspace sees it (sanlk_host)."""
@@ -208,6 +243,12 @@ def _check(op: str, rv: int) -> int:
     if rv >= 0:
         return rv
     code = -rv
+    if code in (errno_.ENOENT, errno_.ECONNREFUSED, errno_.ECONNRESET, errno_.EPIPE):
+        # The C library says the same for "no daemon" as for "no such lockspace":
+        # ask the socket which one it is.
+        problem = daemon_problem()
+        if problem is not None:
+            raise DaemonUnreachable(op, code, socket_path(), problem)
     if code >= 200:
         ffi, lib = _get().ffi, _get().lib
         message = ffi.string(lib.sanlock_strerror(rv)).decode(errors="replace")
