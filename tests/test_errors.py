@@ -24,8 +24,8 @@ def test_message_format_is_vdsms() -> None:
         "message": "Storage domain does not exist: ('c2a6d7c8-8d81-4e01-9ed4-7eb670713448',)"}
     assert str(errors.ImageDoesNotExistInSD("i", "d")) == \
         "Image does not exist in domain: 'image=i, domain=d'"
-    assert str(errors.StorageServerValidationError("/x")) == (
-        f"{errors.StorageServerValidationError.msg}: 'path = /x'")
+    assert str(errors.StorageServerAccessPermissionError("/x")) == (
+        f"{errors.StorageServerAccessPermissionError.msg}: 'path = /x'")
 
 
 def test_typed_errors_survive_pickling() -> None:

@@ -652,16 +652,6 @@ class StorageServerDisconnectionError(StorageException):
     msg = "Error storage server disconnection"
 
 
-class StorageServerValidationError(StorageException):
-    code = 453
-    msg = (
-        "The specified path does not exist or cannot be reached. Verify the path is "
-        "correct and for remote storage, check the connection to your storage."
-    )
-
-    def __init__(self, path: str = "") -> None:
-        super().__init__(path)
-        self.value = f"path = {path}"
 
 
 class StorageServeriSCSIError(StorageException):
@@ -696,13 +686,6 @@ class StorageServerAccessPermissionError(StorageException):
         self.value = f"path = {path}"
 
 
-class StorageServerLocalNotDirError(StorageException):
-    code = 469
-    msg = "The specified local path is not a directory."
-
-    def __init__(self, path: str) -> None:
-        super().__init__(path)
-        self.value = f"path = {path}"
 
 
 class iSCSILogoutError(StorageServeriSCSIError):
