@@ -8,11 +8,14 @@ function and the code reads as "run this blocking call" at every call site.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
+
+from vdsmlite import cancel
 
 T = TypeVar("T")
 
@@ -28,10 +31,29 @@ class BlockingExecutor:
                                         thread_name_prefix="vdsmlite-io")
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run `fn` in a worker thread.
+
+        If the caller is cancelled, the call's `cancel.CancelToken` (a child of the
+        job's, when a job runs this) is cancelled and the caller still waits for the
+        thread to return before CancelledError goes on: the caller's locks and leases
+        are never released while the thread still works under them.
+        """
         loop = asyncio.get_running_loop()
         ctx = contextvars.copy_context()
+        token = cancel.CancelToken(parent=cancel.current())
+        ctx.run(cancel.set_current, token)
         call = functools.partial(ctx.run, fn, *args, **kwargs)
-        return await loop.run_in_executor(self._pool, call)
+        fut = loop.run_in_executor(self._pool, call)
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            token.cancel()
+            while not fut.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait([fut])
+            if not fut.cancelled():
+                fut.exception()  # retrieved: the caller's CancelledError wins
+            raise
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
