@@ -15,8 +15,6 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from vdsmlite import cancel
-
 T = TypeVar("T")
 
 RunBlocking = Callable[..., Awaitable[Any]]
@@ -33,21 +31,19 @@ class BlockingExecutor:
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run `fn` in a worker thread.
 
-        If the caller is cancelled, the call's `cancel.CancelToken` (a child of the
-        job's, when a job runs this) is cancelled and the caller still waits for the
-        thread to return before CancelledError goes on: the caller's locks and leases
-        are never released while the thread still works under them.
+        If the caller is cancelled, it still waits for the thread to return before
+        CancelledError goes on: the caller's locks and leases are never released
+        while the thread still works under them. Work of a job stops early because
+        the job's `cancel.CancelToken`, carried here in the context, was cancelled
+        with it (`Job.abort`); other work runs to its end.
         """
         loop = asyncio.get_running_loop()
         ctx = contextvars.copy_context()
-        token = cancel.CancelToken(parent=cancel.current())
-        ctx.run(cancel.set_current, token)
         call = functools.partial(ctx.run, fn, *args, **kwargs)
         fut = loop.run_in_executor(self._pool, call)
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:
-            token.cancel()
             while not fut.done():
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.wait([fut])

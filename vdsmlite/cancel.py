@@ -4,8 +4,8 @@ Cancelling a coroutine does not stop the executor thread it waits for: the
 thread keeps writing while the caller, believing it stopped, releases the image
 lock and the SDM lease. So a stop reaches the work itself:
 
-* every job (and every `BlockingExecutor.run` call) has a `CancelToken`, carried
-  in a context variable into the executor thread;
+* every job has a `CancelToken`, carried in a context variable into the executor
+  threads that run its work;
 * blocking loops call `check()` between chunks and raise `Cancelled`;
 * commands run by `storage.commands.run` are registered with the token; a stop
   sends their process group SIGTERM (LVM defers it past its critical sections),
@@ -30,7 +30,6 @@ import os
 import signal
 import subprocess
 import threading
-import weakref
 from collections.abc import Callable, Iterator
 
 log = logging.getLogger("vdsmlite.cancel")
@@ -43,20 +42,12 @@ class Cancelled(BaseException):
 
 
 class CancelToken:
-    def __init__(self, parent: CancelToken | None = None) -> None:
+    def __init__(self) -> None:
         self._event = threading.Event()
         self._lock = threading.Lock()
         self._procs: set[subprocess.Popen[bytes]] = set()
-        self._children: weakref.WeakSet[CancelToken] = weakref.WeakSet()
-        self._parent = parent
         # Bytes moved so far, for the job that owns the token (set by the job).
         self.on_bytes: Callable[[int], None] | None = None
-        if parent is not None:
-            self.on_bytes = parent.on_bytes
-            with parent._lock:
-                parent._children.add(self)
-            if parent.cancelled:
-                self._event.set()
 
     @property
     def cancelled(self) -> bool:
@@ -73,11 +64,8 @@ class CancelToken:
                 return
             self._event.set()
             procs = list(self._procs)
-            children = list(self._children)
         for proc in procs:
             _terminate(proc)
-        for child in children:
-            child.cancel()
 
     @contextlib.contextmanager
     def child_process(self, proc: subprocess.Popen[bytes]) -> Iterator[None]:
