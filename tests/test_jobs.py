@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
 from tests.helpers import run
-from vdsmlite import errors
+from vdsmlite import cancel, errors
+from vdsmlite.blocking import BlockingExecutor
 from vdsmlite.events import DROPPED_EVENT, EventBus
 from vdsmlite.jobs import Job, JobRegistry
+from vdsmlite.storage import commands
 
 pytestmark = pytest.mark.unit
 
@@ -186,4 +191,107 @@ def test_slow_subscriber_drops_and_is_told() -> None:
             bus.publish("e", {"i": 99})
             assert (await sub.get()).params["i"] == 99
         assert bus.subscriber_count == 0
+    run(main())
+
+
+def test_abort_waits_for_the_blocking_work_and_reaches_it() -> None:
+    """The job ends only after its thread stopped; the thread saw the stop (a flag it
+    checks, a child command terminated) and its lock is released after that."""
+    async def main() -> None:
+        executor = BlockingExecutor(2)
+        reg = JobRegistry(EventBus())
+        lock = asyncio.Lock()
+        started = threading.Event()
+        seen: list[str] = []
+
+        def work() -> None:
+            started.set()
+            try:
+                while True:
+                    cancel.check()
+                    time.sleep(0.01)
+            except cancel.Cancelled:
+                seen.append("flag")
+            try:
+                commands.run(["sleep", "60"])
+            except cancel.Cancelled:
+                seen.append("command")
+            time.sleep(0.2)  # rollback after the stop: the job must wait for it
+            seen.append("thread done")
+
+        async def body(job: Job) -> None:
+            async with lock:
+                try:
+                    await executor.run(work)
+                finally:
+                    seen.append("lock released")
+
+        job = reg.start(body, description="zero", verb="Volume.delete")
+        await asyncio.get_running_loop().run_in_executor(None, started.wait)
+        job.abort()
+        await job.wait()
+        assert job.info()["status"] == "aborted"
+        assert job.task_status()["code"] == 411
+        # A command started after the stop is refused; the lock goes after the thread.
+        assert seen == ["flag", "command", "thread done", "lock released"]
+        executor.shutdown()
+    run(main())
+
+
+def test_a_running_command_is_terminated_by_the_stop() -> None:
+    token = cancel.CancelToken()
+    threading.Timer(0.2, token.cancel).start()
+    cancel.set_current(token)
+    try:
+        start = time.monotonic()
+        with pytest.raises(cancel.Cancelled):
+            commands.run(["sleep", "60"])
+        assert time.monotonic() - start < 30
+    finally:
+        cancel.set_current(None)
+
+
+def test_tasks_survive_a_restart(tmp_path: Path) -> None:
+    async def main() -> None:
+        reg = JobRegistry(EventBus(), state_dir=tmp_path)
+        gate = asyncio.Event()
+
+        async def ok(job: Job) -> None:
+            pass
+
+        async def fails(job: Job) -> None:
+            raise errors.NoSpaceLeftOnDomain("sd")
+
+        async def hangs(job: Job) -> None:
+            await gate.wait()
+
+        async def host_job(job: Job) -> None:
+            pass
+
+        done = reg.start(ok, description="a", verb="Volume.create")
+        failed = reg.start(fails, description="b", verb="Volume.create")
+        running = reg.start(hangs, description="c", verb="Volume.delete")
+        cleared = reg.start(ok, description="d", verb="Volume.create")
+        private = reg.start(host_job, description="e", verb="SDM.merge", job_id="j1",
+                            persist=False)
+        for j in (done, failed, cleared, private):
+            await j.wait()
+        reg.clear(cleared.id)
+        await asyncio.sleep(0)
+        # The agent dies here (no close): what the next start finds.
+        again = JobRegistry(EventBus(), state_dir=tmp_path)
+        assert again.get(done.id).task_status()["taskResult"] == "success"
+        assert again.get(failed.id).task_status() == failed.task_status()
+        st = again.get(running.id).task_status()
+        assert (st["taskState"], st["taskResult"], st["code"]) == \
+            ("finished", "cleanSuccess", 411)
+        assert "restart" in st["message"]
+        assert again.get(running.id).task_info() == {"id": running.id, "verb": "Volume.delete"}
+        for gone in (cleared.id, private.id):
+            with pytest.raises(errors.UnknownTask):
+                again.get(gone)
+        again.clear(done.id)
+        assert JobRegistry(EventBus(), state_dir=tmp_path).find(done.id) is None
+        gate.set()
+        await running.wait()
     run(main())

@@ -8,6 +8,7 @@ function and the code reads as "run this blocking call" at every call site.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 from collections.abc import Awaitable, Callable
@@ -28,10 +29,27 @@ class BlockingExecutor:
                                         thread_name_prefix="vdsmlite-io")
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run `fn` in a worker thread.
+
+        If the caller is cancelled, it still waits for the thread to return before
+        CancelledError goes on: the caller's locks and leases are never released
+        while the thread still works under them. Work of a job stops early because
+        the job's `cancel.CancelToken`, carried here in the context, was cancelled
+        with it (`Job.abort`); other work runs to its end.
+        """
         loop = asyncio.get_running_loop()
         ctx = contextvars.copy_context()
         call = functools.partial(ctx.run, fn, *args, **kwargs)
-        return await loop.run_in_executor(self._pool, call)
+        fut = loop.run_in_executor(self._pool, call)
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            while not fut.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait([fut])
+            if not fut.cancelled():
+                fut.exception()  # retrieved: the caller's CancelledError wins
+            raise
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

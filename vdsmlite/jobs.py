@@ -11,23 +11,36 @@ through it. Status changes are published on the event bus. Finished jobs are
 kept until cleared, or for `autodelete_delay` seconds (VDSM's 3600) so a
 client that never clears cannot grow the registry forever.
 
-Jobs live in memory: after a restart their ids are unknown (401). Storage
-operations are written so that an interrupted one is found and repaired from
-what is on disk, not from this registry.
+A stop (`Job.abort`: Task.stop, or the abort at shutdown) reaches the work:
+the job's `cancel.CancelToken` is cancelled, which the blocking code checks
+between chunks and which terminates the command it runs; the body rolls back
+what it made and only then do its locks go and the job report aborted (411).
+
+Tasks survive a restart as VDSM's SPM tasks do: with a state directory, each
+task's id and state are kept in ``<state_dir>/tasks/<id>.json`` (written
+durably at start and when it ends, removed by Task.clear or expiry), so an
+engine polling a task after a restart gets its final state. A task that was
+still running when the agent died is reported aborted (411): the work itself
+is not resumed; storage operations are written so that an interrupted one is
+found and repaired from what is on disk.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
+import json
 import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
-from vdsmlite import errors
+from vdsmlite import cancel, errors
 from vdsmlite.events import EventBus
+from vdsmlite.fsutil import fsync_dir, write_file_durably
 
 log = logging.getLogger("vdsmlite.jobs")
 
@@ -58,6 +71,22 @@ _TASK_STATE = {
 JobBody = Callable[["Job"], Awaitable[Any]]
 
 
+class RecordedError(errors.VdsmError):
+    """A task's error as recorded before a restart: its code and message, verbatim."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self._code = code
+        self._message = message
+
+    @property
+    def message(self) -> str:
+        return self._message
+
+    def to_json(self) -> dict[str, Any]:
+        return {"code": self._code, "message": self._message}
+
+
 class Job:
     def __init__(
         self,
@@ -66,8 +95,11 @@ class Job:
         description: str,
         job_type: str,
         verb: str,
+        *,
+        persist: bool = False,
     ) -> None:
         self._registry = registry
+        self.persist = persist
         self.id = job_id
         self.description = description
         self.job_type = job_type
@@ -81,6 +113,9 @@ class Job:
         self.finished_at: float | None = None
         self._task: asyncio.Task[None] | None = None
         self._done = asyncio.Event()
+        # Cancelled by abort(); the blocking work checks it (see vdsmlite.cancel).
+        self.cancel_token = cancel.CancelToken()
+        self.cancel_token.on_bytes = lambda n: self.update(bytes_done=n)
 
     # --- called by the job body -------------------------------------------
 
@@ -116,7 +151,8 @@ class Job:
         elif self.status.finished:
             # VDSM reports a failed task whose rollback completed as cleanSuccess.
             assert self.error is not None
-            result, code, message = "cleanSuccess", self.error.code, self.error.message
+            err = self.error.to_json()
+            result, code, message = "cleanSuccess", err["code"], err["message"]
         else:
             result, code, message = "", 0, "running job 1 of 1"
         return {
@@ -134,9 +170,13 @@ class Job:
         await self._done.wait()
 
     def abort(self) -> None:
+        """Stop the job: its blocking work stops at its next check (its command is
+        terminated), rolls back, and only then the job releases its locks and ends
+        aborted. Returns at once; `wait` for the end."""
         if self.status.finished or self._task is None:
             return
         self._set_status(JobStatus.ABORTING)
+        self.cancel_token.cancel()
         self._task.cancel()
 
     # --- lifecycle (registry only) ---------------------------------------------
@@ -152,9 +192,10 @@ class Job:
 
     async def _run(self, body: JobBody) -> None:
         self._set_status(JobStatus.RUNNING)
+        cancel.set_current(self.cancel_token)  # this task's context: seen by its threads
         try:
             self.result = await body(self)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, cancel.Cancelled):
             self.error = errors.TaskAborted(self.id)
             self._set_status(JobStatus.ABORTED)
             log.info("job %s (%s) aborted", self.id, self.description)
@@ -174,11 +215,83 @@ class Job:
 
 
 class JobRegistry:
-    def __init__(self, events: EventBus, *, autodelete_delay: float = 3600.0) -> None:
+    def __init__(self, events: EventBus, *, autodelete_delay: float = 3600.0,
+                 state_dir: Path | None = None) -> None:
         self._events = events
         self._jobs: dict[str, Job] = {}
         self.autodelete_delay = autodelete_delay
         self._closed = False
+        self._dir = state_dir / "tasks" if state_dir is not None else None
+        if self._dir is not None:
+            self._load()
+
+    # --- persisted tasks ---------------------------------------------------------
+
+    def _record_path(self, job_id: str) -> Path | None:
+        if self._dir is None:
+            return None
+        return self._dir / f"{job_id}.json"
+
+    def _record(self, job: Job) -> None:
+        path = self._record_path(job.id)
+        if path is None or not job.persist:
+            return
+        rec: dict[str, Any] = {"id": job.id, "verb": job.verb,
+                               "description": job.description, "job_type": job.job_type,
+                               "status": str(job.status), "time": time.time()}
+        if job.error is not None:
+            rec["error"] = job.error.to_json()
+        try:
+            write_file_durably(path, json.dumps(rec))
+        except OSError as e:
+            log.error("cannot record task %s in %s: %s", job.id, path, e)
+
+    def _forget(self, job: Job) -> None:
+        path = self._record_path(job.id)
+        if path is None or not job.persist:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            fsync_dir(path.parent)
+
+    def _load(self) -> None:
+        """The tasks of the previous run: finished ones as they ended; one still
+        running when the agent stopped is reported aborted (its work is not resumed)."""
+        assert self._dir is not None
+        if not self._dir.is_dir():
+            return
+        for path in sorted(self._dir.glob("*.json")):
+            try:
+                rec = json.loads(path.read_text())
+                job_id = str(rec["id"])
+                status = JobStatus(rec["status"])
+                job = Job(self, job_id, str(rec.get("description", "")),
+                          str(rec.get("job_type", "storage")), str(rec.get("verb", "")),
+                          persist=True)
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log.warning("ignoring unreadable task record %s: %s", path, e)
+                continue
+            if status.finished:
+                err = rec.get("error")
+                if isinstance(err, dict):
+                    job.error = RecordedError(int(err.get("code", 100)),
+                                              str(err.get("message", "")))
+                if status == JobStatus.DONE:
+                    job.progress = 100.0
+            else:
+                status = JobStatus.ABORTED
+                job.error = RecordedError(
+                    errors.TaskAborted.code,
+                    f"{errors.TaskAborted.msg}: ('{job_id}',): interrupted by an agent "
+                    "restart; storage left by it is repaired on disk")
+            job.status = status
+            job.finished_at = time.monotonic()
+            job._done.set()
+            self._jobs[job_id] = job
+            if not status.finished or rec["status"] != str(status):
+                self._record(job)
+            log.info("task %s (%s) from before the restart: %s", job_id, job.description,
+                     status)
 
     def start(
         self,
@@ -188,8 +301,12 @@ class JobRegistry:
         verb: str,
         job_type: str = "storage",
         job_id: str | None = None,
+        persist: bool = True,
     ) -> Job:
-        """Start `body` as a job now; returns at once. Must run on the event loop."""
+        """Start `body` as a job now; returns at once. Must run on the event loop.
+
+        `persist`: an SPM-style task whose id and final state outlive a restart (see
+        the module doc); host jobs with an id the engine chose pass False."""
         if self._closed:
             raise errors.ShuttingDownError()
         self._expire()
@@ -197,8 +314,9 @@ class JobRegistry:
             job_id = str(uuid.uuid4())
         elif job_id in self._jobs:
             raise errors.JobExists(job_id)
-        job = Job(self, job_id, description, job_type, verb)
+        job = Job(self, job_id, description, job_type, verb, persist=persist)
         self._jobs[job_id] = job
+        self._record(job)
         self._status_changed(job)
         job._task = asyncio.create_task(job._run(body), name=f"job-{job_id}")
         return job
@@ -227,6 +345,7 @@ class JobRegistry:
         if not job.status.finished:
             raise errors.TaskNotFinished(job_id)
         del self._jobs[job_id]
+        self._forget(job)
 
     def count_by_status(self) -> dict[str, int]:
         counts = {str(s): 0 for s in JobStatus}
@@ -252,6 +371,9 @@ class JobRegistry:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     def _status_changed(self, job: Job) -> None:
+        if job.status.finished:
+            # Durable before any client can see the end: a restart keeps it.
+            self._record(job)
         self._events.publish(f"|jobs|status|{job.id}", job.info())
 
     def _expire(self) -> None:
@@ -259,3 +381,4 @@ class JobRegistry:
         for job_id, job in list(self._jobs.items()):
             if job.finished_at is not None and now - job.finished_at > self.autodelete_delay:
                 del self._jobs[job_id]
+                self._forget(job)

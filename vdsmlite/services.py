@@ -61,7 +61,7 @@ class Services:
         self.started = time.monotonic()
         self.metrics = Metrics()
         self.events = EventBus()
-        self.jobs = JobRegistry(self.events)
+        self.jobs = JobRegistry(self.events, state_dir=config.state_dir)
         # Blocking work (LVM, fsync, O_DIRECT, sanlock) runs here, never on the loop.
         self.executor = BlockingExecutor(config.daemon.worker_threads)
         run_blocking = self.run_blocking = self.executor.run

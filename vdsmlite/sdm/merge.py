@@ -121,7 +121,8 @@ class SdmJobs:
                             lease.check()
                 await self._run_blocking(work, job, check)
 
-        self._jobs.start(body, description=description, verb=verb, job_id=job_id)
+        self._jobs.start(body, description=description, verb=verb, job_id=job_id,
+                         persist=False)
 
     async def merge(self, job_id: str, sub: Subchain) -> None:
         dom = await self._volumes.domain(sub.sd_id)

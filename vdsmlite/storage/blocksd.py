@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vdsmlite import errors, failpoints
+from vdsmlite import cancel, errors, failpoints
 from vdsmlite.ids import parse_uuid
 from vdsmlite.storage import (
     clusterlock,
@@ -389,6 +389,34 @@ class BlockDomain(Domain):
             link.parent.rmdir()
 
     def create_volume(self, req: CreateVolumeRequest, progress: Progress) -> None:
+        """Create a volume; a stop (`cancel`) in the middle removes what was made
+        (LV, metadata slot, link; a parent made INTERNAL is a leaf again)."""
+        made: list[str] = []
+        try:
+            self._create_volume(req, progress, made)
+        except cancel.Cancelled:
+            if made:
+                with cancel.shielded():
+                    self._undo_create(req, made)
+            raise
+
+    def _undo_create(self, req: CreateVolumeRequest, made: list[str]) -> None:
+        log.info("volume %s: create stopped, removing what it made", req.vol_uuid)
+        with self.lock:
+            lv = self.lvs([req.vol_uuid]).get(req.vol_uuid)
+            if lv is not None and lv.tag_value(sc.TAG_IMAGE) == req.img_uuid:
+                slot = lv.tag_value(sc.TAG_SLOT)
+                pe_starts, extent = self.layout()
+                self.activator.unmap(lv, pe_starts, extent, self.devices)
+                lvm.lvremove(self.uuid, [req.vol_uuid], self.devices)
+                if slot is not None:
+                    self.write_slot(int(slot), b"")
+            self._unlink_volume(req.img_uuid, req.vol_uuid)
+            if "parent" in made:
+                Image(self, req.img_uuid).relink_parent_after_delete(req.parent_vol)
+
+    def _create_volume(self, req: CreateVolumeRequest, progress: Progress,
+                       made: list[str]) -> None:
         if req.format == sc.VolumeFormat.RAW and req.prealloc == sc.Allocation.SPARSE:
             raise errors.IncorrectFormat(req.vol_uuid, "RAW volumes on block must be "
                                          "PREALLOCATED")
@@ -402,6 +430,7 @@ class BlockDomain(Domain):
             slot = self._free_slot(self.lvs())
             tags = [sc.TAG_INITIALIZING, sc.TAG_IMAGE + req.img_uuid,
                     sc.TAG_PARENT + req.parent_vol, sc.TAG_SLOT + str(slot)]
+            made.append("lv")  # a stopped lvcreate may still have made it
             try:
                 lvm.lvcreate(self.uuid, req.vol_uuid, size, self.devices, tags=tags)
             except lvm.LVMError as e:
@@ -422,15 +451,20 @@ class BlockDomain(Domain):
         if req.format == sc.VolumeFormat.COW:
             self._format_qcow2(req, parent, lv)
         progress(60)
+        cancel.check()
         if parent is not None and parent.md is not None and parent.md.voltype == sc.LEAF:
+            made.append("parent")
             self.update_volume(req.img_uuid, parent.uuid, voltype=sc.INTERNAL)
+        cancel.check()
         block_size, alignment = self.geometry()
         clusterlock.init_resource(self.uuid, req.vol_uuid, self.held_path(sc.LEASES),
                              (sc.RESERVED_LEASES + slot) * alignment, sector=block_size,
                              align=alignment)
         failpoints.hit("volume.create.after_lease")
         progress(80)
-        with self.lock:
+        cancel.check()
+        # The last step is not stopped half way: once begun, the volume is complete.
+        with self.lock, cancel.shielded():
             if req.legal:
                 self.write_slot(slot, md.replace(legality=sc.LEGAL).to_bytes())
             try:
@@ -455,9 +489,10 @@ class BlockDomain(Domain):
         except qemuimg.QemuImgError as e:
             raise errors.VolumeCreationError(req.vol_uuid, str(e)) from e
         finally:
-            for name in acquired:
-                with contextlib.suppress(errors.VdsmError):
-                    self._release(name)
+            with cancel.shielded():
+                for name in acquired:
+                    with contextlib.suppress(errors.VdsmError):
+                        self._release(name)
 
     def delete_volume(self, img_uuid: str, vol_uuid: str, *, post_zero: bool, force: bool,
                       progress: Progress) -> None:
@@ -467,14 +502,19 @@ class BlockDomain(Domain):
             if state.md is not None and state.slot is not None:
                 self.write_slot(state.slot, state.md.replace(legality=sc.ILLEGAL).to_bytes())
         if post_zero:
+            # Stoppable between chunks; a stopped delete leaves the volume ILLEGAL and
+            # whole (LV, slot), which a second delete removes.
             path = self._activate(lv)
             try:
                 block_size, _ = self.geometry()
                 directio.zero(path, 0, lv.size, block_size,
                               progress=lambda done, total: progress(80 * done / total))
             finally:
-                self._release(vol_uuid)
-        with self.lock:
+                with cancel.shielded():
+                    self._release(vol_uuid)
+        cancel.check()
+        # Removing is quick and not stopped half way (no LV without its slot cleared).
+        with self.lock, cancel.shielded():
             pe_starts, extent = self.layout()
             self.activator.unmap(lv, pe_starts, extent, self.devices)
             try:

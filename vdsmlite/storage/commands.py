@@ -23,6 +23,8 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from vdsmlite import cancel
+
 log = logging.getLogger("vdsmlite.storage.commands")
 
 DEFAULT_TIMEOUT = 120.0
@@ -98,15 +100,23 @@ def run(
     """Run a command to completion (blocking; call from the executor).
 
     `secrets` (passwords on argv) are masked in the returned result, logs and errors.
+
+    A stopped task (`cancel`) starts no command, and the command it is running is
+    terminated (SIGTERM to its group, SIGKILL later); `cancel.Cancelled` is raised
+    once it ended.
     """
     argv = tuple(str(a) for a in argv)
+    token = cancel.current()
+    if token is not None:
+        token.check()
     start = time.monotonic()
     proc = subprocess.Popen(
         argv, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(env),
         start_new_session=True, close_fds=True, cwd=cwd)
     try:
-        out, err = proc.communicate(input, timeout=timeout)
+        with (token.child_process(proc) if token is not None else contextlib.nullcontext()):
+            out, err = proc.communicate(input, timeout=timeout)
     except subprocess.TimeoutExpired:
         _kill_group(proc.pid)
         out, err = proc.communicate()
@@ -116,6 +126,9 @@ def run(
         raise CommandError(result, timed_out=True) from None
     result = _redacted(Result(argv, proc.returncode, _decode(out), _decode(err)), secrets)
     _log(result, time.monotonic() - start)
+    if token is not None and token.cancelled:
+        log.info("%s ended (rc=%d) after its task was stopped", argv[0], result.rc)
+        raise cancel.Cancelled()
     if check and result.rc != 0:
         raise CommandError(result)
     return result

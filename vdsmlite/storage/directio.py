@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import mmap
 import os
+from collections.abc import Callable
+
+from vdsmlite import cancel
 
 ALIGN = 4096  # page alignment satisfies both 512 and 4096 byte devices
 
@@ -83,8 +86,16 @@ def write(path: str | os.PathLike[str], offset: int, data: bytes, block_size: in
 
 
 def zero(path: str | os.PathLike[str], offset: int, size: int, block_size: int = 512, *,
-         chunk: int = 8 << 20, progress: object = None) -> None:
-    """Overwrite a range with zeros (postZero on delete), fsync at the end."""
+         chunk: int = 8 << 20, progress: Callable[[int, int], None] | None = None) -> None:
+    """Overwrite a range with zeros (postZero on delete), fsync at the end.
+
+    Stoppable: `cancel.check()` runs before every chunk, and each chunk is flushed
+    (fdatasync) before the next one starts, so once `Cancelled` is raised nothing
+    this call wrote is still on its way to the disk. `progress(done, size)` and
+    `cancel.report_bytes(done)` are told after each chunk. A short write (the
+    kernel may write less than asked) continues where it stopped; a write of 0
+    bytes is an error, never a loop.
+    """
     if offset % block_size or size % block_size:
         raise ValueError("unaligned zeroing")
     buf = aligned_buffer(min(chunk, size))
@@ -93,12 +104,21 @@ def zero(path: str | os.PathLike[str], offset: int, size: int, block_size: int =
         done = 0
         with memoryview(buf) as whole:
             while done < size:
+                cancel.check()
                 n = min(len(buf), size - done)
-                with whole[:n] as chunk_view:
-                    os.pwritev(fd, [chunk_view], offset + done)
+                written = 0
+                while written < n:
+                    with whole[written:n] as rest:
+                        w = os.pwritev(fd, [rest], offset + done + written)
+                    if w <= 0:
+                        raise DirectIOError(f"zeroing {path}: wrote nothing at "
+                                            f"{offset + done + written}")
+                    written += w
+                os.fdatasync(fd)
                 done += n
-            if callable(progress):
-                progress(done, size)
+                cancel.report_bytes(done)
+                if progress is not None:
+                    progress(done, size)
         os.fsync(fd)
     finally:
         os.close(fd)

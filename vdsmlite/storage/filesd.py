@@ -27,7 +27,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from vdsmlite import errors, failpoints
+from vdsmlite import cancel, errors, failpoints
 from vdsmlite.fsutil import fsync_dir
 from vdsmlite.ids import parse_uuid
 from vdsmlite.storage import clusterlock, directio, persistent, qemuimg, xleases
@@ -214,6 +214,30 @@ class FileDomain(Domain):
         _write_atomic(meta, md.to_bytes())
 
     def create_volume(self, req: CreateVolumeRequest, progress: Progress) -> None:
+        """Create a volume; a stop (`cancel`) in the middle removes its files (and a
+        parent made INTERNAL is a leaf again)."""
+        made: list[str] = []
+        try:
+            self._create_volume(req, progress, made)
+        except cancel.Cancelled:
+            if made:
+                with cancel.shielded():
+                    log.info("volume %s: create stopped, removing its files", req.vol_uuid)
+                    with self.lock:
+                        data, meta, lease = self._paths(req.img_uuid, req.vol_uuid)
+                        for path in (data, lease, meta):
+                            with contextlib.suppress(FileNotFoundError):
+                                path.unlink()
+                        fsync_dir(data.parent)
+                        if "parent" in made:
+                            Image(self, req.img_uuid).relink_parent_after_delete(
+                                req.parent_vol)
+                        with contextlib.suppress(OSError):
+                            data.parent.rmdir()
+            raise
+
+    def _create_volume(self, req: CreateVolumeRequest, progress: Progress,
+                       made: list[str]) -> None:
         with self.lock:
             parent = Image(self, req.img_uuid).validate_create(req)
             if req.prealloc == sc.Allocation.PREALLOCATED:
@@ -229,6 +253,7 @@ class FileDomain(Domain):
             except FileExistsError as e:
                 raise errors.VolumeAlreadyExists(req.vol_uuid) from e
             os.close(fd)
+            made.append("data")
         try:
             self._create_data(req, parent, data)
         except (qemuimg.QemuImgError, OSError) as e:
@@ -237,12 +262,15 @@ class FileDomain(Domain):
             raise errors.VolumeCreationError(req.vol_uuid, str(e)) from e
         failpoints.hit("volume.create.after_data")
         progress(60)
+        cancel.check()
         if parent is not None and parent.md is not None and parent.md.voltype == sc.LEAF:
+            made.append("parent")
             self.update_volume(req.img_uuid, parent.uuid, voltype=sc.INTERNAL)
         md = self.new_metadata(req, req.capacity, sc.ILLEGAL)
         self.set_volume_metadata(req.img_uuid, req.vol_uuid, md)
         failpoints.hit("volume.create.after_metadata")
         progress(75)
+        cancel.check()
         if not self.is_local():
             fd = os.open(lease, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, sc.FILE_VOLUME_PERMISSIONS)
             os.close(fd)
@@ -251,6 +279,7 @@ class FileDomain(Domain):
                                  align=alignment)
         failpoints.hit("volume.create.after_lease")
         progress(90)
+        cancel.check()
         if req.legal:
             self.set_volume_metadata(req.img_uuid, req.vol_uuid, md.replace(legality=sc.LEGAL))
 
@@ -264,7 +293,13 @@ class FileDomain(Domain):
             if req.prealloc == sc.Allocation.PREALLOCATED:
                 fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
                 try:
-                    os.posix_fallocate(fd, 0, alloc)
+                    # In steps, stoppable between them: on storage without fallocate
+                    # (NFSv3) glibc writes every block, which takes long.
+                    step = 1 << 30
+                    for start in range(0, alloc, step):
+                        cancel.check()
+                        os.posix_fallocate(fd, start, min(step, alloc - start))
+                        cancel.report_bytes(min(start + step, alloc))
                     os.ftruncate(fd, req.capacity)
                     os.fsync(fd)
                 finally:
