@@ -170,20 +170,36 @@ async def test_an_event_from_this_hosts_own_id_is_ignored(harness: Harness) -> N
 
 
 @aio
+async def test_a_request_whose_data_names_another_host_is_ignored(harness: Harness) -> None:
+    # sanlock notifies every host whose bit is set with the sender's latest event:
+    # another target's request must not reset this host, whatever its generation.
+    harness.deliver(data=(ME + 1) << fencing.TARGET_SHIFT | 0xABC)
+    await harness.settle()
+    assert harness.service.received == [] and harness.service.ignored == 1
+    assert harness.watchdog.fenced is None
+    harness.deliver(data=ME << fencing.TARGET_SHIFT | 0xABC)
+    await harness.settle()
+    assert [r["nonce"] for r in harness.service.received] == [0xABC]
+    assert harness.set_events == [(SD, FENCER, FENCER_GEN, EVENT_RESETTING,
+                                   ME << fencing.TARGET_SHIFT | 0xABC)]
+
+
+@aio
 async def test_an_answer_with_an_unknown_nonce_is_ignored(harness: Harness) -> None:
     reply = await harness.service.fence("reboot", {SD: 3})
     nonce = reply["nonce"]
     for event, data, frm in ((EVENT_RESETTING, nonce ^ 1, 3),         # unknown nonce
                              (EVENT_CANNOT_RESET, nonce + 1, 3),      # unknown nonce
-                             (EVENT_RESETTING, nonce, 4)):            # not the target
+                             (EVENT_RESETTING, nonce, 4),             # not the target
+                             (EVENT_RESETTING, 4 << fencing.TARGET_SHIFT | nonce, 3)):
         harness.deliver(event=event, data=data, frm=frm, to=ME)
     await harness.settle()
-    assert harness.service.unknown_acks == 3
+    assert harness.service.unknown_acks == 4
     status = await harness.service.status({SD: 3})
     assert status["acknowledged"] is False and status["cannotReset"] is False
     # Answers are not requests: nothing was taken, nothing reset.
     assert harness.service.received == [] and harness.watchdog.fenced is None
-    harness.deliver(event=EVENT_RESETTING, data=nonce, frm=3)
+    harness.deliver(event=EVENT_RESETTING, data=3 << fencing.TARGET_SHIFT | nonce, frm=3)
     assert (await harness.service.status({SD: 3}))["acknowledged"] is True
 
 
@@ -218,16 +234,22 @@ async def test_second_request_in_a_lockspace_waits_for_the_first(
     await harness.settle()
     assert [e[1] for e in harness.set_events] == [3]   # the slot still carries host 3's
     assert harness.service.requests[second["nonce"]].to_json()["queued"] == [SD]
-    harness.deliver(event=EVENT_RESETTING, data=first["nonce"], frm=3)
+
+    def data(host_id: int, reply: dict[str, Any]) -> int:
+        return int(host_id << fencing.TARGET_SHIFT | reply["nonce"])
+
+    # Host 3 answers: its bit is cleared (event 0: SETEV_CLEAR_HOSTID), then the
+    # request for host 4 is set.
+    harness.deliver(event=EVENT_RESETTING, data=data(3, first), frm=3)
     for _ in range(20):
         await asyncio.sleep(0)
-    assert [(e[1], e[2], e[4]) for e in harness.set_events] == [
-        (3, 5, first["nonce"]), (4, 9, second["nonce"])]
-    harness.deliver(event=EVENT_CANNOT_RESET, data=second["nonce"], frm=4)
+    assert [(e[1], e[2], e[3] != 0, e[4]) for e in harness.set_events] == [
+        (3, 5, True, data(3, first)), (3, 5, False, 0), (4, 9, True, data(4, second))]
+    harness.deliver(event=EVENT_CANNOT_RESET, data=data(4, second), frm=4)
     for _ in range(20):
         await asyncio.sleep(0)
-    assert [e[4] for e in harness.set_events] == [first["nonce"], second["nonce"],
-                                                  third["nonce"]]
+    assert [e[4] for e in harness.set_events if e[3]] == [
+        data(3, first), data(4, second), data(3, third)]
     await harness.service.close()
 
 

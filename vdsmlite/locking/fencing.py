@@ -19,10 +19,15 @@ mechanism its sanlk-reset tool uses). With sanlk-reset's vocabulary:
   backend is "none" cannot be reset that way: it answers CANNOT_RESET (a
   vdsmlite bit, outside sanlk-reset's) instead, keeps running, and the fencer's
   status says so - another fence agent is needed;
-* sanlock keeps one outgoing event per lockspace: a second set_event replaces
-  the first, read or not. A request to a second target in the same lockspace is
-  therefore queued until the first target acknowledged or sanlock's window for
-  it (a few renewals, `SLOT_IO_TIMEOUTS` x io_timeout) passed;
+* sanlock keeps one outgoing event per lockspace: set_event replaces its
+  generation/event/data and adds the target to a bitmap of hosts notified, a bit
+  that stays set for set_bitmap_seconds (6 x io_timeout). A second request set
+  meanwhile is what every notified host reads - the first target would take the
+  second target's request if their generations happen to match. So a request
+  to another target in the same lockspace waits until the first target's bit
+  is gone: cleared by us (SETEV_CLEAR_HOSTID) once it answered, or by sanlock
+  after `SLOT_IO_TIMEOUTS` x io_timeout. And the event data names the target
+  (`TARGET_SHIFT`), so a host never takes a request carried to it by mistake;
 * after an agent restart sanlock still holds the lockspaces it had joined (the
   host stays live there): `listen_to_joined` registers for their events at
   start, before the agent reports ready, so requests are not missed meanwhile;
@@ -63,9 +68,14 @@ EVENT_REBOOTING = 8
 # vdsmlite's answer when no watchdog can reset this host (a bit sanlk-reset never uses)
 EVENT_CANNOT_RESET = 0x10000
 
-# sanlock keeps an event in the sender's lease for about 6 x io_timeout; one more
-# renewal (2 x io_timeout) of slack before the slot is taken as free again.
-SLOT_IO_TIMEOUTS = 8
+# Event data: the target's host id above TARGET_SHIFT, a random nonce below (host
+# ids are at most 2000). Data naming host 0 (sanlk-reset sends 0) is for anyone.
+TARGET_SHIFT = 48
+NONCE_MASK = (1 << TARGET_SHIFT) - 1
+
+# sanlock notifies a target for set_bitmap_seconds (6 x io_timeout) after set_event;
+# the renewal that drops its bit comes up to 2 x io_timeout later; one more of slack.
+SLOT_IO_TIMEOUTS = 9
 
 MAX_REQUESTS_KEPT = 100  # the newest requests sent, for status and acknowledgements
 
@@ -86,8 +96,8 @@ class FenceRequest:
     sent: dict[str, float] = field(default_factory=dict)    # sdUUID -> monotonic, event set
     failed: dict[str, str] = field(default_factory=dict)    # sdUUID -> why it was not sent
 
-    def answered(self, sd_uuid: str) -> bool:
-        return self.acked_at is not None or sd_uuid in self.cannot_reset
+    def data(self, sd_uuid: str) -> int:
+        return self.target[sd_uuid] << TARGET_SHIFT | self.nonce
 
     def to_json(self) -> dict[str, Any]:
         return {"nonce": self.nonce, "target": self.target, "action": self.action,
@@ -105,11 +115,11 @@ class _Slot:
     request: FenceRequest | None = None   # the last request set there
     busy_until: float = 0.0               # monotonic: sanlock may still carry it
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    cleared: bool = False                 # its target's bit cleared after its answer
     freed: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def free(self, sd_uuid: str) -> bool:
-        return (self.request is None or self.request.answered(sd_uuid)
-                or time.monotonic() >= self.busy_until)
+    def free(self) -> bool:
+        return self.request is None or self.cleared or time.monotonic() >= self.busy_until
 
 
 @dataclass
@@ -237,7 +247,9 @@ class FenceService:
             return
         where = (f"lockspace {sd_uuid}: reset request from host {ev.from_host_id} "
                  f"(generation {ev.from_generation}, nonce {ev.data:#x})")
-        if ev.from_host_id == me.host_id or ev.host_id != me.host_id:
+        addressed = ev.data >> TARGET_SHIFT
+        if (ev.from_host_id == me.host_id or ev.host_id != me.host_id
+                or addressed not in (0, me.host_id)):
             self.ignored += 1
             log.warning("%s: not for this host (id %d); ignored", where, me.host_id)
             return
@@ -252,7 +264,7 @@ class FenceService:
         self._seen.add(key)
         log.critical("%s: this host is being fenced", where)
         record = {"sdUUID": sd_uuid, "fromHostId": ev.from_host_id,
-                  "fromGeneration": ev.from_generation, "nonce": ev.data,
+                  "fromGeneration": ev.from_generation, "nonce": ev.data & NONCE_MASK,
                   "hostId": me.host_id, "generation": me.generation, "time": time.time()}
         record["complied"] = self._watchdog.can_reset
         self.received.append(record)
@@ -296,9 +308,10 @@ class FenceService:
             log.error("lockspace %s: cannot answer the reset request: %s", sd_uuid, e)
 
     def _on_ack(self, sd_uuid: str, ev: sanlock.Event) -> None:
-        request = self.requests.get(ev.data)
+        request = self.requests.get(ev.data & NONCE_MASK)
         if (request is None or sd_uuid not in request.target
-                or request.target[sd_uuid] != ev.from_host_id):
+                or request.target[sd_uuid] != ev.from_host_id
+                or ev.data >> TARGET_SHIFT not in (0, ev.from_host_id)):
             self.unknown_acks += 1
             log.warning("lockspace %s: answer %#x from host %d to no request of this host "
                         "(nonce %#x); ignored", sd_uuid, ev.event, ev.from_host_id, ev.data)
@@ -310,16 +323,33 @@ class FenceService:
                 log.error("host %d cannot reset itself (no watchdog): reset request %#x in "
                           "lockspace %s will not fence it; use another fence agent",
                           ev.from_host_id, ev.data, sd_uuid)
-                self._publish("|fence|cannot_reset", {"sdUUID": sd_uuid, "nonce": ev.data,
+                self._publish("|fence|cannot_reset", {"sdUUID": sd_uuid, "nonce": request.nonce,
                                                       "hostId": ev.from_host_id})
         elif request.acked_at is None:
             request.acked_at = time.monotonic()
             log.warning("host %d acknowledged reset request %#x in lockspace %s",
                         ev.from_host_id, ev.data, sd_uuid)
-            self._publish("|fence|acknowledged", {"sdUUID": sd_uuid, "nonce": ev.data,
+            self._publish("|fence|acknowledged", {"sdUUID": sd_uuid, "nonce": request.nonce,
                                                   "hostId": ev.from_host_id})
-        if slot is not None and slot.request is request:
-            slot.freed.set()  # the target read it: the lockspace's slot may be reused
+        if slot is not None and slot.request is request and not slot.cleared:
+            task = asyncio.ensure_future(self._clear_target(sd_uuid, slot, request))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _clear_target(self, sd_uuid: str, slot: _Slot, request: FenceRequest) -> None:
+        """The target read its request: stop notifying it, so that the next request set
+        in this lockspace reaches only its own target."""
+        try:
+            await self._run(sanlock.set_event, sd_uuid, request.target[sd_uuid],
+                            request.generations[sd_uuid], 0,
+                            flags=sanlock.SETEV_CLEAR_HOSTID)
+        except sanlock.SanlockError as e:
+            log.warning("lockspace %s: cannot stop notifying host %d (%s); the next request "
+                        "there waits for sanlock to", sd_uuid, request.target[sd_uuid], e)
+            return
+        if slot.request is request:
+            slot.cleared = True
+            slot.freed.set()
 
     # --- fencing (the fencer's side) ----------------------------------------------------
 
@@ -358,7 +388,7 @@ class FenceService:
             raise errors.InvalidParameterException(
                 "action", f"{action!r}: the sanlock agent can reset a host (reboot, off) or "
                 "report it (status), not power it on")
-        nonce = secrets.randbits(63) or 1
+        nonce = secrets.randbits(TARGET_SHIFT) or 1
         generations = {}
         for sd_uuid, host_id in host_map.items():
             try:
@@ -386,7 +416,7 @@ class FenceService:
         queued = []
         for sd_uuid, host_id in host_map.items():
             slot = self._slots.setdefault(sd_uuid, _Slot())
-            if not slot.lock.locked() and slot.free(sd_uuid):
+            if not slot.lock.locked() and slot.free():
                 await self._send(sd_uuid, slot, request, event)
                 continue
             # The lockspace's one event slot still carries a request the target may not
@@ -409,9 +439,10 @@ class FenceService:
                     event: int) -> None:
         host_id, generation = request.target[sd_uuid], request.generations[sd_uuid]
         await self._run(sanlock.set_event, sd_uuid, host_id, generation, event,
-                        data=request.nonce, flags=sanlock.SETEV_REPLACE_EVENT)
+                        data=request.data(sd_uuid), flags=sanlock.SETEV_REPLACE_EVENT)
         request.sent[sd_uuid] = time.monotonic()
         slot.request = request
+        slot.cleared = False
         slot.busy_until = time.monotonic() + SLOT_IO_TIMEOUTS * self._monitors.io_timeout
         slot.freed.clear()
         log.warning("asked host %d (generation %d) of lockspace %s to reset (%s, nonce "
@@ -420,7 +451,7 @@ class FenceService:
     async def _send_queued(self, sd_uuid: str, slot: _Slot, request: FenceRequest,
                            event: int) -> None:
         async with slot.lock:
-            while not slot.free(sd_uuid):
+            while not slot.free():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(slot.freed.wait(),
                                            max(0.0, slot.busy_until - time.monotonic()))
