@@ -263,3 +263,43 @@ async def test_an_unanswered_slot_frees_after_sanlocks_window(
     await asyncio.sleep(0.6)
     assert [e[1] for e in harness.set_events] == [3, 4]
     assert harness.service.requests[second["nonce"]].to_json()["queued"] == []
+
+
+@aio
+async def test_an_answer_waits_for_this_hosts_own_request(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A host without a watchdog keeps running: its "cannot reset" answer and its own
+    # requests share the lockspace's one event slot, and neither replaces the other.
+    monkeypatch.setattr(fencing, "SLOT_IO_TIMEOUTS", 30)
+    h = Harness(monkeypatch, NoWatchdog(10))
+    mine = await h.service.fence("reboot", {SD: 3})
+    h.deliver(data=0xABC)     # a request for this host, from host 1
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert [e[3] for e in h.set_events] == [EVENT_RESET | EVENT_REBOOT]
+    h.deliver(event=EVENT_RESETTING, data=3 << fencing.TARGET_SHIFT | mine["nonce"], frm=3)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    # Host 3 answered: its bit is cleared, then the answer to host 1 is set...
+    assert [(e[1], e[3]) for e in h.set_events] == [
+        (3, EVENT_RESET | EVENT_REBOOT), (3, 0), (FENCER, EVENT_CANNOT_RESET)]
+    # ...and holds the slot for sanlock's window: the next request waits behind it.
+    later = await h.service.fence("off", {SD: 4})
+    assert later["queued"] == [SD]
+    await h.service.close()
+
+
+@aio
+async def test_a_lockspace_joined_before_start_can_carry_requests(harness: Harness) -> None:
+    # No monitor holds it yet (the engine has not asked again since the restart), but
+    # sanlock does, and this host listens there: it may fence through it too.
+    other = "66666666-2222-3333-4444-555555555555"
+    with pytest.raises(Exception, match="has not joined"):
+        await harness.service.fence("reboot", {other: 3})
+    harness.service._listening[other] = _Listening(ME, MY_GEN, -1)
+    reply = await harness.service.fence("reboot", {other: 3})
+    assert harness.set_events == [(other, 3, 5, EVENT_RESET | EVENT_REBOOT,
+                                   3 << fencing.TARGET_SHIFT | reply["nonce"])]
+    with pytest.raises(Exception, match="never fences itself"):
+        await harness.service.fence("reboot", {other: ME})
+    harness.service._listening.clear()

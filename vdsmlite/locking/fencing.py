@@ -26,11 +26,14 @@ mechanism its sanlk-reset tool uses). With sanlk-reset's vocabulary:
   second target's request if their generations happen to match. So a request
   to another target in the same lockspace waits until the first target's bit
   is gone: cleared by us (SETEV_CLEAR_HOSTID) once it answered, or by sanlock
-  after `SLOT_IO_TIMEOUTS` x io_timeout. And the event data names the target
-  (`TARGET_SHIFT`), so a host never takes a request carried to it by mistake;
+  after `SLOT_IO_TIMEOUTS` x io_timeout. A "cannot reset" answer takes its turn
+  in the slot the same way (RESETTING does not: that host is going down). And
+  the event data names the target (`TARGET_SHIFT`), so a host never takes a
+  request that reached it in another target's place;
 * after an agent restart sanlock still holds the lockspaces it had joined (the
   host stays live there): `listen_to_joined` registers for their events at
-  start, before the agent reports ready, so requests are not missed meanwhile;
+  start, before the agent reports ready, so requests are not missed meanwhile
+  (and this host may fence through them before a monitor takes them over);
 * the fencer reports the target ``off`` once sanlock says it is DEAD in the
   listed lockspaces (8 x io_timeout + 60 s after its last renewal), and whether
   it acknowledged.
@@ -112,14 +115,20 @@ class FenceRequest:
 class _Slot:
     """This host's one outgoing event in a lockspace."""
 
-    request: FenceRequest | None = None   # the last request set there
+    request: FenceRequest | None = None   # the last request set there (None: an answer)
     busy_until: float = 0.0               # monotonic: sanlock may still carry it
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     cleared: bool = False                 # its target's bit cleared after its answer
     freed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def free(self) -> bool:
-        return self.request is None or self.cleared or time.monotonic() >= self.busy_until
+        return self.cleared or time.monotonic() >= self.busy_until
+
+    async def wait_free(self) -> None:
+        while not self.free():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.freed.wait(),
+                                       max(0.0, self.busy_until - time.monotonic()))
 
 
 @dataclass
@@ -300,12 +309,21 @@ class FenceService:
                      "watchdog backend is %r, nothing can reset this host; answering that "
                      "another fence agent is needed", sd_uuid, ev.from_host_id,
                      self._watchdog.watchdog.name)
-        try:
-            await self._run(sanlock.set_event, sd_uuid, ev.from_host_id, ev.from_generation,
-                            EVENT_CANNOT_RESET, data=ev.data,
-                            flags=sanlock.SETEV_REPLACE_EVENT)
-        except sanlock.SanlockError as e:
-            log.error("lockspace %s: cannot answer the reset request: %s", sd_uuid, e)
+        # This host keeps running, and so may have a request of its own in the
+        # lockspace's one event slot: the answer waits its turn rather than replace it.
+        slot = self._slots.setdefault(sd_uuid, _Slot())
+        async with slot.lock:
+            await slot.wait_free()
+            try:
+                await self._run(sanlock.set_event, sd_uuid, ev.from_host_id,
+                                ev.from_generation, EVENT_CANNOT_RESET, data=ev.data,
+                                flags=sanlock.SETEV_REPLACE_EVENT)
+            except sanlock.SanlockError as e:
+                log.error("lockspace %s: cannot answer the reset request: %s", sd_uuid, e)
+                return
+            slot.request, slot.cleared = None, False
+            slot.busy_until = time.monotonic() + SLOT_IO_TIMEOUTS * self._monitors.io_timeout
+            slot.freed.clear()
 
     def _on_ack(self, sd_uuid: str, ev: sanlock.Event) -> None:
         request = self.requests.get(ev.data & NONCE_MASK)
@@ -359,6 +377,9 @@ class FenceService:
                 "policy", "storageDomainHostIdMap must name at least one domain")
         for sd_uuid, host_id in host_map.items():
             own = self._monitors.host_id(sd_uuid)
+            if own is None and sd_uuid in self._listening:
+                # Joined before this agent started (listen_to_joined): sanlock holds it.
+                own = self._listening[sd_uuid].host_id
             if own is None:
                 raise errors.InvalidParameterException(
                     "storageDomainHostIdMap",
@@ -451,10 +472,7 @@ class FenceService:
     async def _send_queued(self, sd_uuid: str, slot: _Slot, request: FenceRequest,
                            event: int) -> None:
         async with slot.lock:
-            while not slot.free():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(slot.freed.wait(),
-                                           max(0.0, slot.busy_until - time.monotonic()))
+            await slot.wait_free()
             try:
                 await self._send(sd_uuid, slot, request, event)
             except sanlock.SanlockError as e:
