@@ -66,7 +66,8 @@ def test_fencing_resets_the_target_and_frees_what_it_held(env: StorageEnv) -> No
     # A reports B once its sanlock has read B's lease in a renewal (B joined with it).
     eventually(lambda: fence(a, "status", {dom.sd: 2})["power"] == "on", 30, "A seeing B")
     assert fence(a, "status", {dom.sd: 2}) | {"hosts": None} == {
-        "operationStatus": "initiated", "power": "on", "acknowledged": False, "hosts": None}
+        "operationStatus": "initiated", "power": "on", "acknowledged": False, "hosts": None,
+        "cannotReset": False}
 
     # B holds the domain's SDM lease (an OVF_STORE upload that never ends)...
     upload = socket.create_connection(b.agent.tcp_address or ("", 0), timeout=60)
@@ -238,3 +239,56 @@ def test_fence_requests_that_must_not_be_sent(pair: Pair, module_env: StorageEnv
     assert fence(a, "reboot", {}, agent="fake")["operationStatus"] == "initiated"
     assert code_of(a.agent, "Host.fenceNode", addr="x", agent="nope", action="status") == 43
     assert code_of(a.agent, "Host.fenceNode", addr="x", agent="../fake", action="status") == 43
+
+
+def fencing_stats(host: SimHost) -> dict[str, Any]:
+    return call(host.agent, "Host.getStats")["fencing"]  # type: ignore[no-any-return]
+
+
+def test_a_restarted_agent_hears_fence_requests_and_says_it_cannot_reset(pair: Pair) -> None:
+    a, b, dom = pair.a, pair.b, pair.dom
+    # A's agent restarts; its sanlock keeps renewing A's lease, so B sees A live...
+    a.agent.kill()
+    a.agent.start()
+    # ...and A listens there from its first answer on, though nobody asked it to
+    # monitor the domain again.
+    assert dom.sd in fencing_stats(a)["listening"]
+    assert call(a.agent, "Host.getStorageRepoStats", domains=[dom.sd]) == {}
+    assert "before this agent started" in a.agent.log_text()
+    eventually(lambda: fence(b, "status", {dom.sd: 1})["power"] == "on", 30, "B seeing A")
+
+    # A has no watchdog (backend "none"): it says it cannot reset, not "resetting".
+    assert call(a.agent, "Host.getStats")["watchdog"]["backend"] == "none"
+    reply = fence(b, "reboot", {dom.sd: 1})
+    eventually(lambda: fence(b, "status", {dom.sd: 1})["cannotReset"], 60, "A's answer")
+    status = fence(b, "status", {dom.sd: 1})
+    assert status["acknowledged"] is False and status["power"] == "on"
+    assert "use another fence agent" in status["message"]
+    received = fencing_stats(a)["received"]
+    assert [(r["nonce"], r["complied"]) for r in received] == [(reply["nonce"], False)]
+    assert call(a.agent, "Host.getStats")["watchdog"]["fenced"] is None
+    assert "cannot comply" in a.agent.log_text()
+
+
+def test_two_targets_fenced_back_to_back_both_get_their_request(env: StorageEnv) -> None:
+    # sanlock keeps one outgoing event per lockspace: the second request must not
+    # replace the first before its target read it. B and C have no watchdog, so each
+    # answers that it cannot reset - proof of which request reached whom, and fast.
+    a, b, c = env.host("host-a"), env.host("host-b"), env.host("host-c")
+    dom = make_block_domain(a.agent, env.farm, join=False)
+    join_together(dom.sd, (a.agent, 1), (b.agent, 2), (c.agent, 3))
+    for host in (b, c):
+        eventually(lambda h=host: dom.sd in fencing_stats(h)["listening"], 30,  # type: ignore[misc]
+                   "listening for fence requests")
+    eventually(lambda: all(fence(a, "status", {dom.sd: i})["power"] == "on" for i in (2, 3)),
+               30, "A seeing B and C")
+    first = fence(a, "reboot", {dom.sd: 2})
+    second = fence(a, "off", {dom.sd: 3})
+    assert "queued" not in first and second["queued"] == [dom.sd]
+    eventually(lambda: all(fence(a, "status", {dom.sd: i})["cannotReset"] for i in (2, 3)),
+               60, "both answers")
+    for host, reply in ((b, first), (c, second)):
+        assert [r["nonce"] for r in fencing_stats(host)["received"]] == [reply["nonce"]]
+    requests = {r["nonce"]: r for r in fencing_stats(a)["requests"]}
+    assert requests[second["nonce"]]["queued"] == []
+    assert fencing_stats(a)["unknownAcks"] == 0

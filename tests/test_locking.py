@@ -210,6 +210,68 @@ def test_device_backend_protocol_with_mocked_ioctl_no_watchdog_device_here(
         watchdog.DeviceWatchdog(tmp_path / "missing", 10).arm()
 
 
+def real_watchdog() -> tuple[Path | None, str]:
+    """A watchdog device a test may arm and disarm, or why there is none. Arming one
+    risks a reset if the test dies in between: a device is used only when named in
+    VDSMLITE_TEST_WATCHDOG, or when it is a softdog that will not reboot
+    (soft_noboot) and can be stopped again (nowayout 0)."""
+    named = os.environ.get("VDSMLITE_TEST_WATCHDOG")
+    if named:
+        return Path(named), ""
+    classes = Path("/sys/class/watchdog")
+    found = sorted(classes.glob("watchdog*")) if classes.is_dir() else []
+    noboot = Path("/sys/module/softdog/parameters/soft_noboot")
+
+    def attr(sysfs: Path, name: str, default: str) -> str:
+        f = sysfs / name
+        return f.read_text().strip() if f.exists() else default
+
+    for sysfs in found:
+        identity, nowayout = attr(sysfs, "identity", ""), attr(sysfs, "nowayout", "1")
+        if ("Software Watchdog" in identity and nowayout == "0" and noboot.exists()
+                and noboot.read_text().strip() in ("1", "Y")):
+            return Path("/dev") / sysfs.name, ""
+    config = Path("/proc/config.gz")
+    softdog = "softdog module not loaded"
+    if config.exists():
+        import gzip  # noqa: PLC0415
+        text = gzip.decompress(config.read_bytes()).decode(errors="replace")
+        if "# CONFIG_SOFT_WATCHDOG is not set" in text:
+            softdog = "this kernel has no softdog (CONFIG_SOFT_WATCHDOG is not set)"
+        if "# CONFIG_CUSE is not set" in text:
+            softdog += " and no CUSE to emulate a device in user space"
+    devices = [d.name for d in found] or "none"
+    return None, (f"no watchdog device this test may arm: watchdog devices: {devices}; "
+                  f"{softdog}; set VDSMLITE_TEST_WATCHDOG=/dev/watchdogN to use one (the "
+                  "mocked-ioctl test covers the protocol meanwhile)")
+
+
+def test_device_backend_on_a_real_watchdog_device() -> None:
+    from vdsmlite.locking import watchdog  # noqa: PLC0415
+
+    device, why = real_watchdog()
+    if device is None:
+        pytest.skip(why)
+    sysfs = Path("/sys/class/watchdog") / device.name
+
+    def state() -> str | None:
+        return (sysfs / "state").read_text().strip() if (sysfs / "state").exists() else None
+
+    wd = watchdog.DeviceWatchdog(device, 30)
+    wd.arm()
+    try:
+        assert state() in (None, "active")
+        if (sysfs / "timeout").exists():
+            # What the driver accepted is what the backend reports.
+            assert int((sysfs / "timeout").read_text()) == wd.timeout
+        wd.keepalive()
+        if (sysfs / "timeleft").exists():
+            assert int((sysfs / "timeleft").read_text()) >= wd.timeout - 5
+    finally:
+        wd.disarm()  # the magic close: the driver stops the countdown
+    assert state() in (None, "inactive")
+
+
 def test_unusable_watchdog_device_stops_start_up(tmp_path: Path) -> None:
     from fake_storage.agent import Agent  # noqa: PLC0415
 

@@ -117,7 +117,7 @@ class SanlockSection:
 class WatchdogSection:
     # "device": a Linux watchdog device (keepalive ioctl, magic close on clean stop);
     # "emulated": fake_storage's emulated watchdog (tests); "none": nothing resets
-    # this host when fenced through storage (it only logs). On hosts where wdmd owns
+    # this host when fenced through storage (it answers "cannot reset"). Where wdmd owns
     # /dev/watchdog, point `device` at a second watchdog (e.g. a softdog instance).
     backend: str = "none"
     device: Path = Path("/dev/watchdog")

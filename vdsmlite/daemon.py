@@ -187,6 +187,9 @@ class Daemon:
             await services.watchdog.start()
         except WatchdogError as e:
             raise StartupError(str(e)) from e
+        # After an agent restart sanlock still renews the lockspaces it joined (peers see
+        # this host live there): hear fence requests in them before anything else.
+        await services.fencing.listen_to_joined()
         app, dispatcher = build_app(services)
         runner = web.AppRunner(app, handle_signals=False, access_log=None,
                                shutdown_timeout=cfg.daemon.shutdown_timeout)

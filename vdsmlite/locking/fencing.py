@@ -15,7 +15,25 @@ mechanism its sanlk-reset tool uses). With sanlk-reset's vocabulary:
   generation, so a restarted host can receive a request meant for its previous
   incarnation, which it ignores - then marks the lockspace used (so it cannot
   leave cleanly and look FREE), answers RESETTING to the sender with the same
-  nonce, and stops petting its watchdog, which resets it;
+  nonce, and stops petting its watchdog, which resets it. A host whose watchdog
+  backend is "none" cannot be reset that way: it answers CANNOT_RESET (a
+  vdsmlite bit, outside sanlk-reset's) instead, keeps running, and the fencer's
+  status says so - another fence agent is needed;
+* sanlock keeps one outgoing event per lockspace: set_event replaces its
+  generation/event/data and adds the target to a bitmap of hosts notified, a bit
+  that stays set for set_bitmap_seconds (6 x io_timeout). A second request set
+  meanwhile is what every notified host reads - the first target would take the
+  second target's request if their generations happen to match. So a request
+  to another target in the same lockspace waits until the first target's bit
+  is gone: cleared by us (SETEV_CLEAR_HOSTID) once it answered, or by sanlock
+  after `SLOT_IO_TIMEOUTS` x io_timeout. A "cannot reset" answer takes its turn
+  in the slot the same way (RESETTING does not: that host is going down). And
+  the event data names the target (`TARGET_SHIFT`), so a host never takes a
+  request that reached it in another target's place;
+* after an agent restart sanlock still holds the lockspaces it had joined (the
+  host stays live there): `listen_to_joined` registers for their events at
+  start, before the agent reports ready, so requests are not missed meanwhile
+  (and this host may fence through them before a monitor takes them over);
 * the fencer reports the target ``off`` once sanlock says it is DEAD in the
   listed lockspaces (8 x io_timeout + 60 s after its last renewal), and whether
   it acknowledged.
@@ -38,6 +56,7 @@ from typing import Any
 
 from vdsmlite import errors
 from vdsmlite.blocking import RunBlocking
+from vdsmlite.ids import parse_uuid
 from vdsmlite.locking import sanlock
 from vdsmlite.locking.monitor import MonitorManager
 from vdsmlite.locking.watchdog import WatchdogService
@@ -49,6 +68,17 @@ EVENT_RESET = 1
 EVENT_RESETTING = 2
 EVENT_REBOOT = 4
 EVENT_REBOOTING = 8
+# vdsmlite's answer when no watchdog can reset this host (a bit sanlk-reset never uses)
+EVENT_CANNOT_RESET = 0x10000
+
+# Event data: the target's host id above TARGET_SHIFT, a random nonce below (host
+# ids are at most 2000). Data naming host 0 (sanlk-reset sends 0) is for anyone.
+TARGET_SHIFT = 48
+NONCE_MASK = (1 << TARGET_SHIFT) - 1
+
+# sanlock notifies a target for set_bitmap_seconds (6 x io_timeout) after set_event;
+# the renewal that drops its bit comes up to 2 x io_timeout later; one more of slack.
+SLOT_IO_TIMEOUTS = 9
 
 MAX_REQUESTS_KEPT = 100  # the newest requests sent, for status and acknowledgements
 
@@ -65,11 +95,40 @@ class FenceRequest:
     action: str
     started: float = field(default_factory=time.monotonic)
     acked_at: float | None = None         # monotonic, first RESETTING seen
+    cannot_reset: dict[str, float] = field(default_factory=dict)  # sdUUID -> answer time
+    sent: dict[str, float] = field(default_factory=dict)    # sdUUID -> monotonic, event set
+    failed: dict[str, str] = field(default_factory=dict)    # sdUUID -> why it was not sent
+
+    def data(self, sd_uuid: str) -> int:
+        return self.target[sd_uuid] << TARGET_SHIFT | self.nonce
 
     def to_json(self) -> dict[str, Any]:
         return {"nonce": self.nonce, "target": self.target, "action": self.action,
                 "generations": self.generations, "acknowledged": self.acked_at is not None,
+                "cannotReset": sorted(self.cannot_reset),
+                "queued": sorted(set(self.target) - set(self.sent) - set(self.failed)),
+                "failed": self.failed,
                 "age": round(time.monotonic() - self.started, 1)}
+
+
+@dataclass
+class _Slot:
+    """This host's one outgoing event in a lockspace."""
+
+    request: FenceRequest | None = None   # the last request set there (None: an answer)
+    busy_until: float = 0.0               # monotonic: sanlock may still carry it
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    cleared: bool = False                 # its target's bit cleared after its answer
+    freed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def free(self) -> bool:
+        return self.cleared or time.monotonic() >= self.busy_until
+
+    async def wait_free(self) -> None:
+        while not self.free():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.freed.wait(),
+                                       max(0.0, self.busy_until - time.monotonic()))
 
 
 @dataclass
@@ -88,19 +147,23 @@ class FenceService:
         self._publish = publish
         self._listening: dict[str, _Listening] = {}
         self._seen: set[tuple[str, int, int, int]] = set()
+        self._slots: dict[str, _Slot] = {}
         self.requests: dict[int, FenceRequest] = {}
         self.received: list[dict[str, Any]] = []   # reset requests taken (newest last)
         self.ignored = 0
+        self.unknown_acks = 0   # answers naming no request of ours
         monitors.subscribe(self)
         self._tasks: set[asyncio.Future[None]] = set()
+        self._sending: set[asyncio.Future[None]] = set()   # queued requests
 
     # --- listening (the target's side) --------------------------------------------------
 
-    async def lockspace_joined(self, sd_uuid: str, host_id: int) -> None:
+    async def lockspace_joined(self, sd_uuid: str, host_id: int, *,
+                               attempts: int = 60) -> None:
         """Called by the domain monitor once our host id is held."""
         await self.lockspace_left(sd_uuid)
         try:
-            generation = await self._own_generation(sd_uuid, host_id)
+            generation = await self._own_generation(sd_uuid, host_id, attempts)
             fd = await self._run(sanlock.reg_event, sd_uuid)
         except sanlock.SanlockError as e:
             log.error("cannot watch lockspace %s for fence requests: %s", sd_uuid, e)
@@ -121,9 +184,30 @@ class FenceService:
             with contextlib.suppress(OSError):
                 os.close(listening.fd)
 
-    async def _own_generation(self, sd_uuid: str, host_id: int) -> int:
+    async def listen_to_joined(self) -> list[str]:
+        """Listen on every lockspace this host's sanlock holds (called at start: after
+        an agent restart sanlock still renews them and peers see this host live, but
+        no monitor announces them until the engine asks again). Lockspaces not named
+        by a domain UUID belong to other users of the daemon and are left alone."""
+        try:
+            lockspaces = await self._run(sanlock.get_lockspaces)
+        except sanlock.SanlockError as e:
+            log.warning("cannot list the lockspaces this host joined (%s): fence requests "
+                        "are heard once domain monitors join them", e)
+            return []
+        for ls in lockspaces:
+            if parse_uuid(ls.name) != ls.name or ls.name in self._listening:
+                continue
+            # A lockspace still being joined answers EAGAIN: its monitor announces it.
+            await self.lockspace_joined(ls.name, ls.host_id, attempts=4)
+            if ls.name in self._listening:
+                log.info("lockspace %s was joined before this agent started (host id %d)",
+                         ls.name, ls.host_id)
+        return sorted(self._listening)
+
+    async def _own_generation(self, sd_uuid: str, host_id: int, attempts: int) -> int:
         # get_hosts answers EAGAIN for the first seconds after joining.
-        for _ in range(60):
+        for _ in range(attempts):
             try:
                 hosts = await self._run(sanlock.get_hosts, sd_uuid, host_id)
             except sanlock.SanlockError as e:
@@ -166,13 +250,15 @@ class FenceService:
             self._on_event(sd_uuid, listening, event)
 
     def _on_event(self, sd_uuid: str, me: _Listening, ev: sanlock.Event) -> None:
-        if ev.event & (EVENT_RESETTING | EVENT_REBOOTING):
+        if ev.event & (EVENT_RESETTING | EVENT_REBOOTING | EVENT_CANNOT_RESET):
             self._on_ack(sd_uuid, ev)
         if not ev.event & (EVENT_RESET | EVENT_REBOOT):
             return
         where = (f"lockspace {sd_uuid}: reset request from host {ev.from_host_id} "
                  f"(generation {ev.from_generation}, nonce {ev.data:#x})")
-        if ev.from_host_id == me.host_id or ev.host_id != me.host_id:
+        addressed = ev.data >> TARGET_SHIFT
+        if (ev.from_host_id == me.host_id or ev.host_id != me.host_id
+                or addressed not in (0, me.host_id)):
             self.ignored += 1
             log.warning("%s: not for this host (id %d); ignored", where, me.host_id)
             return
@@ -187,8 +273,9 @@ class FenceService:
         self._seen.add(key)
         log.critical("%s: this host is being fenced", where)
         record = {"sdUUID": sd_uuid, "fromHostId": ev.from_host_id,
-                  "fromGeneration": ev.from_generation, "nonce": ev.data,
+                  "fromGeneration": ev.from_generation, "nonce": ev.data & NONCE_MASK,
                   "hostId": me.host_id, "generation": me.generation, "time": time.time()}
+        record["complied"] = self._watchdog.can_reset
         self.received.append(record)
         self._publish("|fence|reset_requested", record)
         task = asyncio.ensure_future(self._comply(sd_uuid, ev))
@@ -196,6 +283,9 @@ class FenceService:
         task.add_done_callback(self._tasks.discard)
 
     async def _comply(self, sd_uuid: str, ev: sanlock.Event) -> None:
+        if not self._watchdog.can_reset:
+            await self._refuse(sd_uuid, ev)
+            return
         # Used: the lockspace may not exit cleanly from now on, so peers can only see
         # this host DEAD (after the watchdog fired), never FREE while it still runs.
         try:
@@ -211,18 +301,73 @@ class FenceService:
         self._watchdog.stop_petting(
             f"fenced through storage domain {sd_uuid} by host {ev.from_host_id}")
 
+    async def _refuse(self, sd_uuid: str, ev: sanlock.Event) -> None:
+        # Nothing would reset this host: saying "resetting" would have the fencer wait
+        # for a death that never comes. The lockspace is not marked used either - this
+        # host keeps running and may still leave it cleanly.
+        log.critical("lockspace %s: cannot comply with the reset request of host %d: the "
+                     "watchdog backend is %r, nothing can reset this host; answering that "
+                     "another fence agent is needed", sd_uuid, ev.from_host_id,
+                     self._watchdog.watchdog.name)
+        # This host keeps running, and so may have a request of its own in the
+        # lockspace's one event slot: the answer waits its turn rather than replace it.
+        slot = self._slots.setdefault(sd_uuid, _Slot())
+        async with slot.lock:
+            await slot.wait_free()
+            try:
+                await self._run(sanlock.set_event, sd_uuid, ev.from_host_id,
+                                ev.from_generation, EVENT_CANNOT_RESET, data=ev.data,
+                                flags=sanlock.SETEV_REPLACE_EVENT)
+            except sanlock.SanlockError as e:
+                log.error("lockspace %s: cannot answer the reset request: %s", sd_uuid, e)
+                return
+            slot.request, slot.cleared = None, False
+            slot.busy_until = time.monotonic() + SLOT_IO_TIMEOUTS * self._monitors.io_timeout
+            slot.freed.clear()
+
     def _on_ack(self, sd_uuid: str, ev: sanlock.Event) -> None:
-        request = self.requests.get(ev.data)
-        if request is None or sd_uuid not in request.target:
+        request = self.requests.get(ev.data & NONCE_MASK)
+        if (request is None or sd_uuid not in request.target
+                or request.target[sd_uuid] != ev.from_host_id
+                or ev.data >> TARGET_SHIFT not in (0, ev.from_host_id)):
+            self.unknown_acks += 1
+            log.warning("lockspace %s: answer %#x from host %d to no request of this host "
+                        "(nonce %#x); ignored", sd_uuid, ev.event, ev.from_host_id, ev.data)
             return
-        if request.target[sd_uuid] != ev.from_host_id:
-            return
-        if request.acked_at is None:
+        slot = self._slots.get(sd_uuid)
+        if ev.event & EVENT_CANNOT_RESET:
+            if sd_uuid not in request.cannot_reset:
+                request.cannot_reset[sd_uuid] = time.monotonic()
+                log.error("host %d cannot reset itself (no watchdog): reset request %#x in "
+                          "lockspace %s will not fence it; use another fence agent",
+                          ev.from_host_id, ev.data, sd_uuid)
+                self._publish("|fence|cannot_reset", {"sdUUID": sd_uuid, "nonce": request.nonce,
+                                                      "hostId": ev.from_host_id})
+        elif request.acked_at is None:
             request.acked_at = time.monotonic()
             log.warning("host %d acknowledged reset request %#x in lockspace %s",
                         ev.from_host_id, ev.data, sd_uuid)
-            self._publish("|fence|acknowledged", {"sdUUID": sd_uuid, "nonce": ev.data,
+            self._publish("|fence|acknowledged", {"sdUUID": sd_uuid, "nonce": request.nonce,
                                                   "hostId": ev.from_host_id})
+        if slot is not None and slot.request is request and not slot.cleared:
+            task = asyncio.ensure_future(self._clear_target(sd_uuid, slot, request))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _clear_target(self, sd_uuid: str, slot: _Slot, request: FenceRequest) -> None:
+        """The target read its request: stop notifying it, so that the next request set
+        in this lockspace reaches only its own target."""
+        try:
+            await self._run(sanlock.set_event, sd_uuid, request.target[sd_uuid],
+                            request.generations[sd_uuid], 0,
+                            flags=sanlock.SETEV_CLEAR_HOSTID)
+        except sanlock.SanlockError as e:
+            log.warning("lockspace %s: cannot stop notifying host %d (%s); the next request "
+                        "there waits for sanlock to", sd_uuid, request.target[sd_uuid], e)
+            return
+        if slot.request is request:
+            slot.cleared = True
+            slot.freed.set()
 
     # --- fencing (the fencer's side) ----------------------------------------------------
 
@@ -232,6 +377,9 @@ class FenceService:
                 "policy", "storageDomainHostIdMap must name at least one domain")
         for sd_uuid, host_id in host_map.items():
             own = self._monitors.host_id(sd_uuid)
+            if own is None and sd_uuid in self._listening:
+                # Joined before this agent started (listen_to_joined): sanlock holds it.
+                own = self._listening[sd_uuid].host_id
             if own is None:
                 raise errors.InvalidParameterException(
                     "storageDomainHostIdMap",
@@ -261,7 +409,7 @@ class FenceService:
             raise errors.InvalidParameterException(
                 "action", f"{action!r}: the sanlock agent can reset a host (reboot, off) or "
                 "report it (status), not power it on")
-        nonce = secrets.randbits(63) or 1
+        nonce = secrets.randbits(TARGET_SHIFT) or 1
         generations = {}
         for sd_uuid, host_id in host_map.items():
             try:
@@ -286,13 +434,51 @@ class FenceService:
         self.requests[nonce] = request
         while len(self.requests) > MAX_REQUESTS_KEPT:
             del self.requests[next(iter(self.requests))]
+        queued = []
         for sd_uuid, host_id in host_map.items():
-            await self._run(sanlock.set_event, sd_uuid, host_id, generations[sd_uuid], event,
-                            data=nonce, flags=sanlock.SETEV_REPLACE_EVENT)
-            log.warning("asked host %d (generation %d) of lockspace %s to reset (%s, nonce "
-                        "%#x)", host_id, generations[sd_uuid], sd_uuid, action, nonce)
+            slot = self._slots.setdefault(sd_uuid, _Slot())
+            if not slot.lock.locked() and slot.free():
+                await self._send(sd_uuid, slot, request, event)
+                continue
+            # The lockspace's one event slot still carries a request the target may not
+            # have read: replacing it would lose that request. Sent once it is free.
+            queued.append(sd_uuid)
+            log.warning("reset request %#x for host %d in lockspace %s queued behind "
+                        "request %#x", nonce, host_id, sd_uuid,
+                        slot.request.nonce if slot.request else 0)
+            task = asyncio.ensure_future(self._send_queued(sd_uuid, slot, request, event))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
         self._publish("|fence|requested", request.to_json())
-        return {"operationStatus": "initiated", "power": "unknown", "nonce": nonce}
+        reply: dict[str, Any] = {"operationStatus": "initiated", "power": "unknown",
+                                 "nonce": nonce}
+        if queued:
+            reply["queued"] = queued
+        return reply
+
+    async def _send(self, sd_uuid: str, slot: _Slot, request: FenceRequest,
+                    event: int) -> None:
+        host_id, generation = request.target[sd_uuid], request.generations[sd_uuid]
+        await self._run(sanlock.set_event, sd_uuid, host_id, generation, event,
+                        data=request.data(sd_uuid), flags=sanlock.SETEV_REPLACE_EVENT)
+        request.sent[sd_uuid] = time.monotonic()
+        slot.request = request
+        slot.cleared = False
+        slot.busy_until = time.monotonic() + SLOT_IO_TIMEOUTS * self._monitors.io_timeout
+        slot.freed.clear()
+        log.warning("asked host %d (generation %d) of lockspace %s to reset (%s, nonce "
+                    "%#x)", host_id, generation, sd_uuid, request.action, request.nonce)
+
+    async def _send_queued(self, sd_uuid: str, slot: _Slot, request: FenceRequest,
+                           event: int) -> None:
+        async with slot.lock:
+            await slot.wait_free()
+            try:
+                await self._send(sd_uuid, slot, request, event)
+            except sanlock.SanlockError as e:
+                request.failed[sd_uuid] = str(e)
+                log.error("queued reset request %#x for lockspace %s not sent: %s",
+                          request.nonce, sd_uuid, e)
 
     async def status(self, host_map: dict[str, int]) -> dict[str, Any]:
         states = await self.host_states(host_map)
@@ -303,17 +489,27 @@ class FenceService:
             power = "on"
         else:
             power = "unknown"
-        acked = [r for r in self.requests.values() if r.acked_at is not None
-                 and any(r.target.get(sd) == h for sd, h in host_map.items())]
-        return {"operationStatus": "initiated", "power": power, "hosts": states,
-                "acknowledged": bool(acked)}
+        mine = [r for r in self.requests.values()
+                if any(r.target.get(sd) == h for sd, h in host_map.items())]
+        acked = [r for r in mine if r.acked_at is not None]
+        cannot = sorted({sd for r in mine for sd in r.cannot_reset if sd in host_map})
+        out = {"operationStatus": "initiated", "power": power, "hosts": states,
+               "acknowledged": bool(acked), "cannotReset": bool(cannot)}
+        if cannot and not acked:
+            out["message"] = (f"the target answered in {', '.join(cannot)} that it cannot "
+                              "reset itself (it has no watchdog): it will not be fenced "
+                              "through storage, use another fence agent")
+        return out
 
     def status_json(self) -> dict[str, Any]:
         return {"listening": {sd: {"hostId": x.host_id, "generation": x.generation}
                               for sd, x in self._listening.items()},
                 "requests": [r.to_json() for r in self.requests.values()],
-                "received": self.received, "ignored": self.ignored}
+                "received": self.received, "ignored": self.ignored,
+                "unknownAcks": self.unknown_acks}
 
     async def close(self) -> None:
+        for task in list(self._sending):
+            task.cancel()
         for sd_uuid in list(self._listening):
             await self.lockspace_left(sd_uuid)

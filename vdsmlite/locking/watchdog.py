@@ -11,7 +11,8 @@ event loop, so a hung agent stops petting too. Backends:
 * `EmulatedWatchdog`: `fake_storage.watchdog`'s emulated device, over a unix
   datagram socket (``arm <timeout>``, ``pet``, ``V``); it "resets" the
   simulated host when petting stops. For machines without a watchdog.
-* `NoWatchdog`: nothing will reset this host; a fence request is only logged.
+* `NoWatchdog`: nothing will reset this host; a fence request is logged and
+  answered with "cannot reset" (see fencing.EVENT_CANNOT_RESET).
 
 Backends block (ioctl, sendto): `WatchdogService` calls them in the executor
 for open/close and inline for the keepalive, which never blocks for long.
@@ -44,6 +45,7 @@ class WatchdogError(Exception):
 
 class Watchdog(ABC):
     name: str = "none"
+    can_reset = True  # False: nothing resets this host when petting stops
 
     def __init__(self, timeout: int) -> None:
         self.timeout = timeout
@@ -65,6 +67,7 @@ class Watchdog(ABC):
 
 class NoWatchdog(Watchdog):
     name = "none"
+    can_reset = False
 
     def arm(self) -> None:
         log.warning("no watchdog configured: a fence request cannot reset this host")
@@ -157,6 +160,11 @@ class WatchdogService:
         self.failures = 0
         self.last_keepalive: float | None = None
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def can_reset(self) -> bool:
+        """Whether abandoning the watchdog resets this host (not with "none")."""
+        return self.watchdog.can_reset
 
     async def start(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.watchdog.arm)
