@@ -121,7 +121,7 @@ def harness(monkeypatch: pytest.MonkeyPatch) -> Harness:
 
 
 @aio
-async def test_duplicate_delivery_is_taken_once(harness: Harness) -> None:
+async def test_duplicate_delivery_is_taken_once_faked_sanlock(harness: Harness) -> None:
     # sanlock delivers an event at each of 2-3 renewals: one request, one reset.
     for _ in range(3):
         harness.deliver()
@@ -140,7 +140,7 @@ async def test_duplicate_delivery_is_taken_once(harness: Harness) -> None:
 
 
 @aio
-async def test_generation_0_means_whatever_generation(harness: Harness) -> None:
+async def test_generation_0_means_whatever_generation_faked_sanlock(harness: Harness) -> None:
     harness.deliver(gen=0, event=EVENT_RESET | EVENT_REBOOT)
     await harness.settle()
     assert harness.service.received[0]["generation"] == MY_GEN
@@ -149,7 +149,7 @@ async def test_generation_0_means_whatever_generation(harness: Harness) -> None:
 
 
 @aio
-async def test_a_previous_generation_is_ignored(harness: Harness) -> None:
+async def test_a_previous_generation_is_ignored_faked_sanlock(harness: Harness) -> None:
     harness.deliver(gen=MY_GEN - 1)
     await harness.settle()
     assert harness.service.received == [] and harness.service.ignored == 1
@@ -157,7 +157,7 @@ async def test_a_previous_generation_is_ignored(harness: Harness) -> None:
 
 
 @aio
-async def test_an_event_from_this_hosts_own_id_is_ignored(harness: Harness) -> None:
+async def test_an_event_from_this_hosts_own_id_is_ignored_faked_sanlock(harness: Harness) -> None:
     harness.deliver(frm=ME, frm_gen=MY_GEN)
     await harness.settle()
     assert harness.service.received == [] and harness.service.ignored == 1
@@ -170,7 +170,8 @@ async def test_an_event_from_this_hosts_own_id_is_ignored(harness: Harness) -> N
 
 
 @aio
-async def test_a_request_whose_data_names_another_host_is_ignored(harness: Harness) -> None:
+async def test_a_request_whose_data_names_another_host_is_ignored_faked_sanlock(
+        harness: Harness) -> None:
     # sanlock notifies every host whose bit is set with the sender's latest event:
     # another target's request must not reset this host, whatever its generation.
     harness.deliver(data=(ME + 1) << fencing.TARGET_SHIFT | 0xABC)
@@ -185,7 +186,7 @@ async def test_a_request_whose_data_names_another_host_is_ignored(harness: Harne
 
 
 @aio
-async def test_an_answer_with_an_unknown_nonce_is_ignored(harness: Harness) -> None:
+async def test_an_answer_with_an_unknown_nonce_is_ignored_faked_sanlock(harness: Harness) -> None:
     reply = await harness.service.fence("reboot", {SD: 3})
     nonce = reply["nonce"]
     for event, data, frm in ((EVENT_RESETTING, nonce ^ 1, 3),         # unknown nonce
@@ -204,7 +205,8 @@ async def test_an_answer_with_an_unknown_nonce_is_ignored(harness: Harness) -> N
 
 
 @aio
-async def test_no_watchdog_answers_cannot_reset(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_no_watchdog_answers_cannot_reset_faked_sanlock(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     h = Harness(monkeypatch, NoWatchdog(10))
     h.deliver()
     await h.settle()
@@ -224,7 +226,7 @@ async def test_no_watchdog_answers_cannot_reset(monkeypatch: pytest.MonkeyPatch)
 
 
 @aio
-async def test_second_request_in_a_lockspace_waits_for_the_first(
+async def test_second_request_in_a_lockspace_waits_for_the_first_faked_sanlock(
         harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fencing, "SLOT_IO_TIMEOUTS", 30)  # only an answer frees the slot
     first = await harness.service.fence("reboot", {SD: 3})
@@ -254,7 +256,7 @@ async def test_second_request_in_a_lockspace_waits_for_the_first(
 
 
 @aio
-async def test_an_unanswered_slot_frees_after_sanlocks_window(
+async def test_an_unanswered_slot_frees_after_sanlocks_window_faked_sanlock(
         harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fencing, "SLOT_IO_TIMEOUTS", 0.3)
     await harness.service.fence("reboot", {SD: 3})
@@ -266,7 +268,7 @@ async def test_an_unanswered_slot_frees_after_sanlocks_window(
 
 
 @aio
-async def test_an_answer_waits_for_this_hosts_own_request(
+async def test_an_answer_waits_for_this_hosts_own_request_faked_sanlock(
         monkeypatch: pytest.MonkeyPatch) -> None:
     # A host without a watchdog keeps running: its "cannot reset" answer and its own
     # requests share the lockspace's one event slot, and neither replaces the other.
@@ -290,7 +292,8 @@ async def test_an_answer_waits_for_this_hosts_own_request(
 
 
 @aio
-async def test_a_lockspace_joined_before_start_can_carry_requests(harness: Harness) -> None:
+async def test_a_lockspace_joined_before_start_can_carry_requests_faked_sanlock(
+        harness: Harness) -> None:
     # No monitor holds it yet (the engine has not asked again since the restart), but
     # sanlock does, and this host listens there: it may fence through it too.
     other = "66666666-2222-3333-4444-555555555555"
