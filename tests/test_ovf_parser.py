@@ -123,7 +123,10 @@ EXPECTED: dict[str, Entity] = {
             Snapshot("b60fcbad-d65a-4248-ae32-7f9411276df0", "ACTIVE", "Active VM",
                      "2013/05/27 14:44:12"),
             Snapshot("22eab740-c6ec-4edb-b417-c4ad9efe628a", "REGULAR", "snap",
-                     "2017/09/10 13:22:45"),
+                     "2017/09/10 13:22:45",
+                     # <Memory> items 2 and 4: the memory dump and metadata disks
+                     ("478f4e8d-48e1-4265-82dd-a7844b61d6cb",
+                      "1fc95389-c167-42c5-8ef6-720f4f369331")),
         ),
         disks=(
             Disk(
@@ -253,7 +256,9 @@ def test_to_dict_is_json_with_camel_case_keys() -> None:
     assert d["memory"] == 1024
     assert d["snapshots"][1] == {"id": "22eab740-c6ec-4edb-b417-c4ad9efe628a",
                                  "type": "REGULAR", "description": "snap",
-                                 "creationDate": "2017/09/10 13:22:45"}
+                                 "creationDate": "2017/09/10 13:22:45",
+                                 "memoryDisks": ["478f4e8d-48e1-4265-82dd-a7844b61d6cb",
+                                                 "1fc95389-c167-42c5-8ef6-720f4f369331"]}
     assert d["disks"][0]["volumeIds"] == ["f934b12c-1e22-4ad8-bbce-ec0b2a5defa4"]
     assert d["disks"][1] == {
         "diskId": "eb331cad-8842-48d9-9c56-40b893dc8b1e", "imageId": None, "volumeIds": [],
@@ -791,3 +796,21 @@ def test_validator_cannot_be_reused() -> None:
         validator.feed(b" ")
     with pytest.raises(OvfError, match="closed"):
         validator.close()
+
+
+@needs_samples
+@pytest.mark.parametrize(("memory", "expected"), [
+    # the engine's six GUIDs: dump domain, pool, dump disk, dump volume, metadata disk
+    # and volume; only the disks (items 2 and 4) are kept, lower case
+    ("A,B,478F4E8D-48E1-4265-82DD-A7844B61D6CB,v, 1fc95389-c167-42c5-8ef6-720f4f369331 ,w",
+     ("478f4e8d-48e1-4265-82dd-a7844b61d6cb", "1fc95389-c167-42c5-8ef6-720f4f369331")),
+    ("", ()),                                              # no memory
+    ("a,b,478f4e8d-48e1-4265-82dd-a7844b61d6cb", ("478f4e8d-48e1-4265-82dd-a7844b61d6cb",)),
+    (f"a,b,{BLANK},c,not-a-uuid,d", ()),                   # blank and junk name no disk
+])
+def test_snapshot_memory_disks(memory: str, expected: tuple[str, ...]) -> None:
+    text = sample("engine-vmOvfData-vm-lun-snapshots.ovf").decode()
+    start = text.index("<Memory>") + len("<Memory>")
+    text = text[:start] + memory + text[text.index("</Memory>"):]
+    snapshot = parse(text.encode()).snapshots[1]
+    assert snapshot.memory_disks == expected

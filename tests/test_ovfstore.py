@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import socket
 import tarfile
 import threading
@@ -33,6 +34,7 @@ from tests.ovf_helpers import (
 )
 from tests.storage_helpers import (
     BLANK,
+    COW,
     DomainUnderTest,
     SharedDomains,
     StorageEnv,
@@ -385,21 +387,76 @@ def test_concurrent_edits_and_uploads_lose_nothing(dom: DomainUnderTest) -> None
         {eid for eid, _ in base + added}
 
 
+MEMORY_LIST = re.compile(r"<Memory>([^<]*)</Memory>")
+
+
 def test_unregistered_disks(dom: DomainUnderTest) -> None:
-    img_claimed, _ = dom.create_volume(size=1 << 20)
+    """The engine's rules (GetUnregisteredDisksQuery, GetUnregisteredDiskQuery,
+    OvfUtils.fetchVmDisks/fetchMemoryDisks): an image is a floating disk when no OVF
+    of the newest store refers to it - by References or as a snapshot's memory disk -
+    it is no OVF_STORE and no memory disk, and it has a single volume."""
+    mb = 1 << 20
+    img_claimed, _ = dom.create_volume(size=mb)
     img_floating, vol_floating = dom.create_volume(
-        size=1 << 20, desc='{"DiskAlias":"orphan-disk","DiskDescription":"left behind"}')
+        size=mb, desc='{"DiskAlias":"orphan-disk","DiskDescription":"left behind"}')
+    # The sample's snapshot memory: items 2 and 4 of its <Memory> list are our images.
+    img_mem_dump, _ = dom.create_volume(size=mb, disk_type="MEMD")
+    img_mem_meta, _ = dom.create_volume(size=mb, disk_type="MEMM")
+    img_mem_data, _ = dom.create_volume(size=mb)  # a memory disk that says only DATA
+    # Memory disks no OVF names: by DISKTYPE, and by the engine's description or alias.
+    dom.create_volume(size=mb, disk_type="MEMD")
+    dom.create_volume(size=mb, disk_type="MEMM")
+    dom.create_volume(size=mb, desc=json.dumps({
+        "DiskAlias": "vm1_snapshot_memory",
+        "DiskDescription": "Memory snapshot disk for snapshot 'snap' of VM 'vm1' "
+                           f"(VM ID: '{uuid.uuid4()}')"}))
+    dom.create_volume(size=mb, desc=json.dumps({"DiskAlias": "vm1_hibernation_metadata",
+                                                "DiskDescription": ""}))
+    # An image with a snapshot: not registrable, not listed.
+    img_chain, base = dom.create_volume(size=mb, fmt=COW)
+    dom.create_volume(img_chain, size=mb, fmt=COW, parent=base)
+    # Named only by an OVF that does not parse (it has no entity id): not floating.
+    img_in_bad, _ = dom.create_volume(size=mb)
+
     eid, ovf = entity_ovf("owner")
     text = ovf.decode()
-    # point the sample's image disk at our claimed image
     old_img = text.split('ovf:fileRef="', 1)[1].split("/", 1)[0]
-    ovf = text.replace(old_img, img_claimed).encode()
-    put_store(dom.agent, dom.sd, store_tar(dom.sd, [(eid, ovf)]))
+    text = text.replace(old_img, img_claimed)
+    guids = MEMORY_LIST.search(text)
+    assert guids is not None
+    memory = guids.group(1).split(",")
+    memory[2], memory[4] = img_mem_dump, img_mem_meta
+    text = text.replace(guids.group(1), ",".join(memory))
+    # A second VM whose only memory snapshot names the DATA image as its dump disk.
+    eid2, ovf2 = entity_ovf("owner-2")
+    text2 = ovf2.decode().replace(guids.group(1), ",".join(
+        [*memory[:2], img_mem_data, *memory[3:4], BLANK, BLANK]))
+    bad_id = str(uuid.uuid4())
+    envelope = '<ovf:Envelope xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1/">'
+    bad = (f'{envelope}<References><File ovf:href="{img_in_bad}/{uuid.uuid4()}"/>'
+           "</References><Content><Name>x</Name></Content></ovf:Envelope>").encode()
+    status, reply = put_store(dom.agent, dom.sd, store_tar(
+        dom.sd, [(eid, text.encode()), (eid2, text2.encode()), (bad_id, bad)]))
+    assert status == 200, reply
+    listed = entities(dom)
+    assert [e["id"] for e in listed["invalidEntities"]] == [bad_id]
+    snaps = {e["id"]: e["snapshots"] for e in listed["entities"]}
+    assert snaps[eid][1]["memoryDisks"] == [img_mem_dump, img_mem_meta]
+    assert snaps[eid2][1]["memoryDisks"] == [img_mem_data]
+    assert len(stores(dom)) == 2  # the OVF_STORE images: on the domain, never listed
+
     with dom.client as c:
         floating = c.call("StorageDomain.getUnregisteredDisks", {"storagedomainID": dom.sd})
     assert [d["imageID"] for d in floating] == [img_floating]
     assert floating[0]["volumeIDs"] == [vol_floating]
     assert (floating[0]["alias"], floating[0]["description"]) == ("orphan-disk", "left behind")
+
+    # Once its VM is gone from the store, the claimed image floats; the memory disks of
+    # that VM's snapshot are still memory disks by their DISKTYPE.
+    with dom.client as c:
+        c.call("StorageDomain.removeOVFEntity", {"storagedomainID": dom.sd, "entityID": eid})
+        floating = c.call("StorageDomain.getUnregisteredDisks", {"storagedomainID": dom.sd})
+    assert sorted(d["imageID"] for d in floating) == sorted([img_floating, img_claimed])
 
 
 def test_entities_survive_detach_and_attach_to_a_new_pool(env: StorageEnv,

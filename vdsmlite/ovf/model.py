@@ -87,10 +87,14 @@ class Snapshot:
     type: str | None
     description: str | None
     creation_date: str | None
+    # Image ids of the snapshot's memory dump and memory metadata disks (its <Memory>
+    # six-GUID list, items 2 and 4, as the engine's OvfUtils.fetchMemoryDisks reads it);
+    # () for a snapshot without memory
+    memory_disks: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "type": self.type, "description": self.description,
-                "creationDate": self.creation_date}
+                "creationDate": self.creation_date, "memoryDisks": list(self.memory_disks)}
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,14 +68,17 @@ _NAMES = (
     "References", "File", "Section", "DiskSection", "Disk", "Content", "VirtualSystem",
     "OperatingSystemSection", "VirtualHardwareSection", "SnapshotsSection", "Item",
     "Snapshot", "Name", "Description", "CreationDate", "TemplateId", "TemplateName",
-    "TemplateType", "Origin", "Type",
+    "TemplateType", "Origin", "Type", "Memory",
 )
 _LOCAL: dict[Any, str] = {name: name for name in _NAMES}
 _LOCAL.update({f"{{{ns}}}{name}": name for ns in OVF_NAMESPACES for name in _NAMES})
 
 _GENERAL = frozenset({"Name", "Description", "CreationDate", "TemplateId", "TemplateName",
                       "Origin"})
-_SNAPSHOT_FIELDS = frozenset({"Type", "Description", "CreationDate"})
+_SNAPSHOT_FIELDS = frozenset({"Type", "Description", "CreationDate", "Memory"})
+# <Memory> of a snapshot: memDumpSD,memDumpPool,memDumpDiskId,memDumpVolId,
+# memConfDiskId,memConfVolId; the engine takes the disks at these positions.
+_MEMORY_DISK_POSITIONS = (2, 4)
 
 # The rasd children of a hardware Item we read (ResourceType is looked up on its own).
 _RESOURCE_TYPE = f"{{{RASD_NS}}}ResourceType"
@@ -375,8 +378,24 @@ def _read_snapshots(section: etree._Element, id_key: str) -> tuple[Snapshot, ...
                 fields.setdefault(name, _text(child))
         snapshots.append(Snapshot(id=snapshot_id, type=fields.get("Type"),
                                   description=fields.get("Description"),
-                                  creation_date=fields.get("CreationDate")))
+                                  creation_date=fields.get("CreationDate"),
+                                  memory_disks=_memory_disks(fields.get("Memory"))))
     return tuple(snapshots)
+
+
+def _memory_disks(text: str | None) -> tuple[str, ...]:
+    """The memory dump and metadata disk ids of a snapshot's <Memory> list. The engine
+    fails on a short list; a summary only lists what is there: positions that are
+    missing, blank or not a UUID (or the empty GUID) name no disk."""
+    if not text:
+        return ()
+    guids = text.split(",")
+    out = []
+    for pos in _MEMORY_DISK_POSITIONS:
+        disk = _canonical_uuid(guids[pos].strip()) if pos < len(guids) else None
+        if disk is not None and disk != BLANK_UUID and disk not in out:
+            out.append(disk)
+    return tuple(out)
 
 
 class _Volume(NamedTuple):

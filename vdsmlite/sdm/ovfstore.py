@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
@@ -31,6 +32,7 @@ from typing import Any
 
 from vdsmlite import errors
 from vdsmlite.blocking import RunBlocking
+from vdsmlite.ids import UUID_PATTERN
 from vdsmlite.imagelocks import LockTable
 from vdsmlite.jobs import Job, JobRegistry
 from vdsmlite.locking.leases import Lease
@@ -41,7 +43,6 @@ from vdsmlite.ovf.workers import OvfBatcher, OvfWorkers, Summary
 from vdsmlite.sdm.lease import SdmLease
 from vdsmlite.storage import ovfstore, streamio, volumestream
 from vdsmlite.storage.domains import DomainStore
-from vdsmlite.storage.image import Image
 from vdsmlite.storage.sd import Domain, VolumeState
 
 log = logging.getLogger("vdsmlite.sdm.ovfstore")
@@ -57,6 +58,9 @@ class StoreContents:
     # <uuid>.ovf members that are well-formed XML but not a readable OVF: id -> why
     invalid: dict[str, str] = field(default_factory=dict)
     info: Any = None
+    # Every UUID written anywhere in the invalid OVFs' text (lower case); read from the
+    # store the first time floating disks are asked for (None: not read yet)
+    invalid_mentions: frozenset[str] | None = None
 
     def describe(self) -> dict[str, Any]:
         return {"imageID": self.store.img, "volumeID": self.store.vol,
@@ -344,10 +348,24 @@ class OvfService:
     # --- floating disks -----------------------------------------------------------------
 
     async def unregistered_disks(self, sd_uuid: str) -> list[dict[str, Any]]:
-        contents = await self.contents(sd_uuid)
+        """The domain's floating disks by the rules of `_floating`."""
         dom = await self._domain(sd_uuid)
-        floating: list[dict[str, Any]] = await self._run_blocking(_floating, dom, contents)
+        scanned = await self._run_blocking(dom.scan)
+        contents = await self.contents(sd_uuid, scanned=scanned)
+        if contents is not None and contents.invalid and contents.invalid_mentions is None:
+            contents.invalid_mentions = await self._run_blocking(
+                self._mentions, dom, contents)
+        floating: list[dict[str, Any]] = await self._run_blocking(_floating, scanned,
+                                                                  contents)
         return floating
+
+    def _mentions(self, dom: Domain, contents: StoreContents) -> frozenset[str]:
+        """Every UUID in the text of the store's OVFs that do not parse."""
+        found: set[str] = set()
+        for name, data in self._members_of(dom, contents.store):
+            if name.endswith(".ovf") and name[:-4].lower() in contents.invalid:
+                found.update(_uuids_in(data))
+        return frozenset(found)
 
 
 class _Summaries:
@@ -374,27 +392,78 @@ class _Summaries:
                 self._contents.invalid[name[:-4].lower()] = result
 
 
-def _floating(dom: Domain, contents: StoreContents | None) -> list[dict[str, Any]]:
+_UUID_BYTES = re.compile(UUID_PATTERN.encode())
+
+# A memory disk of a snapshot or a hibernated VM as the engine describes it
+# (MemoryUtils: its descriptions and aliases), for disks whose DISKTYPE does not say so.
+_MEMORY_DESCRIPTION = re.compile(
+    r"^(Memory snapshot disk for snapshot |(memory dump|metadata) for VM hibernation$)")
+_MEMORY_ALIAS = re.compile(r"_(snapshot|hibernation)_(memory|metadata)$")
+_MEMORY_DISK_TYPES = ("MEMD", "MEMM")
+
+
+def _uuids_in(data: bytes) -> set[str]:
+    """The UUIDs written in an OVF's bytes, lower case: in its bytes as they are (UTF-8
+    and ASCII-compatible encodings) and, when it has NULs, decoded as UTF-16 too."""
+    found = {m.group().decode().lower() for m in _UUID_BYTES.finditer(data)}
+    if b"\0" in data:
+        for encoding in ("utf-16", "utf-16-le", "utf-16-be"):
+            text = data.decode(encoding, errors="replace").encode("utf-8", errors="replace")
+            found.update(m.group().decode().lower() for m in _UUID_BYTES.finditer(text))
+    return found
+
+
+def _referenced(contents: StoreContents | None) -> set[str]:
+    """Image ids the store's OVFs claim: every image disk of every entity, the memory
+    dump and metadata disks of their snapshots, and - since what an OVF that does not
+    parse refers to cannot be known - every UUID written anywhere in such an OVF."""
     claimed: set[str] = set()
-    if contents is not None:
-        for entity in contents.entities.values():
-            for disk in entity.get("disks", []):
-                if disk.get("imageId"):
-                    claimed.add(disk["imageId"])
+    if contents is None:
+        return claimed
+    for entity in contents.entities.values():
+        for disk in entity.get("disks", []):
+            if disk.get("imageId"):
+                claimed.add(disk["imageId"])
+        for snapshot in entity.get("snapshots", []):
+            claimed.update(snapshot.get("memoryDisks", []))
+    claimed.update(contents.invalid_mentions or ())
+    return claimed
+
+
+def _is_memory_disk(state: VolumeState, desc: dict[str, Any] | None) -> bool:
+    assert state.md is not None
+    if state.md.disktype in _MEMORY_DISK_TYPES:
+        return True
+    description = str(desc.get("DiskDescription") or "") if desc else state.md.description
+    alias = str(desc.get("DiskAlias") or "") if desc else ""
+    return bool(_MEMORY_DESCRIPTION.match(description) or _MEMORY_ALIAS.search(alias))
+
+
+def _floating(scanned: dict[str, dict[str, VolumeState]],
+              contents: StoreContents | None) -> list[dict[str, Any]]:
+    """The images the engine could register as floating disks (GetUnregisteredDisks):
+
+    - not referenced by the newest good store (`_referenced`);
+    - not an OVF_STORE, not a memory dump or metadata disk (DISKTYPE MEMD/MEMM, or
+      the engine's description or alias for one);
+    - exactly one volume: the engine skips images with snapshots
+      (GetUnregisteredDiskQuery: "Skipping a disk with snapshots"), so they are not listed.
+    """
+    claimed = _referenced(contents)
     out = []
-    for img in dom.image_ids():
-        if img in claimed:
+    for img, volumes in sorted(scanned.items()):
+        if img in claimed or len(volumes) != 1:
             continue
-        volumes = dom.volumes(img)
-        if any(ovfstore.is_store(v) for v in volumes.values()):
+        (leaf,) = volumes.values()
+        if leaf.md is None or ovfstore.is_store(leaf):
             continue
-        leaf = next((v for v in volumes.values() if not v.children), None)
-        if leaf is None or leaf.md is None:
+        desc = ovfstore.parse_description(leaf.md.description)
+        if _is_memory_disk(leaf, desc):
             continue
-        desc = ovfstore.parse_description(leaf.md.description) or {}
+        desc = desc or {}
         out.append({
             "imageID": img,
-            "volumeIDs": [s.uuid for s in Image(dom, img).chain(leaf.uuid)],
+            "volumeIDs": [leaf.uuid],
             "alias": desc.get("DiskAlias") or "",
             "description": desc.get("DiskDescription", leaf.md.description if not desc else ""),
             "capacity": leaf.md.capacity,
