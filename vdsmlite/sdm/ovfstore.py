@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Itera
 from dataclasses import dataclass, field
 from typing import Any
 
-from vdsmlite import errors
+from vdsmlite import errors, failpoints
 from vdsmlite.blocking import RunBlocking
 from vdsmlite.ids import UUID_PATTERN
 from vdsmlite.imagelocks import LockTable
@@ -118,11 +118,14 @@ class OvfService:
                                                    capacity=target.capacity, validate=True,
                                                    lease=lease)
             assert summary is not None
+            # Durable and validated, still Updated:false.
+            failpoints.hit("ovfstore.commit.after_fdatasync")
             stamp = ovfstore.next_stamp([s for s in stores if s != target])
             await self._run_blocking(
                 dom.update_volume, target.img, target.vol,
                 description=ovfstore.description(sd_uuid, updated=True, size=size,
                                                  last_updated=stamp))
+            failpoints.hit("ovfstore.commit.after_updated")
             elapsed = time.monotonic() - start
             log.info("OVF_STORE %s/%s of %s updated: %d bytes, %d entities in %.2fs",
                      target.img, target.vol, sd_uuid, size, len(summary.entity_ids), elapsed)
