@@ -210,7 +210,7 @@ def test_crash_mid_merge_then_retry(domains: SharedDomains, step: str,
         ref = tmp_path / "leaf.raw"
         snapshot_raw(dom, img, leaf, ref)
         agent = dom.agent
-        agent.kill()  # not stop(): see `restart` in test_ovfstore_crash.py
+        agent.kill()  # as a crash would; test_ovfstore_crash restarts cleanly
         agent.extra_env["VDSMLITE_FAILPOINTS"] = step
         agent.start()
         join_lockspace(agent, dom.sd)

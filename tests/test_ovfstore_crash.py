@@ -68,11 +68,9 @@ def big_store(sd: str, prefix: str, count: int = 4) -> tuple[bytes, dict[str, st
 
 def restart(dom: DomainUnderTest, failpoint: str | None) -> None:
     agent = dom.agent
-    # Killed, not stopped: a clean stop leaves the lockspace, and a join right after it
-    # on the same host hung now and then (90 s without the host id; see the team notes:
-    # the suspect is LoopActivation.find reusing a loop still being detached). A kill
-    # keeps sanlock's lockspace and the loops, as a crash would.
-    agent.kill()
+    # A clean stop, then a join at once: before activation waited for loops being
+    # detached, this join read a dead loop now and then and never got its host id.
+    agent.stop()
     agent.extra_env.pop("VDSMLITE_FAILPOINTS", None)
     if failpoint is not None:
         agent.extra_env["VDSMLITE_FAILPOINTS"] = failpoint

@@ -24,6 +24,7 @@ import logging
 import os
 import struct
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -32,6 +33,9 @@ from vdsmlite import errors
 from vdsmlite.storage import commands, lvm
 
 log = logging.getLogger("vdsmlite.storage.activation")
+
+# How long activation waits for a loop being detached to go (its holder closing it).
+DYING_TIMEOUT = 10.0
 
 # linux/loop.h
 LOOP_SET_STATUS64 = 0x4C04
@@ -110,8 +114,10 @@ class LoopActivation:
                 f"{lv.vg_name}/{lv.name}", f"segment size {length} != LV size {lv.size}")
         return seg.pv, offset, length
 
-    def find(self, pv: str, offset: int, size: int | None = None) -> str | None:
-        """The loop device already mapping (pv, offset[, size]), if any."""
+    def find(self, pv: str, offset: int, size: int | None = None, *,
+             dying: bool = True) -> str | None:
+        """The loop device already mapping (pv, offset[, size]), if any; with
+        ``dying=False`` not one being detached (see `activate`)."""
         real = os.path.realpath(pv)
         for entry in Path("/sys/block").glob("loop*"):
             loop = entry.name
@@ -121,13 +127,20 @@ class LoopActivation:
                 continue
             if size is not None and _loop_attr(loop, "sizelimit") != str(size):
                 continue
+            if not dying and _loop_attr(loop, "autoclear") == "1":
+                continue
             return f"/dev/{loop}"
         return None
 
     def activate(self, lv: lvm.LV, pe_starts: dict[str, int], extent_size: int,
                  devices: Sequence[str]) -> str:
         pv, offset, size = self._extent(lv, pe_starts, extent_size)
-        existing = self.find(pv, offset)
+        # A loop detached while someone still had it open (sanlock on a stopped agent's
+        # ids and leases) has autoclear set: it unbinds when its last user closes it,
+        # and reads 0 bytes from then on. Reusing it made a restarted agent's join read
+        # nothing forever. Wait a moment for it to go, then map the LV afresh.
+        self._wait_dying(pv, offset)
+        existing = self.find(pv, offset, dying=False)
         if existing is not None:
             if _loop_attr(os.path.basename(existing), "sizelimit") != str(size):
                 self._set_sizelimit(existing, size)
@@ -142,6 +155,22 @@ class LoopActivation:
             raise errors.CannotActivateLogicalVolume(f"{lv.vg_name}/{lv.name}", e.err.strip()) \
                 from e
         return out.out.strip()
+
+    def _wait_dying(self, pv: str, offset: int, timeout: float = DYING_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.find(pv, offset, dying=False) is not None:
+                return  # a live mapping: reused
+            dying = self.find(pv, offset)
+            if dying is None:
+                return
+            if time.monotonic() > deadline:
+                # Still held: a second loop over the same extent is safe (both use
+                # direct I/O, neither caches), the dying one serves its holder till then.
+                log.warning("loop %s over %s@%d is still being detached after %.0fs; "
+                            "mapping the extent on a new loop", dying, pv, offset, timeout)
+                return
+            time.sleep(0.05)
 
     def deactivate(self, vg_name: str, lv_name: str, devices: Sequence[str]) -> None:
         raise NotImplementedError("loop mappings are removed by path (Activator.unmap)")
