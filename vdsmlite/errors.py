@@ -882,41 +882,29 @@ class MetadataOverflowError(MetaDataGeneralError):
     msg = "Metadata is too big. Cannot change Metadata"
 
 
-class InvalidVolumeUpdate(StorageException):
+class InvalidVolumeUpdate(_Fields):
     code = 235
     msg = "Cannot update volume attributes"
-
-    def __init__(self, vol_id: str, reason: str) -> None:
-        super().__init__(vol_id, reason)
-        self.value = f"vol_id={vol_id}, reason={reason}"
+    fields = ("vol_id", "reason")
 
 
-class GenerationMismatch(StorageException):
+class GenerationMismatch(_Fields):
     code = 911
     msg = "The provided generation does not match the actual generation"
-
-    def __init__(self, requested: object, actual: object) -> None:
-        super().__init__(requested, actual)
-        self.value = f"requested={requested}, actual={actual}"
+    fields = ("requested", "actual")
 
 
-class VolumeIsNotInChain(StorageException):
+class VolumeIsNotInChain(_Fields):
     code = 920
     msg = "Volume is not part of the chain."
-
-    def __init__(self, sd_id: str, img_id: str, vol_id: str) -> None:
-        super().__init__(sd_id, img_id, vol_id)
-        # VDSM's own order (vol_id shown as sd_id and so on) is a bug; keep the names right.
-        self.value = f"sd_id={sd_id}, img_id={img_id}, vol_id={vol_id}"
+    # VDSM's own order (vol_id shown as sd_id and so on) is a bug; keep the names right.
+    fields = ("sd_id", "img_id", "vol_id")
 
 
-class WrongParentVolume(StorageException):
+class WrongParentVolume(_Fields):
     code = 921
     msg = "Wrong parent volume."
-
-    def __init__(self, vol_id: str, parent_id: str) -> None:
-        super().__init__(vol_id, parent_id)
-        self.value = f"vol_id={vol_id}, parent_id={parent_id}"
+    fields = ("vol_id", "parent_id")
 
 
 class SharedVolumeNonWritable(StorageException):
