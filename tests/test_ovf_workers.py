@@ -18,7 +18,8 @@ import pytest
 from tests.ovf_helpers import build_tar, entity_ovf
 from vdsmlite.ovf.model import OvfError
 from vdsmlite.ovf.tarstream import TarError, TarValidator
-from vdsmlite.ovf.workers import NamedDoc, OvfBatcher, OvfWorkers
+from vdsmlite.ovf.batches import NamedDoc, OvfBatcher
+from vdsmlite.ovf.workers import OvfWorkers
 
 pytestmark = pytest.mark.unit
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import mmap
 import threading
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ def test_write_finish_close(tmp_path: Path) -> None:
     async def main() -> None:
         seen: list[bytes] = []
         w = DirectWriter(path, 4 * BUF, 512, _blocking, buffer_size=BUF,
-                         inspect=lambda view: seen.append(bytes(view)))
+                         inspect=lambda buf, n: seen.append(buf[:n]))
         assert w.state is WriterState.NEW
         with pytest.raises(RuntimeError, match="needs a streaming writer"):
             await w.write(b"x")
@@ -59,8 +60,8 @@ def test_a_refused_buffer_is_never_written_and_abort_closes(tmp_path: Path) -> N
     class Refused(Exception):
         pass
 
-    def inspect(view: memoryview) -> None:
-        if bytes(view[:1]) == b"b":
+    def inspect(buf: mmap.mmap, length: int) -> None:
+        if buf[:1] == b"b":
             raise Refused("no")
 
     async def main() -> None:

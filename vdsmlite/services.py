@@ -32,6 +32,7 @@ from vdsmlite.ovf.workers import OvfWorkers
 from vdsmlite.sdm.lease import SdmLease
 from vdsmlite.sdm.merge import SdmJobs
 from vdsmlite.sdm.overview import SnapshotOverview
+from vdsmlite.sdm.ovfindex import OvfIndex
 from vdsmlite.sdm.ovfstore import OvfService
 from vdsmlite.sdm.pools import PoolService
 from vdsmlite.sdm.provision import DomainProvisioner
@@ -120,8 +121,11 @@ class Services:
             io_timeout=config.sanlock.io_timeout, run_blocking=run_blocking)
         self.pool_service = PoolService(pools=self.pools, monitors=self.monitors,
                                         run_blocking=run_blocking)
+        self.ovf_index = OvfIndex(workers=self.ovf_workers, jobs=self.jobs,
+                                  run_blocking=run_blocking, state_dir=config.state_dir,
+                                  publish=self.events.publish)
         self.ovf = OvfService(domains=self.domains, image_locks=self.image_locks, sdm=self.sdm,
-                              workers=self.ovf_workers, jobs=self.jobs,
+                              workers=self.ovf_workers, index=self.ovf_index, jobs=self.jobs,
                               run_blocking=run_blocking)
         # SDM.* jobs on volumes (cold merge, update_volume) and the snapshot overview.
         self.sdm_jobs = SdmJobs(volumes=self.volumes, jobs=self.jobs,

@@ -57,6 +57,17 @@ async def body_chunks(request: web.Request, stall_timeout: float) -> AsyncIterat
         yield chunk
 
 
+def check_xml(request: web.Request) -> bool:
+    """``?check=xml``: parse every ``.ovf`` before the commit (strict uploads).
+    ValueError for any other value of ``check``."""
+    value = request.query.get("check")
+    if value is None:
+        return False
+    if value != "xml":
+        raise ValueError(f"check={value[:20]!r}: only check=xml is known")
+    return True
+
+
 def has_body_framing(request: web.Request) -> bool:
     """Content-Length or chunked: how HTTP/1.1 says where a body ends."""
     chunked = "chunked" in request.headers.get("Transfer-Encoding", "").lower()

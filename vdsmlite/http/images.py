@@ -15,7 +15,8 @@ UploadStream / RetrieveImageData commands work unchanged:
   application/json`` exactly; refused requests (headers) answer 400/411 as VDSM
   does, with the same JSON where VDSM sends no body (diagnostics only).
 
-Writes into an OVF_STORE volume are validated as archives while they stream;
+Writes into an OVF_STORE volume are validated as archives while they stream
+(``?check=xml``: every ``.ovf`` parsed as well, as the agent's own door can);
 the engine itself flips the store's ``Updated`` flag around the PUT.
 """
 
@@ -92,12 +93,17 @@ async def handle_put(request: web.Request) -> web.StreamResponse:
     if not common.has_body_framing(request):
         return _error(411, errors.MissingParameter.code,
                       "Content-Length (or chunked Transfer-Encoding) required")
+    try:
+        strict = common.check_xml(request)
+    except ValueError as e:
+        return _error(400, errors.InvalidParameterException.code, str(e))
     doors = request.app[common.DOORS]
     length = request.content_length
 
     async def transfer(job: Job) -> int:
         body = common.body_chunks(request, doors.stall_timeout)
-        return await doors.transfers.write(sd, img, vol, body, length=length, job=job)
+        return await doors.transfers.write(sd, img, vol, body, length=length, job=job,
+                                           check_xml=strict)
 
     job = doors.jobs.start(transfer, description=f"write image {img} from HTTP PUT",
                               verb="Image.downloadFromStream")

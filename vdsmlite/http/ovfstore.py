@@ -2,9 +2,14 @@
 
 PUT takes a tar (chunked or with Content-Length) and runs the whole commit
 protocol (`OvfService.upload`): the agent picks which store to write, never
-the newest good one. The answer is JSON: the store written, its size, the
-number of entities, the time taken. GET returns the newest store that
-validates. Errors are JSON ``{"error": {"code": N, "message": ...}}``.
+the newest one that reads. The answer is JSON: the store written, its size,
+the number of entities, the time taken, and ``index``: ``{"state":
+"building"}`` (the ``|ovfstore|indexed|<sdUUID>`` event tells how it went), or
+with ``?wait=index`` the index's outcome - entities indexed, the ``.ovf``
+members that failed and why. ``?check=xml`` parses every ``.ovf`` before the
+commit and refuses the upload if one is not well-formed OVF XML. GET returns
+the newest store that validates. Errors are JSON ``{"error": {"code": N,
+"message": ...}}``.
 """
 
 from __future__ import annotations
@@ -33,6 +38,15 @@ def _domain(request: web.Request) -> str | None:
     return parse_uuid(request.match_info["sd"])
 
 
+def _wait_index(request: web.Request) -> bool:
+    value = request.query.get("wait")
+    if value is None:
+        return False
+    if value != "index":
+        raise ValueError(f"wait={value[:20]!r}: only wait=index is known")
+    return True
+
+
 async def handle_put(request: web.Request) -> web.StreamResponse:
     sd = _domain(request)
     if sd is None:
@@ -41,11 +55,17 @@ async def handle_put(request: web.Request) -> web.StreamResponse:
     if not common.has_body_framing(request):
         return _error(411, errors.MissingParameter.code,
                       "Content-Length or chunked Transfer-Encoding required")
+    try:
+        strict = common.check_xml(request)
+        wait_index = _wait_index(request)
+    except ValueError as e:
+        return _error(400, errors.InvalidParameterException.code, str(e))
     doors = request.app[common.DOORS]
 
     async def upload(job: Job) -> dict[str, object]:
         return await doors.ovf.upload(sd, common.body_chunks(request, doors.stall_timeout),
-                                      length=request.content_length, job=job)
+                                      length=request.content_length, job=job,
+                                      check_xml=strict, wait_index=wait_index)
 
     job = doors.jobs.start(upload, description=f"upload OVF_STORE of {sd}",
                               verb="StorageDomain.uploadOVFStore")

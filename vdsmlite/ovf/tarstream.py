@@ -1,19 +1,32 @@
-"""OVF_STORE tars, validated while they stream and written without a library.
+"""OVF_STORE tars, checked while they stream, at memory speed, and written without a library.
 
 An OVF_STORE holds a plain ustar archive of ``info.json``, one
 ``<uuid>.ovf`` per VM/Template and ``metadata.json``. `TarValidator` consumes
-such an archive in chunks of any size, keeping memory bounded by the largest
-member it must inspect, and refuses - as soon as the offending bytes arrive -
-anything that is not exactly that:
+such an archive in buffers of any size and refuses - as soon as the offending
+bytes arrive - anything that is not exactly that:
 
 * headers must be ustar (POSIX or GNU magic) with a correct checksum;
 * members must be regular files with flat names matching ``info.json``,
   ``metadata.json`` or ``<uuid>.ovf``, each at most once;
 * no extension headers (pax, GNU long names), links, directories or devices;
-* sizes within limits; every ``.ovf`` well-formed, DTD-free OVF XML (checked
-  incrementally by `OvfValidator`) and every ``.json`` valid JSON;
+* sizes within limits, and every ``.json`` valid JSON;
+* no ``.ovf`` may hold XML that can hurt a parser: DTD markup (``<!DOCTYPE``,
+  ``<!ENTITY``: XXE, billion laughs) is refused in UTF-8 and UTF-16 alike, and so
+  is a declared or detected encoding other than UTF-8 or UTF-16;
 * the archive ends with the two zero blocks, followed by nothing but zero
   padding, and fits the volume.
+
+What it does not do by default is parse the XML: a VM definition that is not
+well-formed is the engine's data to keep, reported by the index built after the
+commit, not a reason to refuse every other VM's definition with it. Callers
+that want every ``.ovf`` parsed before anything is committed pass `check_xml`
+(the ``?check=xml`` of the upload doors).
+
+The validator costs a little Python per *member*, never per 512-byte block:
+member boundaries come from arithmetic on the headers, and the DTD scan is a
+``memchr`` for ``!`` over whole buffers (a well-formed OVF rarely has one; each
+found is judged from the two bytes around it). Buffers are searched in place,
+so the upload's O_DIRECT buffers are never copied for it.
 
 `TarWriter` produces such archives (for single-entity updates), and
 `iter_members` reads one back member by member. `entity_id_from_name` is the
@@ -23,21 +36,24 @@ one statement of how an entity's member is named.
 from __future__ import annotations
 
 import json
+import mmap
 import re
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from vdsmlite.ids import UUID_PATTERN
+from vdsmlite.ovf.batches import AHEAD_BYTES, NamedDoc, OvfBatcher
 from vdsmlite.ovf.model import OvfError
-from vdsmlite.ovf.safexml import OvfValidator
-from vdsmlite.ovf.workers import AHEAD_BYTES, NamedDoc, OvfBatcher
 
 BLOCK = 512
 RECORD = 10240  # commons-compress pads archives to 20 blocks, as the engine's are
 MAX_OVF_MEMBER = 32 * 1024 * 1024
 MAX_JSON_MEMBER = 16 * 1024 * 1024
+# Where the index of a store may be split between parser processes: the first member
+# header at or after every SPLIT_BYTES of archive.
+SPLIT_BYTES = 2 * 1024 * 1024
 
 INFO = "info.json"
 METADATA = "metadata.json"
@@ -46,6 +62,9 @@ _TYPE_NAMES = {b"1": "hard link", b"2": "symbolic link", b"3": "character device
                b"7": "contiguous file", b"x": "pax header", b"g": "pax global header",
                b"L": "GNU long name", b"K": "GNU long link name"}
 _OVF_MEMBER = re.compile(rf"({UUID_PATTERN})\.ovf")
+
+# A buffer the validator can search in place: bytes, or the writer's mmap buffers.
+Buffer = bytes | bytearray | mmap.mmap
 
 
 def entity_id_from_name(member_name: str) -> str | None:
@@ -80,7 +99,8 @@ def _octal(field_bytes: bytes, what: str) -> int:
 
 def header_checksum(header: bytes) -> int:
     """The unsigned sum POSIX defines, with the checksum field counted as spaces."""
-    return sum(header[:148]) + 8 * ord(" ") + sum(header[156:])
+    # Headers end in zeros (the prefix and padding fields): summing them is wasted.
+    return sum(header.rstrip(b"\0")) - sum(header[148:156]) + 8 * ord(" ")
 
 
 def _signed_checksum(header: bytes) -> int:
@@ -90,60 +110,209 @@ def _signed_checksum(header: bytes) -> int:
     return sum(b - 256 if b > 127 else b for b in blanked)
 
 
-@dataclass(frozen=True)
-class Header:
+class Header(NamedTuple):
     name: str
     size: int
 
 
+def _number(field_bytes: bytes, what: str, offset: int) -> int:
+    # What writers put there nearly always: octal digits, then a NUL (or a space).
+    # isdigit() first: int() alone would also take signs, spaces and underscores.
+    text = field_bytes.split(b"\0", 1)[0]
+    if text.isdigit():
+        try:
+            return int(text, 8)
+        except ValueError:
+            pass  # an 8 or a 9: _octal says so
+    return _octal(field_bytes, f"header at byte {offset}: {what}")
+
+
 def parse_header(block: bytes, offset: int) -> Header:
     """Validate one 512-byte header; `offset` only makes error messages precise."""
-    where = f"header at byte {offset}"
-    stored = _octal(block[148:156], f"{where}: checksum")
+    stored = _number(block[148:156], "checksum", offset)
     if stored != header_checksum(block) and stored != _signed_checksum(block):
-        raise TarError(f"{where}: bad checksum")
-    magic, version = block[257:263], block[263:265]
-    if not (magic == b"ustar\0" and version == b"00") and \
-            not (magic == b"ustar " and version == b" \0"):
-        raise TarError(f"{where}: not a ustar header")
+        raise TarError(f"header at byte {offset}: bad checksum")
+    magic = block[257:265]
+    if magic not in (b"ustar\x0000", b"ustar  \0"):
+        raise TarError(f"header at byte {offset}: not a ustar header")
     typeflag = block[156:157]
     if typeflag not in (b"0", b"\0"):
         kind = _TYPE_NAMES.get(typeflag, f"type {typeflag!r}")
-        raise TarError(f"{where}: {kind} members are not allowed")
+        raise TarError(f"header at byte {offset}: {kind} members are not allowed")
     if block[345:500].strip(b"\0"):
-        raise TarError(f"{where}: names with a directory prefix are not allowed")
+        raise TarError(f"header at byte {offset}: names with a directory prefix are not "
+                       "allowed")
     raw_name = block[:100].split(b"\0", 1)[0]
     try:
         name = raw_name.decode("ascii")
     except UnicodeDecodeError as e:
-        raise TarError(f"{where}: non-ASCII member name") from e
-    if name not in (INFO, METADATA) and entity_id_from_name(name) is None:
-        raise TarError(f"{where}: member name {name[:100]!r} is not info.json, "
-                       "metadata.json or <uuid>.ovf")
-    size = _octal(block[124:136], f"{where}: size")
+        raise TarError(f"header at byte {offset}: non-ASCII member name") from e
+    if name not in (INFO, METADATA) and _OVF_MEMBER.fullmatch(name) is None:
+        raise TarError(f"header at byte {offset}: member name {name[:100]!r} is not "
+                       "info.json, metadata.json or <uuid>.ovf")
+    size = _number(block[124:136], "size", offset)
     limit = MAX_OVF_MEMBER if name.endswith(".ovf") else MAX_JSON_MEMBER
     if size > limit:
-        raise TarError(f"{where}: {name} is {size} bytes, more than {limit}", too_large=True)
+        raise TarError(f"header at byte {offset}: {name} is {size} bytes, more than {limit}",
+                       too_large=True)
     return Header(name, size)
 
 
-class _JsonMember:
-    def __init__(self, name: str) -> None:
+# --- what an .ovf may not hold -------------------------------------------------------------
+
+# "<!" starts a comment ("<!--"), a CDATA section ("<![CDATA[") or DTD markup
+# (DOCTYPE, ENTITY, ELEMENT, ATTLIST, NOTATION). Only the first two may appear.
+_MARKUP_ALLOWED = (b"-", b"[")
+_DTD_REFUSED = "DTD markup (<!DOCTYPE>, <!ENTITY>) is not allowed in an OVF"
+# An XML declaration is within the first bytes; what is read of each member to find it.
+_HEAD_BYTES = 256
+_DECLARED_ENCODING = re.compile(
+    rb"""^<\?xml\s[^>]*?encoding\s*=\s*["']([A-Za-z0-9._-]{1,40})["']""")
+_UTF8_NAMES = frozenset({"utf-8", "utf8", "us-ascii", "ascii"})
+_UTF16_NAMES = frozenset({"utf-16", "utf16", "utf-16le", "utf-16be", "ucs-2"})
+
+
+def _refuses_markup(before: bytes, after: bytes) -> bool:
+    """Is the "!" between `before` (up to 2 bytes) and `after` (up to 2) the start of
+    DTD markup? In UTF-8 it follows "<"; in UTF-16, either byte order, "<" and a NUL
+    precede it and a NUL and the next character follow. `after` is short only at
+    the member's end, where nothing can follow."""
+    if before[-1:] == b"<":
+        following = after[:1]
+    elif before[-2:] == b"<\0":
+        following = after[1:2] if after[:1] == b"\0" else after[:1]
+    else:
+        return False
+    return bool(following) and following not in _MARKUP_ALLOWED
+
+
+def check_encoding(head: bytes) -> str | None:
+    """Why a document starting with `head` is refused for its encoding, or None.
+
+    Only UTF-8 (with its ASCII subset) and UTF-16 are accepted: the DTD scan knows
+    how "<!" looks in those, and the engine writes UTF-8. The encoding is detected
+    as XML 1.0 Appendix F does, then the declaration must agree with it.
+    """
+    first4 = head[:4]
+    if first4 in (b"\0\0\xfe\xff", b"\xff\xfe\0\0", b"\0\0\0<", b"<\0\0\0", b"\0\0<\0",
+                  b"\0<\0\0"):
+        return "UTF-32 (UCS-4) documents are not accepted"
+    if first4 == b"\x4c\x6f\xa7\x94":
+        return "EBCDIC documents are not accepted"
+    utf16 = None
+    if head[:2] == b"\xff\xfe" or first4 == b"<\0?\0":
+        utf16 = "utf-16-le"
+    elif head[:2] == b"\xfe\xff" or first4 == b"\0<\0?":
+        utf16 = "utf-16-be"
+    if utf16 is not None:
+        text = head[:len(head) & ~1].decode(utf16, errors="replace").lstrip("\ufeff")
+        decl = text.encode("ascii", errors="replace")
+        allowed = _UTF16_NAMES
+    else:
+        decl = head[3:] if head.startswith(b"\xef\xbb\xbf") else head
+        allowed = _UTF8_NAMES
+    match = _DECLARED_ENCODING.match(decl)
+    if match is None:
+        return None
+    declared = match.group(1).decode("ascii").lower()
+    if declared not in allowed:
+        return (f"declared encoding {declared!r} is not accepted (UTF-8 or UTF-16 "
+                f"{'bytes' if utf16 else 'declaration'} expected)")
+    return None
+
+
+# Verdicts on XML declarations seen: an archive's members nearly all start alike.
+_verdicts: dict[bytes, str | None] = {}
+
+
+def _check_head(name: str, head: bytes) -> None:
+    """Refuse a member whose first bytes declare or show an encoding not accepted."""
+    decl_end = head.find(b"?>")
+    decl = head[:decl_end] if decl_end > 0 else head
+    try:
+        why = _verdicts[decl]
+    except KeyError:
+        why = check_encoding(head)
+        if decl_end > 0 and len(_verdicts) < 64:
+            _verdicts[decl] = why
+    if why is not None:
+        raise TarError(f"{name}: {why}")
+
+
+def _scan_whole(name: str, buf: bytes | mmap.mmap, start: int, end: int) -> None:
+    """The DTD scan of a member lying wholly in `buf[start:end]`."""
+    hit = buf.find(b"!", start, end)
+    while hit != -1:
+        if _refuses_markup(buf[max(start, hit - 2):hit], buf[hit + 1:min(end, hit + 3)]):
+            raise TarError(f"{name}: {_DTD_REFUSED}")
+        hit = buf.find(b"!", hit + 1, end)
+
+
+class _Member:
+    """The member being read: what is checked and kept of its data."""
+
+    __slots__ = ("carry", "head", "is_ovf", "name", "parts", "seen", "size")
+
+    def __init__(self, name: str, size: int, keep: bool) -> None:
         self.name = name
-        self.parts: list[bytes] = []
+        self.size = size
+        self.is_ovf = name.endswith(".ovf")
+        self.parts: list[bytes] | None = [] if keep or not self.is_ovf else None
+        self.head = b""   # the first _HEAD_BYTES (the XML declaration)
+        self.carry = b""  # the last 4 bytes of data seen, for the DTD scan's seams
+        self.seen = 0
 
-    def feed(self, data: bytes | memoryview) -> None:
-        self.parts.append(bytes(data))
+    def data(self) -> bytes:
+        assert self.parts is not None
+        return self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
 
-    @property
-    def raw(self) -> bytes:
-        return b"".join(self.parts)
+    def take(self, buf: Buffer, start: int, end: int) -> None:
+        """Data `buf[start:end]` of this member, in order."""
+        if self.parts is not None:
+            self.parts.append(bytes(buf[start:end]))
+        if self.is_ovf:
+            if len(self.head) < _HEAD_BYTES:
+                self.head += buf[start:min(end, start + _HEAD_BYTES - len(self.head))]
+                if len(self.head) == _HEAD_BYTES:
+                    self._check_head()
+            self._scan(buf, start, end)
+        self.seen += end - start
 
-    def close(self) -> Any:
-        try:
-            return json.loads(self.raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise TarError(f"{self.name}: invalid JSON: {str(e)[:200]}") from e
+    def close(self) -> None:
+        if self.is_ovf:
+            if len(self.head) < _HEAD_BYTES:
+                self._check_head()
+            # "!"s whose following bytes never came: judged with what there is.
+            self._judge_window(self.carry, final=True)
+
+    def _check_head(self) -> None:
+        _check_head(self.name, self.head)
+
+    def _scan(self, buf: Buffer, start: int, end: int) -> None:
+        # The seam: the last bytes before this slice and its first ones, so a "!" near
+        # either edge is judged with the two bytes on each side of it.
+        self._judge_window(self.carry + bytes(buf[start:min(end, start + 4)]), final=False)
+        find = buf.find
+        hit = find(b"!", start + 2, end - 2)
+        while hit != -1:
+            if _refuses_markup(bytes(buf[hit - 2:hit]), bytes(buf[hit + 1:hit + 3])):
+                raise TarError(f"{self.name}: {_DTD_REFUSED}")
+            hit = find(b"!", hit + 1, end - 2)
+        if end - start >= 4:
+            self.carry = bytes(buf[end - 4:end])
+        else:
+            self.carry = (self.carry + bytes(buf[start:end]))[-4:]
+
+    def _judge_window(self, window: bytes, *, final: bool) -> None:
+        hit = window.find(b"!")
+        while hit != -1:
+            after = window[hit + 1:hit + 3]
+            # Judged once the two bytes after are here (or never will be); before the
+            # member's start there is nothing, so a short `before` is all there is.
+            if (final or len(after) == 2) and _refuses_markup(window[max(0, hit - 2):hit],
+                                                              after):
+                raise TarError(f"{self.name}: {_DTD_REFUSED}")
+            hit = window.find(b"!", hit + 1)
 
 
 # Hands a batch of (member name, document) to be XML-checked elsewhere; the future
@@ -151,57 +320,16 @@ class _JsonMember:
 CheckBatch = Callable[[list[NamedDoc]], "Future[None]"]
 
 
-class _OvfMember:
-    """An ``.ovf`` member: XML-checked as it streams, or whole by `checks`."""
-
-    def __init__(self, name: str, keep: bool, validate_xml: bool,
-                 checks: OvfBatcher[None] | None) -> None:
-        self.name = name
-        self.checks = checks if validate_xml else None
-        self.validator = OvfValidator() if validate_xml and checks is None else None
-        self.keep = keep
-        self.parts: list[bytes] | None = [] if keep or self.checks is not None else None
-
-    def feed(self, data: bytes | memoryview) -> None:
-        chunk = bytes(data)
-        if self.validator is not None:
-            try:
-                self.validator.feed(chunk)
-            except OvfError as e:
-                raise TarError(f"{self.name}: {e}") from e
-        if self.parts is not None:
-            self.parts.append(chunk)
-
-    def close(self) -> bytes | None:
-        if self.validator is not None:
-            try:
-                self.validator.close()
-            except OvfError as e:
-                raise TarError(f"{self.name}: {e}") from e
-        if self.parts is None:
-            return None
-        whole = self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
-        if self.checks is not None:
-            try:
-                self.checks.add(self.name, whole)
-            except OvfError as e:
-                # Not prefixed with this member's name: the error names the bad
-                # member, which may be an earlier one of the same batch.
-                raise TarError(str(e)) from e
-        return whole if self.keep else None
-
-
 @dataclass
 class ArchiveSummary:
-    members: list[Header] = field(default_factory=list)
     info: Any = None
     metadata: Any = None
-    ovfs: dict[str, bytes] = field(default_factory=dict)  # only when keep_ovfs
+    entity_ids: list[str] = field(default_factory=list)  # lower case, in archive order
+    # Offsets of member headers where the archive may be split for indexing: the
+    # first member, then the first header after every SPLIT_BYTES.
+    splits: list[int] = field(default_factory=list)
+    members_end: int = 0  # offset of the end-of-archive marker
     end: int = 0  # offset just past the end-of-archive marker
-
-    @property
-    def entity_ids(self) -> list[str]:
-        return [m.name[:-4].lower() for m in self.members if m.name.endswith(".ovf")]
 
 
 _HEADER, _DATA, _PAD, _END2, _TRAILER = range(5)
@@ -210,76 +338,114 @@ _HEADER, _DATA, _PAD, _END2, _TRAILER = range(5)
 class TarValidator:
     """Push-based validation of an OVF_STORE tar (see the module docstring)."""
 
-    def __init__(self, max_total: int, *, keep_ovfs: bool = False,
+    def __init__(self, max_total: int, *,
                  on_member: Callable[[str, bytes], None] | None = None,
-                 validate_xml: bool = True, check_xml: CheckBatch | None = None,
+                 check_xml: CheckBatch | None = None,
                  check_ahead: int = AHEAD_BYTES) -> None:
-        """`validate_xml=False` is only for readers that fully parse every ``.ovf``
-        they are handed (with the same safe parser), which checks it anyway.
-        `check_xml` checks whole ``.ovf`` members elsewhere (worker processes)
-        instead of here as they stream, at most `check_ahead` bytes behind."""
+        """`on_member(name, data)` is handed every member, byte for byte. `check_xml`
+        parses whole ``.ovf`` members elsewhere (worker processes) - refusing any that
+        is not a well-formed OVF Envelope - at most `check_ahead` bytes behind."""
         self.max_total = max_total
         self._checks = (OvfBatcher(check_xml, ahead_bytes=check_ahead)
-                        if check_xml is not None and validate_xml else None)
-        self.keep_ovfs = keep_ovfs or on_member is not None
+                        if check_xml is not None else None)
         self.on_member = on_member
-        self.validate_xml = validate_xml
+        self._keep = on_member is not None or check_xml is not None
+        self._whole_members = not self._keep
         self.total = 0
         self.summary = ArchiveSummary()
         self._state = _HEADER
-        self._block = bytearray()
+        self._partial = bytearray()  # a header or end block split between buffers
         self._remaining = 0
-        self._member: _JsonMember | _OvfMember | None = None
-        self._current: Header | None = None
+        self._member: _Member | None = None
         self._seen: set[str] = set()
+        self._next_split = 0
 
-    def feed(self, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        if self.total + len(view) > self.max_total:
+    def feed(self, data: Buffer | memoryview, length: int | None = None) -> None:
+        """The next `length` bytes of the archive (all of `data` by default). A
+        memoryview is copied once; bytes and mmaps are searched in place."""
+        buf = data if isinstance(data, (bytes, mmap.mmap)) else bytes(data)
+        n = len(buf) if length is None else length
+        if self.total + n > self.max_total:
             raise TarError(f"archive is larger than the volume ({self.max_total} bytes)",
                            too_large=True)
         pos = 0
-        n = len(view)
         while pos < n:
-            if self._state == _DATA:
+            state = self._state
+            if state == _DATA:
                 take = min(self._remaining, n - pos)
                 assert self._member is not None
-                self._member.feed(view[pos:pos + take])
+                self._member.take(buf, pos, pos + take)
                 pos += take
                 self._remaining -= take
-                if self._remaining == 0:
+                if not self._remaining:
                     self._finish_member()
-                continue
-            if self._state == _TRAILER:
-                rest = view[pos:]
-                if any(rest):
+            elif state in (_HEADER, _END2):
+                if not self._partial and n - pos >= BLOCK:
+                    block = buf[pos:pos + BLOCK]
+                    if state == _HEADER and self._whole_members and block[0]:
+                        # The common case, a whole member in this buffer: no state
+                        # machine, no per-member object.
+                        whole = self._whole_member(buf, pos, n, block)
+                        if whole:
+                            pos += whole
+                            continue
+                    self._on_block(block, self.total + pos)
+                    pos += BLOCK
+                else:
+                    take = min(BLOCK - len(self._partial), n - pos)
+                    self._partial += buf[pos:pos + take]
+                    pos += take
+                    if len(self._partial) == BLOCK:
+                        block = bytes(self._partial)
+                        self._partial.clear()
+                        self._on_block(block, self.total + pos - BLOCK)
+            elif state == _PAD:
+                take = min(self._remaining, n - pos)
+                if buf[pos:pos + take].strip(b"\0"):
+                    # Padding is zeros; anything else is a member longer than it declared.
+                    name = self._member.name if self._member else "member"
+                    raise TarError(f"{name}: data longer than its declared size")
+                pos += take
+                self._remaining -= take
+                if not self._remaining:
+                    self._member = None
+                    self._state = _HEADER
+            else:  # _TRAILER
+                if buf[pos:n].strip(b"\0"):
                     raise TarError(f"data after the end-of-archive marker (byte "
                                    f"{self.total + pos})")
                 pos = n
-                continue
-            if self._state == _PAD:
-                take = min(self._remaining, n - pos)
-                if any(view[pos:pos + take]):
-                    # Padding is zeros; anything else is a member longer than it declared.
-                    raise TarError(f"{self._current.name if self._current else 'member'}: "
-                                   "data longer than its declared size")
-                pos += take
-                self._remaining -= take
-                if self._remaining == 0:
-                    self._state = _HEADER
-                continue
-            # _HEADER or _END2: collect a whole block
-            take = min(BLOCK - len(self._block), n - pos)
-            self._block += view[pos:pos + take]
-            pos += take
-            if len(self._block) == BLOCK:
-                self._on_block(self.total + pos - BLOCK)
         self.total += n
 
-    def _on_block(self, offset: int) -> None:
-        block = bytes(self._block)
-        self._block.clear()
-        zero = not any(block)
+    def _whole_member(self, buf: bytes | mmap.mmap, pos: int, n: int, block: bytes) -> int:
+        """Check the member whose header is `block` at `pos` if it lies wholly within
+        `buf[:n]`, padding included: how many bytes it took, or 0 to go the slow way."""
+        offset = self.total + pos
+        header = parse_header(block, offset)
+        if not header.name.endswith(".ovf"):
+            return 0
+        start = pos + BLOCK
+        end = start + header.size
+        padded = end + (-header.size % BLOCK)
+        if padded > n:
+            return 0
+        key = header.name.lower()
+        if key in self._seen:
+            raise TarError(f"duplicate member {header.name}")
+        self._seen.add(key)
+        if offset >= self._next_split:
+            self.summary.splits.append(offset)
+            self._next_split = offset + SPLIT_BYTES
+        self.summary.entity_ids.append(key[:-4])
+        if header.size:
+            _check_head(header.name, buf[start:min(end, start + _HEAD_BYTES)])
+            _scan_whole(header.name, buf, start, end)
+        if padded > end and buf[end:padded].strip(b"\0"):
+            raise TarError(f"{header.name}: data longer than its declared size")
+        return padded - pos
+
+    def _on_block(self, block: bytes, offset: int) -> None:
+        zero = not block.strip(b"\0")
         if self._state == _END2:
             if not zero:
                 raise TarError(f"incomplete end-of-archive marker at byte {offset}")
@@ -287,6 +453,7 @@ class TarValidator:
             self._state = _TRAILER
             return
         if zero:
+            self.summary.members_end = offset
             self._state = _END2
             return
         header = parse_header(block, offset)
@@ -294,38 +461,43 @@ class TarValidator:
         if key in self._seen:
             raise TarError(f"duplicate member {header.name}")
         self._seen.add(key)
-        self._current = header
-        self.summary.members.append(header)
-        if header.name.endswith(".json"):
-            self._member = _JsonMember(header.name)
-        else:
-            self._member = _OvfMember(header.name, self.keep_ovfs, self.validate_xml,
-                                      self._checks)
+        if offset >= self._next_split:
+            self.summary.splits.append(offset)
+            self._next_split = offset + SPLIT_BYTES
+        if header.name.endswith(".ovf"):
+            self.summary.entity_ids.append(key[:-4])
+        self._member = _Member(header.name, header.size, self._keep)
         self._remaining = header.size
         self._state = _DATA
         if header.size == 0:
             self._finish_member()
 
     def _finish_member(self) -> None:
-        assert self._member is not None and self._current is not None
-        result = self._member.close()
-        name = self._current.name
-        if name == INFO:
-            self.summary.info = result
-        elif name == METADATA:
-            self.summary.metadata = result
-        elif result is not None and self.on_member is None:
-            self.summary.ovfs[name[:-4].lower()] = result
-        if self.on_member is not None:
-            # Members are handed on byte for byte, never re-serialized.
-            member = self._member
-            raw = member.raw if isinstance(member, _JsonMember) else result
-            assert raw is not None
-            self.on_member(name, raw)
-        self._member = None
-        pad = -self._current.size % BLOCK
+        member = self._member
+        assert member is not None
+        member.close()
+        if member.parts is not None:
+            data = member.data()
+            if member.name == INFO:
+                self.summary.info = _json(member.name, data)
+            elif member.name == METADATA:
+                self.summary.metadata = _json(member.name, data)
+            elif self._checks is not None:
+                try:
+                    self._checks.add(member.name, data)
+                except OvfError as e:
+                    # Not prefixed with this member's name: the error names the bad
+                    # member, which may be an earlier one of the same batch.
+                    raise TarError(str(e)) from e
+            if self.on_member is not None:
+                self.on_member(member.name, data)  # byte for byte, never re-serialized
+        pad = -member.size % BLOCK
         self._remaining = pad
-        self._state = _PAD if pad else _HEADER
+        if pad:
+            self._state = _PAD
+        else:
+            self._member = None
+            self._state = _HEADER
 
     def finish(self) -> ArchiveSummary:
         """The archive must be complete: end marker seen, nothing left half-read,
@@ -346,6 +518,13 @@ class TarValidator:
         """The stream failed elsewhere: drop the checks still queued."""
         if self._checks is not None:
             self._checks.cancel()
+
+
+def _json(name: str, data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise TarError(f"{name}: invalid JSON: {str(e)[:200]}") from e
 
 
 # --- writing ------------------------------------------------------------------------

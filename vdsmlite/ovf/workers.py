@@ -15,25 +15,28 @@ other users start it on first use. Workers leave when the daemon closes the
 pool, or by themselves within a second of the daemon's death, so a SIGKILLed
 daemon leaves no orphans. A pool whose worker died is replaced on the next call.
 
-`OvfBatcher` is how a stream of documents reaches the workers: in batches,
-bounded in bytes, results in order.
+Work reaches them two ways: documents in batches (`batches.OvfBatcher`), for
+the strict ``?check=xml`` upload; and byte ranges of a committed store volume
+(`index`), which each worker reads from the storage itself - so building a
+store's index copies no document between processes.
 """
 
 from __future__ import annotations
 
 import logging
+import mmap
 import multiprocessing
 import os
 import resource
 import signal
 import threading
 import time
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, Generic, TypeVar
+from typing import Any
 
+from vdsmlite.ovf import tarstream
 from vdsmlite.ovf.model import OvfError
 from vdsmlite.ovf.reader import parse
 from vdsmlite.ovf.safexml import OvfValidator
@@ -43,11 +46,10 @@ log = logging.getLogger("vdsmlite.ovf.workers")
 # A summary, or why the document could not be summarized.
 Summary = dict[str, Any] | str
 
-# An OVF document and the name it goes by (its OVF_STORE member name).
-NamedDoc = tuple[str, bytes]
-
-BATCH_BYTES = 256 * 1024  # OVF bytes per task for the worker processes
-AHEAD_BYTES = 8 * 1024 * 1024  # OVF bytes in their hands at most
+# What indexing a byte range of a store yields, member by member in archive order:
+# (name, the summary or why there is none) for an ``.ovf``, (name, its bytes) for a
+# ``.json``.
+IndexedMember = tuple[str, Summary | bytes]
 
 
 class OvfWorkers:
@@ -67,6 +69,14 @@ class OvfWorkers:
     def summarize(self, docs: list[bytes]) -> Future[list[Summary]]:
         """Each document's summary (`Entity.to_dict()`), or the reason it has none."""
         return self._submit(_summarize_batch, docs)
+
+    def index(self, path: str, start: int, end: int,
+              block_size: int) -> Future[list[IndexedMember]]:
+        """The members whose headers lie in ``[start, end)`` of the archive at the
+        start of `path` - a committed store, already validated - read by the worker
+        itself with O_DIRECT. `start` and `end` are member boundaries
+        (`tarstream.ArchiveSummary.splits`)."""
+        return self._submit(_index_range, (path, start, end, block_size))
 
     def start(self) -> None:
         """Start every worker now rather than on first use (blocking; ~0.1 s each).
@@ -141,83 +151,6 @@ class OvfWorkers:
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-R = TypeVar("R")
-
-
-class OvfBatcher(Generic[R]):
-    """Documents handed to worker processes in batches, in order, bounded in bytes.
-
-    One task per 9 KB document would cost more than the work, so documents go
-    in batches of about `batch_bytes`. At most `ahead_bytes` are out at a time:
-    memory stays bounded, and a failure surfaces at most that far behind the
-    reader feeding `add` - always by `finish`.
-
-    `submit` hands one batch over (e.g. `OvfWorkers.check`); batches are
-    collected oldest first, so `on_result` sees them in document order, with the
-    names of the batch's documents. A failed batch cancels those still out, and
-    its exception is raised from `add` or `finish`.
-    """
-
-    def __init__(self, submit: Callable[[list[NamedDoc]], Future[R]],
-                 on_result: Callable[[list[str], R], None] | None = None, *,
-                 batch_bytes: int = BATCH_BYTES, ahead_bytes: int = AHEAD_BYTES) -> None:
-        self._submit = submit
-        self._on_result = on_result
-        self._batch_bytes_max = batch_bytes
-        self._ahead_bytes = ahead_bytes
-        self._batch: list[NamedDoc] = []
-        self._batch_bytes = 0
-        # Batches out: their documents' names, the result to come, their size.
-        self._pending: deque[tuple[list[str], Future[R], int]] = deque()
-        self._pending_bytes = 0
-
-    def add(self, name: str, data: bytes) -> None:
-        self._batch.append((name, data))
-        self._batch_bytes += len(data)
-        if self._batch_bytes >= self._batch_bytes_max:
-            self._send()
-        # Collect what is done without waiting, so an error surfaces early...
-        while self._pending and self._pending[0][1].done():
-            self._collect_oldest()
-        # ...and wait only when too much is out.
-        while self._pending_bytes > self._ahead_bytes:
-            self._collect_oldest()
-
-    def finish(self) -> None:
-        """Send what is left and wait for every result."""
-        if self._batch:
-            self._send()
-        while self._pending:
-            self._collect_oldest()
-
-    def cancel(self) -> None:
-        """Drop everything not yet collected (the reader failed, or a batch did)."""
-        for _, future, _ in self._pending:
-            future.cancel()
-        self._pending.clear()
-        self._pending_bytes = 0
-        self._batch = []
-        self._batch_bytes = 0
-
-    def _send(self) -> None:
-        names = [name for name, _ in self._batch]
-        self._pending.append((names, self._submit(self._batch), self._batch_bytes))
-        self._pending_bytes += self._batch_bytes
-        self._batch = []
-        self._batch_bytes = 0
-
-    def _collect_oldest(self) -> None:
-        names, future, size = self._pending.popleft()
-        self._pending_bytes -= size
-        try:
-            result = future.result()
-        except BaseException:
-            self.cancel()
-            raise
-        if self._on_result is not None:
-            self._on_result(names, result)
-
-
 # --- in the worker processes ---------------------------------------------------------
 
 
@@ -255,12 +188,55 @@ def _check_batch(docs: list[tuple[str, bytes]]) -> None:
 
 
 def _summarize_batch(docs: list[bytes]) -> list[Summary]:
-    out: list[Summary] = []
-    for data in docs:
+    return [_summary(data) for data in docs]
+
+
+def _index_range(task: tuple[str, int, int, int]) -> list[IndexedMember]:
+    path, start, end, block_size = task
+    first = start - start % block_size  # O_DIRECT reads whole, aligned blocks
+    length = -(-end // block_size) * block_size - first
+    buf = mmap.mmap(-1, length)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
         try:
-            out.append(parse(data).to_dict())
-        except OvfError as e:
-            out.append(str(e))
-        except MemoryError:
-            out.append("too large to parse within the parser's memory limit")
-    return out
+            done = 0
+            with memoryview(buf) as whole:
+                while done < length:
+                    with whole[done:] as rest:
+                        n = os.preadv(fd, [rest], first + done)
+                    if n <= 0:
+                        raise OvfError(f"{path}: ends at {first + done}, before {end}")
+                    done += n
+        finally:
+            os.close(fd)
+        return list(_members_in(buf, start - first, end - first, start))
+    finally:
+        buf.close()
+
+
+def _members_in(buf: mmap.mmap, pos: int, end: int,
+                offset: int) -> Iterator[IndexedMember]:
+    # The framing was checked when the store was committed; headers are parsed again
+    # all the same, so a store changed since cannot make this read past the range.
+    while pos < end:
+        header = tarstream.parse_header(buf[pos:pos + tarstream.BLOCK], offset)
+        data_end = pos + tarstream.BLOCK + header.size
+        if data_end > end:
+            raise OvfError(f"{header.name} runs past the end of its range")
+        data = buf[pos + tarstream.BLOCK:data_end]
+        if header.name.endswith(".ovf"):
+            yield header.name, _summary(data)
+        else:
+            yield header.name, data
+        step = tarstream.BLOCK + header.size + (-header.size % tarstream.BLOCK)
+        pos += step
+        offset += step
+
+
+def _summary(data: bytes) -> Summary:
+    try:
+        return parse(data).to_dict()
+    except OvfError as e:
+        return str(e)
+    except MemoryError:
+        return "too large to parse within the parser's memory limit"

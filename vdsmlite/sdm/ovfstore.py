@@ -2,21 +2,22 @@
 
 The commit protocol (the engine's, enforced here) makes a torn upload harmless:
 
-1. pick a store that is not the newest good one (creating stores if the
-   domain has fewer than two);
+1. pick a store to write: never the newest store that reads (creating stores
+   if the domain has fewer than two) - so if the newest good store is corrupt,
+   it is the one overwritten, and the older one that reads survives;
 2. mark it ``Updated:false`` (durable) before writing a byte;
-3. stream the tar into it with O_DIRECT, validating every byte as it goes;
+3. stream the tar into it with O_DIRECT, its framing checked as it goes
+   (`tarstream`; every ``.ovf`` parsed too with ``check_xml``);
 4. fdatasync; only a complete, valid archive gets past this point;
-5. mark it ``Updated:true`` with ``Size`` and ``Last Updated``.
+5. mark it ``Updated:true`` with ``Size`` and ``Last Updated``;
+6. index it (`ovfindex`): after the commit, in parser processes.
 
 A crash, a cut connection, a stalled client or an invalid archive stops
 before step 5, leaving the target ``Updated:false`` and the previous good
 store untouched and still served. Uploads to one domain are serialized.
 
-Reads take the newest good store, validate it completely before serving
-(falling back to the next store if it is unreadable), and remember what they
-found keyed by the store's identity, so listing thousands of entities twice
-costs one pass.
+Reads take the newest good store whose index exists or can be built (falling
+back to the next store if it is unreadable).
 """
 
 from __future__ import annotations
@@ -25,9 +26,7 @@ import json
 import logging
 import re
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from vdsmlite import errors, failpoints
@@ -38,9 +37,9 @@ from vdsmlite.jobs import Job, JobRegistry
 from vdsmlite.locking.leases import Lease
 from vdsmlite.ovf import reader as ovfreader
 from vdsmlite.ovf import tarstream
-from vdsmlite.ovf.model import OvfError
-from vdsmlite.ovf.workers import OvfBatcher, OvfWorkers, Summary
+from vdsmlite.ovf.workers import OvfWorkers
 from vdsmlite.sdm.lease import SdmLease
+from vdsmlite.sdm.ovfindex import OvfIndex, StoreContents, UnreadableStore
 from vdsmlite.storage import ovfstore, streamio, volumestream
 from vdsmlite.storage.domains import DomainStore
 from vdsmlite.storage.sd import Domain, VolumeState
@@ -48,37 +47,17 @@ from vdsmlite.storage.sd import Domain, VolumeState
 log = logging.getLogger("vdsmlite.sdm.ovfstore")
 
 
-@dataclass
-class StoreContents:
-    """What a validated store holds."""
-
-    store: ovfstore.Store
-    entities: dict[str, dict[str, Any]] = field(default_factory=dict)
-    statuses: dict[str, Any] = field(default_factory=dict)
-    # <uuid>.ovf members that are well-formed XML but not a readable OVF: id -> why
-    invalid: dict[str, str] = field(default_factory=dict)
-    info: Any = None
-    # Every UUID written anywhere in the invalid OVFs' text (lower case); read from the
-    # store the first time floating disks are asked for (None: not read yet)
-    invalid_mentions: frozenset[str] | None = None
-
-    def describe(self) -> dict[str, Any]:
-        return {"imageID": self.store.img, "volumeID": self.store.vol,
-                "size": self.store.size, "lastUpdated": self.store.last_updated}
-
-
 class OvfService:
-    CACHE_ENTRIES = 16
-
     def __init__(self, *, domains: DomainStore, image_locks: LockTable, sdm: SdmLease,
-                 workers: OvfWorkers, jobs: JobRegistry, run_blocking: RunBlocking) -> None:
+                 workers: OvfWorkers, index: OvfIndex, jobs: JobRegistry,
+                 run_blocking: RunBlocking) -> None:
         self._domains = domains
         self._image_locks = image_locks
         self._sdm = sdm
         self._workers = workers
+        self._index = index
         self._jobs = jobs
         self._run_blocking = run_blocking
-        self._cache: OrderedDict[tuple[Any, ...], StoreContents] = OrderedDict()
 
     async def _domain(self, sd_uuid: str) -> Domain:
         dom: Domain = await self._run_blocking(self._domains.get, sd_uuid)
@@ -87,25 +66,42 @@ class OvfService:
     # --- uploads ---------------------------------------------------------------------
 
     async def upload(self, sd_uuid: str, body: AsyncIterator[bytes], *, length: int | None,
-                     job: Job) -> dict[str, Any]:
-        """The commit protocol above; returns what was stored."""
+                     job: Job, check_xml: bool = False,
+                     wait_index: bool = False) -> dict[str, Any]:
+        """The commit protocol above; returns what was stored, and how its index went
+        if `wait_index` (else it is being built: see `OvfIndex`)."""
 
         async def given() -> AsyncIterator[bytes]:
             return body
 
-        return await self._commit(sd_uuid, given, length=length, job=job)
+        reply = await self._commit(sd_uuid, given, length=length, job=job,
+                                   check_xml=check_xml)
+        if wait_index:
+            dom = await self._domain(sd_uuid)
+            committed = reply.pop("_store")
+            try:
+                contents = await self._index.get(dom, committed)
+            except UnreadableStore as e:
+                reply["index"] = {"state": "failed", "error": str(e)}
+            else:
+                reply["index"] = {"state": "ready", **contents.report()}
+        reply.pop("_store", None)
+        return reply
 
     async def _commit(self, sd_uuid: str, make_body: Callable[[], Awaitable[AsyncIterator[bytes]]],
-                      *, length: int | None, job: Job) -> dict[str, Any]:
+                      *, length: int | None, job: Job, check_xml: bool = False,
+                      index: Callable[[ovfstore.Store, tarstream.ArchiveSummary], None]
+                      | None = None) -> dict[str, Any]:
         """The commit protocol, with the archive from `make_body`, called once this
         host holds the domain's upload lock and SDM lease: an archive derived from the
         store (an edit) is derived from the newest one, not from one a concurrent
-        commit is overwriting."""
+        commit is overwriting. `index` makes the committed store's index (default:
+        built from the store by the parser processes)."""
         dom = await self._domain(sd_uuid)
         async with self._image_locks.hold(("ovf", sd_uuid)), self._sdm.hold(dom) as lease:
             body = await make_body()
             stores = await self._run_blocking(ovfstore.ensure_stores, dom)
-            target = ovfstore.pick_target(stores)
+            target = ovfstore.pick_target(stores, keep=await self._readable_newest(dom, stores))
             if length is not None and length > target.capacity:
                 raise errors.OvfStoreTooLarge(f"{length} bytes for a {target.capacity} byte "
                                               "OVF_STORE volume")
@@ -116,31 +112,57 @@ class OvfService:
                                                  last_updated=target.last_updated))
             size, summary = await self.write_store(dom, target.img, target.vol, body, job,
                                                    capacity=target.capacity, validate=True,
-                                                   lease=lease)
+                                                   lease=lease, check_xml=check_xml)
             assert summary is not None
             # Durable and validated, still Updated:false.
             failpoints.hit("ovfstore.commit.after_fdatasync")
             stamp = ovfstore.next_stamp([s for s in stores if s != target])
-            await self._run_blocking(
-                dom.update_volume, target.img, target.vol,
-                description=ovfstore.description(sd_uuid, updated=True, size=size,
-                                                 last_updated=stamp))
+            text = ovfstore.description(sd_uuid, updated=True, size=size, last_updated=stamp)
+            await self._run_blocking(dom.update_volume, target.img, target.vol,
+                                     description=text)
             failpoints.hit("ovfstore.commit.after_updated")
+            committed = ovfstore.Store(target.img, target.vol, target.capacity,
+                                       ovfstore.parse_description(text) or {})
+            if index is not None:
+                index(committed, summary)
+            else:
+                self._index.after_commit(dom, committed, summary)
             elapsed = time.monotonic() - start
             log.info("OVF_STORE %s/%s of %s updated: %d bytes, %d entities in %.2fs",
                      target.img, target.vol, sd_uuid, size, len(summary.entity_ids), elapsed)
             return {"storagedomainID": sd_uuid, "imageID": target.img, "volumeID": target.vol,
                     "size": size, "entities": len(summary.entity_ids), "lastUpdated": stamp,
-                    "seconds": round(elapsed, 3), "taskID": job.id}
+                    "seconds": round(elapsed, 3), "taskID": job.id,
+                    "index": {"state": "building"}, "_store": committed}
+
+    async def _readable_newest(self, dom: Domain,
+                               stores: list[ovfstore.Store]) -> ovfstore.Store | None:
+        """The newest good store that reads (validating it if nobody has): the one
+        store a writer must not touch."""
+        for store in ovfstore.by_preference(stores):
+            if not store.good:
+                continue
+            readable = self._index.known_readable(dom.uuid, store)
+            if readable is None:
+                try:
+                    await self._index.get(dom, store)
+                    readable = True
+                except UnreadableStore:
+                    readable = False
+            if readable:
+                return store
+        return None
 
     async def write_store(self, dom: Domain, img_uuid: str, vol_uuid: str,
                           body: AsyncIterator[bytes], job: Job, *, capacity: int,
-                          validate: bool, lease: Lease | None
+                          validate: bool, lease: Lease | None, check_xml: bool = False
                           ) -> tuple[int, tarstream.ArchiveSummary | None]:
-        """Stream `body` into the volume, validated as an OVF_STORE archive if `validate`,
-        checking the lease before every chunk; (bytes written, what the archive holds)."""
-        validator = (tarstream.TarValidator(capacity, check_xml=self._workers.check)
-                     if validate else None)
+        """Stream `body` into the volume, validated as an OVF_STORE archive if `validate`
+        (every ``.ovf`` parsed too if `check_xml`), checking the lease before every
+        chunk; (bytes written, what the archive holds)."""
+        validator = (tarstream.TarValidator(
+            capacity, check_xml=self._workers.check if check_xml else None)
+            if validate else None)
         try:
             size = await volumestream.write(
                 dom, img_uuid, vol_uuid, body, capacity=capacity,
@@ -164,31 +186,21 @@ class OvfService:
 
     # --- reads -------------------------------------------------------------------------
 
-    async def contents(self, sd_uuid: str, job: Job | None = None, *,
+    async def contents(self, sd_uuid: str, *,
                        scanned: dict[str, dict[str, VolumeState]] | None = None,
                        ) -> StoreContents | None:
-        """The newest store that validates, with its entities; None if there is none.
+        """The index of the newest store that validates; None if there is none.
         `scanned`: the domain's volumes (Domain.scan) if the caller already read them."""
         dom = await self._domain(sd_uuid)
         stores = await self._run_blocking(ovfstore.find_stores, dom, scanned)
         for store in ovfstore.by_preference(stores):
             if not store.good:
                 continue
-            key = (sd_uuid, store.img, store.vol, store.size, store.last_updated)
-            cached = self._cache.get(key)
-            if cached is not None:
-                self._cache.move_to_end(key)
-                return cached
             try:
-                contents = await self._run_blocking(self._load, dom, store, job)
-            except (tarstream.TarError, OvfError, OSError, errors.VdsmError) as e:
+                return await self._index.get(dom, store)
+            except UnreadableStore as e:
                 log.warning("OVF_STORE %s/%s of %s is unreadable (%s); trying the next one",
                             store.img, store.vol, sd_uuid, e)
-                continue
-            self._cache[key] = contents
-            while len(self._cache) > self.CACHE_ENTRIES:
-                self._cache.popitem(last=False)
-            return contents
         return None
 
     async def newest(self, sd_uuid: str) -> StoreContents:
@@ -225,44 +237,6 @@ class OvfService:
                 return data
         raise errors.MissingOvfFileFromVM(entity_id)
 
-    def _load(self, dom: Domain, store: ovfstore.Store, job: Job | None) -> StoreContents:
-        assert store.size is not None
-        start = time.monotonic()
-        contents = StoreContents(store)
-        summaries = _Summaries(self._workers, contents)
-        try:
-            with dom.opened(store.img, store.vol) as volume:
-                # Every OVF is parsed in full by the workers, which checks it as strictly
-                # as the upload did, so the framing here need not check the XML again.
-                validator = tarstream.TarValidator(store.size, on_member=summaries.add,
-                                                   validate_xml=False)
-                done = 0
-                for chunk in streamio.read_chunks(str(volume.path), store.size,
-                                                  volume.block_size):
-                    validator.feed(chunk)
-                    done += len(chunk)
-                    if job is not None:
-                        job.update(bytes_done=done)
-                summary = validator.finish()
-                summaries.finish()
-        finally:
-            summaries.cancel()
-        contents.info = summary.info
-        if isinstance(summary.metadata, dict):
-            statuses = summary.metadata.get("VM Status")
-            if isinstance(statuses, dict):
-                contents.statuses = {str(k).lower(): v for k, v in statuses.items()}
-        for entity_id, entity in contents.entities.items():
-            entity["status"] = contents.statuses.get(entity_id)
-        log.info("OVF_STORE %s/%s read: %d bytes, %d entities in %.2fs", store.img, store.vol,
-                 store.size, len(contents.entities), time.monotonic() - start)
-        if contents.invalid:
-            log.warning("OVF_STORE %s/%s: %d of %d OVFs cannot be read, e.g. %s",
-                        store.img, store.vol, len(contents.invalid),
-                        len(contents.invalid) + len(contents.entities),
-                        next(iter(contents.invalid.items())))
-        return contents
-
     # --- single entities -------------------------------------------------------------
 
     async def edit_entity(self, sd_uuid: str, entity_id: str, ovf: bytes | None,
@@ -284,23 +258,36 @@ class OvfService:
     async def replace_entity(self, sd_uuid: str, entity_id: str, ovf: bytes | None,
                              job: Job) -> dict[str, Any]:
         """Write a new store with one entity updated (ovf) or removed (None)."""
+        summary: dict[str, Any] | None = None
         if ovf is not None:
             entity = await self._run_blocking(ovfreader.parse, ovf)
             if entity.id != entity_id:
                 raise errors.InvalidParameterException(
                     "ovf", f"OVF is for entity {entity.id}, not {entity_id}")
+            summary = entity.to_dict()
+        base: list[StoreContents | None] = []
 
         async def rebuilt() -> AsyncIterator[bytes]:
             # Under the upload lock (see `_commit`): two edits racing each other both
             # land, each on the store the other committed.
             contents = await self.contents(sd_uuid)
-            if ovf is None and (contents is None or entity_id not in contents.entities):
+            if ovf is None and (contents is None or (entity_id not in contents.entities
+                                                     and entity_id not in contents.invalid)):
                 raise errors.MissingOvfFileFromVM(entity_id)
+            base.append(contents)
             dom = await self._domain(sd_uuid)
             return self._as_async(self._rebuilt_members(dom, sd_uuid, contents, entity_id,
                                                         ovf))
 
-        return await self._commit(sd_uuid, rebuilt, length=None, job=job)
+        def index(store: ovfstore.Store, archive: tarstream.ArchiveSummary) -> None:
+            # The others' summaries are the base store's: only the edited one is new.
+            source = base[0] if base[0] is not None else StoreContents(store)
+            self._index.put(sd_uuid, source.edited(store, archive, entity_id, summary))
+
+        reply = await self._commit(sd_uuid, rebuilt, length=None, job=job, index=index)
+        reply.pop("_store")
+        reply["index"] = {"state": "ready"}
+        return reply
 
     def _rebuilt_members(self, dom: Domain, sd_uuid: str, contents: StoreContents | None,
                          entity_id: str, ovf: bytes | None
@@ -369,30 +356,6 @@ class OvfService:
             if name.endswith(".ovf") and name[:-4].lower() in contents.invalid:
                 found.update(_uuids_in(data))
         return frozenset(found)
-
-
-class _Summaries:
-    """Files each of a store's OVFs' summary from the parser processes - or the
-    reason there is none - in `contents`."""
-
-    def __init__(self, workers: OvfWorkers, contents: StoreContents) -> None:
-        self._contents = contents
-        self._batches = OvfBatcher(
-            lambda docs: workers.summarize([data for _, data in docs]), self._file)
-        self.finish = self._batches.finish
-        self.cancel = self._batches.cancel
-
-    def add(self, name: str, data: bytes) -> None:
-        # Handed every member; only the OVFs have summaries.
-        if name.endswith(".ovf"):
-            self._batches.add(name, data)
-
-    def _file(self, names: list[str], results: list[Summary]) -> None:
-        for name, result in zip(names, results, strict=True):
-            if isinstance(result, dict):
-                self._contents.entities[result["id"]] = result
-            else:
-                self._contents.invalid[name[:-4].lower()] = result
 
 
 _UUID_BYTES = re.compile(UUID_PATTERN.encode())

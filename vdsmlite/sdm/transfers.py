@@ -50,8 +50,11 @@ class ImageTransfers:
         return dom, volumes[0]
 
     async def write(self, sd_uuid: str, img_uuid: str, vol_uuid: str | None,
-                    body: AsyncIterator[bytes], *, length: int | None, job: Job) -> int:
-        """Raw bytes into the volume from offset 0; returns how many, once durable."""
+                    body: AsyncIterator[bytes], *, length: int | None, job: Job,
+                    check_xml: bool = False) -> int:
+        """Raw bytes into the volume from offset 0; returns how many, once durable.
+        Into an OVF_STORE, validated as its archive (`check_xml`: every ``.ovf``
+        parsed as well)."""
         dom, vol_uuid = await self._target(sd_uuid, img_uuid, vol_uuid)
         async with self._image_locks.hold(("ovf", sd_uuid)), self._sdm.hold(dom) as lease:
             state = await self._run_blocking(dom.volume, img_uuid, vol_uuid)
@@ -64,7 +67,7 @@ class ImageTransfers:
             size, _ = await self._ovf.write_store(dom, img_uuid, vol_uuid, body, job,
                                                   capacity=capacity,
                                                   validate=ovfstore.is_store(state),
-                                                  lease=lease)
+                                                  lease=lease, check_xml=check_xml)
             return size
 
     async def open_read(self, sd_uuid: str, img_uuid: str, vol_uuid: str | None,

@@ -9,8 +9,8 @@ for stores an older engine made, a description with ``"Disk Description":
 
 A store is *good* when ``Updated`` is true and ``Size`` says how many bytes of
 it are the tar. Readers take the newest good store (by ``Last Updated``) and
-fall back to the next; writers never write the newest good one, so a torn or
-refused upload can never destroy the last good copy.
+fall back to the next; writers never write the newest one that reads, so a
+torn or refused upload can never destroy the last readable copy.
 """
 
 from __future__ import annotations
@@ -174,13 +174,20 @@ def by_preference(stores: list[Store]) -> list[Store]:
     return sorted(stores, key=lambda s: s.sort_key(), reverse=True)
 
 
-def pick_target(stores: list[Store]) -> Store:
-    """Writers' choice: never the newest good store; not-good ones first, then oldest."""
-    newest = by_preference(stores)
-    candidates = newest[1:] if newest and newest[0].good else newest
+def pick_target(stores: list[Store], keep: Store | None) -> Store:
+    """Writers' choice: never `keep` (the newest store that reads, found by the
+    caller) or, if nothing is known to read, never the newest good store; of the
+    rest, not-good ones first, then the oldest. A newest good store that does not
+    read is overwritten before an older one that does."""
+    if keep is None:
+        newest = by_preference(stores)
+        keep = newest[0] if newest and newest[0].good else None
+    candidates = [s for s in stores if s != keep]
     if not candidates:
         raise ValueError("no OVF_STORE may be written without risking the last good one")
-    return sorted(candidates, key=lambda s: s.sort_key())[0]
+    newer_than_keep = [] if keep is None else [
+        s for s in candidates if s.good and s.sort_key() > keep.sort_key()]
+    return min(candidates, key=lambda s: (s not in newer_than_keep, s.sort_key()))
 
 
 def create_store(dom: Domain, size: int = DEFAULT_STORE_SIZE) -> Store:

@@ -4,8 +4,8 @@
 event loop and packs them into page-aligned buffers. Each full buffer goes
 through two lanes, each a task handing the blocking work to the executor:
 the *inspect* lane shows it to an optional callback (the OVF_STORE validator,
-which sees every byte in order, off the event loop) and the *write* lane
-writes it with O_DIRECT. While buffer N is written, N+1 is inspected and N+2
+which sees every byte in order, off the event loop, in the buffer itself) and
+the *write* lane writes it with O_DIRECT. While buffer N is written, N+1 is inspected and N+2
 is filled from the network, so receiving, validating and writing overlap and
 the slowest of the three sets the pace; memory stays at three buffers whatever
 the stream's size. `finish` pads the last block with zeros, writes it, and
@@ -33,7 +33,9 @@ from vdsmlite.blocking import RunBlocking
 DEFAULT_BUFFER = 8 << 20  # ovirt-imageio's measured sweet spot for storage writes
 BUFFERS = 3  # one filling, one being inspected, one being written
 
-Inspect = Callable[[memoryview], None]
+# Shown each buffer in turn: the buffer itself (searchable in place, never copied)
+# and how many of its first bytes are stream data.
+Inspect = Callable[[mmap.mmap, int], None]
 
 
 class CapacityExceeded(Exception):
@@ -134,9 +136,7 @@ class DirectWriter:
 
     def _inspect_sync(self, full: _Full) -> None:
         assert self._inspect is not None
-        with memoryview(self._buffers[full.buf]) as whole, \
-                whole[:full.inspect_len] as seen:
-            self._inspect(seen)
+        self._inspect(self._buffers[full.buf], full.inspect_len)
 
     def _write_sync(self, full: _Full) -> None:
         assert self._fd is not None

@@ -1,0 +1,329 @@
+"""The entity index of OVF_STOREs: built after the commit, kept across restarts.
+
+What `getOVFEntities`, `getOVFEntity`, `getUnregisteredDisks` and the snapshot
+overview need of a store is its *index*: every entity's summary, every
+``.ovf`` that does not parse with the reason, ``info.json`` and the VM
+statuses of ``metadata.json``. Uploads do not build it - they only check the
+archive's framing, at disk speed - so it is built once the store is committed:
+
+* the archive is cut at member boundaries (`ArchiveSummary.splits`, known from
+  the upload's scan, or from a scan of the volume for a store this host did not
+  write) and each range goes to a parser process, which reads its bytes from
+  the volume itself: no document is copied between processes;
+* the index is keyed by the store's identity - (domain, volume, ``Last
+  Updated``, ``Size``) - and written under the state directory, so it is
+  rebuilt only when the store changes, not after an agent restart;
+* a build is a job (``Host.getJobs`` shows its bytes done); a reader that asks
+  while one runs waits for it and never sees half an index; the end is
+  published as ``|ovfstore|indexed|<sdUUID>`` with how many entities were
+  indexed and which ``.ovf`` members failed.
+
+A store whose framing does not validate, or that cannot be read, is
+*unreadable*: remembered as such, so readers fall back to the next store and
+writers overwrite it rather than the store that still reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vdsmlite import errors, fsutil
+from vdsmlite.blocking import RunBlocking
+from vdsmlite.ids import parse_uuid
+from vdsmlite.jobs import Job, JobRegistry
+from vdsmlite.ovf import tarstream
+from vdsmlite.ovf.model import OvfError
+from vdsmlite.ovf.workers import IndexedMember, OvfWorkers
+from vdsmlite.storage import ovfstore, streamio, volumestream
+from vdsmlite.storage.sd import Domain, OpenVolume
+
+log = logging.getLogger("vdsmlite.sdm.ovfindex")
+
+INDEXED_EVENT = "|ovfstore|indexed|"
+FORMAT = 1
+# Failures named in the event and the upload reply; the listing has all of them.
+FAILURES_NAMED = 100
+
+# (domain, image, volume, Size, Last Updated): a store's identity. A new commit
+# changes Last Updated, so an index is never taken for another version of a store.
+StoreKey = tuple[str, str, str, int | None, str | None]
+
+Publish = Callable[[str, dict[str, Any]], None]
+
+
+def store_key(sd_uuid: str, store: ovfstore.Store) -> StoreKey:
+    return (sd_uuid, store.img, store.vol, store.size, store.last_updated)
+
+
+@dataclass
+class StoreContents:
+    """A store's index."""
+
+    store: ovfstore.Store
+    entities: dict[str, dict[str, Any]] = field(default_factory=dict)
+    statuses: dict[str, Any] = field(default_factory=dict)
+    # <uuid>.ovf members that are not a readable OVF: id -> why
+    invalid: dict[str, str] = field(default_factory=dict)
+    info: Any = None
+    # Every UUID written anywhere in the invalid OVFs' text (lower case); read from the
+    # store the first time floating disks are asked for (None: not read yet)
+    invalid_mentions: frozenset[str] | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"imageID": self.store.img, "volumeID": self.store.vol,
+                "size": self.store.size, "lastUpdated": self.store.last_updated}
+
+    def report(self) -> dict[str, Any]:
+        """How the index went: the upload reply's and the event's words."""
+        return {"entities": len(self.entities), "failedCount": len(self.invalid),
+                "failed": [{"id": entity_id, "error": why} for entity_id, why
+                           in sorted(self.invalid.items())[:FAILURES_NAMED]]}
+
+    def edited(self, store: ovfstore.Store, summary: tarstream.ArchiveSummary,
+               entity_id: str, entity: dict[str, Any] | None) -> StoreContents:
+        """The index of `store`, written as this one's store with one entity replaced
+        (or removed: `entity` None) - `summary` is its scan."""
+        contents = StoreContents(store, info=summary.info)
+        contents.entities = {k: dict(v) for k, v in self.entities.items() if k != entity_id}
+        contents.invalid = {k: v for k, v in self.invalid.items() if k != entity_id}
+        if entity is not None:
+            contents.entities[entity_id] = dict(entity)
+        contents.set_statuses(summary.metadata)
+        return contents
+
+    def set_statuses(self, metadata: Any) -> None:
+        if isinstance(metadata, dict):
+            statuses = metadata.get("VM Status")
+            if isinstance(statuses, dict):
+                self.statuses = {str(k).lower(): v for k, v in statuses.items()}
+        for entity_id, entity in self.entities.items():
+            entity["status"] = self.statuses.get(entity_id)
+
+
+class UnreadableStore(Exception):
+    """The store's archive does not validate or cannot be read."""
+
+
+class OvfIndex:
+    CACHE_ENTRIES = 16
+
+    def __init__(self, *, workers: OvfWorkers, jobs: JobRegistry, run_blocking: RunBlocking,
+                 state_dir: Path, publish: Publish) -> None:
+        self._workers = workers
+        self._jobs = jobs
+        self._run_blocking = run_blocking
+        self._dir = state_dir / "ovf-index"
+        self._publish = publish
+        self._memory: OrderedDict[StoreKey, StoreContents] = OrderedDict()
+        self._building: dict[StoreKey, asyncio.Future[StoreContents]] = {}
+        self._unreadable: dict[StoreKey, str] = {}
+        self._tasks: set[asyncio.Future[Any]] = set()
+
+    # --- asking ------------------------------------------------------------------------
+
+    async def get(self, dom: Domain, store: ovfstore.Store) -> StoreContents:
+        """The store's index: from memory, from a build under way, from disk, or built
+        now. UnreadableStore if the store does not validate."""
+        key = store_key(dom.uuid, store)
+        why = self._unreadable.get(key)
+        if why is not None:
+            raise UnreadableStore(why)
+        cached = self._memory.get(key)
+        if cached is not None:
+            self._memory.move_to_end(key)
+            return cached
+        building = self._building.get(key)
+        if building is None:
+            loaded = await self._run_blocking(self._load, key, store)
+            if loaded is not None:
+                self._remember(key, loaded)
+                return loaded
+            building = self._start(dom, store, None)
+        # Shielded: a reader that goes away must not stop the build others wait for.
+        return await asyncio.shield(building)
+
+    def known_readable(self, sd_uuid: str, store: ovfstore.Store) -> bool | None:
+        """True if the store validated (an index exists or is being built from a
+        validated scan), False if it did not, None if nobody looked yet."""
+        key = store_key(sd_uuid, store)
+        if key in self._unreadable:
+            return False
+        if key in self._memory or key in self._building:
+            return True
+        return None
+
+    async def wait(self, sd_uuid: str, store: ovfstore.Store) -> StoreContents | None:
+        """The index being built for the store, once built (None if none is)."""
+        building = self._building.get(store_key(sd_uuid, store))
+        if building is None:
+            return self._memory.get(store_key(sd_uuid, store))
+        return await asyncio.shield(building)
+
+    # --- after a commit ------------------------------------------------------------------
+
+    def after_commit(self, dom: Domain, store: ovfstore.Store,
+                     summary: tarstream.ArchiveSummary) -> None:
+        """Index a store just written and validated (`summary` from its scan)."""
+        self._start(dom, store, summary)
+
+    def put(self, sd_uuid: str, contents: StoreContents) -> None:
+        """Take the index of a store made here without parsing it (an edit's: see
+        `StoreContents.edited`); kept on disk in the background."""
+        key = store_key(sd_uuid, contents.store)
+        self._remember(key, contents)
+        self._background(self._run_blocking(self._save, key, contents))
+
+    def _background(self, awaitable: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(awaitable)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- building ------------------------------------------------------------------------
+
+    def _start(self, dom: Domain, store: ovfstore.Store,
+               summary: tarstream.ArchiveSummary | None) -> asyncio.Future[StoreContents]:
+        key = store_key(dom.uuid, store)
+        result: asyncio.Future[StoreContents] = asyncio.get_running_loop().create_future()
+        self._building[key] = result
+
+        built: list[StoreContents] = []
+
+        async def body(job: Job) -> dict[str, Any]:
+            built.append(await self._build(dom, store, summary, job))
+            return built[0].report()
+
+        job = self._jobs.start(body, description=f"index OVF_STORE {store.vol} of {dom.uuid}",
+                               verb="StorageDomain.getOVFEntities")
+
+        async def finish() -> None:
+            await job.wait()
+            self._building.pop(key, None)
+            if job.error is None:
+                result.set_result(built[0])
+                return
+            error = job.error
+            if isinstance(error, (tarstream.TarError, OvfError, OSError, errors.VdsmError)):
+                self._unreadable[key] = str(error)
+                result.set_exception(UnreadableStore(str(error)))
+            else:
+                result.set_exception(error)
+            result.exception()  # retrieved: nobody may be waiting
+
+        self._background(finish())
+        return result
+
+    async def _build(self, dom: Domain, store: ovfstore.Store,
+                     summary: tarstream.ArchiveSummary | None, job: Job) -> StoreContents:
+        assert store.size is not None
+        started = time.monotonic()
+        async with volumestream.opened(dom, store.img, store.vol, self._run_blocking) as volume:
+            if summary is None:
+                summary = await self._run_blocking(self._scan, volume, store.size, job)
+            contents = StoreContents(store, info=summary.info)
+            bounds = [*summary.splits, summary.members_end]
+            ranges = list(itertools.pairwise(bounds))
+            futures = [asyncio.wrap_future(self._workers.index(str(volume.path), start, end,
+                                                               volume.block_size))
+                       for start, end in ranges]
+            try:
+                for (_, end), future in zip(ranges, futures, strict=True):
+                    _file(contents, await future)
+                    job.update(bytes_done=end)
+            finally:
+                for future in futures:
+                    future.cancel()
+        contents.set_statuses(summary.metadata)
+        key = store_key(dom.uuid, store)
+        self._remember(key, contents)
+        elapsed = time.monotonic() - started
+        log.info("OVF_STORE %s/%s of %s indexed: %d entities, %d failed, in %.2fs",
+                 store.img, store.vol, dom.uuid, len(contents.entities), len(contents.invalid),
+                 elapsed)
+        if contents.invalid:
+            log.warning("OVF_STORE %s/%s: %d OVFs cannot be read, e.g. %s", store.img,
+                        store.vol, len(contents.invalid), next(iter(contents.invalid.items())))
+        self._publish(f"{INDEXED_EVENT}{dom.uuid}", {
+            "storagedomainID": dom.uuid, **contents.describe(), **contents.report(),
+            "seconds": round(elapsed, 3)})
+        await self._run_blocking(self._save, key, contents)
+        return contents
+
+    @staticmethod
+    def _scan(volume: OpenVolume, size: int, job: Job) -> tarstream.ArchiveSummary:
+        """Validate a store this host did not write (framing and DTD scan, as an
+        upload is checked), finding where to split it."""
+        validator = tarstream.TarValidator(size)
+        done = 0
+        for chunk in streamio.read_chunks(str(volume.path), size, volume.block_size):
+            validator.feed(chunk)
+            done += len(chunk)
+            job.update(bytes_done=done // 2)  # half the work: the parsers do the rest
+        return validator.finish()
+
+    def _remember(self, key: StoreKey, contents: StoreContents) -> None:
+        self._memory[key] = contents
+        self._memory.move_to_end(key)
+        while len(self._memory) > self.CACHE_ENTRIES:
+            self._memory.popitem(last=False)
+
+    # --- on disk ---------------------------------------------------------------------------
+
+    def _path(self, key: StoreKey) -> Path | None:
+        sd, _, vol, _, _ = key
+        # Ids from the domain's metadata; checked anyway, since they become a file name.
+        if parse_uuid(sd) != sd or parse_uuid(vol) != vol:
+            return None
+        return self._dir / f"{sd}.{vol}.json"
+
+    def _save(self, key: StoreKey, contents: StoreContents) -> None:
+        path = self._path(key)
+        if path is None:
+            return
+        record = {"format": FORMAT, "key": list(key), "info": contents.info,
+                  "statuses": contents.statuses, "entities": list(contents.entities.values()),
+                  "invalid": contents.invalid}
+        try:
+            self._dir.mkdir(parents=True, exist_ok=True)
+            fsutil.write_file_durably(path, json.dumps(record, separators=(",", ":")))
+        except (OSError, TypeError, ValueError) as e:
+            # Only costs a rebuild after the next restart.
+            log.warning("cannot keep the index of OVF_STORE %s: %s", key[2], e)
+
+    def _load(self, key: StoreKey, store: ovfstore.Store) -> StoreContents | None:
+        path = self._path(key)
+        if path is None:
+            return None
+        try:
+            record = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            log.warning("ignoring the kept index %s: %s", path, e)
+            return None
+        if not isinstance(record, dict) or record.get("format") != FORMAT or \
+                record.get("key") != list(key):
+            return None  # another version of the store: rebuilt
+        contents = StoreContents(store, info=record.get("info"),
+                                 statuses=record.get("statuses") or {},
+                                 invalid=record.get("invalid") or {})
+        contents.entities = {entity["id"]: entity for entity in record.get("entities") or []}
+        return contents
+
+
+def _file(contents: StoreContents, members: list[IndexedMember]) -> None:
+    for name, result in members:
+        if not name.endswith(".ovf"):
+            continue  # info.json and metadata.json came with the scan
+        if isinstance(result, dict):
+            contents.entities[result["id"]] = result
+        else:
+            contents.invalid[name[:-4].lower()] = str(result)
