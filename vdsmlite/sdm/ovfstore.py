@@ -77,6 +77,7 @@ class OvfService:
         reply = await self._commit(sd_uuid, given, length=length, job=job,
                                    check_xml=check_xml)
         if wait_index:
+            committed_at = time.monotonic()
             dom = await self._domain(sd_uuid)
             committed = reply.pop("_store")
             try:
@@ -84,7 +85,9 @@ class OvfService:
             except UnreadableStore as e:
                 reply["index"] = {"state": "failed", "error": str(e)}
             else:
-                reply["index"] = {"state": "ready", **contents.report()}
+                reply["index"] = {"state": "ready", **contents.report(),
+                                  # how long the index took once the store was committed
+                                  "seconds": round(time.monotonic() - committed_at, 3)}
         reply.pop("_store", None)
         return reply
 
