@@ -89,15 +89,18 @@ def conn(agent: Agent) -> http.client.HTTPConnection:
     return http.client.HTTPConnection(*agent.tcp_address, timeout=120)
 
 
-def put_store(agent: Agent, sd: str, data: bytes, chunked: bool = False) -> tuple[int, Any]:
+def put_store(agent: Agent, sd: str, data: bytes, chunked: bool = False,
+              query: str = "") -> tuple[int, Any]:
+    """PUT /ovfstore/<sd>[?query]: (status, the JSON reply)."""
     c = conn(agent)
+    url = f"/ovfstore/{sd}" + (f"?{query}" if query else "")
     try:
         if chunked:
             chunks = (data[i:i + 65536] for i in range(0, len(data), 65536))
-            c.request("PUT", f"/ovfstore/{sd}", body=chunks,
+            c.request("PUT", url, body=chunks,
                       headers={"Transfer-Encoding": "chunked"}, encode_chunked=True)
         else:
-            c.request("PUT", f"/ovfstore/{sd}", body=data)
+            c.request("PUT", url, body=data)
         resp = c.getresponse()
         return resp.status, json.loads(resp.read() or b"null")
     finally:

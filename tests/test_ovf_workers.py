@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 
 from tests.ovf_helpers import build_tar, entity_ovf
+from vdsmlite.ovf.batches import NamedDoc, OvfBatcher
 from vdsmlite.ovf.model import OvfError
 from vdsmlite.ovf.tarstream import TarError, TarValidator
-from vdsmlite.ovf.batches import NamedDoc, OvfBatcher
 from vdsmlite.ovf.workers import OvfWorkers
 
 pytestmark = pytest.mark.unit

@@ -42,6 +42,7 @@ from tests.storage_helpers import (
     make_localfs_domain,
     wait_task,
 )
+from tests.test_stomp import Conn
 from tests.test_tarstream import ADVERSARIAL
 from vdsmlite.client import ServerError
 
@@ -278,7 +279,7 @@ def test_sigkill_mid_upload_keeps_the_previous_store(dom: DomainUnderTest) -> No
 
     eventually(writing, 30, "the daemon writing the upload")
     helpers = children(a.pid)
-    assert helpers, "the upload's XML checks run in parser processes"
+    assert helpers, "the parser processes start with the daemon"
     a.kill()
     s.close()
     # The parser processes notice their daemon is gone and leave: no orphans.
@@ -319,6 +320,58 @@ def test_an_unreadable_ovf_is_listed_apart(dom: DomainUnderTest) -> None:
     assert set(why) == {unbound, no_id}
     assert "malformed" in why[unbound] and "prefix" in why[unbound]
     assert "id is missing" in why[no_id]
+
+
+def test_malformed_ovf_is_kept_and_reported_unless_check_xml(dom: DomainUnderTest) -> None:
+    # What protects the store is its framing and no XML that can hurt a parser; a VM
+    # definition that is not well-formed is the engine's data, kept and reported - it
+    # does not cost every other VM's newest definition. ?check=xml refuses it.
+    a = dom.agent
+    ents = [entity_ovf("vm-0"), entity_ovf("vm-1")]
+    broken = str(uuid.uuid4())
+    tar = store_tar(dom.sd, [*ents, (broken, b"<ovf:Envelope")])
+    events = Conn.tcp(a)
+    try:
+        events.connect()
+        events.subscribe("jms.queue.events", "ev")
+        status, reply = put_store(a, dom.sd, tar)
+        assert status == 200, reply
+        assert reply["entities"] == 3 and reply["index"] == {"state": "building"}
+        while True:  # the index's outcome, as an event
+            msg = events.read().json()
+            if msg["method"] == f"|ovfstore|indexed|{dom.sd}":
+                break
+    finally:
+        events.sock.close()
+    note = msg["params"]
+    assert note["volumeID"] == reply["volumeID"]
+    assert note["lastUpdated"] == reply["lastUpdated"]
+    assert note["entities"] == 2 and note["failedCount"] == 1
+    assert note["failed"][0]["id"] == broken and "malformed" in note["failed"][0]["error"]
+    listed = entities(dom)
+    assert sorted(e["name"] for e in listed["entities"]) == ["vm-0", "vm-1"]
+    assert [e["id"] for e in listed["invalidEntities"]] == [broken]
+    assert get_store(a, dom.sd)[2] == tar
+
+    status, waited = put_store(a, dom.sd, tar, query="wait=index")
+    assert status == 200, waited
+    assert waited["index"]["state"] == "ready" and waited["index"]["entities"] == 2
+    assert [f["id"] for f in waited["index"]["failed"]] == [broken]
+    assert waited["index"]["seconds"] >= 0
+
+    status, refused = put_store(a, dom.sd, tar, chunked=True, query="check=xml")
+    assert status == 400, refused
+    assert broken in refused["error"]["message"]
+    assert "malformed" in refused["error"]["message"]
+    assert get_store(a, dom.sd)[2] == tar  # the newest good store is untouched
+    good = store_tar(dom.sd, ents)
+    status, strict = put_store(a, dom.sd, good, query="check=xml&wait=index")
+    assert status == 200, strict
+    assert strict["index"]["entities"] == 2 and strict["index"]["failedCount"] == 0
+    for query in ("check=everything", "wait=forever"):
+        status, reply = put_store(a, dom.sd, good, query=query)
+        assert status == 400 and reply["error"]["code"] == 1000, (query, reply)
+    assert get_store(a, dom.sd)[2] == good
 
 
 def test_single_entity_update_and_remove(dom: DomainUnderTest) -> None:

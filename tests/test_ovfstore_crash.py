@@ -155,6 +155,58 @@ def test_unreadable_newest_store_falls_back_to_the_older(dom: DomainUnderTest) -
     log = a.log_text()[mark:]
     assert f"OVF_STORE {r2['imageID']}/{r2['volumeID']} of {dom.sd} is unreadable" in log
 
+    # A failed upload must not take the one store that reads: it lands on the corrupt
+    # newest one (which still says Updated:true), never on the older good one.
+    bad = bytearray(make_store(dom.sd, 2, "bad")[0])
+    bad[0] ^= 1  # the first header's checksum
+    status, refused = put_store(a, dom.sd, bytes(bad))
+    assert status == 400, refused
+    descs = stores(dom)
+    assert descs[r1["volumeID"]]["Updated"] is True
+    assert descs[r2["volumeID"]]["Updated"] is False
+    assert get_store(a, dom.sd)[2] == older
+    status, r3 = put_store(a, dom.sd, newer)
+    assert status == 200 and r3["volumeID"] == r2["volumeID"], r3
+    assert get_store(a, dom.sd)[2] == newer
+
+
+def overwrite(dom: DomainUnderTest, img: str, vol: str, offset: int, data: bytes) -> None:
+    """Change the bytes of a volume behind the agent's back."""
+    path = dom.prepare(img, vol)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dom.teardown(img, vol)
+
+
+def test_kept_index_is_used_after_restart_only_while_the_store_is_unchanged(
+        dom: DomainUnderTest) -> None:
+    a = dom.agent
+    tar, names = make_store(dom.sd, 3, "kept")
+    status, reply = put_store(a, dom.sd, tar, query="wait=index")
+    assert status == 200 and reply["index"]["entities"] == 3, reply
+    restart(dom, None)
+    mark = a.log_size()
+    assert listed(dom) == names
+    log = a.log_text()[mark:]
+    assert "kept index of 3 entities checked" in log
+    assert " indexed: " not in log  # no OVF parsed again
+
+    # Same Last Updated and Size, other bytes (a name in one OVF, framing intact): the
+    # kept index is not believed.
+    first_id = next(iter(names))
+    offset = tar.index(b"<Name>kept-0</Name>")
+    overwrite(dom, reply["imageID"], reply["volumeID"], offset - offset % 512,
+              tar[offset - offset % 512:offset + 512 - offset % 512]
+              .replace(b"<Name>kept-0</Name>", b"<Name>kept-X</Name>"))
+    restart(dom, None)
+    mark = a.log_size()
+    assert listed(dom) == {**names, first_id: "kept-X"}
+    assert "changed since it was indexed" in a.log_text()[mark:]
+
 
 def test_uploads_to_one_domain_are_serialized(dom: DomainUnderTest) -> None:
     a = dom.agent

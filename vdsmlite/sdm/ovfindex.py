@@ -69,6 +69,9 @@ class StoreContents:
     """A store's index."""
 
     store: ovfstore.Store
+    # of the archive's bytes (ArchiveSummary.crc32): an index kept on disk is checked
+    # against the store with it
+    crc32: int | None = None
     entities: dict[str, dict[str, Any]] = field(default_factory=dict)
     statuses: dict[str, Any] = field(default_factory=dict)
     # <uuid>.ovf members that are not a readable OVF: id -> why
@@ -92,7 +95,7 @@ class StoreContents:
                entity_id: str, entity: dict[str, Any] | None) -> StoreContents:
         """The index of `store`, written as this one's store with one entity replaced
         (or removed: `entity` None) - `summary` is its scan."""
-        contents = StoreContents(store, info=summary.info)
+        contents = StoreContents(store, info=summary.info, crc32=summary.crc32)
         contents.entities = {k: dict(v) for k, v in self.entities.items() if k != entity_id}
         contents.invalid = {k: v for k, v in self.invalid.items() if k != entity_id}
         if entity is not None:
@@ -143,11 +146,8 @@ class OvfIndex:
             return cached
         building = self._building.get(key)
         if building is None:
-            loaded = await self._run_blocking(self._load, key, store)
-            if loaded is not None:
-                self._remember(key, loaded)
-                return loaded
-            building = self._start(dom, store, None)
+            kept = await self._run_blocking(self._load, key, store)
+            building = self._start(dom, store, None, kept)
         # Shielded: a reader that goes away must not stop the build others wait for.
         return await asyncio.shield(building)
 
@@ -190,7 +190,8 @@ class OvfIndex:
     # --- building ------------------------------------------------------------------------
 
     def _start(self, dom: Domain, store: ovfstore.Store,
-               summary: tarstream.ArchiveSummary | None) -> asyncio.Future[StoreContents]:
+               summary: tarstream.ArchiveSummary | None,
+               kept: StoreContents | None = None) -> asyncio.Future[StoreContents]:
         key = store_key(dom.uuid, store)
         result: asyncio.Future[StoreContents] = asyncio.get_running_loop().create_future()
         self._building[key] = result
@@ -198,7 +199,15 @@ class OvfIndex:
         built: list[StoreContents] = []
 
         async def body(job: Job) -> dict[str, Any]:
-            built.append(await self._build(dom, store, summary, job))
+            try:
+                built.append(await self._build(dom, store, summary, kept, job))
+            except (tarstream.TarError, OvfError) as e:
+                # What a store that does not read looks like: a failed job, not a crash.
+                raise errors.InvalidOvfStore(f"OVF_STORE {store.vol}: {e}") from e
+            except OSError as e:
+                # The volume went away (deleted, its domain deactivated) or I/O failed.
+                raise errors.GeneralException(f"cannot read OVF_STORE {store.vol}: {e}") \
+                    from e
             return built[0].report()
 
         job = self._jobs.start(body, description=f"index OVF_STORE {store.vol} of {dom.uuid}",
@@ -211,9 +220,13 @@ class OvfIndex:
                 result.set_result(built[0])
                 return
             error = job.error
-            if isinstance(error, (tarstream.TarError, OvfError, OSError, errors.VdsmError)):
-                self._unreadable[key] = str(error)
-                result.set_exception(UnreadableStore(str(error)))
+            if isinstance(error, errors.InvalidOvfStore):
+                self._unreadable[key] = error.message
+                result.set_exception(UnreadableStore(error.message))
+            elif isinstance(error, errors.VdsmError):
+                # Not known to be the store's fault (the volume could not be prepared,
+                # an I/O error): unreadable now, asked again next time.
+                result.set_exception(UnreadableStore(error.message))
             else:
                 result.set_exception(error)
             result.exception()  # retrieved: nobody may be waiting
@@ -222,13 +235,27 @@ class OvfIndex:
         return result
 
     async def _build(self, dom: Domain, store: ovfstore.Store,
-                     summary: tarstream.ArchiveSummary | None, job: Job) -> StoreContents:
+                     summary: tarstream.ArchiveSummary | None, kept: StoreContents | None,
+                     job: Job) -> StoreContents:
+        """Index the store (`summary`: its scan, if it was just written here; `kept`:
+        its index as kept on disk, believed only if the store's bytes are still the
+        ones indexed)."""
         assert store.size is not None
         started = time.monotonic()
         async with volumestream.opened(dom, store.img, store.vol, self._run_blocking) as volume:
             if summary is None:
                 summary = await self._run_blocking(self._scan, volume, store.size, job)
-            contents = StoreContents(store, info=summary.info)
+            if kept is not None and kept.crc32 == summary.crc32:
+                self._remember(store_key(dom.uuid, store), kept)
+                log.info("OVF_STORE %s/%s of %s: kept index of %d entities checked in "
+                         "%.2fs", store.img, store.vol, dom.uuid, len(kept.entities),
+                         time.monotonic() - started)
+                return kept
+            if kept is not None:
+                log.warning("OVF_STORE %s/%s of %s changed since it was indexed (same "
+                            "Last Updated and Size, other bytes); indexing it again",
+                            store.img, store.vol, dom.uuid)
+            contents = StoreContents(store, info=summary.info, crc32=summary.crc32)
             bounds = [*summary.splits, summary.members_end]
             ranges = list(itertools.pairwise(bounds))
             futures = [asyncio.wrap_future(self._workers.index(str(volume.path), start, end,
@@ -288,7 +315,8 @@ class OvfIndex:
         path = self._path(key)
         if path is None:
             return
-        record = {"format": FORMAT, "key": list(key), "info": contents.info,
+        record = {"format": FORMAT, "key": list(key), "crc32": contents.crc32,
+                  "info": contents.info,
                   "statuses": contents.statuses, "entities": list(contents.entities.values()),
                   "invalid": contents.invalid}
         try:
@@ -312,7 +340,10 @@ class OvfIndex:
         if not isinstance(record, dict) or record.get("format") != FORMAT or \
                 record.get("key") != list(key):
             return None  # another version of the store: rebuilt
-        contents = StoreContents(store, info=record.get("info"),
+        crc32 = record.get("crc32")
+        if not isinstance(crc32, int):
+            return None
+        contents = StoreContents(store, crc32=crc32, info=record.get("info"),
                                  statuses=record.get("statuses") or {},
                                  invalid=record.get("invalid") or {})
         contents.entities = {entity["id"]: entity for entity in record.get("entities") or []}

@@ -119,7 +119,7 @@ class OvfService:
             assert summary is not None
             # Durable and validated, still Updated:false.
             failpoints.hit("ovfstore.commit.after_fdatasync")
-            stamp = ovfstore.next_stamp([s for s in stores if s != target])
+            stamp = ovfstore.next_stamp(stores)
             text = ovfstore.description(sd_uuid, updated=True, size=size, last_updated=stamp)
             await self._run_blocking(dom.update_volume, target.img, target.vol,
                                      description=text)

@@ -51,19 +51,20 @@ def java_date(when: float | None = None) -> str:
 
 
 def next_stamp(stores: list[Store], now: float | None = None) -> str:
-    """A Last Updated later than every good store's.
+    """A Last Updated later than every store's, good or not.
 
     The format has one-second resolution; two writes in the same second would
     tie and a reader could take the older store as the newer. So the stamp is a
-    logical clock: now, or one second after the newest good store if that is
-    not earlier.
+    logical clock: now, or one second after the newest stamp seen if that is
+    not earlier. The store being written counts too: the same bytes written
+    again into it within a second must still make a new (volume, Last Updated,
+    Size), which is what an index is kept by.
     """
     when = time.time() if now is None else now
     for store in stores:
-        if store.good:
-            seen = parse_java_date(store.last_updated)
-            if seen is not None:
-                when = max(when, seen.timestamp() + 1)
+        seen = parse_java_date(store.last_updated)
+        if seen is not None:
+            when = max(when, seen.timestamp() + 1)
     return java_date(when)
 
 
