@@ -10,8 +10,10 @@ write is on storage, and the new one after it.
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import os
+import tarfile
 import threading
 import time
 from collections.abc import Iterator
@@ -194,6 +196,16 @@ def test_kept_index_is_used_after_restart_only_while_the_store_is_unchanged(
     log = a.log_text()[mark:]
     assert "kept index of 3 entities checked" in log
     assert " indexed: " not in log  # no OVF parsed again
+    # One entity is read from where the index says it is.
+    with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
+        member = archive.extractfile(f"{next(iter(names))}.ovf")
+        assert member is not None
+        expected = member.read()
+    with dom.client as c:
+        got = c.call("StorageDomain.getOVFEntity",
+                     {"storagedomainID": dom.sd, "entityID": next(iter(names))})
+    assert got["ovf"].encode() == expected
+    assert "as indexed; reading the store" not in a.log_text()[mark:]
 
     # Same Last Updated and Size, other bytes (a name in one OVF, framing intact): the
     # kept index is not believed.

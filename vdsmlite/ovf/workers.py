@@ -47,9 +47,9 @@ log = logging.getLogger("vdsmlite.ovf.workers")
 Summary = dict[str, Any] | str
 
 # What indexing a byte range of a store yields, member by member in archive order:
-# (name, the summary or why there is none) for an ``.ovf``, (name, its bytes) for a
-# ``.json``.
-IndexedMember = tuple[str, Summary | bytes]
+# (name, the summary or why there is none, where its header is, its size) for an
+# ``.ovf``; for a ``.json``, its bytes instead of a summary.
+IndexedMember = tuple[str, Summary | bytes, int, int]
 
 
 class OvfWorkers:
@@ -225,9 +225,9 @@ def _members_in(buf: mmap.mmap, pos: int, end: int,
             raise OvfError(f"{header.name} runs past the end of its range")
         data = buf[pos + tarstream.BLOCK:data_end]
         if header.name.endswith(".ovf"):
-            yield header.name, _summary(data)
+            yield header.name, _summary(data), offset, header.size
         else:
-            yield header.name, data
+            yield header.name, data, offset, header.size
         step = tarstream.BLOCK + header.size + (-header.size % tarstream.BLOCK)
         pos += step
         offset += step

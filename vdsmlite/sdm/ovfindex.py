@@ -76,6 +76,9 @@ class StoreContents:
     statuses: dict[str, Any] = field(default_factory=dict)
     # <uuid>.ovf members that are not a readable OVF: id -> why
     invalid: dict[str, str] = field(default_factory=dict)
+    # <uuid>.ovf members: id -> (offset of the member's header, size), so one can be
+    # read without the rest; empty when not known (an edited store's)
+    members: dict[str, tuple[int, int]] = field(default_factory=dict)
     info: Any = None
     # Every UUID written anywhere in the invalid OVFs' text (lower case); read from the
     # store the first time floating disks are asked for (None: not read yet)
@@ -318,7 +321,7 @@ class OvfIndex:
         record = {"format": FORMAT, "key": list(key), "crc32": contents.crc32,
                   "info": contents.info,
                   "statuses": contents.statuses, "entities": list(contents.entities.values()),
-                  "invalid": contents.invalid}
+                  "invalid": contents.invalid, "members": contents.members}
         try:
             self._dir.mkdir(parents=True, exist_ok=True)
             fsutil.write_file_durably(path, json.dumps(record, separators=(",", ":")))
@@ -347,13 +350,15 @@ class OvfIndex:
                                  statuses=record.get("statuses") or {},
                                  invalid=record.get("invalid") or {})
         contents.entities = {entity["id"]: entity for entity in record.get("entities") or []}
+        contents.members = {k: (v[0], v[1]) for k, v in (record.get("members") or {}).items()}
         return contents
 
 
 def _file(contents: StoreContents, members: list[IndexedMember]) -> None:
-    for name, result in members:
+    for name, result, offset, size in members:
         if not name.endswith(".ovf"):
             continue  # info.json and metadata.json came with the scan
+        contents.members[name[:-4].lower()] = (offset, size)
         if isinstance(result, dict):
             contents.entities[result["id"]] = result
         else:

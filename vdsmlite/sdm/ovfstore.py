@@ -230,11 +230,27 @@ class OvfService:
         if contents is None or entity_id not in contents.entities:
             raise errors.MissingOvfFileFromVM(entity_id)
         dom = await self._domain(sd_uuid)
-        data = await self._run_blocking(self._read_member, dom, contents.store, entity_id)
+        data = await self._run_blocking(self._read_member, dom, contents, entity_id)
         return {"entity": contents.entities[entity_id], "ovf": data.decode("utf-8"),
                 "store": contents.describe()}
 
-    def _read_member(self, dom: Domain, store: ovfstore.Store, entity_id: str) -> bytes:
+    def _read_member(self, dom: Domain, contents: StoreContents, entity_id: str) -> bytes:
+        store = contents.store
+        where = contents.members.get(entity_id)
+        if where is not None:
+            offset, size = where
+            with dom.opened(store.img, store.vol) as volume:
+                raw = streamio.read_range(str(volume.path), offset, tarstream.BLOCK + size,
+                                          volume.block_size)
+            try:
+                header = tarstream.parse_header(raw[:tarstream.BLOCK], offset)
+            except tarstream.TarError:
+                header = None
+            if header is not None and header.name.lower() == f"{entity_id}.ovf" and \
+                    header.size == size:
+                return raw[tarstream.BLOCK:]
+            log.warning("OVF_STORE %s: %s is not at byte %d as indexed; reading the store",
+                        store.vol, entity_id, offset)
         for name, data in self._members_of(dom, store):
             if name.lower() == f"{entity_id}.ovf":
                 return data

@@ -259,3 +259,27 @@ def read_chunks(path: str, size: int, block_size: int,
     finally:
         os.close(fd)
         buf.close()
+
+
+def read_range(path: str, offset: int, length: int, block_size: int) -> bytes:
+    """`length` bytes of `path` from `offset`, read with O_DIRECT (blocking): the
+    whole blocks around them are read, the bytes asked for returned."""
+    first = offset - offset % block_size
+    span = -(-(offset + length) // block_size) * block_size - first
+    buf = mmap.mmap(-1, span)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+    try:
+        done = 0
+        with memoryview(buf) as whole:
+            while done < span:
+                with whole[done:] as rest:
+                    n = os.preadv(fd, [rest], first + done)
+                if n <= 0:
+                    break
+                done += n
+        if done < offset - first + length:
+            raise OSError(f"{path}: ends before byte {offset + length}")
+        return buf[offset - first:offset - first + length]
+    finally:
+        os.close(fd)
+        buf.close()
