@@ -44,17 +44,25 @@ async def body_chunks(request: web.Request, stall_timeout: float) -> AsyncIterat
     Raises TransferStalled when nothing arrives for `stall_timeout` seconds and
     TransferInterrupted when the client goes away mid-body.
     """
-    while True:
-        try:
-            chunk = await asyncio.wait_for(request.content.readany(), stall_timeout)
-        except TimeoutError:
-            raise errors.TransferStalled(f"no data for {stall_timeout:.0f}s") from None
-        except (aiohttp.ClientPayloadError, ConnectionError,
-                asyncio.IncompleteReadError) as e:
-            raise errors.TransferInterrupted(str(e) or type(e).__name__) from e
-        if not chunk:
-            return
-        yield chunk
+    loop = asyncio.get_running_loop()
+    try:
+        # One deadline for the whole body, armed only while waiting for the client
+        # (the consumer's own time, e.g. waiting for the disk, is not a stall) and
+        # moved per chunk: a wait_for per chunk would cost a task each, 16,000 a GiB.
+        async with asyncio.timeout(None) as deadline:
+            while True:
+                deadline.reschedule(loop.time() + stall_timeout)
+                try:
+                    chunk = await request.content.readany()
+                except (aiohttp.ClientPayloadError, ConnectionError,
+                        asyncio.IncompleteReadError) as e:
+                    raise errors.TransferInterrupted(str(e) or type(e).__name__) from e
+                deadline.reschedule(None)
+                if not chunk:
+                    return
+                yield chunk
+    except TimeoutError:
+        raise errors.TransferStalled(f"no data for {stall_timeout:.0f}s") from None
 
 
 def check_xml(request: web.Request) -> bool:
