@@ -182,6 +182,7 @@ class Services:
     async def close(self) -> None:
         await self.vms.close()  # VMs keep running; the next start finds them
         await self.jobs.close(grace=self.config.daemon.shutdown_timeout)
+        await self.ovf_index.close()  # after the jobs: its builds are jobs
         await self.spm.close()
         await self.leases.close()
         await self.fencing.close()

@@ -185,6 +185,12 @@ class OvfIndex:
         self._remember(key, contents)
         self._background(self._run_blocking(self._save, key, contents))
 
+    async def close(self) -> None:
+        """Wait for what is left in the background (saving an index, the end of a
+        build whose job is over): the index on disk is written whole or not at all."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
     def _background(self, awaitable: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(awaitable)
         self._tasks.add(task)
