@@ -74,12 +74,11 @@ class OvfService:
         async def given() -> AsyncIterator[bytes]:
             return body
 
-        reply = await self._commit(sd_uuid, given, length=length, job=job,
-                                   check_xml=check_xml)
+        reply, committed = await self._commit(sd_uuid, given, length=length, job=job,
+                                              check_xml=check_xml)
         if wait_index:
             committed_at = time.monotonic()
             dom = await self._domain(sd_uuid)
-            committed = reply.pop("_store")
             try:
                 contents = await self._index.get(dom, committed)
             except UnreadableStore as e:
@@ -88,18 +87,18 @@ class OvfService:
                 reply["index"] = {"state": "ready", **contents.report(),
                                   # how long the index took once the store was committed
                                   "seconds": round(time.monotonic() - committed_at, 3)}
-        reply.pop("_store", None)
         return reply
 
     async def _commit(self, sd_uuid: str, make_body: Callable[[], Awaitable[AsyncIterator[bytes]]],
                       *, length: int | None, job: Job, check_xml: bool = False,
                       index: Callable[[ovfstore.Store, tarstream.ArchiveSummary], None]
-                      | None = None) -> dict[str, Any]:
+                      | None = None) -> tuple[dict[str, Any], ovfstore.Store]:
         """The commit protocol, with the archive from `make_body`, called once this
         host holds the domain's upload lock and SDM lease: an archive derived from the
         store (an edit) is derived from the newest one, not from one a concurrent
         commit is overwriting. `index` makes the committed store's index (default:
-        built from the store by the parser processes)."""
+        built from the store by the parser processes). Returns the reply and the
+        store as committed."""
         dom = await self._domain(sd_uuid)
         async with self._image_locks.hold(("ovf", sd_uuid)), self._sdm.hold(dom) as lease:
             body = await make_body()
@@ -136,7 +135,7 @@ class OvfService:
             return {"storagedomainID": sd_uuid, "imageID": target.img, "volumeID": target.vol,
                     "size": size, "entities": len(summary.entity_ids), "lastUpdated": stamp,
                     "seconds": round(elapsed, 3), "taskID": job.id,
-                    "index": {"state": "building"}, "_store": committed}
+                    "index": {"state": "building"}}, committed
 
     async def _readable_newest(self, dom: Domain,
                                stores: list[ovfstore.Store]) -> ovfstore.Store | None:
@@ -303,8 +302,7 @@ class OvfService:
             source = base[0] if base[0] is not None else StoreContents(store)
             self._index.put(sd_uuid, source.edited(store, archive, entity_id, summary))
 
-        reply = await self._commit(sd_uuid, rebuilt, length=None, job=job, index=index)
-        reply.pop("_store")
+        reply, _ = await self._commit(sd_uuid, rebuilt, length=None, job=job, index=index)
         reply["index"] = {"state": "ready"}
         return reply
 
