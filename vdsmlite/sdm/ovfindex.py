@@ -150,7 +150,8 @@ class OvfIndex:
         building = self._building.get(key)
         if building is None:
             kept = await self._run_blocking(self._load, key, store)
-            building = self._start(dom, store, None, kept)
+            # Another reader may have started the build meanwhile: one build per store.
+            building = self._building.get(key) or self._start(dom, store, None, kept)
         # Shielded: a reader that goes away must not stop the build others wait for.
         return await asyncio.shield(building)
 
@@ -163,13 +164,6 @@ class OvfIndex:
         if key in self._memory or key in self._building:
             return True
         return None
-
-    async def wait(self, sd_uuid: str, store: ovfstore.Store) -> StoreContents | None:
-        """The index being built for the store, once built (None if none is)."""
-        building = self._building.get(store_key(sd_uuid, store))
-        if building is None:
-            return self._memory.get(store_key(sd_uuid, store))
-        return await asyncio.shield(building)
 
     # --- after a commit ------------------------------------------------------------------
 
