@@ -150,7 +150,9 @@ class OvfIndex:
         building = self._building.get(key)
         if building is None:
             kept = await self._run_blocking(self._load, key, store)
-            # Another reader may have started the build meanwhile: one build per store.
+            # Another reader may have built it or started to meanwhile: one build each.
+            if key in self._memory:
+                return self._memory[key]
             building = self._building.get(key) or self._start(dom, store, None, kept)
         # Shielded: a reader that goes away must not stop the build others wait for.
         return await asyncio.shield(building)
