@@ -32,7 +32,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
@@ -122,14 +122,21 @@ class OvfWorkers:
             error = done.exception()
             if isinstance(error, BrokenProcessPool):
                 self._discard(pool)
-                outer.set_exception(OvfError("an OVF parser process died while reading "
-                                             "this batch"))
-            elif error is not None:
-                outer.set_exception(error)
-            else:
-                outer.set_result(done.result())
+                error = OvfError("an OVF parser process died while reading this batch")
+            try:
+                if error is not None:
+                    outer.set_exception(error)
+                else:
+                    outer.set_result(done.result())
+            except InvalidStateError:
+                pass  # the caller cancelled it (gave up on the work) meanwhile
+
+        def forward_cancel(mine: Future[Any]) -> None:
+            if mine.cancelled():
+                inner.cancel()  # not started yet: never started; running: ends unheard
 
         inner.add_done_callback(relay)
+        outer.add_done_callback(forward_cancel)
         return outer
 
     def _get_pool(self) -> ProcessPoolExecutor:
