@@ -14,12 +14,12 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_file_durably(path: Path, text: str) -> None:
+def write_file_durably(path: Path, text: str | bytes) -> None:
     """Write-to-temp, fsync, rename, fsync dir: the file is old or new, never torn."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, "wb") as f:
+        f.write(text.encode() if isinstance(text, str) else text)
         f.flush()
         os.fsync(f.fileno())
     os.rename(tmp, path)

@@ -64,6 +64,10 @@ _TYPE_NAMES = {b"1": "hard link", b"2": "symbolic link", b"3": "character device
                b"L": "GNU long name", b"K": "GNU long link name"}
 _OVF_MEMBER = re.compile(rf"({UUID_PATTERN})\.ovf")
 
+_OVF_NAME_BYTES = re.compile(rf"{UUID_PATTERN}\.ovf".encode())
+_MAGICS = (b"ustar\x0000", b"ustar  \0")
+_REGULAR = (0x30, 0)  # typeflag "0" or NUL: a regular file
+
 # A buffer the validator can search in place: bytes, or the writer's mmap buffers.
 Buffer = bytes | bytearray | mmap.mmap
 
@@ -133,8 +137,7 @@ def parse_header(block: bytes, offset: int) -> Header:
     stored = _number(block[148:156], "checksum", offset)
     if stored != header_checksum(block) and stored != _signed_checksum(block):
         raise TarError(f"header at byte {offset}: bad checksum")
-    magic = block[257:265]
-    if magic not in (b"ustar\x0000", b"ustar  \0"):
+    if block[257:265] not in _MAGICS:
         raise TarError(f"header at byte {offset}: not a ustar header")
     typeflag = block[156:157]
     if typeflag not in (b"0", b"\0"):
@@ -240,9 +243,8 @@ def _check_head(name: str, head: bytes) -> None:
         raise TarError(f"{name}: {why}")
 
 
-def _scan_whole(name: str, buf: bytes | mmap.mmap, start: int, end: int) -> None:
-    """The DTD scan of a member lying wholly in `buf[start:end]`."""
-    hit = buf.find(b"!", start, end)
+def _scan_whole(name: str, buf: bytes | mmap.mmap, start: int, end: int, hit: int) -> None:
+    """The DTD scan of a member lying wholly in `buf[start:end]`, from its first "!"."""
     while hit != -1:
         if _refuses_markup(buf[max(start, hit - 2):hit], buf[hit + 1:min(end, hit + 3)]):
             raise TarError(f"{name}: {_DTD_REFUSED}")
@@ -331,7 +333,8 @@ class ArchiveSummary:
     splits: list[int] = field(default_factory=list)
     members_end: int = 0  # offset of the end-of-archive marker
     end: int = 0  # offset just past the end-of-archive marker
-    crc32: int = 0  # of every byte fed, padding included: what the store's Size covers
+    # of every byte fed, padding included (what the store's Size covers); with `digest`
+    crc32: int = 0
 
 
 _HEADER, _DATA, _PAD, _END2, _TRAILER = range(5)
@@ -343,16 +346,19 @@ class TarValidator:
     def __init__(self, max_total: int, *,
                  on_member: Callable[[str, bytes], None] | None = None,
                  check_xml: CheckBatch | None = None,
-                 check_ahead: int = AHEAD_BYTES) -> None:
+                 check_ahead: int = AHEAD_BYTES, digest: bool = False) -> None:
         """`on_member(name, data)` is handed every member, byte for byte. `check_xml`
         parses whole ``.ovf`` members elsewhere (worker processes) - refusing any that
-        is not a well-formed OVF Envelope - at most `check_ahead` bytes behind."""
+        is not a well-formed OVF Envelope - at most `check_ahead` bytes behind.
+        `digest`: compute `ArchiveSummary.crc32` (uploads do not pay for it)."""
         self.max_total = max_total
         self._checks = (OvfBatcher(check_xml, ahead_bytes=check_ahead)
                         if check_xml is not None else None)
         self.on_member = on_member
         self._keep = on_member is not None or check_xml is not None
-        self._whole_members = not self._keep
+        self._fast = not self._keep  # no member kept: whole ones take _whole_members
+        self._digest = digest
+        self._declaration: bytes | None = None  # the last one checked (see _whole_members)
         self.total = 0
         self.summary = ArchiveSummary()
         self._state = _HEADER
@@ -370,10 +376,10 @@ class TarValidator:
         if self.total + n > self.max_total:
             raise TarError(f"archive is larger than the volume ({self.max_total} bytes)",
                            too_large=True)
-        # zlib releases the GIL for this (3-4 GB/s): the index kept on disk is checked
-        # against it, so a store changed under the same identity is not believed.
-        with memoryview(buf) as view, view[:n] as fed:
-            self.summary.crc32 = zlib.crc32(fed, self.summary.crc32)
+        if self._digest:
+            # zlib releases the GIL for this (3-4 GB/s).
+            with memoryview(buf) as view, view[:n] as fed:
+                self.summary.crc32 = zlib.crc32(fed, self.summary.crc32)
         pos = 0
         while pos < n:
             state = self._state
@@ -387,15 +393,14 @@ class TarValidator:
                     self._finish_member()
             elif state in (_HEADER, _END2):
                 if not self._partial and n - pos >= BLOCK:
-                    block = buf[pos:pos + BLOCK]
-                    if state == _HEADER and self._whole_members and block[0]:
-                        # The common case, a whole member in this buffer: no state
+                    if state == _HEADER and self._fast:
+                        # The common case, whole members in this buffer: no state
                         # machine, no per-member object.
-                        taken = self._whole_member(buf, pos, n, block)
-                        if taken:
-                            pos += taken
+                        after = self._whole_members(buf, pos, n)
+                        if after != pos:
+                            pos = after
                             continue
-                    self._on_block(block, self.total + pos)
+                    self._on_block(buf[pos:pos + BLOCK], self.total + pos)
                     pos += BLOCK
                 else:
                     take = min(BLOCK - len(self._partial), n - pos)
@@ -423,32 +428,69 @@ class TarValidator:
                 pos = n
         self.total += n
 
-    def _whole_member(self, buf: bytes | mmap.mmap, pos: int, n: int, block: bytes) -> int:
-        """Check the member whose header is `block` at `pos` if it lies wholly within
-        `buf[:n]`, padding included: how many bytes it took, or 0 to go the slow way."""
-        offset = self.total + pos
-        header = parse_header(block, offset)
-        if not header.name.endswith(".ovf"):
-            return 0
-        start = pos + BLOCK
-        end = start + header.size
-        padded = end + (-header.size % BLOCK)
-        if padded > n:
-            return 0
-        key = header.name.lower()
-        if key in self._seen:
-            raise TarError(f"duplicate member {header.name}")
-        self._seen.add(key)
-        if offset >= self._next_split:
-            self.summary.splits.append(offset)
-            self._next_split = offset + SPLIT_BYTES
-        self.summary.entity_ids.append(key[:-4])
-        if header.size:
-            _check_head(header.name, buf[start:min(end, start + _HEAD_BYTES)])
-            _scan_whole(header.name, buf, start, end)
-        if padded > end and buf[end:padded].strip(b"\0"):
-            raise TarError(f"{header.name}: data longer than its declared size")
-        return padded - pos
+    def _whole_members(self, buf: bytes | mmap.mmap, pos: int, n: int) -> int:
+        """Check the ``.ovf`` members lying wholly within `buf[:n]` from `pos` on, as
+        many as there are in a row; returns where the first one it left begins (a
+        member cut by the buffer's end, a ``.json``, the end marker, anything odd -
+        all for the general path, which also says what is wrong).
+
+        This is the upload's hot loop, one turn per member: everything is inlined and
+        each check is one C call. The checksum is summed by adler32, whose low half is
+        1 + the byte sum mod 65521 - exact for each 256-byte half of a header.
+        """
+        adler = zlib.adler32
+        find = buf.find
+        match_name = _OVF_NAME_BYTES.fullmatch
+        seen = self._seen
+        ids = self.summary.entity_ids
+        splits = self.summary.splits
+        declaration = self._declaration
+        total = self.total
+        while pos + BLOCK <= n and buf[pos]:
+            header = buf[pos:pos + BLOCK]
+            stored = header[148:156].split(b"\0", 1)[0]
+            if not stored.isdigit() or header[257:265] not in _MAGICS or \
+                    header[156] not in _REGULAR or header.count(0, 345, 500) != 155:
+                break
+            computed = (adler(header[:256]) & 0xFFFF) + (adler(header[256:]) & 0xFFFF) - 2 \
+                - sum(header[148:156]) + 256
+            name = header[:header.find(0, 0, 100)]
+            size_field = header[124:136].split(b"\0", 1)[0]
+            if computed != int(stored, 8) or match_name(name) is None or \
+                    not size_field.isdigit():
+                break
+            size = int(size_field, 8)
+            start = pos + BLOCK
+            end = start + size
+            padded = end + (-size % BLOCK)
+            if padded > n or size > MAX_OVF_MEMBER or not size:
+                break
+            key = name.decode("ascii").lower()
+            if key in seen:
+                break
+            seen.add(key)
+            if total + pos >= self._next_split:
+                splits.append(total + pos)
+                self._next_split = total + pos + SPLIT_BYTES
+            ids.append(key[:-4])
+            if declaration is None or buf[start:start + len(declaration)] != declaration:
+                declaration = self._check_declaration(key, buf[start:min(end,
+                                                                         start + _HEAD_BYTES)])
+            hit = find(b"!", start, end)
+            if hit != -1:
+                _scan_whole(key, buf, start, end, hit)
+            if padded > end and buf[end:padded].strip(b"\0"):
+                raise TarError(f"{key}: data longer than its declared size")
+            pos = padded
+        self._declaration = declaration
+        return pos
+
+    def _check_declaration(self, name: str, head: bytes) -> bytes | None:
+        """Check a member's first bytes (`check_encoding`); returns its XML declaration
+        when it has one, which the next members are likely to share."""
+        _check_head(name, head)
+        end = head.find(b"?>")
+        return head[:end + 2] if end > 0 else None
 
     def _on_block(self, block: bytes, offset: int) -> None:
         zero = not block.strip(b"\0")

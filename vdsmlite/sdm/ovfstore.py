@@ -284,6 +284,7 @@ class OvfService:
                     "ovf", f"OVF is for entity {entity.id}, not {entity_id}")
             summary = entity.to_dict()
         base: list[StoreContents | None] = []
+        dom = await self._domain(sd_uuid)
 
         async def rebuilt() -> AsyncIterator[bytes]:
             # Under the upload lock (see `_commit`): two edits racing each other both
@@ -293,14 +294,13 @@ class OvfService:
                                                      and entity_id not in contents.invalid)):
                 raise errors.MissingOvfFileFromVM(entity_id)
             base.append(contents)
-            dom = await self._domain(sd_uuid)
             return self._as_async(self._rebuilt_members(dom, sd_uuid, contents, entity_id,
                                                         ovf))
 
         def index(store: ovfstore.Store, archive: tarstream.ArchiveSummary) -> None:
             # The others' summaries are the base store's: only the edited one is new.
             source = base[0] if base[0] is not None else StoreContents(store)
-            self._index.put(sd_uuid, source.edited(store, archive, entity_id, summary))
+            self._index.put(dom, source.edited(store, archive, entity_id, summary))
 
         reply, _ = await self._commit(sd_uuid, rebuilt, length=None, job=job, index=index)
         reply["index"] = {"state": "ready"}
