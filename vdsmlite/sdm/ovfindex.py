@@ -307,6 +307,11 @@ class OvfIndex:
         return validator.finish()
 
     def _remember(self, key: StoreKey, contents: StoreContents) -> None:
+        # An earlier version of the same volume is never asked for again (a commit
+        # always moves Last Updated): its index is dropped, not left to age out - one
+        # of 88,000 entities holds 300 MiB.
+        for old in [k for k in self._memory if k[:3] == key[:3] and k != key]:
+            del self._memory[old]
         self._memory[key] = contents
         self._memory.move_to_end(key)
         while len(self._memory) > self.CACHE_ENTRIES:
