@@ -16,6 +16,10 @@ in one run:
     domain caches in the page cache; dd without fsync is shown too);
   - ovirt-imageio 2.5.1 (the oVirt image daemon, no TLS): ``PUT`` of the same
     bytes to a ticket whose target is that volume;
+  - on the file domain, an aiohttp server that only reads the body and drops
+    it (no disk, no checks): the floor of any door built on aiohttp's request
+    body, as the agent's is - its CPU next to imageio's says how much of the
+    agent's is the door's;
 
   each the median of ``--runs``; ratios vdsmlite/dd and vdsmlite/imageio;
 * CPU seconds per GiB of each, measured around the upload only: the agent's
@@ -289,6 +293,51 @@ class Measure:
     reply: dict[str, Any] = field(default_factory=dict)
 
 
+def sink_serve(port: int) -> None:
+    """`--sink PORT`: an aiohttp server that reads PUT bodies and throws them away -
+    what receiving alone costs through aiohttp's request body, the agent's door."""
+    from aiohttp import web  # noqa: PLC0415 (only the sink process needs it)
+
+    async def put(request: web.Request) -> web.Response:
+        n = 0
+        async for chunk in request.content.iter_any():
+            n += len(chunk)
+        return web.Response(text=str(n))
+
+    app = web.Application(client_max_size=0)
+    app.router.add_put("/sink", put)
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+
+
+class Sink:
+    """The aiohttp sink in its own process, its CPU measured like imageio's."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Sink:
+        self.proc = subprocess.Popen([sys.executable, __file__, "--sink", str(self.port)])
+        for _ in range(200):
+            with contextlib.suppress(OSError), socket.create_connection(
+                    ("127.0.0.1", self.port), timeout=1):
+                return self
+            check(self.proc.poll() is None, "the aiohttp sink exited")
+            time.sleep(0.05)
+        raise BenchError("the aiohttp sink did not listen")
+
+    def upload(self, src: Path) -> Measure:
+        assert self.proc is not None
+        before = own_cpu(self.proc.pid)
+        seconds, _ = curl_put(f"http://127.0.0.1:{self.port}/sink", src, chunked=True)
+        return Measure(seconds, own_cpu(self.proc.pid) - before)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(30)
+
+
 def dd_write(src: Path, dst: str, *, fsync: bool = True) -> Measure:
     """dd bs=8M oflag=direct; with fsync, durable as the agent's commit (fdatasync) and
     imageio's flush are (the loop LUN under a block domain caches in the page cache)."""
@@ -528,13 +577,14 @@ def per_gib(m: Measure, size: int) -> float:
 
 
 def upload_domain(kind: str, agent: Agent, dom: DomainUnderTest, *, imageio: Imageio,
-                  tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+                  tmp: Path, args: argparse.Namespace,
+                  receiver: Sink | None = None) -> dict[str, Any]:
     tar = tmp / "store.tar"
     size, n = write_store_file(tar, dom.sd, args.size * MiB)
     print(f"{kind}: {n} entities, {size / MiB:.0f} MiB tar; OVF_STORE volumes of "
           f"{(size + AGENT_STORE_SIZE) / MiB:.0f} MiB", flush=True)
     vols = make_ovf_volumes(dom, size + AGENT_STORE_SIZE)
-    ours, dd, dd_nosync, io, strict = Runs(), Runs(), Runs(), Runs(), Runs()
+    ours, dd, dd_nosync, io, strict, sink = Runs(), Runs(), Runs(), Runs(), Runs(), Runs()
     indexed = []
     for run in range(args.runs):
         known = job_ids(agent)
@@ -548,6 +598,8 @@ def upload_domain(kind: str, agent: Agent, dom: DomainUnderTest, *, imageio: Ima
             dd.measures.append(dd_write(tar, path))
             dd_nosync.measures.append(dd_write(tar, path, fsync=False))
             io.measures.append(imageio.upload(tar, size, path))
+        if receiver is not None:
+            sink.measures.append(receiver.upload(tar))
         print(f"  run {run + 1}: vdsmlite {size / MiB / m.seconds:.0f} MiB/s "
               f"(CPU {m.cpu:.2f} s, {m.daemon_cpu:.2f} of it the daemon's; RSS "
               f"+{m.rss_growth_kib / 1024:.1f} MiB; index ready {indexed[-1]:.1f} s after the "
@@ -572,7 +624,7 @@ def upload_domain(kind: str, agent: Agent, dom: DomainUnderTest, *, imageio: Ima
                   f"{status_kib(agent.pid, 'VmRSS') / 1024:.0f} MiB", flush=True)
     tar.unlink()
     return {"size": size, "entities": n, "volumes": vols, "ours": ours, "dd": dd,
-            "dd_nosync": dd_nosync, "imageio": io, "strict": strict,
+            "dd_nosync": dd_nosync, "imageio": io, "strict": strict, "sink": sink,
             "indexed": statistics.median(indexed)}
 
 
@@ -705,7 +757,7 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, Any]], *,
           f"{'RSS+MiB':>9}{'workers':>9}")
     rows = [("ours", "vdsmlite"), ("strict", "vdsmlite ?check=xml"),
             ("dd", "dd oflag=direct,fsync"), ("dd_nosync", "  dd without fsync"),
-            ("imageio", "ovirt-imageio 2.5.1")]
+            ("imageio", "ovirt-imageio 2.5.1"), ("sink", "aiohttp, no disk")]
     for kind, r in results.items():
         size = sizes[kind]
         for key, name in rows:
@@ -737,6 +789,11 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, Any]], *,
         row(kind, "CPU/GiB vdsmlite / imageio", cpu / io_cpu, target=f"<= {CPU_RATIO:.2f}",
             ok=cpu / io_cpu <= CPU_RATIO)
         row(kind, "CPU/GiB vdsmlite / dd", cpu / dd_cpu)
+        if r["sink"].measures:
+            # The floor of the agent's door: aiohttp receiving the body, nothing else.
+            row(kind, "CPU/GiB aiohttp receiving alone / imageio",
+                cpu_per_gib(r["sink"], size) / io_cpu)
+            row(kind, "throughput aiohttp receiving alone / dd", speed(r["sink"], size) / dd)
         row(kind, "RSS growth MiB (worst run)", rss, target=f"< {RSS_MIB:.0f}",
             ok=rss < RSS_MIB, fmt=".1f")
         row(kind, "RSS growth MiB until the index was ready", r["ours"].median(
@@ -785,7 +842,11 @@ def main() -> None:
     ap.add_argument("--no-check-xml", dest="check_xml", action="store_false",
                     help="skip the ?check=xml uploads")
     ap.add_argument("--keep-log", type=Path, help="copy the agent's log here at the end")
+    ap.add_argument("--sink", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.sink:
+        sink_serve(args.sink)
+        return
     check(args.runs >= 1 and args.size >= 1 and args.entities >= 1, "sizes must be positive")
     # Others' work on the same cores skews every figure: say how busy the machine was.
     print(f"load average at the start: {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs)",
@@ -802,15 +863,17 @@ def main() -> None:
             "daemon": {"log_level": "INFO"}, "devel": {"validate_returns": False}})
         agent = host.agent
         imageio = Imageio(tmp / "imageio")
+        receiver = Sink()
         try:
             host.start()
             imageio.start()
+            receiver.start()
             local = make_localfs_domain(agent, tmp / "local")
             store = args.size * MiB + AGENT_STORE_SIZE + MiB
             lun = max(MIN_VG, BLOCK_OVERHEAD + 2 * store + 2 * AGENT_STORE_SIZE)
             block = make_block_domain(agent, farm, size=f"{-(-lun // GiB)}G")
             results["file"] = upload_domain("file", agent, local, imageio=imageio, tmp=tmp,
-                                            args=args)
+                                            args=args, receiver=receiver)
             results["block"] = upload_domain("block", agent, block, imageio=imageio, tmp=tmp,
                                              args=args)
             _, index["block"] = index_store("block", agent, block,
@@ -824,6 +887,7 @@ def main() -> None:
                   file=sys.stderr)
             raise
         finally:
+            receiver.stop()
             imageio.stop()
             unmount_under(agent.state_dir)
             host.stop()
