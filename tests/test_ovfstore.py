@@ -229,6 +229,25 @@ def test_vdsm_door_errors(dom: DomainUnderTest) -> None:
                                    "Content-Length": "1"}, b"x")
     assert status == 500 and body["status"]["code"] == 358
 
+    # ?check=xml on this door too: a store with a malformed OVF goes in only without it.
+    broken = store_tar(dom.sd, [entity_ovf("vm-0"), (str(uuid.uuid4()), b"<ovf:Envelope")])
+
+    def put_raw(path: str) -> tuple[int, Any]:
+        c = conn(a)
+        try:
+            c.request("PUT", path, body=broken, headers=base)
+            resp = c.getresponse()
+            return resp.status, resp.read()
+        finally:
+            c.close()
+
+    status, raw = put_raw("/?check=xml")
+    assert status == 500, raw
+    reply = json.loads(raw)
+    assert reply["status"]["code"] == 1000 and "malformed" in reply["status"]["message"]
+    assert put_raw("/?check=bogus")[0] == 400
+    assert put_raw("/")[0] == 200
+
 
 def test_cut_connection_and_stalled_client(dom: DomainUnderTest) -> None:
     a = dom.agent
