@@ -32,7 +32,13 @@ from tests.ovf_helpers import (
     store_tar,
     stores,
 )
-from tests.storage_helpers import DomainUnderTest, SharedDomains, StorageEnv, join_lockspace
+from tests.storage_helpers import (
+    DomainUnderTest,
+    SharedDomains,
+    StorageEnv,
+    join_lockspace,
+    write_durably,
+)
 from vdsmlite.storage import streamio
 
 pytestmark = pytest.mark.root
@@ -174,13 +180,7 @@ def test_unreadable_newest_store_falls_back_to_the_older(dom: DomainUnderTest) -
 
 def overwrite(dom: DomainUnderTest, img: str, vol: str, offset: int, data: bytes) -> None:
     """Change the bytes of a volume behind the agent's back."""
-    path = dom.prepare(img, vol)
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_durably(dom.prepare(img, vol), offset, data)
     dom.teardown(img, vol)
 
 

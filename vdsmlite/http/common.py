@@ -65,15 +65,20 @@ async def body_chunks(request: web.Request, stall_timeout: float) -> AsyncIterat
         raise errors.TransferStalled(f"no data for {stall_timeout:.0f}s") from None
 
 
-def check_xml(request: web.Request) -> bool:
-    """``?check=xml``: parse every ``.ovf`` before the commit (strict uploads).
-    ValueError for any other value of ``check``."""
-    value = request.query.get("check")
-    if value is None:
+def query_flag(request: web.Request, name: str, value: str) -> bool:
+    """Whether the query says ``name=value``; ValueError for any other value of `name`
+    (a typo must not quietly mean the default)."""
+    given = request.query.get(name)
+    if given is None:
         return False
-    if value != "xml":
-        raise ValueError(f"check={value[:20]!r}: only check=xml is known")
+    if given != value:
+        raise ValueError(f"{name}={given[:20]!r}: only {name}={value} is known")
     return True
+
+
+def check_xml(request: web.Request) -> bool:
+    """``?check=xml``: parse every ``.ovf`` before the commit (strict uploads)."""
+    return query_flag(request, "check", "xml")
 
 
 def has_body_framing(request: web.Request) -> bool:

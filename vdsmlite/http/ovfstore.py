@@ -38,15 +38,6 @@ def _domain(request: web.Request) -> str | None:
     return parse_uuid(request.match_info["sd"])
 
 
-def _wait_index(request: web.Request) -> bool:
-    value = request.query.get("wait")
-    if value is None:
-        return False
-    if value != "index":
-        raise ValueError(f"wait={value[:20]!r}: only wait=index is known")
-    return True
-
-
 async def handle_put(request: web.Request) -> web.StreamResponse:
     sd = _domain(request)
     if sd is None:
@@ -57,7 +48,7 @@ async def handle_put(request: web.Request) -> web.StreamResponse:
                       "Content-Length or chunked Transfer-Encoding required")
     try:
         strict = common.check_xml(request)
-        wait_index = _wait_index(request)
+        wait_index = common.query_flag(request, "wait", "index")
     except ValueError as e:
         return _error(400, errors.InvalidParameterException.code, str(e))
     doors = request.app[common.DOORS]

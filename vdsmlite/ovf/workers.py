@@ -9,8 +9,9 @@ storage domain chose - out of the daemon's address space, under an address
 space limit: a parser crash or blow-up costs one batch, not the agent.
 
 The daemon starts the pool once it serves (the ``spawn`` method: a fresh
-interpreter that imports only this module and the OVF readers - `safexml`,
-`reader`, `model` - never a copy of the daemon's threads, sockets or locks);
+interpreter that imports only this module, the OVF readers - `safexml`,
+`reader`, `model`, `tarstream` - and `storage.streamio` for O_DIRECT reads;
+never a copy of the daemon's threads, sockets or locks);
 other users start it on first use. Workers leave when the daemon closes the
 pool, or by themselves within a second of the daemon's death, so a SIGKILLed
 daemon leaves no orphans. A pool whose worker died is replaced on the next call.
@@ -24,7 +25,6 @@ store's index copies no document between processes.
 from __future__ import annotations
 
 import logging
-import mmap
 import multiprocessing
 import os
 import resource
@@ -40,6 +40,7 @@ from vdsmlite.ovf import tarstream
 from vdsmlite.ovf.model import OvfError
 from vdsmlite.ovf.reader import parse
 from vdsmlite.ovf.safexml import OvfValidator
+from vdsmlite.storage import streamio
 
 log = logging.getLogger("vdsmlite.ovf.workers")
 
@@ -200,28 +201,14 @@ def _summarize_batch(docs: list[bytes]) -> list[Summary]:
 
 def _index_range(task: tuple[str, int, int, int]) -> list[IndexedMember]:
     path, start, end, block_size = task
-    first = start - start % block_size  # O_DIRECT reads whole, aligned blocks
-    length = -(-end // block_size) * block_size - first
-    buf = mmap.mmap(-1, length)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
-        try:
-            done = 0
-            with memoryview(buf) as whole:
-                while done < length:
-                    with whole[done:] as rest:
-                        n = os.preadv(fd, [rest], first + done)
-                    if n <= 0:
-                        raise OvfError(f"{path}: ends at {first + done}, before {end}")
-                    done += n
-        finally:
-            os.close(fd)
-        return list(_members_in(buf, start - first, end - first, start))
-    finally:
-        buf.close()
+        data = streamio.read_range(path, start, end - start, block_size)
+    except OSError as e:
+        raise OvfError(f"{path}: {e}") from e
+    return list(_members_in(data, 0, len(data), start))
 
 
-def _members_in(buf: mmap.mmap, pos: int, end: int,
+def _members_in(buf: bytes, pos: int, end: int,
                 offset: int) -> Iterator[IndexedMember]:
     # The framing was checked when the store was committed; headers are parsed again
     # all the same, so a store changed since cannot make this read past the range.

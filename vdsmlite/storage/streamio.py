@@ -246,16 +246,14 @@ def read_chunks(path: str, size: int, block_size: int,
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
     try:
         offset = 0
-        with memoryview(buf) as whole:
-            while offset < size:
-                want = min(chunk, -(-(size - offset) // block_size) * block_size)
-                with whole[:want] as view:
-                    n = os.preadv(fd, [view], offset)
-                if n <= 0:
-                    raise OSError(f"{path}: unexpected end after {offset} of {size} bytes")
-                keep = min(n, size - offset)
-                yield bytes(whole[:keep])
-                offset += keep
+        while offset < size:
+            want = min(chunk, -(-(size - offset) // block_size) * block_size)
+            n = _read_into(fd, buf, want, offset)
+            if n <= 0:
+                raise OSError(f"{path}: unexpected end after {offset} of {size} bytes")
+            keep = min(n, size - offset)
+            yield buf[:keep]
+            offset += keep
     finally:
         os.close(fd)
         buf.close()
@@ -269,17 +267,22 @@ def read_range(path: str, offset: int, length: int, block_size: int) -> bytes:
     buf = mmap.mmap(-1, span)
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
     try:
-        done = 0
-        with memoryview(buf) as whole:
-            while done < span:
-                with whole[done:] as rest:
-                    n = os.preadv(fd, [rest], first + done)
-                if n <= 0:
-                    break
-                done += n
-        if done < offset - first + length:
+        if _read_into(fd, buf, span, first) < offset - first + length:
             raise OSError(f"{path}: ends before byte {offset + length}")
         return buf[offset - first:offset - first + length]
     finally:
         os.close(fd)
         buf.close()
+
+
+def _read_into(fd: int, buf: mmap.mmap, want: int, offset: int) -> int:
+    """Fill `buf[:want]` from `offset`; how many bytes came (fewer at the end of file)."""
+    done = 0
+    with memoryview(buf) as whole:
+        while done < want:
+            with whole[done:want] as rest:
+                n = os.preadv(fd, [rest], offset + done)
+            if n <= 0:
+                break
+            done += n
+    return done
