@@ -307,10 +307,14 @@ class OvfIndex:
         return validator.finish()
 
     def _remember(self, key: StoreKey, contents: StoreContents) -> None:
-        # An earlier version of the same volume is never asked for again (a commit
-        # always moves Last Updated): its index is dropped, not left to age out - one
+        # Readers want a domain's newest store; an older one only if the newest stops
+        # reading, and then its kept index loads from disk. So older stores' indexes
+        # (and earlier versions of this volume's) are dropped, not left to age out: one
         # of 88,000 entities holds 300 MiB.
-        for old in [k for k in self._memory if k[:3] == key[:3] and k != key]:
+        newer = contents.store.sort_key()
+        for old in [k for k, c in self._memory.items()
+                    if k[0] == key[0] and k != key and
+                    (k[:3] == key[:3] or c.store.sort_key() < newer)]:
             del self._memory[old]
         self._memory[key] = contents
         self._memory.move_to_end(key)
