@@ -334,7 +334,7 @@ class ArchiveSummary:
     members_end: int = 0  # offset of the end-of-archive marker
     end: int = 0  # offset just past the end-of-archive marker
     # of every byte fed, padding included (what the store's Size covers); with `digest`
-    crc32: int = 0
+    crc32: int | None = None
 
 
 _HEADER, _DATA, _PAD, _END2, _TRAILER = range(5)
@@ -379,7 +379,7 @@ class TarValidator:
         if self._digest:
             # zlib releases the GIL for this (3-4 GB/s).
             with memoryview(buf) as view, view[:n] as fed:
-                self.summary.crc32 = zlib.crc32(fed, self.summary.crc32)
+                self.summary.crc32 = zlib.crc32(fed, self.summary.crc32 or 0)
         pos = 0
         while pos < n:
             state = self._state

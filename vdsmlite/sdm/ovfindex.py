@@ -251,6 +251,9 @@ class OvfIndex:
         assert store.size is not None
         started = time.monotonic()
         async with volumestream.opened(dom, store.img, store.vol, self._run_blocking) as volume:
+            # bytes_done: the store's bytes read once (a scan and the parsers each count
+            # for half when both read it).
+            scanned = summary is None
             if summary is None:
                 summary = await self._run_blocking(self._scan, volume, store.size, job)
             if kept is not None and kept.crc32 == summary.crc32:
@@ -263,8 +266,7 @@ class OvfIndex:
                 log.warning("OVF_STORE %s/%s of %s changed since it was indexed (same "
                             "Last Updated and Size, other bytes); indexing it again",
                             store.img, store.vol, dom.uuid)
-            contents = StoreContents(store, info=summary.info,
-                                     crc32=summary.crc32 if summary.crc32 else None)
+            contents = StoreContents(store, info=summary.info, crc32=summary.crc32)
             bounds = [*summary.splits, summary.members_end]
             ranges = list(itertools.pairwise(bounds))
             futures = [asyncio.wrap_future(self._workers.index(str(volume.path), start, end,
@@ -273,7 +275,7 @@ class OvfIndex:
             try:
                 for (_, end), future in zip(ranges, futures, strict=True):
                     _file(contents, await future)
-                    job.update(bytes_done=end)
+                    job.update(bytes_done=(store.size + end) // 2 if scanned else end)
             finally:
                 for future in futures:
                     future.cancel()
