@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from fake_storage.agent import Agent
 from fake_storage.cluster import SimHost
 from fake_storage.lunfarm import FakeLun, LunFarm
@@ -414,3 +416,21 @@ class SharedDomains:
                                              "force": True})
             left = c.call("StorageDomain.getImages", {"storagedomainID": dom.sd})
         assert left == [], left
+
+
+def shared_domain_fixtures(*kinds: str) -> tuple[Any, Any]:
+    """A module's `domains` fixture (one host's `SharedDomains` of `kinds`, built once)
+    and `dom` (each test borrows a domain of each kind in turn, test ids the kinds):
+    ``domains, dom = shared_domain_fixtures("localfs", "block-512")``."""
+
+    @pytest.fixture(scope="module")
+    def domains(module_env: StorageEnv) -> SharedDomains:
+        return SharedDomains(module_env).build(*kinds)
+
+    @pytest.fixture(params=list(kinds))
+    def dom(request: pytest.FixtureRequest,
+            domains: SharedDomains) -> Iterator[DomainUnderTest]:
+        with domains.lend(request.param) as d:
+            yield d
+
+    return domains, dom

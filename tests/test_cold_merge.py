@@ -5,7 +5,6 @@ refusals that change nothing, and a merge killed half-way then completed by a re
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +17,9 @@ from tests.storage_helpers import (
     DomainUnderTest,
     MiB,
     SharedDomains,
-    StorageEnv,
     join_lockspace,
     new_id,
+    shared_domain_fixtures,
 )
 from vdsmlite.client import Client
 
@@ -30,15 +29,7 @@ SIZE = 64 * MiB
 PATTERNS = {0: 0x11, 1: 0x22, 2: 0x33}  # layer index -> byte, written at index MiB
 
 
-@pytest.fixture(scope="module")
-def domains(module_env: StorageEnv) -> SharedDomains:
-    return SharedDomains(module_env).build("localfs", "block-512")
-
-
-@pytest.fixture(params=["localfs", "block-512"])
-def dom(request: pytest.FixtureRequest, domains: SharedDomains) -> Iterator[DomainUnderTest]:
-    with domains.lend(request.param) as d:
-        yield d
+domains, dom = shared_domain_fixtures("localfs", "block-512")
 
 
 def qemu_io(path: str, command: str) -> None:

@@ -5,12 +5,17 @@ to the volumes made here."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 
 import pytest
 
 from tests.ovf_helpers import ENGINE_SAMPLE, entity_ovf, put_store, store_tar
-from tests.storage_helpers import BLANK, COW, DomainUnderTest, MiB, SharedDomains, StorageEnv
+from tests.storage_helpers import (
+    BLANK,
+    COW,
+    DomainUnderTest,
+    MiB,
+    shared_domain_fixtures,
+)
 
 pytestmark = pytest.mark.root
 
@@ -20,15 +25,7 @@ ACTIVE_SNAPSHOT = "b60fcbad-d65a-4248-ae32-7f9411276df0"
 REGULAR_SNAPSHOT = "22eab740-c6ec-4edb-b417-c4ad9efe628a"
 
 
-@pytest.fixture(scope="module")
-def domains(module_env: StorageEnv) -> SharedDomains:
-    return SharedDomains(module_env).build("localfs", "block-512")
-
-
-@pytest.fixture(params=["localfs", "block-512"])
-def dom(request: pytest.FixtureRequest, domains: SharedDomains) -> Iterator[DomainUnderTest]:
-    with domains.lend(request.param) as d:
-        yield d
+domains, dom = shared_domain_fixtures("localfs", "block-512")
 
 
 def vm_ovf(name: str, img: str, base: str, leaf: str) -> tuple[str, bytes]:

@@ -12,18 +12,16 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.storage_helpers import (
     DomainUnderTest,
-    SharedDomains,
-    StorageEnv,
     lv_offset,
     lvm_cmd,
     read_direct,
+    shared_domain_fixtures,
 )
 from vdsmlite import errors
 from vdsmlite.storage import constants as sc
@@ -231,15 +229,7 @@ def test_volume_lv_tags_of_a_vdsm_domain() -> None:
 # --- live domains: what vdsmlite wrote, read as VDSM would ----------------------------------
 
 
-@pytest.fixture(scope="module")
-def domains(module_env: StorageEnv) -> SharedDomains:
-    return SharedDomains(module_env).build("localfs", "block-512")
-
-
-@pytest.fixture(params=["localfs", "block-512"])
-def dom(request: pytest.FixtureRequest, domains: SharedDomains) -> Iterator[DomainUnderTest]:
-    with domains.lend(request.param) as d:
-        yield d
+domains, dom = shared_domain_fixtures("localfs", "block-512")
 
 
 @pytest.mark.root

@@ -328,21 +328,23 @@ class BlockDomain(Domain):
 
     def ensure_allocation(self, img_uuid: str, vol_uuid: str, size: int) -> None:
         with self.lock:
-            lv = self.lv(vol_uuid)
-            if size <= lv.size:
-                return
-            vg = self.vg()
-            needed = -(-(size - lv.size) // vg.extent_size)
-            if needed > vg.free_count:
-                raise errors.NoSpaceLeftOnDomain(self.uuid)
-            log.info("extending LV %s/%s from %d to %d bytes", self.uuid, vol_uuid,
-                     lv.size, size)
-            try:
-                lvm.lvextend(self.uuid, vol_uuid, size, self.devices)
-            except lvm.LVMError as e:
-                raise errors.LogicalVolumeExtendError(self.uuid, vol_uuid, size) from e
-            pe_starts, extent = self.layout()
-            self.activator.refresh(self.lv(vol_uuid), pe_starts, extent, self.devices)
+            self._grow_lv(self.lv(vol_uuid), size)
+
+    def _grow_lv(self, lv: lvm.LV, size: int) -> None:
+        """Extend `lv` to at least `size` bytes (caller holds the lock); an active LV
+        is refreshed under its user."""
+        if size <= lv.size:
+            return
+        vg = self.vg()
+        if -(-(size - lv.size) // vg.extent_size) > vg.free_count:
+            raise errors.NoSpaceLeftOnDomain(self.uuid)
+        log.info("extending LV %s/%s from %d to %d bytes", self.uuid, lv.name, lv.size, size)
+        try:
+            lvm.lvextend(self.uuid, lv.name, size, self.devices)
+        except lvm.LVMError as e:
+            raise errors.LogicalVolumeExtendError(self.uuid, lv.name, size) from e
+        pe_starts, extent = self.layout()
+        self.activator.refresh(self.lv(lv.name), pe_starts, extent, self.devices)
 
     def find_volume_image(self, vol_uuid: str) -> str | None:
         lv = self.lvs([vol_uuid]).get(vol_uuid)
@@ -388,19 +390,8 @@ class BlockDomain(Domain):
         with contextlib.suppress(OSError):
             link.parent.rmdir()
 
-    def create_volume(self, req: CreateVolumeRequest, progress: Progress) -> None:
-        """Create a volume; a stop (`cancel`) in the middle removes what was made
-        (LV, metadata slot, link; a parent made INTERNAL is a leaf again)."""
-        made: list[str] = []
-        try:
-            self._create_volume(req, progress, made)
-        except cancel.Cancelled:
-            if made:
-                with cancel.shielded():
-                    self._undo_create(req, made)
-            raise
-
     def _undo_create(self, req: CreateVolumeRequest, made: list[str]) -> None:
+        # The LV, its metadata slot, its link.
         log.info("volume %s: create stopped, removing what it made", req.vol_uuid)
         with self.lock:
             lv = self.lvs([req.vol_uuid]).get(req.vol_uuid)
@@ -567,17 +558,7 @@ class BlockDomain(Domain):
             lv = self.lv(vol_uuid)
             if lv.tag_value(sc.TAG_IMAGE) != img_uuid:
                 raise errors.VolumeDoesNotExist(vol_uuid)
-            if size <= lv.size:
-                return
-            vg = self.vg()
-            if -(-(size - lv.size) // vg.extent_size) > vg.free_count:
-                raise errors.NoSpaceLeftOnDomain(self.uuid)
-            try:
-                lvm.lvextend(self.uuid, vol_uuid, size, self.devices)
-            except lvm.LVMError as e:
-                raise errors.LogicalVolumeExtendError(self.uuid, vol_uuid, size) from e
-            pe_starts, extent = self.layout()
-            self.activator.refresh(self.lv(vol_uuid), pe_starts, extent, self.devices)
+            self._grow_lv(lv, size)
 
     def prepare_volume(self, img_uuid: str, vol_uuid: str) -> Path:
         lv = self.lv(vol_uuid)

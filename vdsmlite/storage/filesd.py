@@ -213,28 +213,18 @@ class FileDomain(Domain):
         _, meta, _ = self._paths(img_uuid, vol_uuid)
         _write_atomic(meta, md.to_bytes())
 
-    def create_volume(self, req: CreateVolumeRequest, progress: Progress) -> None:
-        """Create a volume; a stop (`cancel`) in the middle removes its files (and a
-        parent made INTERNAL is a leaf again)."""
-        made: list[str] = []
-        try:
-            self._create_volume(req, progress, made)
-        except cancel.Cancelled:
-            if made:
-                with cancel.shielded():
-                    log.info("volume %s: create stopped, removing its files", req.vol_uuid)
-                    with self.lock:
-                        data, meta, lease = self._paths(req.img_uuid, req.vol_uuid)
-                        for path in (data, lease, meta):
-                            with contextlib.suppress(FileNotFoundError):
-                                path.unlink()
-                        fsync_dir(data.parent)
-                        if "parent" in made:
-                            Image(self, req.img_uuid).relink_parent_after_delete(
-                                req.parent_vol)
-                        with contextlib.suppress(OSError):
-                            data.parent.rmdir()
-            raise
+    def _undo_create(self, req: CreateVolumeRequest, made: list[str]) -> None:
+        log.info("volume %s: create stopped, removing its files", req.vol_uuid)
+        with self.lock:
+            data, meta, lease = self._paths(req.img_uuid, req.vol_uuid)
+            for path in (data, lease, meta):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            fsync_dir(data.parent)
+            if "parent" in made:
+                Image(self, req.img_uuid).relink_parent_after_delete(req.parent_vol)
+            with contextlib.suppress(OSError):
+                data.parent.rmdir()
 
     def _create_volume(self, req: CreateVolumeRequest, progress: Progress,
                        made: list[str]) -> None:

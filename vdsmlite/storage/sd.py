@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vdsmlite import errors
+from vdsmlite import cancel, errors
 from vdsmlite.storage import constants as sc
 from vdsmlite.storage import directio
 from vdsmlite.storage.volmeta import VolumeMetadata, truncate_description
@@ -293,8 +293,26 @@ class Domain(ABC):
             description=truncate_description(req.description), legality=legality,
             ctime=int(time.time()), generation=0, sequence=req.sequence)
 
+    def create_volume(self, req: CreateVolumeRequest, progress: Progress) -> None:
+        """Create a volume; a stop (`cancel`) in the middle removes what was made
+        (`_undo_create`: data, metadata, link; a parent made INTERNAL is a leaf again)."""
+        made: list[str] = []
+        try:
+            self._create_volume(req, progress, made)
+        except cancel.Cancelled:
+            if made:
+                with cancel.shielded():
+                    self._undo_create(req, made)
+            raise
+
     @abstractmethod
-    def create_volume(self, req: CreateVolumeRequest, progress: Progress) -> None: ...
+    def _create_volume(self, req: CreateVolumeRequest, progress: Progress,
+                       made: list[str]) -> None:
+        """Create the volume, naming in `made` each step done that must be undone."""
+
+    @abstractmethod
+    def _undo_create(self, req: CreateVolumeRequest, made: list[str]) -> None:
+        """Remove what a stopped `_create_volume` made (`made` says what)."""
 
     @abstractmethod
     def delete_volume(self, img_uuid: str, vol_uuid: str, *, post_zero: bool, force: bool,

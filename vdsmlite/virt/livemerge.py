@@ -413,22 +413,14 @@ class Merger:
     async def _drop_nodes(self, session: QmpSession, drive: str, formats: list[str]) -> None:
         """Remove the nodes we added (named after the disk) that qemu keeps although
         nothing uses them now; qemu's own (generated) nodes went with the job."""
-        ours = [n for n in formats if n.startswith(f"{drive}-")]
-        try:
-            files = {n["node-name"]: (n.get("image") or {}) for n in
-                     await session.query_named_block_nodes()}
-        except QmpError:
-            files = {}
-        for fmt in ours:
-            storage = fmt[:-len("format")] + "storage" if fmt.endswith("-format") \
-                else fmt[:-2] + "-s"
-            for name in (fmt, storage):
-                if name not in files:
-                    continue
-                try:
-                    await session.blockdev_del(name)
-                except QmpError as e:
-                    log.warning("VM %s: node %s left: %s", self.vm_id, name, e)
+        names = []
+        for fmt in formats:
+            if fmt.startswith(f"{drive}-"):
+                # each format node over its storage node (qemu.disk_names, overlay_names)
+                names += [fmt, fmt[:-len("format")] + "storage" if fmt.endswith("-format")
+                          else fmt[:-2] + "-s"]
+        for problem in await session.remove_nodes(names):
+            log.warning("VM %s: %s", self.vm_id, problem)
 
     async def _end(self, job: MergeJob, *, failed: str) -> None:
         job.state, job.error = "failed", failed

@@ -347,7 +347,7 @@ class QmpSession:
                 added.append(node["node-name"])
             await self.device_add(device)
         except QmpError as e:
-            problems = await self._remove_nodes(reversed(added))
+            problems = await self.remove_nodes(reversed(added))
             detail = f"; rollback: {'; '.join(problems)}" if problems else ""
             raise errors.HotplugDiskFailed(f"disk {disk.name}: {e}{detail}") from e
         log.info("%s: plugged disk %s (%s)", self.name, disk.name, device["driver"])
@@ -409,7 +409,7 @@ class QmpSession:
                     log.error("%s: %s", self.name, p)
                 return problems
 
-    async def _remove_nodes(self, node_names: Any) -> list[str]:
+    async def remove_nodes(self, node_names: Any) -> list[str]:
         """blockdev-del each existing node, top first; what could not be removed."""
         try:
             existing = {n.get("node-name") for n in await self.query_named_block_nodes()}
