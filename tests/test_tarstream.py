@@ -279,3 +279,50 @@ def test_every_corrupted_header_byte_is_refused_in_the_hot_loop() -> None:
             bad[at] = (bad[at] + delta) % 256
             with pytest.raises(TarError):
                 validate(bytes(bad), chunk=len(bad))
+
+
+def commons_compress_member(name: str, data: bytes, mtime: int = 1_700_000_000) -> bytes:
+    """A member as the engine's tar writer, Apache commons-compress (ovirt-engine's
+    InMemoryTar: a TarArchiveOutputStream of default TarArchiveEntry's), lays it out -
+    from its TarUtils, not from our writer: mode by formatOctalBytes (digits, space,
+    NUL), uid/gid/size/mtime by formatLongOctalBytes (digits, then a space - no NUL),
+    the checksum by formatCheckSumOctalBytes (6 digits, NUL, space), POSIX magic
+    "ustar\\0" + "00", the user and group names filled in."""
+    h = bytearray(512)
+    h[0:len(name)] = name.encode()
+    h[100:108] = b"100644 \0"
+    h[108:116] = b"0000000 "
+    h[116:124] = b"0000000 "
+    h[124:136] = b"%011o " % len(data)
+    h[136:148] = b"%011o " % mtime
+    h[156:157] = b"0"
+    h[257:263] = b"ustar\0"
+    h[263:265] = b"00"
+    h[265:270] = b"ovirt"
+    h[297:302] = b"ovirt"
+    h[148:156] = b" " * 8
+    h[148:156] = b"%06o\0 " % sum(h)
+    return bytes(h) + data + b"\0" * (-len(data) % 512)
+
+
+def test_the_engines_headers_take_the_hot_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every .ovf member of an engine-written store must be checked by _whole_members;
+    # only the end marker's two blocks go the general way.
+    docs = [entity_ovf(f"vm-{i}") for i in range(20)]
+    data = b"".join(commons_compress_member(f"{eid}.ovf", doc) for eid, doc in docs)
+    data += b"\0" * 1024
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:  # a real reader agrees
+        assert tar.getnames() == [f"{eid}.ovf" for eid, _ in docs]
+    general: list[int] = []
+    original = TarValidator._on_block
+
+    def counting(self: TarValidator, block: bytes, offset: int) -> None:
+        general.append(offset)
+        original(self, block, offset)
+
+    monkeypatch.setattr(TarValidator, "_on_block", counting)
+    summary = validate(data, chunk=len(data))
+    assert summary.entity_ids == [eid for eid, _ in docs]
+    assert general == [len(data) - 1024, len(data) - 512]
+    # The same headers, cut anywhere, through the general path.
+    assert validate(data, chunk=700).entity_ids == [eid for eid, _ in docs]

@@ -93,7 +93,7 @@ class TarError(ValueError):
 def _octal(field_bytes: bytes, what: str) -> int:
     if field_bytes and field_bytes[0] & 0x80:
         raise TarError(f"{what}: base-256 numbers are not accepted")
-    text = field_bytes.split(b"\0", 1)[0].strip(b" ")
+    text = field_bytes.split(b"\0", 1)[0]
     if not text:
         return 0
     try:
@@ -448,14 +448,16 @@ class TarValidator:
         total = self.total
         while pos + BLOCK <= n and buf[pos]:
             header = buf[pos:pos + BLOCK]
-            stored = header[148:156].split(b"\0", 1)[0]
+            # Numbers end in NUL or space, as writers please (the engine's commons-compress
+            # ends the size with a space): both are stripped.
+            stored = header[148:156].split(b"\0", 1)[0].strip(b" ")
             if not stored.isdigit() or header[257:265] not in _MAGICS or \
                     header[156] not in _REGULAR or header.count(0, 345, 500) != 155:
                 break
             computed = (adler(header[:256]) & 0xFFFF) + (adler(header[256:]) & 0xFFFF) - 2 \
                 - sum(header[148:156]) + 256
             name = header[:header.find(0, 0, 100)]
-            size_field = header[124:136].split(b"\0", 1)[0]
+            size_field = header[124:136].split(b"\0", 1)[0].strip(b" ")
             if computed != int(stored, 8) or match_name(name) is None or \
                     not size_field.isdigit():
                 break
@@ -579,13 +581,17 @@ def _json(name: str, data: bytes) -> Any:
 
 
 def make_header(name: str, size: int, mtime: int) -> bytes:
+    """A ustar header laid out as the engine's writer (commons-compress
+    ``TarArchiveEntry``/``TarUtils``) lays out its numbers: mode as 6 digits, space,
+    NUL; uid, gid as 7 digits and a space; size, mtime as 11 digits and a space;
+    the checksum as 6 digits, NUL, space."""
     block = bytearray(BLOCK)
     block[0:len(name)] = name.encode("ascii")
-    block[100:108] = b"0000644\0"
-    block[108:116] = b"0000000\0"
-    block[116:124] = b"0000000\0"
-    block[124:136] = f"{size:011o}\0".encode()
-    block[136:148] = f"{mtime:011o}\0".encode()
+    block[100:108] = b"100644 \0"
+    block[108:116] = b"0000000 "
+    block[116:124] = b"0000000 "
+    block[124:136] = f"{size:011o} ".encode()
+    block[136:148] = f"{mtime:011o} ".encode()
     block[156:157] = b"0"
     block[257:263] = b"ustar\0"
     block[263:265] = b"00"
