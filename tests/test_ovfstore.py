@@ -249,6 +249,55 @@ def test_vdsm_door_errors(dom: DomainUnderTest) -> None:
     assert put_raw("/")[0] == 200
 
 
+# VDSM's own refusal vectors for this door (tests/lib/rpc/http_image_request_handler_test.py,
+# test_irh_should_report_missing_headers): every one answers 400 there. Their values are
+# theirs ("pool", "domain", "image": the request is refused before they are read).
+VDSM_REFUSALS = {
+    "GET - missing 'Range' header": ("GET", {}),
+    "GET - invalid 'Range' header": ("GET", {"Range": "invalid range"}),
+    "GET - missing storage pool header": (
+        "GET", {"Range": "bytes=0-2000", "Storage-Domain-Id": "domain", "Image-Id": "image"}),
+    "GET - missing storage domain header": (
+        "GET", {"Range": "bytes=0-2000", "Storage-Pool-Id": "pool", "Image-Id": "image"}),
+    "GET - missing image id header": (
+        "GET", {"Range": "bytes=0-2000", "Storage-Pool-Id": "pool",
+                "Storage-Domain-Id": "domain"}),
+    "PUT - missing content length header": ("PUT", {}),
+    "PUT - invalid content length header": ("PUT", {"content-length": "zorro"}),
+    "PUT - missing storage pool header": (
+        "PUT", {"content-length": "2000", "Storage-Domain-Id": "domain", "Image-Id": "image"}),
+    "PUT - missing storage domain header": (
+        "PUT", {"content-length": "2000", "Storage-Pool-Id": "pool", "Image-Id": "image"}),
+    "PUT - missing image id header": (
+        "PUT", {"content-length": "2000", "Storage-Pool-Id": "pool",
+                "Storage-Domain-Id": "domain"}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(VDSM_REFUSALS))
+def test_vdsm_door_refuses_what_vdsm_refuses(domains: SharedDomains, case: str) -> None:
+    method, headers = VDSM_REFUSALS[case]
+    with domains.lend("localfs") as d:
+        s = socket.create_connection(d.agent.tcp_address or ("127.0.0.1", 0), timeout=30)
+        try:
+            # Raw bytes: http.client would refuse to send "content-length: zorro" itself,
+            # and would add a Content-Length of its own.
+            head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+            s.sendall(f"{method} / HTTP/1.1\r\nHost: x\r\n{head}\r\n".encode())
+            reply = b""
+            while b"\r\n" not in reply:
+                part = s.recv(4096)
+                if not part:
+                    break
+                reply += part
+        finally:
+            s.close()
+    # (aiohttp's own parser refuses the unreadable Content-Length, answering HTTP/1.0.)
+    status_line = reply.split(b"\r\n", 1)[0].split(b" ")
+    assert status_line[0] in (b"HTTP/1.1", b"HTTP/1.0") and status_line[1] == b"400", \
+        (case, reply[:200])
+
+
 def test_cut_connection_and_stalled_client(dom: DomainUnderTest) -> None:
     a = dom.agent
     good, _ = make_store(dom.sd, 2)
