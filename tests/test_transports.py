@@ -254,3 +254,23 @@ def test_tls_listens_off_loopback(agent_factory: Any, pki: Path) -> None:
 def test_plain_off_loopback_needs_explicit_insecure(agent_factory: Any) -> None:
     a = agent_factory(config={"rpc": {"listen": "0.0.0.0", "insecure": True}})
     assert a.url is not None and a.url.startswith("http://0.0.0.0:")
+
+
+def test_upload_door_over_tls(tls_agent: Agent, pki: Path) -> None:
+    # The upload server reads bodies through asyncio's TLS layer into its own buffers;
+    # a body it refuses unread is drained (TLS cannot half-close) and answered.
+    assert tls_agent.tcp_address is not None
+    host, port = tls_agent.tcp_address
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    ctx.load_cert_chain(str(pki / "engine.pem"), str(pki / "engine.key"))
+    for path, status, code in ((f"/ovfstore/{uuid.uuid4()}", 404, 358),
+                               ("/ovfstore/not-a-uuid", 400, 1000)):
+        conn = http.client.HTTPSConnection(host, port, timeout=30, context=ctx)
+        try:
+            conn.request("PUT", path, body=b"\0" * (1 << 20))
+            resp = conn.getresponse()
+            assert resp.status == status
+            assert resp.getheader("Content-Type") == "application/json"
+            assert json.loads(resp.read())["error"]["code"] == code
+        finally:
+            conn.close()

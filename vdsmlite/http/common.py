@@ -1,19 +1,19 @@
-"""What both stream doors share: app keys, request bodies as chunks, errors as answers.
+"""What both stream doors share: what they use, query flags, errors as answers.
 
-The doors own their transport: a body that stops arriving (stall) or breaks
-off (a cut connection, a torn chunked encoding) becomes a VDSM error here, so
-the services below see only bytes or `TransferStalled`/`TransferInterrupted`.
+Uploads (PUT) are served by `putserver`, downloads (GET) by aiohttp. Either
+way the doors own their transport: a body that stops arriving (stall) or
+breaks off (a cut connection, a torn chunked encoding) becomes a VDSM error
+there, so the services below see only bytes or
+`TransferStalled`/`TransferInterrupted`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from vdsmlite import errors
@@ -38,37 +38,10 @@ class StreamDoors:
 DOORS = web.AppKey("stream_doors", StreamDoors)
 
 
-async def body_chunks(request: web.Request, stall_timeout: float) -> AsyncIterator[bytes]:
-    """The request body as it arrives (chunked or sized), never whole in memory.
-
-    Raises TransferStalled when nothing arrives for `stall_timeout` seconds and
-    TransferInterrupted when the client goes away mid-body.
-    """
-    loop = asyncio.get_running_loop()
-    try:
-        # One deadline for the whole body, armed only while waiting for the client
-        # (the consumer's own time, e.g. waiting for the disk, is not a stall) and
-        # moved per chunk: a wait_for per chunk would cost a task each, 16,000 a GiB.
-        async with asyncio.timeout(None) as deadline:
-            while True:
-                deadline.reschedule(loop.time() + stall_timeout)
-                try:
-                    chunk = await request.content.readany()
-                except (aiohttp.ClientPayloadError, ConnectionError,
-                        asyncio.IncompleteReadError) as e:
-                    raise errors.TransferInterrupted(str(e) or type(e).__name__) from e
-                deadline.reschedule(None)
-                if not chunk:
-                    return
-                yield chunk
-    except TimeoutError:
-        raise errors.TransferStalled(f"no data for {stall_timeout:.0f}s") from None
-
-
-def query_flag(request: web.Request, name: str, value: str) -> bool:
+def query_flag(query: Mapping[str, str], name: str, value: str) -> bool:
     """Whether the query says ``name=value``; ValueError for any other value of `name`
     (a typo must not quietly mean the default)."""
-    given = request.query.get(name)
+    given = query.get(name)
     if given is None:
         return False
     if given != value:
@@ -76,15 +49,9 @@ def query_flag(request: web.Request, name: str, value: str) -> bool:
     return True
 
 
-def check_xml(request: web.Request) -> bool:
+def check_xml(query: Mapping[str, str]) -> bool:
     """``?check=xml``: parse every ``.ovf`` before the commit (strict uploads)."""
-    return query_flag(request, "check", "xml")
-
-
-def has_body_framing(request: web.Request) -> bool:
-    """Content-Length or chunked: how HTTP/1.1 says where a body ends."""
-    chunked = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
-    return request.content_length is not None or chunked
+    return query_flag(query, "check", "xml")
 
 
 def error_status(exc: BaseException) -> tuple[int, int, str]:

@@ -25,11 +25,13 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Mapping
 
 from aiohttp import web
 
 from vdsmlite import errors
 from vdsmlite.http import common
+from vdsmlite.http.putserver import PutRequest, Reply
 from vdsmlite.ids import parse_uuid
 from vdsmlite.jobs import Job
 
@@ -39,28 +41,39 @@ _RANGE = re.compile(r"^bytes=0-(\d+)$")
 _REQUIRED = ("Storage-Pool-Id", "Storage-Domain-Id", "Image-Id")
 
 
+def _status_json(code: int, message: str) -> bytes:
+    return json.dumps({"status": {"code": code, "message": message}}).encode()
+
+
 def _error(status: int, code: int, message: str, task_id: str | None = None) -> web.Response:
     # VDSM's Content-Type is exactly "application/json": the engine compares the whole
     # header, so aiohttp's "; charset=utf-8" must not be added.
     headers = {"Content-Type": "application/json"}
     if task_id:
         headers["Task-Id"] = task_id
-    body = json.dumps({"status": {"code": code, "message": message}}).encode()
-    return web.Response(status=status, body=body, headers=headers)
+    return web.Response(status=status, body=_status_json(code, message), headers=headers)
 
 
-def _from(exc: BaseException, task_id: str | None = None) -> web.Response:
+def _put_error(status: int, code: int, message: str, task_id: str | None = None) -> Reply:
+    headers = {"Content-Type": "application/json"}
+    if task_id:
+        headers["Task-Id"] = task_id
+    return Reply(status, headers, _status_json(code, message))
+
+
+def _from(exc: BaseException) -> web.Response:
     """What the storage operation refused: VDSM answers every such error with 500 and
     its status JSON (``_send_error_response``); the code in the JSON says which."""
     _, code, message = common.error_status(exc)
-    return _error(500, code, message, task_id)
+    return _error(500, code, message)
 
 
-def _ids(request: web.Request) -> tuple[str, str, str | None]:
-    """(domain, image, volume or None) from the headers; raises with a 400 answer."""
+def _ids(headers: Mapping[str, str]) -> tuple[str, str, str | None]:
+    """(domain, image, volume or None) from the headers (lower-case names); raises
+    with a 400 answer."""
     values = []
     for name in _REQUIRED:
-        raw = request.headers.get(name)
+        raw = headers.get(name.lower())
         if raw is None:
             raise _IdError(errors.MissingParameter.code, f"missing header {name}")
         value = parse_uuid(raw.strip())
@@ -69,7 +82,7 @@ def _ids(request: web.Request) -> tuple[str, str, str | None]:
                            f"header {name}: {raw[:60]!r} is not a UUID")
         values.append(value)
     vol = None
-    raw_vol = request.headers.get("Volume-Id")
+    raw_vol = headers.get("volume-id")
     if raw_vol is not None:
         vol = parse_uuid(raw_vol.strip())
         if vol is None:
@@ -85,38 +98,39 @@ class _IdError(Exception):
         self.message = message
 
 
-async def handle_put(request: web.Request) -> web.StreamResponse:
+async def handle_put(request: PutRequest, doors: common.StreamDoors) -> Reply:
+    """``PUT /`` (served by `putserver`: the body goes straight into the volume's
+    write buffers)."""
     try:
-        sd, img, vol = _ids(request)
+        sd, img, vol = _ids(request.headers)
     except _IdError as e:
-        return _error(400, e.code, e.message)
-    if not common.has_body_framing(request):
-        return _error(411, errors.MissingParameter.code,
-                      "Content-Length (or chunked Transfer-Encoding) required")
+        return _put_error(400, e.code, e.message)
+    if not request.has_body_framing:
+        return _put_error(411, errors.MissingParameter.code,
+                          "Content-Length (or chunked Transfer-Encoding) required")
     try:
-        strict = common.check_xml(request)
+        strict = common.check_xml(request.query)
     except ValueError as e:
-        return _error(400, errors.InvalidParameterException.code, str(e))
-    doors = request.app[common.DOORS]
+        return _put_error(400, errors.InvalidParameterException.code, str(e))
     length = request.content_length
 
     async def transfer(job: Job) -> int:
-        body = common.body_chunks(request, doors.stall_timeout)
-        return await doors.transfers.write(sd, img, vol, body, length=length, job=job,
+        return await doors.transfers.write(sd, img, vol, request, length=length, job=job,
                                            check_xml=strict)
 
     job = doors.jobs.start(transfer, description=f"write image {img} from HTTP PUT",
-                              verb="Image.downloadFromStream")
+                           verb="Image.downloadFromStream")
     await job.wait()
     if job.error is not None:
         log.warning("PUT / into %s/%s failed: %s", sd, img, job.error)
-        return _from(job.error, job.id)
-    return web.Response(status=200, headers={"Task-Id": job.id})
+        _, code, message = common.error_status(job.error)
+        return _put_error(500, code, message, job.id)
+    return Reply(200, {"Task-Id": job.id})
 
 
 async def handle_get(request: web.Request) -> web.StreamResponse:
     try:
-        sd, img, vol = _ids(request)
+        sd, img, vol = _ids(request.headers)
     except _IdError as e:
         return _error(400, e.code, e.message)
     m = _RANGE.match(request.headers.get("Range", "").strip())

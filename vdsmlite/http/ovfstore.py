@@ -14,12 +14,15 @@ the newest store that validates. Errors are JSON ``{"error": {"code": N,
 
 from __future__ import annotations
 
+import json
 import logging
 
+import orjson
 from aiohttp import web
 
 from vdsmlite import errors
 from vdsmlite.http import common
+from vdsmlite.http.putserver import PutRequest, Reply
 from vdsmlite.ids import parse_uuid
 from vdsmlite.jobs import Job
 
@@ -33,39 +36,46 @@ def _error(status: int, code: int, message: str, task_id: str | None = None) -> 
     return common.json_error(status, body)
 
 
+def _put_error(status: int, code: int, message: str, task_id: str | None = None) -> Reply:
+    body: dict[str, object] = {"error": {"code": code, "message": message}}
+    if task_id:
+        body["taskID"] = task_id
+    return Reply(status, {"Content-Type": "application/json"}, json.dumps(body).encode())
+
+
 def _domain(request: web.Request) -> str | None:
     # The path segment is only ever a UUID: it never becomes a path.
     return parse_uuid(request.match_info["sd"])
 
 
-async def handle_put(request: web.Request) -> web.StreamResponse:
-    sd = _domain(request)
+async def handle_put(request: PutRequest, doors: common.StreamDoors, segment: str) -> Reply:
+    """``PUT /ovfstore/<segment>`` (served by `putserver`: the body goes straight
+    into the store's write buffers)."""
+    sd = parse_uuid(segment)  # only ever a UUID: it never becomes a path
     if sd is None:
-        return _error(400, errors.InvalidParameterException.code,
-                      "storage domain id must be a UUID")
-    if not common.has_body_framing(request):
-        return _error(411, errors.MissingParameter.code,
-                      "Content-Length or chunked Transfer-Encoding required")
+        return _put_error(400, errors.InvalidParameterException.code,
+                          "storage domain id must be a UUID")
+    if not request.has_body_framing:
+        return _put_error(411, errors.MissingParameter.code,
+                          "Content-Length or chunked Transfer-Encoding required")
     try:
-        strict = common.check_xml(request)
-        wait_index = common.query_flag(request, "wait", "index")
+        strict = common.check_xml(request.query)
+        wait_index = common.query_flag(request.query, "wait", "index")
     except ValueError as e:
-        return _error(400, errors.InvalidParameterException.code, str(e))
-    doors = request.app[common.DOORS]
+        return _put_error(400, errors.InvalidParameterException.code, str(e))
 
     async def upload(job: Job) -> dict[str, object]:
-        return await doors.ovf.upload(sd, common.body_chunks(request, doors.stall_timeout),
-                                      length=request.content_length, job=job,
+        return await doors.ovf.upload(sd, request, length=request.content_length, job=job,
                                       check_xml=strict, wait_index=wait_index)
 
     job = doors.jobs.start(upload, description=f"upload OVF_STORE of {sd}",
-                              verb="StorageDomain.uploadOVFStore")
+                           verb="StorageDomain.uploadOVFStore")
     await job.wait()
     if job.error is not None:
         status, code, message = common.error_status(job.error)
         log.warning("OVF_STORE upload to %s refused: %s", sd, message)
-        return _error(status, code, message, job.id)
-    return web.json_response(job.result)
+        return _put_error(status, code, message, job.id)
+    return Reply(200, {"Content-Type": "application/json"}, orjson.dumps(job.result))
 
 
 async def handle_get(request: web.Request) -> web.StreamResponse:

@@ -6,12 +6,15 @@ is taken as soon as they can only begin one thing:
 
 * a STOMP command followed by an end of line (``CONNECT\\n``, ``SEND\\r\\n``...)
   -> the STOMP server;
-* an HTTP method followed by a space (``POST /``, ``GET /``, ``CONNECT host``...)
-  -> aiohttp's own protocol, unchanged;
+* ``PUT `` -> the upload doors' own server (`http.putserver`: bodies go
+  straight into the volume's write buffers), when one is given;
+* another HTTP method followed by a space (``POST /``, ``GET /``, ``CONNECT
+  host``...) -> aiohttp's own protocol, unchanged;
 * anything that cannot begin either -> a log line and the connection closed.
 
 The chosen protocol takes over the transport (`transport.set_protocol`) and
-gets the bytes read so far through `data_received`, so it sees the stream
+gets the bytes read so far through `data_received` (a `BufferedProtocol` such
+as the upload server's too, once, before reading into its own buffers), so it sees the stream
 exactly as if it had owned the connection from the start. A client that sends
 nothing decisive within `timeout` seconds is closed.
 """
@@ -35,12 +38,15 @@ _LONGEST = max(len(p) for p in _PREFIXES)
 
 STOMP = "stomp"
 HTTP = "http"
+PUT = "put"
 
 
 def classify(data: bytes) -> str | None:
-    """STOMP, HTTP, "" (neither, ever) or None (need more bytes)."""
+    """STOMP, PUT, HTTP, "" (neither, ever) or None (need more bytes)."""
     if data.startswith(_STOMP):
         return STOMP
+    if data.startswith(b"PUT "):
+        return PUT
     if data.startswith(_HTTP):
         return HTTP
     head = data[:_LONGEST]
@@ -55,8 +61,9 @@ ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 class DetectingProtocol(asyncio.Protocol):
     """Buffers the first bytes, then hands the transport to the protocol they name."""
 
-    def __init__(self, http: ProtocolFactory, stomp: ProtocolFactory, timeout: float) -> None:
-        self._factories = {HTTP: http, STOMP: stomp}
+    def __init__(self, http: ProtocolFactory, stomp: ProtocolFactory, timeout: float,
+                 put: ProtocolFactory | None = None) -> None:
+        self._factories = {HTTP: http, STOMP: stomp, PUT: put or http}
         self._timeout = timeout
         self._buf = b""
         self._transport: asyncio.Transport | None = None

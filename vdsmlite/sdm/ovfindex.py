@@ -208,7 +208,13 @@ class OvfIndex:
 
         async def body(job: Job) -> dict[str, Any]:
             try:
-                built.append(await self._build(dom, store, summary, kept, job))
+                contents, fresh = await self._build(dom, store, summary, kept, job)
+                built.append(contents)
+                result.set_result(contents)  # readers need not wait for the disk
+                if fresh:
+                    # Kept on disk within the job: when the job ends, the daemon's
+                    # work for this store has ended too.
+                    await self._run_blocking(self._save, dom, key, contents)
             except (tarstream.TarError, OvfError) as e:
                 # What a store that does not read looks like: a failed job, not a crash.
                 raise errors.InvalidOvfStore(f"OVF_STORE {store.vol}: {e}") from e
@@ -224,9 +230,8 @@ class OvfIndex:
         async def finish() -> None:
             await job.wait()
             self._building.pop(key, None)
-            if job.error is None:
-                result.set_result(built[0])
-                return
+            if job.error is None or result.done():
+                return  # built (a failure to keep it on disk is only logged)
             error = job.error
             if isinstance(error, errors.InvalidOvfStore):
                 self._unreadable[key] = error.message
@@ -244,10 +249,10 @@ class OvfIndex:
 
     async def _build(self, dom: Domain, store: ovfstore.Store,
                      summary: tarstream.ArchiveSummary | None, kept: StoreContents | None,
-                     job: Job) -> StoreContents:
+                     job: Job) -> tuple[StoreContents, bool]:
         """Index the store (`summary`: its scan, if it was just written here; `kept`:
         its index as kept on disk, believed only if the store's bytes are still the
-        ones indexed)."""
+        ones indexed); (the index, whether it is new: not yet kept on disk)."""
         assert store.size is not None
         started = time.monotonic()
         async with volumestream.opened(dom, store.img, store.vol, self._run_blocking) as volume:
@@ -261,7 +266,7 @@ class OvfIndex:
                 log.info("OVF_STORE %s/%s of %s: kept index of %d entities checked in "
                          "%.2fs", store.img, store.vol, dom.uuid, len(kept.entities),
                          time.monotonic() - started)
-                return kept
+                return kept, False
             if kept is not None:
                 log.warning("OVF_STORE %s/%s of %s changed since it was indexed (same "
                             "Last Updated and Size, other bytes); indexing it again",
@@ -292,9 +297,7 @@ class OvfIndex:
         self._publish(f"{INDEXED_EVENT}{dom.uuid}", {
             "storagedomainID": dom.uuid, **contents.describe(), **contents.report(),
             "seconds": round(elapsed, 3)})
-        # Kept on disk in the background: readers need not wait for the disk.
-        self._background(self._run_blocking(self._save, dom, key, contents))
-        return contents
+        return contents, True
 
     @staticmethod
     def _scan(volume: OpenVolume, size: int, job: Job) -> tarstream.ArchiveSummary:

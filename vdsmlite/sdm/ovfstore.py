@@ -65,13 +65,13 @@ class OvfService:
 
     # --- uploads ---------------------------------------------------------------------
 
-    async def upload(self, sd_uuid: str, body: AsyncIterator[bytes], *, length: int | None,
+    async def upload(self, sd_uuid: str, body: streamio.Source, *, length: int | None,
                      job: Job, check_xml: bool = False,
                      wait_index: bool = False) -> dict[str, Any]:
         """The commit protocol above; returns what was stored, and how its index went
         if `wait_index` (else it is being built: see `OvfIndex`)."""
 
-        async def given() -> AsyncIterator[bytes]:
+        async def given() -> streamio.Source:
             return body
 
         reply, committed = await self._commit(sd_uuid, given, length=length, job=job,
@@ -89,7 +89,7 @@ class OvfService:
                                   "seconds": round(time.monotonic() - committed_at, 3)}
         return reply
 
-    async def _commit(self, sd_uuid: str, make_body: Callable[[], Awaitable[AsyncIterator[bytes]]],
+    async def _commit(self, sd_uuid: str, make_body: Callable[[], Awaitable[streamio.Source]],
                       *, length: int | None, job: Job, check_xml: bool = False,
                       index: Callable[[ovfstore.Store, tarstream.ArchiveSummary], None]
                       | None = None) -> tuple[dict[str, Any], ovfstore.Store]:
@@ -156,12 +156,12 @@ class OvfService:
         return None
 
     async def write_store(self, dom: Domain, img_uuid: str, vol_uuid: str,
-                          body: AsyncIterator[bytes], job: Job, *, capacity: int,
+                          body: streamio.Source, job: Job, *, capacity: int,
                           validate: bool, lease: Lease | None, check_xml: bool = False
                           ) -> tuple[int, tarstream.ArchiveSummary | None]:
         """Stream `body` into the volume, validated as an OVF_STORE archive if `validate`
         (every ``.ovf`` parsed too if `check_xml`), checking the lease before every
-        chunk; (bytes written, what the archive holds)."""
+        buffer; (bytes written, what the archive holds)."""
         validator = (tarstream.TarValidator(
             capacity, check_xml=self._workers.check if check_xml else None)
             if validate else None)
@@ -171,7 +171,7 @@ class OvfService:
                 run_blocking=self._run_blocking,
                 inspect=validator.feed if validator else None,
                 # another host may own the domain now: stop
-                before_chunk=lease.check if lease is not None else None,
+                before_buffer=lease.check if lease is not None else None,
                 progress=lambda done: job.update(bytes_done=done))
             # Waits for the last XML checks in the parser processes.
             summary = await self._run_blocking(validator.finish) if validator else None
@@ -286,7 +286,7 @@ class OvfService:
         base: list[StoreContents | None] = []
         dom = await self._domain(sd_uuid)
 
-        async def rebuilt() -> AsyncIterator[bytes]:
+        async def rebuilt() -> streamio.Source:
             # Under the upload lock (see `_commit`): two edits racing each other both
             # land, each on the store the other committed.
             contents = await self.contents(sd_uuid)
@@ -294,8 +294,8 @@ class OvfService:
                                                      and entity_id not in contents.invalid)):
                 raise errors.MissingOvfFileFromVM(entity_id)
             base.append(contents)
-            return self._as_async(self._rebuilt_members(dom, sd_uuid, contents, entity_id,
-                                                        ovf))
+            return streamio.ChunkSource(self._as_async(
+                self._rebuilt_members(dom, sd_uuid, contents, entity_id, ovf)))
 
         def index(store: ovfstore.Store, archive: tarstream.ArchiveSummary) -> None:
             # The others' summaries are the base store's: only the edited one is new.

@@ -18,7 +18,7 @@ from vdsmlite.imagelocks import LockTable
 from vdsmlite.jobs import Job
 from vdsmlite.sdm.lease import SdmLease
 from vdsmlite.sdm.ovfstore import OvfService
-from vdsmlite.storage import ovfstore, volumestream
+from vdsmlite.storage import ovfstore, streamio, volumestream
 from vdsmlite.storage.domains import DomainStore
 from vdsmlite.storage.sd import Domain
 
@@ -50,7 +50,7 @@ class ImageTransfers:
         return dom, volumes[0]
 
     async def write(self, sd_uuid: str, img_uuid: str, vol_uuid: str | None,
-                    body: AsyncIterator[bytes], *, length: int | None, job: Job,
+                    body: streamio.Source, *, length: int | None, job: Job,
                     check_xml: bool = False) -> int:
         """Raw bytes into the volume from offset 0; returns how many, once durable.
         Into an OVF_STORE, validated as its archive (`check_xml`: every ``.ovf``

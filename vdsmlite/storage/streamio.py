@@ -1,7 +1,9 @@
 """Streaming bytes into and out of volumes with O_DIRECT, in bounded memory.
 
-`DirectWriter` takes a stream of chunks of any size (network reads) from the
-event loop and packs them into page-aligned buffers. Each full buffer goes
+`DirectWriter` takes a `Source` - anything that can place the next bytes of a
+stream into a buffer it is given - and has it fill page-aligned buffers: a
+door that receives straight into them (`http.putserver`) costs no copy, an
+async iterator of chunks (`ChunkSource`) one. Each full buffer goes
 through two lanes, each a task handing the blocking work to the executor:
 the *inspect* lane shows it to an optional callback (the OVF_STORE validator,
 which sees every byte in order, off the event loop, in the buffer itself) and
@@ -24,8 +26,8 @@ import asyncio
 import enum
 import mmap
 import os
-from collections.abc import Callable, Generator
-from typing import NamedTuple
+from collections.abc import AsyncIterator, Callable, Generator
+from typing import NamedTuple, Protocol
 
 from vdsmlite import failpoints
 from vdsmlite.blocking import RunBlocking
@@ -40,6 +42,37 @@ Inspect = Callable[[mmap.mmap, int], None]
 
 class CapacityExceeded(Exception):
     pass
+
+
+class Source(Protocol):
+    """A stream of bytes that fills the buffers it is given."""
+
+    async def fill(self, view: memoryview) -> int:
+        """Place the stream's next bytes at ``view[:n]``: as many as fit, fewer only
+        where the stream ends; 0 once it has ended. The view is not kept after."""
+        ...
+
+
+class ChunkSource:
+    """An async iterator of chunks as a `Source` (each byte copied once)."""
+
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        self._chunks = chunks
+        self._rest = memoryview(b"")
+
+    async def fill(self, view: memoryview) -> int:
+        done = 0
+        while done < len(view):
+            if not self._rest:
+                chunk = await anext(self._chunks, None)
+                if chunk is None:
+                    break
+                self._rest = memoryview(chunk)
+            take = min(len(self._rest), len(view) - done)
+            view[done:done + take] = self._rest[:take]
+            self._rest = self._rest[take:]
+            done += take
+        return done
 
 
 class WriterState(enum.Enum):
@@ -152,28 +185,55 @@ class DirectWriter:
         if self._error is not None:
             raise self._error
 
+    async def receive(self, source: Source, *, before_buffer: Callable[[], None] | None = None,
+                      progress: Callable[[int], None] | None = None) -> int:
+        """Have `source` fill the buffers until it ends; returns the bytes taken.
+        `before_buffer` runs before each buffer is asked for (it may raise to stop),
+        `progress` after each fill with the bytes taken so far."""
+        while True:
+            self._raise_if_failed()
+            self._require(WriterState.STREAMING, "receive")
+            if before_buffer is not None:
+                before_buffer()
+            buf = self._buffers[self._current]
+            # One byte more than the volume holds: a stream that fills it tells a
+            # body too large before anything past the volume's end is written.
+            room = min(len(buf) - self._fill, self.capacity - self.written + 1)
+            with memoryview(buf) as whole, whole[self._fill:self._fill + room] as view:
+                n = await source.fill(view)
+            if n == 0:
+                return self.written
+            await self._taken(n)
+            if progress is not None:
+                progress(self.written)
+
     async def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Copy `data` in (callers that hold whole chunks rather than a `Source`)."""
         self._raise_if_failed()
         self._require(WriterState.STREAMING, "write")
         view = memoryview(data)
-        if self.written + len(view) > self.capacity:
-            raise CapacityExceeded(f"stream is larger than the volume ({self.capacity} bytes)")
         pos = 0
         while pos < len(view):
             buf = self._buffers[self._current]
             take = min(len(buf) - self._fill, len(view) - pos)
             buf[self._fill:self._fill + take] = view[pos:pos + take]
-            self._fill += take
             pos += take
-            if self._fill == len(buf):
-                self._to_inspect.put_nowait(_Full(self._current, len(buf), self._offset,
-                                                  len(buf)))
-                self._offset += len(buf)
-                self._fill = 0
-                # Back-pressure: with every buffer in the lanes, wait for one.
-                self._current = await self._free.get()
-                self._raise_if_failed()
-        self.written += len(view)
+            await self._taken(take)
+
+    async def _taken(self, n: int) -> None:
+        """`n` more bytes are in the current buffer; a full one goes to the lanes."""
+        if self.written + n > self.capacity:
+            raise CapacityExceeded(f"stream is larger than the volume ({self.capacity} bytes)")
+        self.written += n
+        self._fill += n
+        buf = self._buffers[self._current]
+        if self._fill == len(buf):
+            self._to_inspect.put_nowait(_Full(self._current, len(buf), self._offset, len(buf)))
+            self._offset += len(buf)
+            self._fill = 0
+            # Back-pressure: with every buffer in the lanes, wait for one.
+            self._current = await self._free.get()
+            self._raise_if_failed()
 
     async def finish(self) -> int:
         """Write what is buffered (zero-padded to a block), fdatasync, close."""

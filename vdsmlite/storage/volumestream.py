@@ -8,7 +8,7 @@ after, also when the transfer fails or its consumer goes away.
 
 Like ovirt-imageio's ops, they know nothing of what the bytes mean or who
 asked: callers pass `inspect` (sees every byte in order, e.g. an archive
-validator), `before_chunk` (e.g. "is the lease still ours?") and `progress`
+validator), `before_buffer` (e.g. "is the lease still ours?") and `progress`
 (bytes done so far) and translate errors into their own.
 """
 
@@ -36,28 +36,24 @@ async def opened(dom: Domain, img_uuid: str, vol_uuid: str,
         await run_blocking(dom.teardown_volume, img_uuid, vol_uuid)
 
 
-async def write(dom: Domain, img_uuid: str, vol_uuid: str, body: AsyncIterator[bytes], *,
+async def write(dom: Domain, img_uuid: str, vol_uuid: str, body: streamio.Source, *,
                 capacity: int, run_blocking: RunBlocking,
                 inspect: streamio.Inspect | None = None,
-                before_chunk: Callable[[], None] | None = None,
+                before_buffer: Callable[[], None] | None = None,
                 progress: Progress | None = None) -> int:
     """Write `body` from offset 0; returns its length once it is durable.
 
     Raises `streamio.CapacityExceeded` past `capacity` bytes; whatever `inspect`
-    or `before_chunk` raise stops the transfer. A failed transfer leaves a
-    partial write behind: callers that need all-or-nothing mark the volume first.
+    or `before_buffer` (before each buffer of `streamio.DEFAULT_BUFFER` bytes)
+    raise stops the transfer. A failed transfer leaves a partial write behind:
+    callers that need all-or-nothing mark the volume first.
     """
     async with opened(dom, img_uuid, vol_uuid, run_blocking) as volume:
         writer = streamio.DirectWriter(str(volume.path), capacity, volume.block_size,
                                        run_blocking, inspect=inspect)
         await writer.open()
         try:
-            async for chunk in body:
-                if before_chunk is not None:
-                    before_chunk()
-                await writer.write(chunk)
-                if progress is not None:
-                    progress(writer.written)
+            await writer.receive(body, before_buffer=before_buffer, progress=progress)
             return await writer.finish()
         except BaseException:
             await writer.abort()

@@ -1,0 +1,245 @@
+"""The upload doors' server over real loopback sockets: bodies read into the
+consumer's buffers, whatever the client's framing, pace and manners."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import pytest
+
+from tests.helpers import run
+from vdsmlite import errors
+from vdsmlite.http import putserver
+from vdsmlite.http.putserver import PutProtocol, PutRequest, Reply
+
+pytestmark = pytest.mark.unit
+
+BODY = random.Random(7).randbytes(300_000)
+
+
+async def read_all(request: PutRequest, room: int = 8192) -> tuple[bytes, list[int]]:
+    """The body as a writer takes it: fills of a fixed-size buffer."""
+    buf = bytearray(room)
+    out, fills = bytearray(), []
+    with memoryview(buf) as view:
+        while n := await request.fill(view):
+            out += view[:n]
+            fills.append(n)
+    return bytes(out), fills
+
+
+async def echo_digest(request: PutRequest) -> Reply:
+    try:
+        body, _ = await read_all(request)
+    except errors.VdsmError as e:
+        return Reply(500, {}, json.dumps({"error": type(e).__name__,
+                                          "message": e.message}).encode())
+    return Reply(200, {"X-Path": request.path},
+                 json.dumps({"size": len(body),
+                             "sha": hashlib.sha256(body).hexdigest()}).encode())
+
+
+@asynccontextmanager
+async def server(handler: Callable[[PutRequest], Awaitable[Reply]],
+                 stall_timeout: float = 30.0) -> AsyncIterator[int]:
+    loop = asyncio.get_running_loop()
+    srv = await loop.create_server(lambda: PutProtocol(handler, stall_timeout=stall_timeout),
+                                   "127.0.0.1", 0)
+    try:
+        yield srv.sockets[0].getsockname()[1]
+    finally:
+        srv.close()
+        await srv.wait_closed()
+
+
+async def exchange(port: int, pieces: list[bytes], *, pause: float = 0.0
+                   ) -> tuple[int, dict[str, str], bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for piece in pieces:
+            writer.write(piece)
+            await writer.drain()
+            if pause:
+                await asyncio.sleep(pause)
+        return await read_reply(reader)
+    finally:
+        writer.close()
+
+
+async def read_reply(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+    body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), 30)
+    return status, headers, body
+
+
+def split(data: bytes, rng: random.Random, largest: int) -> list[bytes]:
+    out, pos = [], 0
+    while pos < len(data):
+        n = rng.randint(1, largest)
+        out.append(data[pos:pos + n])
+        pos += n
+    return out
+
+
+def chunked_body(data: bytes, rng: random.Random) -> bytes:
+    out = bytearray()
+    for piece in split(data, rng, 70_000):
+        out += b"%X\r\n" % len(piece) + piece + b"\r\n"
+    return bytes(out + b"0\r\n\r\n")
+
+
+def expected(data: bytes) -> dict[str, object]:
+    return {"size": len(data), "sha": hashlib.sha256(data).hexdigest()}
+
+
+def test_sized_and_chunked_bodies_in_any_pieces() -> None:
+    rng = random.Random(1)
+
+    async def main() -> None:
+        async with server(echo_digest) as port:
+            sized = (b"PUT /a HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(BODY)) + BODY
+            for largest in (1, 7, 1500, 100_000):
+                pieces = split(sized[:4000], rng, largest) + split(sized[4000:], rng, 100_000)
+                status, headers, body = await exchange(port, pieces)
+                assert (status, headers["x-path"]) == (200, "/a")
+                assert json.loads(body) == expected(BODY)
+                assert headers["connection"] == "close"
+            chunked = (b"PUT /b HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       + chunked_body(BODY, rng))
+            for largest in (3, 999, 65_536):
+                status, _, body = await exchange(port, split(chunked, rng, largest))
+                assert status == 200 and json.loads(body) == expected(BODY)
+            # an empty body, and what follows a sized body is not part of it
+            status, _, body = await exchange(
+                port, [b"PUT /c HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcPUT / HTTP/1.1\r\n"])
+            assert status == 200 and json.loads(body) == expected(b"abc")
+            status, _, body = await exchange(port, [b"PUT /d HTTP/1.0\r\n\r\n"])
+            assert status == 200 and json.loads(body) == expected(b"")
+
+    run(main())
+
+
+def test_expect_continue_is_answered_only_when_the_body_is_wanted() -> None:
+    async def refuse(request: PutRequest) -> Reply:
+        return Reply(403, {}, b"no")
+
+    async def main() -> None:
+        head = (b"PUT /x HTTP/1.1\r\nContent-Length: %d\r\n"
+                b"Expect: 100-continue\r\n\r\n" % len(BODY))
+        async with server(echo_digest) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(head)
+            assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30) == \
+                b"HTTP/1.1 100 Continue\r\n\r\n"
+            writer.write(BODY)
+            status, _, body = await read_reply(reader)
+            assert status == 200 and json.loads(body) == expected(BODY)
+            writer.close()
+        async with server(refuse) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(head)
+            status, _, body = await read_reply(reader)  # no 100 before it
+            assert (status, body) == (403, b"no")
+            writer.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("request_head, status", [
+    (b"PUT / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+    (b"PUT / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+    (b"PUT / HTTP/1.1\r\nContent-Length: zorro\r\n\r\n", 400),
+    (b"PUT / HTTP/1.1\r\nX: " + b"v" * (70 << 10), 431),
+])
+def test_refused_heads_get_an_answer_and_the_handler_never_runs(request_head: bytes,
+                                                                status: int) -> None:
+    called = []
+
+    async def handler(request: PutRequest) -> Reply:
+        called.append(request)
+        return Reply(200)
+
+    async def main() -> None:
+        async with server(handler) as port:
+            got, headers, body = await exchange(port, [request_head])
+            assert got == status
+            assert headers["content-type"] == "application/json"
+            assert json.loads(body)["error"]["message"]
+
+    run(main())
+    assert not called
+
+
+def test_broken_chunked_framing_mid_body_stops_the_reader() -> None:
+    async def main() -> None:
+        async with server(echo_digest) as port:
+            raw = (b"PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                   b"10000\r\n" + BODY[:0x10000] + b"\r\nnot-hex\r\n")
+            status, _, body = await exchange(port, [raw])
+            assert status == 500
+            reply = json.loads(body)
+            assert reply["error"] == "TransferInterrupted"
+            assert "bad chunked body: bad chunk size b'not-hex'" in reply["message"]
+
+    run(main())
+
+
+def test_a_client_that_leaves_mid_body_interrupts_the_reader() -> None:
+    seen: asyncio.Queue[BaseException] = asyncio.Queue()
+
+    async def handler(request: PutRequest) -> Reply:
+        try:
+            await read_all(request)
+        except errors.VdsmError as e:
+            seen.put_nowait(e)
+        return Reply(200)
+
+    async def main() -> None:
+        async with server(handler) as port:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"PUT / HTTP/1.1\r\nContent-Length: 100000\r\n\r\n" + BODY[:5000])
+            await writer.drain()
+            writer.close()
+            error = await asyncio.wait_for(seen.get(), 30)
+            assert isinstance(error, errors.TransferInterrupted)
+
+    run(main())
+
+
+def test_slow_client_gets_partial_fills_then_a_stall_is_refused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A fill returns what came after PARTIAL_AFTER (progress and lease checks go on);
+    # a client silent for the stall timeout is given up on.
+    monkeypatch.setattr(putserver, "PARTIAL_AFTER", 0.05)
+    fills: asyncio.Queue[int | BaseException] = asyncio.Queue()
+
+    async def handler(request: PutRequest) -> Reply:
+        view = memoryview(bytearray(1 << 20))
+        try:
+            while n := await request.fill(view):
+                fills.put_nowait(n)
+        except errors.VdsmError as e:
+            fills.put_nowait(e)
+        return Reply(200)
+
+    async def main() -> None:
+        async with server(handler, stall_timeout=0.5) as port:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"PUT / HTTP/1.1\r\nContent-Length: 100000\r\n\r\n" + b"a" * 100)
+            # far less than the buffer, returned anyway
+            assert await asyncio.wait_for(fills.get(), 30) == 100
+            writer.write(b"b" * 300)
+            assert await asyncio.wait_for(fills.get(), 30) == 300
+            error = await asyncio.wait_for(fills.get(), 30)  # then nothing more is sent
+            assert isinstance(error, errors.TransferStalled)
+            writer.close()
+
+    run(main())
