@@ -16,8 +16,10 @@ PYTEST_ARGS ?=
 # debian:12 image) lacks and what the code and tests execute or dlopen.
 # - The virtualenv: python3 and python3-venv (minimal Debian has neither; without
 #   python3-venv `python3 -m venv` fails for want of ensurepip). Every dependency in
-#   setup.cfg ships manylinux wheels for CPython 3.11 (cffi, lxml, aiohttp, PyYAML), so
-#   no compiler or python3-dev is needed.
+#   setup.cfg ships manylinux wheels for CPython 3.11 (cffi, lxml, aiohttp, PyYAML).
+# - The package's one C module (vdsmlite/ovf/_tarscan.c, the OVF_STORE upload's hot
+#   loop; setup.py) builds with gcc, libc6-dev and python3-dev. It is optional: without
+#   them the same checks run in Python, slower (the tests insist on it being built).
 # - Libraries loaded at run time: libudev1 (pyudev), libblkid1 (blkid.py, cffi),
 #   libsanlock-client1 (locking/sanlock.py, cffi).
 # - The agent runs qemu-img (qemu-utils), qemu-system-x86_64 under systemd-run
@@ -26,7 +28,8 @@ PYTEST_ARGS ?=
 #   iscsiadm (open-iscsi) and mount.nfs (nfs-common).
 # - The tests also run qemu-io (qemu-utils), mkfs.ext4 (e2fsprogs), blkid, lsblk,
 #   findmnt, setpriv, unshare (util-linux), openssl and curl.
-APT_BASE := python3 python3-venv libudev1 libblkid1 util-linux mount
+APT_BASE := python3 python3-venv gcc libc6-dev python3-dev libudev1 libblkid1 util-linux \
+            mount
 APT_RUN  := $(APT_BASE) qemu-utils qemu-system-x86 systemd lvm2 sanlock \
             libsanlock-client1 e2fsprogs
 APT_TEST := $(APT_RUN) open-iscsi nfs-common openssl curl
@@ -65,7 +68,7 @@ lint: venv
 
 venv: $(STAMPS)/venv
 
-$(STAMPS)/venv: setup.cfg pyproject.toml
+$(STAMPS)/venv: setup.cfg pyproject.toml setup.py vdsmlite/ovf/_tarscan.c
 	@mkdir -p $(STAMPS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip

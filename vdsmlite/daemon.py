@@ -39,6 +39,7 @@ from vdsmlite.errors import InvalidConfiguration
 from vdsmlite.http.common import DOORS, StreamDoors
 from vdsmlite.http.putserver import PutProtocol
 from vdsmlite.locking.watchdog import WatchdogError
+from vdsmlite.ovf import tarstream
 from vdsmlite.rpc import http as rpc_http
 from vdsmlite.rpc.detect import DetectingProtocol
 from vdsmlite.rpc.dispatch import Dispatcher
@@ -234,6 +235,9 @@ class Daemon:
             if delay >= 0:
                 self._warm_up = asyncio.ensure_future(_warm_up_ovf_workers(services, delay))
                 self._warm_up.add_done_callback(_log_warm_up)
+            if not tarstream.ACCELERATED:
+                log.warning("the C hot loop of OVF_STORE uploads (vdsmlite.ovf._tarscan) "
+                            "was not built: uploads are checked in Python, slower")
             log.info("vdsmlite %s ready (host %s, config: %s); %s", __version__,
                      services.host_uuid, cfg.source, status)
             await self._stop.wait()

@@ -24,6 +24,7 @@ from http import HTTPStatus
 MAX_HEAD = 64 << 10  # request line and headers together
 MAX_HEADERS = 100
 MAX_LINE = 4096  # a chunk-size line (with extensions) or a trailer field
+_SHORT_LINE = 24  # "\r\n" after a chunk's data and its successor's "<size>\r\n"
 
 _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _VERSION = re.compile(rb"^HTTP/1\.[01]$")
@@ -174,6 +175,7 @@ class ChunkedDecoder:
     def done(self) -> bool:
         return self._state is _State.DONE
 
+
     def decode(self, buf: memoryview, start: int, end: int) -> int:
         out = pos = start
         while pos < end and self._state is not _State.DONE:
@@ -187,9 +189,14 @@ class ChunkedDecoder:
                 if not self._remaining:
                     self._state = _State.DATA_END
                 continue
-            # A framing line: look only as far as the longest one allowed.
-            window = bytes(buf[pos:min(end, pos + MAX_LINE + 2 - len(self._line))])
+            # A framing line: nearly always a few bytes ("\r\n", "ffec\r\n"), so look
+            # that far first, then as far as the longest one allowed.
+            limit = min(end, pos + MAX_LINE + 2 - len(self._line))
+            window = bytes(buf[pos:min(limit, pos + _SHORT_LINE)])
             newline = window.find(b"\n")
+            if newline < 0 and pos + len(window) < limit:
+                window = bytes(buf[pos:limit])
+                newline = window.find(b"\n")
             if newline < 0:
                 self._line += window
                 pos += len(window)

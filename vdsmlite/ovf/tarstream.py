@@ -48,6 +48,16 @@ from vdsmlite.ids import UUID_PATTERN
 from vdsmlite.ovf.batches import AHEAD_BYTES, NamedDoc, OvfBatcher
 from vdsmlite.ovf.model import OvfError
 
+try:
+    # The hot loop in C (setup.py builds it where a compiler is found); the same
+    # checks run in Python without it.
+    from vdsmlite.ovf import _tarscan
+except ImportError:  # pragma: no cover - built by `pip install`, absent only by choice
+    _tarscan = None  # type: ignore[assignment]
+
+# Whether `_tarscan` runs the hot loop (the daemon logs it at start).
+ACCELERATED = _tarscan is not None
+
 BLOCK = 512
 RECORD = 10240  # commons-compress pads archives to 20 blocks, as the engine's are
 MAX_OVF_MEMBER = 32 * 1024 * 1024
@@ -65,6 +75,8 @@ _TYPE_NAMES = {b"1": "hard link", b"2": "symbolic link", b"3": "character device
 _OVF_MEMBER = re.compile(rf"({UUID_PATTERN})\.ovf")
 
 _OVF_NAME_BYTES = re.compile(rf"{UUID_PATTERN}\.ovf".encode())
+_OVF_NAME_LENGTH = 40  # what _OVF_NAME_BYTES matches: 36 + len(".ovf")
+_DECLARATIONS_KEPT = 8  # as many as _tarscan.c compares
 _MAGICS = (b"ustar\x0000", b"ustar  \0")
 _REGULAR = (0x30, 0)  # typeflag "0" or NUL: a regular file
 
@@ -113,6 +125,12 @@ def _signed_checksum(header: bytes) -> int:
     # unsigned sum does not match, so the common case stays a C-speed sum().
     blanked = header[:148] + b" " * 8 + header[156:]
     return sum(b - 256 if b > 127 else b for b in blanked)
+
+
+def _is_octal(digits: bytes) -> bool:
+    # isdigit() alone let an 8 or a 9 through to int(..., 8): a ValueError, not a
+    # TarError, out of the hot loop.
+    return bool(digits) and not digits.strip(b"01234567")
 
 
 class Header(NamedTuple):
@@ -359,6 +377,9 @@ class TarValidator:
         self._fast = not self._keep  # no member kept: whole ones take _whole_members
         self._digest = digest
         self._declaration: bytes | None = None  # the last one checked (see _whole_members)
+        # XML declarations found acceptable, newest first (the C loop takes members
+        # beginning with any of them)
+        self._declarations: tuple[bytes, ...] = ()
         self.total = 0
         self.summary = ArchiveSummary()
         self._state = _HEADER
@@ -434,9 +455,40 @@ class TarValidator:
         member cut by the buffer's end, a ``.json``, the end marker, anything odd -
         all for the general path, which also says what is wrong).
 
-        This is the upload's hot loop, one turn per member: everything is inlined and
-        each check is one C call. The checksum is summed by adler32, whose low half is
-        1 + the byte sum mod 65521 - exact for each 256-byte half of a header.
+        With `_tarscan`, C walks the ordinary members without the GIL and stops at
+        any other; `_python_members` checks that one (and may accept it: one with
+        an XML declaration not seen yet), then C goes on.
+        """
+        if _tarscan is None:
+            return self._python_members(buf, pos, n)
+        seen = self._seen
+        ids = self.summary.entity_ids
+        splits = self.summary.splits
+        total = self.total
+        while True:
+            stop, offsets = _tarscan.scan(buf, pos, n, MAX_OVF_MEMBER, self._declarations)
+            for offset in offsets:
+                key = buf[offset:offset + _OVF_NAME_LENGTH].decode("ascii").lower()
+                if key in seen:
+                    stop = offset  # the general path reports the duplicate
+                    break
+                seen.add(key)
+                if total + offset >= self._next_split:
+                    splits.append(total + offset)
+                    self._next_split = total + offset + SPLIT_BYTES
+                ids.append(key[:-4])
+            after = self._python_members(buf, stop, n, limit=1)
+            if after == stop:
+                return stop
+            pos = after
+
+    def _python_members(self, buf: bytes | mmap.mmap, pos: int, n: int,
+                        limit: int = -1) -> int:
+        """`_whole_members` in Python, for `limit` members at most (-1: no limit).
+
+        One turn per member: everything is inlined and each check is one C call. The
+        checksum is summed by adler32, whose low half is 1 + the byte sum mod 65521 -
+        exact for each 256-byte half of a header.
         """
         adler = zlib.adler32
         find = buf.find
@@ -446,12 +498,13 @@ class TarValidator:
         splits = self.summary.splits
         declaration = self._declaration
         total = self.total
-        while pos + BLOCK <= n and buf[pos]:
+        while limit and pos + BLOCK <= n and buf[pos]:
+            limit -= 1
             header = buf[pos:pos + BLOCK]
             # Numbers end in NUL or space, as writers please (the engine's commons-compress
             # ends the size with a space): both are stripped.
             stored = header[148:156].split(b"\0", 1)[0].strip(b" ")
-            if not stored.isdigit() or header[257:265] not in _MAGICS or \
+            if not _is_octal(stored) or header[257:265] not in _MAGICS or \
                     header[156] not in _REGULAR or header.count(0, 345, 500) != 155:
                 break
             computed = (adler(header[:256]) & 0xFFFF) + (adler(header[256:]) & 0xFFFF) - 2 \
@@ -459,7 +512,7 @@ class TarValidator:
             name = header[:header.find(0, 0, 100)]
             size_field = header[124:136].split(b"\0", 1)[0].strip(b" ")
             if computed != int(stored, 8) or match_name(name) is None or \
-                    not size_field.isdigit():
+                    not _is_octal(size_field):
                 break
             size = int(size_field, 8)
             start = pos + BLOCK
@@ -492,7 +545,12 @@ class TarValidator:
         when it has one, which the next members are likely to share."""
         _check_head(name, head)
         end = head.find(b"?>")
-        return head[:end + 2] if end > 0 else None
+        if end <= 0:
+            return None
+        declaration = head[:end + 2]
+        if declaration not in self._declarations:
+            self._declarations = (declaration, *self._declarations)[:_DECLARATIONS_KEPT]
+        return declaration
 
     def _on_block(self, block: bytes, offset: int) -> None:
         zero = not block.strip(b"\0")

@@ -360,7 +360,9 @@ class Domain(ABC):
             if state.md is None:
                 raise errors.VolumeMetadataReadError(vol_uuid, state.problem or "no metadata")
             md = state.md.replace(**changes)
-            self.set_volume_metadata(img_uuid, vol_uuid, md)
+            # The state just read says where its metadata lives: no second lookup (on
+            # a block domain, one lvs less - the OVF_STORE commit does this twice).
+            self._write_volume_metadata(state, md)
             return md
 
     def update_volumes(self, img_uuid: str,
