@@ -243,3 +243,23 @@ def test_slow_client_gets_partial_fills_then_a_stall_is_refused(
             writer.close()
 
     run(main())
+
+
+def test_a_client_that_leaves_before_its_head_ends_is_closed() -> None:
+    called = []
+
+    async def handler(request: PutRequest) -> Reply:
+        called.append(request)
+        return Reply(200)
+
+    async def main() -> None:
+        async with server(handler) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"PUT / HTTP/1.1\r\nContent-")
+            writer.write_eof()
+            # closed at once (not after the head timeout): EOF, no answer
+            assert await asyncio.wait_for(reader.read(), 30) == b""
+            writer.close()
+
+    run(main())
+    assert not called

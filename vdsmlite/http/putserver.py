@@ -96,7 +96,8 @@ class PutProtocol(asyncio.BufferedProtocol):
         self._phase = _Phase.HEAD
         self._scratch = memoryview(bytearray(_SCRATCH))
         self._head = bytearray()
-        self._head_timer: asyncio.TimerHandle | None = None
+        # the whole head within HEAD_TIMEOUT, then the drain within LINGER
+        self._deadline: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         # the body
         self._decoder: wire.ChunkedDecoder | None = None
@@ -117,7 +118,7 @@ class PutProtocol(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
-        self._head_timer = self._loop.call_later(HEAD_TIMEOUT, self._head_too_slow)
+        self._deadline = self._loop.call_later(HEAD_TIMEOUT, self._head_too_slow)
 
     def data_received(self, data: bytes) -> None:
         """What `rpc.detect` read before handing the connection over."""
@@ -153,8 +154,8 @@ class PutProtocol(asyncio.BufferedProtocol):
         if self._phase is _Phase.BODY and not self._body_done:
             self._fail_body(errors.TransferInterrupted("the client closed the connection "
                                                        "before the end of the body"))
-        if self._phase is _Phase.DRAIN:
-            self._close()
+        if self._phase in (_Phase.HEAD, _Phase.DRAIN):
+            self._close()  # nothing asked (or the answer is out): nothing to answer
             return None
         return True  # half-closed: the answer can still be written
 
@@ -178,9 +179,9 @@ class PutProtocol(asyncio.BufferedProtocol):
                 self._refuse(wire.HttpError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
                                             "request head too large"))
             return
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
         self._pause()
         try:
             head = wire.parse_head(bytes(self._head[:end]))
@@ -199,7 +200,7 @@ class PutProtocol(asyncio.BufferedProtocol):
         self._task = asyncio.ensure_future(self._serve(PutRequest(head, self)))
 
     def _head_too_slow(self) -> None:
-        self._head_timer = None
+        self._deadline = None
         log.info("closing upload connection: no whole request head within %.0fs",
                  HEAD_TIMEOUT)
         self._close()
@@ -309,7 +310,7 @@ class PutProtocol(asyncio.BufferedProtocol):
         with contextlib.suppress(NotImplementedError, RuntimeError, OSError):
             transport.write_eof()
         self._resume()
-        self._head_timer = self._loop.call_later(LINGER, self._close)
+        self._deadline = self._loop.call_later(LINGER, self._close)
 
     # --- the transport -----------------------------------------------------------------
 
@@ -327,10 +328,10 @@ class PutProtocol(asyncio.BufferedProtocol):
             self._transport.close()
 
     def _cancel_timers(self) -> None:
-        for timer in (self._head_timer, self._stall_timer):
+        for timer in (self._deadline, self._stall_timer):
             if timer is not None:
                 timer.cancel()
-        self._head_timer = self._stall_timer = None
+        self._deadline = self._stall_timer = None
 
 
 def errors_json(code: int, message: str) -> bytes:
