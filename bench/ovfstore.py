@@ -18,8 +18,8 @@ in one run:
     bytes to a ticket whose target is that volume;
   - on the file domain, an aiohttp server that only reads the body and drops
     it (no disk, no checks): the floor of any door built on aiohttp's request
-    body, as the agent's is - its CPU next to imageio's says how much of the
-    agent's is the door's;
+    body - the agent's door was one until it got its own server
+    (``http.putserver``), kept as the reference that change is measured by;
 
   each the median of ``--runs``; ratios vdsmlite/dd and vdsmlite/imageio;
 * CPU seconds per GiB of each, measured around the upload only: the agent's
@@ -299,7 +299,8 @@ class Measure:
 
 def sink_serve(port: int) -> None:
     """`--sink PORT`: an aiohttp server that reads PUT bodies and throws them away -
-    what receiving alone costs through aiohttp's request body, the agent's door."""
+    what receiving alone costs through aiohttp's request body (the agent's former
+    door)."""
     from aiohttp import web  # noqa: PLC0415 (only the sink process needs it)
 
     async def put(request: web.Request) -> web.Response:
@@ -800,7 +801,7 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, Any]], *,
             ok=cpu / io_cpu <= CPU_RATIO)
         row(kind, "CPU/GiB vdsmlite / dd", cpu / dd_cpu)
         if r["sink"].measures:
-            # The floor of the agent's door: aiohttp receiving the body, nothing else.
+            # The floor of a door on aiohttp (the agent's, before http.putserver).
             row(kind, "CPU/GiB aiohttp receiving alone / imageio",
                 cpu_per_gib(r["sink"], size) / io_cpu)
             row(kind, "throughput aiohttp receiving alone / dd", speed(r["sink"], size) / dd)
