@@ -44,6 +44,17 @@ async def echo_digest(request: PutRequest) -> Reply:
                              "sha": hashlib.sha256(body).hexdigest()}).encode())
 
 
+def recording_handler() -> tuple[list[PutRequest], Callable[[PutRequest], Awaitable[Reply]]]:
+    """A door that answers 200 and remembers who reached it."""
+    called: list[PutRequest] = []
+
+    async def handler(request: PutRequest) -> Reply:
+        called.append(request)
+        return Reply(200)
+
+    return called, handler
+
+
 @asynccontextmanager
 async def server(handler: Callable[[PutRequest], Awaitable[Reply]],
                  stall_timeout: float = 30.0) -> AsyncIterator[int]:
@@ -161,11 +172,7 @@ def test_expect_continue_is_answered_only_when_the_body_is_wanted() -> None:
 ])
 def test_refused_heads_get_an_answer_and_the_handler_never_runs(request_head: bytes,
                                                                 status: int) -> None:
-    called = []
-
-    async def handler(request: PutRequest) -> Reply:
-        called.append(request)
-        return Reply(200)
+    called, handler = recording_handler()
 
     async def main() -> None:
         async with server(handler) as port:
@@ -246,11 +253,7 @@ def test_slow_client_gets_partial_fills_then_a_stall_is_refused(
 
 
 def test_a_client_that_leaves_before_its_head_ends_is_closed() -> None:
-    called = []
-
-    async def handler(request: PutRequest) -> Reply:
-        called.append(request)
-        return Reply(200)
+    called, handler = recording_handler()
 
     async def main() -> None:
         async with server(handler) as port:
