@@ -108,8 +108,12 @@ class OvfService:
                 raise errors.OvfStoreTooLarge(f"{length} bytes for a {target.capacity} byte "
                                               "OVF_STORE volume")
             start = time.monotonic()
-            await self._run_blocking(
-                dom.update_volume, target.img, target.vol,
+            # Read with the stores under this lock and lease; a store made just now
+            # by ensure_stores is read here.
+            state = target.state or await self._run_blocking(dom.volume, target.img,
+                                                             target.vol)
+            state = await self._run_blocking(
+                dom.update_read_volume, state,
                 description=ovfstore.description(sd_uuid, updated=False,
                                                  last_updated=target.last_updated))
             size, summary = await self.write_store(dom, target.img, target.vol, body, job,
@@ -120,8 +124,7 @@ class OvfService:
             failpoints.hit("ovfstore.commit.after_fdatasync")
             stamp = ovfstore.next_stamp(stores)
             text = ovfstore.description(sd_uuid, updated=True, size=size, last_updated=stamp)
-            await self._run_blocking(dom.update_volume, target.img, target.vol,
-                                     description=text)
+            await self._run_blocking(dom.update_read_volume, state, description=text)
             failpoints.hit("ovfstore.commit.after_updated")
             committed = ovfstore.Store(target.img, target.vol, target.capacity,
                                        ovfstore.parse_description(text) or {})

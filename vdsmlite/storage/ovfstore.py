@@ -20,7 +20,7 @@ import logging
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -114,6 +114,9 @@ class Store:
     vol: str
     capacity: int
     description: dict[str, Any]
+    # The volume as `find_stores` read it: a writer holding the domain's upload lock
+    # and SDM lease updates its description through it, without reading it again.
+    state: VolumeState | None = field(default=None, compare=False, hash=False, repr=False)
 
     @property
     def updated(self) -> bool:
@@ -166,7 +169,7 @@ def find_stores(dom: Domain,
         if not is_store(state) or state.md is None or state.legality != sc.LEGAL:
             continue
         desc = parse_description(state.md.description) or {}
-        stores.append(Store(img, state.uuid, state.md.capacity, desc))
+        stores.append(Store(img, state.uuid, state.md.capacity, desc, state))
     return stores
 
 

@@ -15,6 +15,7 @@ A per-domain lock serializes structural changes made by this host.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -364,6 +365,18 @@ class Domain(ABC):
             # a block domain, one lvs less - the OVF_STORE commit does this twice).
             self._write_volume_metadata(state, md)
             return md
+
+    def update_read_volume(self, state: VolumeState, **changes: object) -> VolumeState:
+        """`update_volume` for a volume the caller has just read as `state` and whose
+        metadata nobody else can change meanwhile (it holds the domain's SDM lease and
+        the image's lock): no second lookup - on a block domain one ``lvs`` less.
+        Returns the volume as it now is."""
+        with self.lock:
+            if state.md is None:
+                raise errors.VolumeMetadataReadError(state.uuid, state.problem or "no metadata")
+            md = state.md.replace(**changes)
+            self._write_volume_metadata(state, md)
+            return dataclasses.replace(state, md=md)
 
     def update_volumes(self, img_uuid: str,
                        changes: dict[str, dict[str, object]]) -> dict[str, VolumeMetadata]:
