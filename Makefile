@@ -17,9 +17,10 @@ PYTEST_ARGS ?=
 # - The virtualenv: python3 and python3-venv (minimal Debian has neither; without
 #   python3-venv `python3 -m venv` fails for want of ensurepip). Every dependency in
 #   setup.cfg ships manylinux wheels for CPython 3.11 (cffi, lxml, aiohttp, PyYAML).
-# - The package's one C module (vdsmlite/ovf/_tarscan.c, the OVF_STORE upload's hot
-#   loop; setup.py) builds with gcc, libc6-dev and python3-dev. It is optional: without
-#   them the same checks run in Python, slower (the tests insist on it being built).
+# - The package's C modules (vdsmlite/ovf/_tarscan.c and vdsmlite/http/_chunked.c, the
+#   OVF_STORE upload's hot loops; setup.py) build with gcc, libc6-dev and python3-dev.
+#   They are optional: without them the same work runs in Python, slower (the tests
+#   insist on them being built).
 # - Libraries loaded at run time: libudev1 (pyudev), libblkid1 (blkid.py, cffi),
 #   libsanlock-client1 (locking/sanlock.py, cffi).
 # - The agent runs qemu-img (qemu-utils), qemu-system-x86_64 under systemd-run
@@ -68,7 +69,8 @@ lint: venv
 
 venv: $(STAMPS)/venv
 
-$(STAMPS)/venv: setup.cfg pyproject.toml setup.py vdsmlite/ovf/_tarscan.c
+$(STAMPS)/venv: setup.cfg pyproject.toml setup.py vdsmlite/ovf/_tarscan.c \
+               vdsmlite/http/_chunked.c
 	@mkdir -p $(STAMPS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip

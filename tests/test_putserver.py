@@ -14,6 +14,7 @@ import pytest
 
 from tests.helpers import run
 from vdsmlite import errors
+from vdsmlite.blocking import BlockingExecutor
 from vdsmlite.http import putserver
 from vdsmlite.http.putserver import PutProtocol, PutRequest, Reply
 
@@ -55,17 +56,31 @@ def recording_handler() -> tuple[list[PutRequest], Callable[[PutRequest], Awaita
     return called, handler
 
 
+# How bodies are read: by the event loop (as under TLS) or by executor threads.
+RECEIVER = {"threads": False}
+
+
+@pytest.fixture(autouse=True, params=["event loop", "threads"])
+def receiver(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setitem(RECEIVER, "threads", request.param == "threads")
+    return str(request.param)
+
+
 @asynccontextmanager
 async def server(handler: Callable[[PutRequest], Awaitable[Reply]],
                  stall_timeout: float = 30.0) -> AsyncIterator[int]:
     loop = asyncio.get_running_loop()
-    srv = await loop.create_server(lambda: PutProtocol(handler, stall_timeout=stall_timeout),
-                                   "127.0.0.1", 0)
+    executor = BlockingExecutor(4)
+    run_blocking = executor.run if RECEIVER["threads"] else None
+    srv = await loop.create_server(
+        lambda: PutProtocol(handler, stall_timeout=stall_timeout, run_blocking=run_blocking),
+        "127.0.0.1", 0)
     try:
         yield srv.sockets[0].getsockname()[1]
     finally:
         srv.close()
         await srv.wait_closed()
+        executor.shutdown()
 
 
 async def exchange(port: int, pieces: list[bytes], *, pause: float = 0.0

@@ -35,7 +35,9 @@ from aiohttp import web
 
 from vdsmlite import __version__, config, http, logs
 from vdsmlite.api import build_handlers
+from vdsmlite.blocking import RunBlocking
 from vdsmlite.errors import InvalidConfiguration
+from vdsmlite.http import wire
 from vdsmlite.http.common import DOORS, StreamDoors
 from vdsmlite.http.putserver import PutProtocol
 from vdsmlite.locking.watchdog import WatchdogError
@@ -96,16 +98,18 @@ class _Detecting:
     """A protocol factory: each connection starts with protocol detection (HTTP or STOMP)."""
 
     def __init__(self, runner: web.AppRunner, stomp: StompServer, doors: StreamDoors,
-                 timeout: float) -> None:
+                 run_blocking: RunBlocking, timeout: float) -> None:
         assert runner.server is not None
         self._http = runner.server
         self._stomp = stomp
         self._uploads = http.put_handler(doors)
         self._stall_timeout = doors.stall_timeout
+        self._run_blocking = run_blocking
         self._timeout = timeout
 
     def _put(self) -> PutProtocol:
-        return PutProtocol(self._uploads, stall_timeout=self._stall_timeout)
+        return PutProtocol(self._uploads, stall_timeout=self._stall_timeout,
+                           run_blocking=self._run_blocking)
 
     def __call__(self) -> DetectingProtocol:
         return DetectingProtocol(self._http, self._stomp.protocol, self._timeout,
@@ -215,6 +219,7 @@ class Daemon:
                             stall_timeout=cfg.rpc.stall_timeout)
         try:
             await self._listen(runner, _Detecting(runner, stomp, app[DOORS],
+                                                  services.run_blocking,
                                                   cfg.rpc.stall_timeout))
             if cfg.storage.local_domain is not None:
                 # Calls are answered 99 (initializing) until the local domain is ready.
@@ -235,9 +240,10 @@ class Daemon:
             if delay >= 0:
                 self._warm_up = asyncio.ensure_future(_warm_up_ovf_workers(services, delay))
                 self._warm_up.add_done_callback(_log_warm_up)
-            if not tarstream.ACCELERATED:
-                log.warning("the C hot loop of OVF_STORE uploads (vdsmlite.ovf._tarscan) "
-                            "was not built: uploads are checked in Python, slower")
+            if not (tarstream.ACCELERATED and wire.ACCELERATED):
+                log.warning("the C hot loops of OVF_STORE uploads (vdsmlite.ovf._tarscan, "
+                            "vdsmlite.http._chunked) were not built: uploads run in "
+                            "Python, slower")
             log.info("vdsmlite %s ready (host %s, config: %s); %s", __version__,
                      services.host_uuid, cfg.source, status)
             await self._stop.wait()
