@@ -603,3 +603,19 @@ def test_entities_survive_detach_and_attach_to_a_new_pool(env: StorageEnv,
         listed = c.call("StorageDomain.getOVFEntities", {"storagedomainID": data.sd})
     assert {e["id"]: e["name"] for e in listed["entities"]} == names
     assert get_store(other, data.sd)[2] == tar
+
+
+def test_a_formatted_domain_leaves_no_kept_index(domains: SharedDomains,
+                                                   tmp_path: Path) -> None:
+    # Its kept index files (and what is in memory) go with it, not left for ever in
+    # the state dir.
+    dom = make_localfs_domain(domains.agent, tmp_path / "formatted")
+    a = dom.agent
+    tar, _ = make_store(dom.sd, 3, "gone")
+    status, reply = put_store(a, dom.sd, tar, query="wait=index")
+    assert status == 200 and reply["index"]["state"] == "ready", reply
+    kept = a.state_dir / "ovf-index"
+    eventually(lambda: list(kept.glob(f"{dom.sd}.*.json")), 30, "the index kept on disk")
+    with dom.client as c:
+        c.call("StorageDomain.format", {"storagedomainID": dom.sd, "autoDetach": True})
+    assert not list(kept.glob(f"{dom.sd}.*.json"))

@@ -114,16 +114,17 @@ class Services:
         self.external_leases = ExternalLeases(domains=self.domains, jobs=self.jobs,
                                               locks=self.image_locks, sdm=self.sdm,
                                               run_blocking=run_blocking)
+        self.ovf_index = OvfIndex(workers=self.ovf_workers, jobs=self.jobs,
+                                  run_blocking=run_blocking, state_dir=config.state_dir,
+                                  publish=self.events.publish)
         self.provisioner = DomainProvisioner(
             domains=self.domains, pools=self.pools, monitors=self.monitors,
             connections=self.connections, activator=self.activator, users=self.storage_users,
             repository=config.repository, state_dir=config.state_dir,
-            io_timeout=config.sanlock.io_timeout, run_blocking=run_blocking)
+            io_timeout=config.sanlock.io_timeout, run_blocking=run_blocking,
+            formatted=self.ovf_index.forget_domain)
         self.pool_service = PoolService(pools=self.pools, monitors=self.monitors,
                                         run_blocking=run_blocking)
-        self.ovf_index = OvfIndex(workers=self.ovf_workers, jobs=self.jobs,
-                                  run_blocking=run_blocking, state_dir=config.state_dir,
-                                  publish=self.events.publish)
         self.ovf = OvfService(domains=self.domains, image_locks=self.image_locks, sdm=self.sdm,
                               workers=self.ovf_workers, index=self.ovf_index, jobs=self.jobs,
                               run_blocking=run_blocking)

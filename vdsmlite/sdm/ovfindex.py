@@ -184,6 +184,23 @@ class OvfIndex:
         self._remember(key, contents)
         self._background(self._run_blocking(self._save, dom, key, contents))
 
+    async def forget_domain(self, sd_uuid: str) -> None:
+        """Drop what is kept of a domain that no longer exists (formatted): its
+        indexes in memory and on disk."""
+        for key in [k for k in self._memory if k[0] == sd_uuid]:
+            del self._memory[key]
+        for key in [k for k in self._unreadable if k[0] == sd_uuid]:
+            del self._unreadable[key]
+        if parse_uuid(sd_uuid) == sd_uuid:  # it becomes a file name
+            await self._run_blocking(self._remove_kept, sd_uuid)
+
+    def _remove_kept(self, sd_uuid: str) -> None:
+        for path in self._dir.glob(f"{sd_uuid}.*.json"):
+            try:
+                path.unlink()
+            except OSError as e:
+                log.warning("cannot remove the kept index %s: %s", path, e)
+
     async def close(self) -> None:
         """Wait for what is left in the background (saving an index, the end of a
         build whose job is over): the index on disk is written whole or not at all."""

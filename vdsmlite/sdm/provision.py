@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from vdsmlite import errors
@@ -36,8 +37,12 @@ class DomainProvisioner:
     def __init__(self, *, domains: DomainStore, pools: PoolManager, monitors: MonitorManager,
                  connections: ConnectionManager, activator: Activator, users: StorageUsers,
                  repository: Path, state_dir: Path, io_timeout: int,
-                 run_blocking: RunBlocking) -> None:
+                 run_blocking: RunBlocking,
+                 formatted: Callable[[str], Awaitable[None]] | None = None) -> None:
         self._domains = domains
+        # Told of each domain formatted here: what others keep of it goes too (the
+        # OVF_STORE index).
+        self._formatted = formatted
         self._users = users
         self._pools = pools
         self._monitors = monitors
@@ -148,6 +153,8 @@ class DomainProvisioner:
             self._domains.forget(sd_uuid)
 
         await self._run_blocking(format_)
+        if self._formatted is not None:
+            await self._formatted(sd_uuid)
 
     async def find_domains(self, sp_uuid: str | None, domain_class: int | None,
                            storage_type: int | None, remote_path: str | None) -> list[str]:
