@@ -619,3 +619,31 @@ def test_a_formatted_domain_leaves_no_kept_index(domains: SharedDomains,
     with dom.client as c:
         c.call("StorageDomain.format", {"storagedomainID": dom.sd, "autoDetach": True})
     assert not list(kept.glob(f"{dom.sd}.*.json"))
+
+
+def test_a_stalled_upload_holds_no_thread_blocking_work_needs(agent_factory: Any,
+                                                               tmp_path: Path) -> None:
+    # The body is read by a thread of the upload server's own pool: with a single
+    # thread for blocking work (LVM, fsync, metadata reads), a client that stops
+    # sending mid-body must not take it from every other verb.
+    a = agent_factory(config={"daemon": {"worker_threads": 1},
+                              "storage": {"upload_stall_timeout": 300}})
+    dom = make_localfs_domain(a, tmp_path / "one-thread")
+    tar, _ = make_store(dom.sd, 50, "slow")
+    with dom.client as c:
+        earlier = set(c.call("Host.getJobs"))
+    s = start_put(a, dom.sd, tar, len(tar) // 3)
+    try:
+        def receiving() -> bool:
+            with dom.client as c:
+                return any(j["status"] == "running" and j.get("bytes_done")
+                           for jid, j in c.call("Host.getJobs").items() if jid not in earlier)
+
+        eventually(receiving, 60, "the upload receiving")
+        # A verb that reads the domain's metadata in the blocking pool answers now,
+        # not after the stall timeout (300 s, beyond this call's timeout).
+        with a.client(timeout=30) as c:
+            info = c.call("StorageDomain.getInfo", {"storagedomainID": dom.sd})
+        assert info["uuid"] == dom.sd
+    finally:
+        s.close()

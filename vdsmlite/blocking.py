@@ -24,9 +24,8 @@ class BlockingExecutor:
     """A bounded thread pool whose calls keep the caller's context (the request id
     in log lines) and never run on the event loop."""
 
-    def __init__(self, max_workers: int) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=max_workers,
-                                        thread_name_prefix="vdsmlite-io")
+    def __init__(self, max_workers: int, name: str = "vdsmlite-io") -> None:
+        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=name)
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run `fn` in a worker thread.

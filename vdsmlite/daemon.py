@@ -219,7 +219,7 @@ class Daemon:
                             stall_timeout=cfg.rpc.stall_timeout)
         try:
             await self._listen(runner, _Detecting(runner, stomp, app[DOORS],
-                                                  services.run_blocking,
+                                                  services.receivers.run,
                                                   cfg.rpc.stall_timeout))
             if cfg.storage.local_domain is not None:
                 # Calls are answered 99 (initializing) until the local domain is ready.

@@ -52,6 +52,10 @@ from vdsmlite.virt.manager import VmManager
 
 log = logging.getLogger("vdsmlite.services")
 
+# Uploads read at the same time, at most (more wait for a thread: their clients
+# are held by TCP's flow control). Threads are made only as uploads need them.
+UPLOAD_RECEIVERS = 32
+
 
 class Services:
     def __init__(self, config: Config) -> None:
@@ -66,6 +70,9 @@ class Services:
         # Blocking work (LVM, fsync, O_DIRECT, sanlock) runs here, never on the loop.
         self.executor = BlockingExecutor(config.daemon.worker_threads)
         run_blocking = self.run_blocking = self.executor.run
+        # Upload bodies are read by threads of their own (http.putserver): a slow
+        # client must not hold one of the threads LVM, fsync and sanlock calls need.
+        self.receivers = BlockingExecutor(UPLOAD_RECEIVERS, name="vdsmlite-recv")
         self.host_uuid = load_host_uuid(config)
 
         # Storage: connections, domains and pools as found on storage.
@@ -193,6 +200,7 @@ class Services:
         await self.run_blocking(self.domains.close)
         await self.run_blocking(self.ovf_workers.close)
         self.executor.shutdown()
+        self.receivers.shutdown()
 
 
 def load_host_uuid(config: Config) -> str:
