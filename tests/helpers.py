@@ -124,3 +124,20 @@ def output_of_a_killed_runner(script: str) -> str:
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert out.returncode == -9, out.stderr
     return out.stdout
+
+
+def c_and_python(module: Any, attribute: str) -> Any:
+    """An autouse fixture running every test of a module twice: with the C module
+    `module.<attribute>` (it must have been built: setup.py) and with the Python code
+    that replaces it (the attribute set to None). Its value is "c" or "python"."""
+
+    @pytest.fixture(autouse=True, params=["c", "python"])
+    def fixture(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+        if request.param == "python":
+            monkeypatch.setattr(module, attribute, None)
+        else:
+            assert getattr(module, attribute) is not None, \
+                f"{module.__name__}.{attribute} was not built (setup.py)"
+        return str(request.param)
+
+    return fixture

@@ -11,6 +11,7 @@ import uuid
 
 import pytest
 
+from tests.helpers import c_and_python
 from tests.ovf_helpers import build_tar, entity_ovf, store_tar
 from vdsmlite.ovf import tarstream
 from vdsmlite.ovf.tarstream import (
@@ -26,14 +27,8 @@ from vdsmlite.ovf.tarstream import (
 pytestmark = pytest.mark.unit
 
 
-@pytest.fixture(autouse=True, params=["c", "python"])
-def hot_loop(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test runs with the C hot loop (`_tarscan`) and with the Python one."""
-    if request.param == "python":
-        monkeypatch.setattr(tarstream, "_tarscan", None)
-    else:
-        assert tarstream.ACCELERATED, "vdsmlite.ovf._tarscan was not built (setup.py)"
-    return str(request.param)
+# Every test runs with the C hot loop (`_tarscan`) and with the Python one.
+hot_loop = c_and_python(tarstream, "_tarscan")
 
 SD = "c2a6d7c8-8d81-4e01-9ed4-7eb670713448"
 XXE = (b'<?xml version="1.0"?><!DOCTYPE x [<!ENTITY e SYSTEM "file:///etc/passwd">]>'

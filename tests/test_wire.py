@@ -7,20 +7,15 @@ import random
 
 import pytest
 
+from tests.helpers import c_and_python
 from vdsmlite.http import wire
 from vdsmlite.http.wire import ChunkedDecoder, HttpError, parse_head
 
 pytestmark = pytest.mark.unit
 
 
-@pytest.fixture(autouse=True, params=["c", "python"])
-def decoder_loop(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test runs with the C common case (`_chunked`) and without it."""
-    if request.param == "python":
-        monkeypatch.setattr(wire, "_chunked", None)
-    else:
-        assert wire.ACCELERATED, "vdsmlite.http._chunked was not built (setup.py)"
-    return str(request.param)
+# Every test runs with the C common case (`_chunked`) and without it.
+decoder_loop = c_and_python(wire, "_chunked")
 
 
 def chunked(pieces: list[bytes], *, ext: bool = False, trailers: bytes = b"") -> bytes:
