@@ -5,17 +5,25 @@ from __future__ import annotations
 import asyncio
 import mmap
 import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.helpers import run
-from vdsmlite.storage.streamio import DirectWriter, WriterState
+from vdsmlite.storage.streamio import ChunkSource, DirectWriter, WriterState
 
 pytestmark = pytest.mark.unit
 
 BUF = 4096
+
+
+def _source(*chunks: bytes) -> ChunkSource:
+    async def gen() -> AsyncIterator[bytes]:
+        for chunk in chunks:
+            yield chunk
+    return ChunkSource(gen())
 
 
 async def _blocking(fn: Any, *args: Any) -> Any:
@@ -37,15 +45,15 @@ def test_write_finish_close(tmp_path: Path) -> None:
                          inspect=lambda buf, n: seen.append(buf[:n]))
         assert w.state is WriterState.NEW
         with pytest.raises(RuntimeError, match="needs a streaming writer"):
-            await w.write(b"x")
+            await w.receive(_source(b"x"))
         await w.open()
         assert w.state is WriterState.STREAMING
-        await w.write(b"a" * (BUF + 100))
+        assert await w.receive(_source(b"a" * 100, b"a" * BUF)) == BUF + 100
         assert await w.finish() == BUF + 100
         assert w.state is WriterState.CLOSED
         assert b"".join(seen) == b"a" * (BUF + 100)
         with pytest.raises(RuntimeError, match="this one is closed"):
-            await w.write(b"x")
+            await w.receive(_source(b"x"))
 
     run(main())
     data = Path(path).read_bytes()
@@ -68,8 +76,7 @@ def test_a_refused_buffer_is_never_written_and_abort_closes(tmp_path: Path) -> N
         w = DirectWriter(path, 4 * BUF, 512, _blocking, buffer_size=BUF, inspect=inspect)
         await w.open()
         with pytest.raises(Refused):
-            for chunk in (b"a" * BUF, b"b" * BUF, b"c" * BUF, b"d" * BUF):
-                await w.write(chunk)
+            await w.receive(_source(b"a" * BUF, b"b" * BUF, b"c" * BUF, b"d" * BUF))
             await w.finish()
         await w.abort()
         assert w.state is WriterState.CLOSED
@@ -94,7 +101,7 @@ async def _cancel_finish_while_blocked_in(path: str, step: str, data: bytes) -> 
 
     w = DirectWriter(path, 4 * BUF, 512, blocking, buffer_size=BUF)
     await w.open()
-    await w.write(data)
+    await w.receive(_source(data))
     finishing = asyncio.ensure_future(w.finish())
     await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
     finishing.cancel()

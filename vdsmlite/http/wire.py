@@ -119,15 +119,15 @@ def parse_head(data: bytes) -> RequestHead:
     query: dict[str, str] = {}
     for key, text in urllib.parse.parse_qsl(url.query, keep_blank_values=True):
         query.setdefault(key, text)
-    head = RequestHead(method.decode("ascii"), urllib.parse.unquote(url.path), query,
+    _check_framing(version.decode("ascii"), headers)
+    return RequestHead(method.decode("ascii"), urllib.parse.unquote(url.path), query,
                        version.decode("ascii"), headers)
-    _check_framing(head)
-    return head
 
 
-def _check_framing(head: RequestHead) -> None:
-    length = head.headers.get("content-length")
-    coding = head.headers.get("transfer-encoding")
+def _check_framing(version: str, headers: dict[str, str]) -> None:
+    """Refuse ambiguous body framing; a repeated equal Content-Length becomes one."""
+    length = headers.get("content-length")
+    coding = headers.get("transfer-encoding")
     if length is not None and coding is not None:
         raise HttpError(HTTPStatus.BAD_REQUEST,
                         "both Content-Length and Transfer-Encoding: the body's end is "
@@ -137,9 +137,9 @@ def _check_framing(head: RequestHead) -> None:
         values = {v.strip() for v in length.split(",")}
         if len(values) != 1 or not _DIGITS.match(next(iter(values))):
             raise HttpError(HTTPStatus.BAD_REQUEST, f"bad Content-Length {length[:40]!r}")
-        head.headers["content-length"] = next(iter(values))
+        headers["content-length"] = next(iter(values))
     if coding is not None:
-        if head.version != "HTTP/1.1":
+        if version != "HTTP/1.1":
             raise HttpError(HTTPStatus.BAD_REQUEST, "Transfer-Encoding in an HTTP/1.0 request")
         if coding.strip().lower() != "chunked":
             raise HttpError(HTTPStatus.NOT_IMPLEMENTED,

@@ -77,7 +77,7 @@ class ChunkSource:
 
 class WriterState(enum.Enum):
     NEW = "new"              # buffers mapped; `open` not called yet
-    STREAMING = "streaming"  # lanes running; `write` takes data
+    STREAMING = "streaming"  # lanes running; `receive` takes data
     FINISHING = "finishing"  # `finish`: the last buffer is in the lanes, then fdatasync
     ABORTING = "aborting"    # `abort`: the lanes stop; nothing more is written
     CLOSED = "closed"        # descriptor closed, buffers released
@@ -206,19 +206,6 @@ class DirectWriter:
             await self._taken(n)
             if progress is not None:
                 progress(self.written)
-
-    async def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Copy `data` in (callers that hold whole chunks rather than a `Source`)."""
-        self._raise_if_failed()
-        self._require(WriterState.STREAMING, "write")
-        view = memoryview(data)
-        pos = 0
-        while pos < len(view):
-            buf = self._buffers[self._current]
-            take = min(len(buf) - self._fill, len(view) - pos)
-            buf[self._fill:self._fill + take] = view[pos:pos + take]
-            pos += take
-            await self._taken(take)
 
     async def _taken(self, n: int) -> None:
         """`n` more bytes are in the current buffer; a full one goes to the lanes."""
