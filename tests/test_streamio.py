@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import mmap
+import os
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -124,3 +125,92 @@ def test_cancelled_finish_does_not_close_under_a_running_write(tmp_path: Path) -
 def test_cancelled_fdatasync_is_waited_for_by_abort(tmp_path: Path) -> None:
     # The descriptor is the syncing thread's to close.
     run(_cancel_finish_while_blocked_in(_volume(tmp_path), "_sync_close", b"a" * BUF))
+
+
+def _watching_fdatasync(entered: threading.Event, release: threading.Event,
+                        writes_during: list[int], error: OSError | None = None) -> Any:
+    """A run_blocking whose first background fdatasync waits for `release`, counting
+    the writes that run meanwhile (and fails with `error`, when given one)."""
+    state = {"flushing": False, "first": True}
+
+    async def blocking(fn: Any, *args: Any) -> Any:
+        def call() -> Any:
+            if fn is os.fdatasync and state["first"]:
+                state["first"] = False
+                state["flushing"] = True
+                entered.set()
+                release.wait(10)
+                state["flushing"] = False
+                if error is not None:
+                    raise error
+            elif getattr(fn, "__name__", "") == "_write_sync" and state["flushing"]:
+                writes_during.append(1)
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(None, call)
+    return blocking
+
+
+def test_background_flushes_run_beside_the_writes_and_finish_waits_for_them(
+        tmp_path: Path) -> None:
+    path = _volume(tmp_path, 8 * BUF)
+    entered, release = threading.Event(), threading.Event()
+    writes_during: list[int] = []
+
+    async def main() -> None:
+        w = DirectWriter(path, 8 * BUF, 512, _watching_fdatasync(entered, release,
+                                                                 writes_during),
+                         buffer_size=BUF, flush_every=BUF)
+        await w.open()
+        await w.receive(_source(*[bytes([65 + i]) * BUF for i in range(6)]))
+        await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
+        finishing = asyncio.ensure_future(w.finish())
+        await asyncio.sleep(0.05)
+        assert not finishing.done()  # the first flush still runs: finish waits
+        release.set()
+        assert await finishing == 6 * BUF
+        assert w.flushes == 1  # one at a time: the writes ended before it did
+
+    run(main())
+    # The writes went on while the first flush was held.
+    assert len(writes_during) >= 1
+    data = Path(path).read_bytes()
+    assert data[:6 * BUF] == b"".join(bytes([65 + i]) * BUF for i in range(6))
+
+
+def test_an_injected_background_flush_error_fails_the_stream(tmp_path: Path) -> None:
+    path = _volume(tmp_path, 8 * BUF)
+    entered, release = threading.Event(), threading.Event()
+    release.set()
+
+    async def main() -> None:
+        w = DirectWriter(path, 8 * BUF, 512,
+                         _watching_fdatasync(entered, release, [], OSError(5, "EIO")),
+                         buffer_size=BUF, flush_every=BUF)
+        await w.open()
+        with pytest.raises(OSError, match="EIO"):
+            await w.receive(_source(*[b"a" * BUF for _ in range(6)]))
+            await w.finish()
+        await w.abort()
+        assert w.state is WriterState.CLOSED
+
+    run(main())
+
+
+def test_abort_waits_for_a_running_background_flush(tmp_path: Path) -> None:
+    path = _volume(tmp_path, 8 * BUF)
+    entered, release = threading.Event(), threading.Event()
+
+    async def main() -> None:
+        w = DirectWriter(path, 8 * BUF, 512, _watching_fdatasync(entered, release, []),
+                         buffer_size=BUF, flush_every=BUF)
+        await w.open()
+        await w.receive(_source(b"a" * BUF, b"b" * BUF))
+        await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
+        aborting = asyncio.ensure_future(w.abort())
+        await asyncio.sleep(0.05)
+        assert not aborting.done()  # the descriptor is still the flush's
+        release.set()
+        await aborting
+        assert w.state is WriterState.CLOSED
+
+    run(main())

@@ -408,3 +408,24 @@ def test_the_c_loop_takes_the_ordinary_members(hot_loop: str,
     members_end = offsets[-1] + 512 + -(-len(docs[-1][1]) // 512) * 512
     expected = [(0, offsets[1])] if hot_loop == "c" else [(0, members_end)]
     assert in_python == expected
+
+
+@pytest.mark.parametrize("where", ["same buffer", "next buffer"])
+@pytest.mark.parametrize("upper", [False, True], ids=["same case", "upper case"])
+def test_a_duplicate_entity_is_refused_where_it_stands(where: str, upper: bool) -> None:
+    # Twenty ordinary members (C takes them in one scan) and one repeating the
+    # fifth: in the same buffer, or in a later one (found in what earlier scans kept).
+    docs = [entity_ovf(f"vm-{i}") for i in range(20)]
+    repeat = docs[4][0].upper() if upper else docs[4][0]
+    data = build_tar([(f"{eid}.ovf", doc) for eid, doc in docs]
+                     + [(f"{repeat}.ovf", docs[4][1])])
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        duplicate_at = tar.getmembers()[-1].offset
+    chunk = len(data) if where == "same buffer" else duplicate_at
+    v = TarValidator(1 << 30)
+    with pytest.raises(TarError, match=rf"duplicate member {repeat}\.ovf"):
+        for i in range(0, len(data), chunk):
+            v.feed(data[i:i + chunk])
+        v.finish()
+    # Everything before it was taken, in order, once.
+    assert v.summary.entity_ids == [eid for eid, _ in docs]

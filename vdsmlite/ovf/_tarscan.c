@@ -15,8 +15,10 @@
  * wrong with it, if anything) and hands back. So this code only has to be right
  * about what it accepts; whatever it is unsure of, Python decides.
  *
- * Returns (where it stopped, [header offset of each accepted member]). What is
- * kept per member (duplicates, entity ids, split points) is Python's.
+ * Returns (where it stopped, [header offset of each accepted member], [its
+ * entity id: the name without ".ovf", lower case]). What is kept per member
+ * (duplicates, split points) is Python's; it gets the ids made here because
+ * making 88,000 of them a GiB in Python was a third of the checks' cost.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -166,6 +168,21 @@ static Py_ssize_t accept(const unsigned char *buf, Py_ssize_t pos, Py_ssize_t n,
     return padded;
 }
 
+/* The entity id of the accepted member whose header is at `h`: its name's 36
+ * characters (checked by is_ovf_name: hex digits and dashes), lower case. */
+static PyObject *entity_id(const unsigned char *h)
+{
+    PyObject *id = PyUnicode_New(36, 127);
+
+    if (id == NULL)
+        return NULL;
+    for (int i = 0; i < 36; i++) {
+        unsigned char c = h[i];
+        PyUnicode_1BYTE_DATA(id)[i] = (c >= 'A' && c <= 'F') ? (unsigned char)(c + 32) : c;
+    }
+    return id;
+}
+
 static PyObject *scan(PyObject *self, PyObject *args)
 {
     Py_buffer view;
@@ -174,7 +191,7 @@ static PyObject *scan(PyObject *self, PyObject *args)
     PyObject *declarations;
     struct declarations known = {0};
     Py_ssize_t *found;
-    PyObject *offsets, *result;
+    PyObject *offsets, *ids, *result;
 
     (void)self;
     if (!PyArg_ParseTuple(args, "y*nnLO!", &view, &pos, &n, &max_member, &PyTuple_Type,
@@ -216,9 +233,9 @@ static PyObject *scan(PyObject *self, PyObject *args)
         pos = next;
     }
     Py_END_ALLOW_THREADS
-    PyBuffer_Release(&view);
     offsets = PyList_New(count);
     if (offsets == NULL) {
+        PyBuffer_Release(&view);
         PyMem_RawFree(found);
         return NULL;
     }
@@ -226,19 +243,39 @@ static PyObject *scan(PyObject *self, PyObject *args)
         PyObject *offset = PyLong_FromSsize_t(found[i]);
         if (offset == NULL) {
             Py_DECREF(offsets);
+            PyBuffer_Release(&view);
             PyMem_RawFree(found);
             return NULL;
         }
         PyList_SET_ITEM(offsets, i, offset);
     }
+    ids = PyList_New(count);
+    if (ids == NULL) {
+        Py_DECREF(offsets);
+        PyBuffer_Release(&view);
+        PyMem_RawFree(found);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *id = entity_id((const unsigned char *)view.buf + found[i]);
+        if (id == NULL) {
+            Py_DECREF(offsets);
+            Py_DECREF(ids);
+            PyBuffer_Release(&view);
+            PyMem_RawFree(found);
+            return NULL;
+        }
+        PyList_SET_ITEM(ids, i, id);
+    }
     PyMem_RawFree(found);
-    result = Py_BuildValue("(nN)", pos, offsets);
+    PyBuffer_Release(&view);
+    result = Py_BuildValue("(nNN)", pos, offsets, ids);
     return result;
 }
 
 static PyMethodDef methods[] = {
     {"scan", scan, METH_VARARGS,
-     "scan(buffer, pos, n, max_member, declarations) -> (stop, [header offsets])"},
+     "scan(buffer, pos, n, max_member, declarations) -> (stop, [header offsets], [ids])"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -35,6 +35,7 @@ one statement of how an entity's member is named.
 
 from __future__ import annotations
 
+import bisect
 import json
 import mmap
 import re
@@ -75,7 +76,6 @@ _TYPE_NAMES = {b"1": "hard link", b"2": "symbolic link", b"3": "character device
 _OVF_MEMBER = re.compile(rf"({UUID_PATTERN})\.ovf")
 
 _OVF_NAME_BYTES = re.compile(rf"{UUID_PATTERN}\.ovf".encode())
-_OVF_NAME_LENGTH = 40  # what _OVF_NAME_BYTES matches: 36 + len(".ovf")
 _DECLARATIONS_KEPT = 8  # as many as _tarscan.c compares
 _MAGICS = (b"ustar\x0000", b"ustar  \0")
 _REGULAR = (0x30, 0)  # typeflag "0" or NUL: a regular file
@@ -462,25 +462,33 @@ class TarValidator:
         if _tarscan is None:
             return self._python_members(buf, pos, n)
         seen = self._seen
-        ids = self.summary.entity_ids
-        splits = self.summary.splits
-        total = self.total
         while True:
-            stop, offsets = _tarscan.scan(buf, pos, n, MAX_OVF_MEMBER, self._declarations)
-            for offset in offsets:
-                key = buf[offset:offset + _OVF_NAME_LENGTH].decode("ascii").lower()
-                if key in seen:
-                    stop = offset  # the general path reports the duplicate
-                    break
-                seen.add(key)
-                if total + offset >= self._next_split:
-                    splits.append(total + offset)
-                    self._next_split = total + offset + SPLIT_BYTES
-                ids.append(key[:-4])
+            stop, offsets, ids = _tarscan.scan(buf, pos, n, MAX_OVF_MEMBER, self._declarations)
+            fresh = set(ids)
+            if len(fresh) != len(ids) or not seen.isdisjoint(fresh):
+                # A duplicate: keep the members before it, the general path reports it.
+                first = next(i for i, key in enumerate(ids)
+                             if key in seen or ids.index(key) != i)
+                stop, offsets, ids = offsets[first], offsets[:first], ids[:first]
+                fresh = set(ids)
+            seen |= fresh
+            self.summary.entity_ids += ids
+            self._note_splits(offsets)
             after = self._python_members(buf, stop, n, limit=1)
             if after == stop:
                 return stop
             pos = after
+
+    def _note_splits(self, offsets: list[int]) -> None:
+        """Record the split points among these member offsets (ascending, relative
+        to this buffer): the first at or after each `SPLIT_BYTES` - a few a buffer,
+        found by bisection, not by a turn per member."""
+        total = self.total
+        i = bisect.bisect_left(offsets, self._next_split - total)
+        while i < len(offsets):
+            self.summary.splits.append(total + offsets[i])
+            self._next_split = total + offsets[i] + SPLIT_BYTES
+            i = bisect.bisect_left(offsets, self._next_split - total, i + 1)
 
     def _python_members(self, buf: bytes | mmap.mmap, pos: int, n: int,
                         limit: int = -1) -> int:
@@ -521,9 +529,9 @@ class TarValidator:
             if padded > n or size > MAX_OVF_MEMBER or not size:
                 break
             key = name.decode("ascii").lower()
-            if key in seen:
+            if key[:-4] in seen:
                 break
-            seen.add(key)
+            seen.add(key[:-4])
             if total + pos >= self._next_split:
                 splits.append(total + pos)
                 self._next_split = total + pos + SPLIT_BYTES
@@ -566,6 +574,8 @@ class TarValidator:
             return
         header = parse_header(block, offset)
         key = header.name.lower()
+        if key.endswith(".ovf"):
+            key = key[:-4]  # entity ids are what _seen holds of .ovf members
         if key in self._seen:
             raise TarError(f"duplicate member {header.name}")
         self._seen.add(key)
@@ -573,7 +583,7 @@ class TarValidator:
             self.summary.splits.append(offset)
             self._next_split = offset + SPLIT_BYTES
         if header.name.endswith(".ovf"):
-            self.summary.entity_ids.append(key[:-4])
+            self.summary.entity_ids.append(key)
         self._member = _Member(header.name, header.size, self._keep)
         self._remaining = header.size
         self._state = _DATA

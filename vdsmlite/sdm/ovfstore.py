@@ -116,9 +116,11 @@ class OvfService:
                 dom.update_read_volume, state,
                 description=ovfstore.description(sd_uuid, updated=False,
                                                  last_updated=target.last_updated))
+            timings = streamio.Timings()
             size, summary = await self.write_store(dom, target.img, target.vol, body, job,
                                                    capacity=target.capacity, validate=True,
-                                                   lease=lease, check_xml=check_xml)
+                                                   lease=lease, check_xml=check_xml,
+                                                   timings=timings)
             assert summary is not None
             # Durable and validated, still Updated:false.
             failpoints.hit("ovfstore.commit.after_fdatasync")
@@ -133,8 +135,9 @@ class OvfService:
             else:
                 self._index.after_commit(dom, committed, summary)
             elapsed = time.monotonic() - start
-            log.info("OVF_STORE %s/%s of %s updated: %d bytes, %d entities in %.2fs",
-                     target.img, target.vol, sd_uuid, size, len(summary.entity_ids), elapsed)
+            log.info("OVF_STORE %s/%s of %s updated: %d bytes, %d entities in %.2fs (%s)",
+                     target.img, target.vol, sd_uuid, size, len(summary.entity_ids), elapsed,
+                     timings)
             return {"storagedomainID": sd_uuid, "imageID": target.img, "volumeID": target.vol,
                     "size": size, "entities": len(summary.entity_ids), "lastUpdated": stamp,
                     "seconds": round(elapsed, 3), "taskID": job.id,
@@ -160,7 +163,8 @@ class OvfService:
 
     async def write_store(self, dom: Domain, img_uuid: str, vol_uuid: str,
                           body: streamio.Source, job: Job, *, capacity: int,
-                          validate: bool, lease: Lease | None, check_xml: bool = False
+                          validate: bool, lease: Lease | None, check_xml: bool = False,
+                          timings: streamio.Timings | None = None,
                           ) -> tuple[int, tarstream.ArchiveSummary | None]:
         """Stream `body` into the volume, validated as an OVF_STORE archive if `validate`
         (every ``.ovf`` parsed too if `check_xml`), checking the lease before every
@@ -175,7 +179,7 @@ class OvfService:
                 inspect=validator.feed if validator else None,
                 # another host may own the domain now: stop
                 before_buffer=lease.check if lease is not None else None,
-                progress=lambda done: job.update(bytes_done=done))
+                progress=lambda done: job.update(bytes_done=done), timings=timings)
             # Waits for the last XML checks in the parser processes.
             summary = await self._run_blocking(validator.finish) if validator else None
         except BaseException as e:

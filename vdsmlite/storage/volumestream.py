@@ -40,17 +40,21 @@ async def write(dom: Domain, img_uuid: str, vol_uuid: str, body: streamio.Source
                 capacity: int, run_blocking: RunBlocking,
                 inspect: streamio.Inspect | None = None,
                 before_buffer: Callable[[], None] | None = None,
-                progress: Progress | None = None) -> int:
+                progress: Progress | None = None,
+                timings: streamio.Timings | None = None) -> int:
     """Write `body` from offset 0; returns its length once it is durable.
 
     Raises `streamio.CapacityExceeded` past `capacity` bytes; whatever `inspect`
     or `before_buffer` (before each buffer of `streamio.DEFAULT_BUFFER` bytes)
-    raise stops the transfer. A failed transfer leaves a partial write behind:
-    callers that need all-or-nothing mark the volume first.
+    raise stops the transfer; `timings` is filled with where the time went. A
+    failed transfer leaves a partial write behind: callers that need
+    all-or-nothing mark the volume first.
     """
     async with opened(dom, img_uuid, vol_uuid, run_blocking) as volume:
         writer = streamio.DirectWriter(str(volume.path), capacity, volume.block_size,
                                        run_blocking, inspect=inspect)
+        if timings is not None:
+            writer.timings = timings  # the caller reads them, also after a failure
         await writer.open()
         try:
             await writer.receive(body, before_buffer=before_buffer, progress=progress)
