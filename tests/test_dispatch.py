@@ -19,6 +19,7 @@ from tests.helpers import run
 from vdsmlite import errors
 from vdsmlite.metrics import Metrics
 from vdsmlite.rpc.dispatch import CallContext, Dispatcher, DispatcherState, Handler
+from vdsmlite.rpc.encoded import Encoded
 from vdsmlite.rpc.schema import Schema, SchemaError
 
 pytestmark = pytest.mark.unit
@@ -34,6 +35,9 @@ SCHEMA = {
         "Test.badReturn": {"doc": "Returns an int where a string is promised.",
                            "returns": {"type": "string"}},
         "Test.unencodable": {"doc": "Returns a set.", "returns": {"type": "any"}},
+        "Test.encoded": {"doc": "Returns what it is given, encoded ahead.",
+                         "params": [{"name": "value", "type": "any"}],
+                         "returns": {"type": "string"}},
         "Test.fail": {"doc": "Raises a VDSM error.", "errors": ["StorageDomainDoesNotExist"]},
         "Test.crash": {"doc": "Raises a plain exception."},
     }
@@ -63,6 +67,9 @@ class Handlers:
     async def unencodable(self) -> Any:
         return {1, 2}
 
+    async def encoded(self, value: Any) -> Encoded:
+        return Encoded(value)
+
     async def fail(self) -> None:
         raise errors.StorageDomainDoesNotExist("c2a6d7c8-8d81-4e01-9ed4-7eb670713448")
 
@@ -75,7 +82,8 @@ def make(max_concurrent: int = 16, validate: bool = True,
     h = Handlers()
     handlers: dict[str, Handler] = {
         "Test.sleep": h.sleep, "Test.echo": h.echo, "Test.badReturn": h.bad_return,
-        "Test.unencodable": h.unencodable, "Test.fail": h.fail, "Test.crash": h.crash}
+        "Test.unencodable": h.unencodable, "Test.encoded": h.encoded, "Test.fail": h.fail,
+        "Test.crash": h.crash}
     d = Dispatcher(Schema(SCHEMA, "test"), handlers, Metrics(), max_concurrent=max_concurrent,
                    validate_returns=validate)
     if serve:
@@ -220,7 +228,8 @@ def test_handler_params_must_match_schema() -> None:
     _, h = make()
     handlers: dict[str, Handler] = {
         "Test.sleep": wrong, "Test.echo": h.echo, "Test.badReturn": h.bad_return,
-        "Test.unencodable": h.unencodable, "Test.fail": h.fail, "Test.crash": h.crash}
+        "Test.unencodable": h.unencodable, "Test.encoded": h.encoded, "Test.fail": h.fail,
+        "Test.crash": h.crash}
     with pytest.raises(RuntimeError, match="handler params"):
         Dispatcher(Schema(SCHEMA, "test"), handlers, Metrics())
     with pytest.raises(RuntimeError, match="no handler"):
@@ -239,3 +248,15 @@ def test_handler_params_must_match_schema() -> None:
 def test_broken_schema_is_refused(doc: dict) -> None:
     with pytest.raises(SchemaError):
         Schema(doc, "test")
+
+
+def test_a_result_encoded_ahead_goes_out_as_its_bytes_and_is_still_checked() -> None:
+    async def main() -> None:
+        d, _ = make()
+        raw = await d.handle(req("Test.encoded", {"value": "caf\u00e9"}), CTX)
+        assert raw is not None and b'"result":"caf\xc3\xa9"' in raw
+        # validate_returns looks at what the bytes decode to: a number is no string
+        reply = await call(d, "Test.encoded", {"value": 7})
+        assert reply["error"]["code"] == -32603
+        assert "outside its schema" in reply["error"]["message"]
+    run(main())

@@ -37,6 +37,7 @@ import orjson
 
 from vdsmlite import errors, logs
 from vdsmlite.metrics import Metrics
+from vdsmlite.rpc.encoded import Encoded
 from vdsmlite.rpc.errors import (
     JsonRpcError,
     JsonRpcInternalError,
@@ -281,11 +282,12 @@ class Dispatcher:
         if result is None:
             result = True  # VDSM's Bridge turns "no return value" into true
         if self._validate_returns:
-            problems = self.schema.check_return(verb, result)
+            checked = result.decoded() if isinstance(result, Encoded) else result
+            problems = self.schema.check_return(verb, checked)
             if problems:
                 raise JsonRpcInternalError(
                     f"{verb.name} returned a value outside its schema: {'; '.join(problems[:5])}")
-        return result
+        return result.fragment if isinstance(result, Encoded) else result
 
     # --- shutdown -----------------------------------------------------------------
 
