@@ -467,10 +467,11 @@ class TarValidator:
             fresh = set(ids)
             if len(fresh) != len(ids) or not seen.isdisjoint(fresh):
                 # A duplicate: keep the members before it, the general path reports it.
-                first = next(i for i, key in enumerate(ids)
-                             if key in seen or ids.index(key) != i)
+                fresh, first = set(), 0
+                while ids[first] not in seen and ids[first] not in fresh:
+                    fresh.add(ids[first])
+                    first += 1
                 stop, offsets, ids = offsets[first], offsets[:first], ids[:first]
-                fresh = set(ids)
             seen |= fresh
             self.summary.entity_ids += ids
             self._note_splits(offsets)
