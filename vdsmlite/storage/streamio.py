@@ -94,13 +94,15 @@ class Timings:
     to the whole). What an operator reads to tell a slow client from slow storage."""
 
     waiting: float = 0.0     # for the source to fill buffers (the network, the client)
+    held_up: float = 0.0     # for a free buffer: the checks or the writes were behind
     inspecting: float = 0.0  # the inspect callback (e.g. the archive checks)
     writing: float = 0.0     # O_DIRECT writes
     flushing: float = 0.0    # the final fdatasync (and the background flush it waited for)
 
     def __str__(self) -> str:
-        return (f"waiting for data {self.waiting:.2f}s, checks {self.inspecting:.2f}s, "
-                f"writes {self.writing:.2f}s, final flush {self.flushing:.2f}s")
+        return (f"waiting for data {self.waiting:.2f}s, for buffers {self.held_up:.2f}s, "
+                f"checks {self.inspecting:.2f}s, writes {self.writing:.2f}s, "
+                f"final flush {self.flushing:.2f}s")
 
 
 class WriterState(enum.Enum):
@@ -276,7 +278,9 @@ class DirectWriter:
             self._offset += len(buf)
             self._fill = 0
             # Back-pressure: with every buffer in the lanes, wait for one.
+            started = time.monotonic()
             self._current = await self._free.get()
+            self.timings.held_up += time.monotonic() - started
             self._raise_if_failed()
 
     async def finish(self) -> int:
