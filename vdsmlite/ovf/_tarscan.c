@@ -23,6 +23,7 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdint.h>
 #include <string.h>
 
 #define BLOCK 512
@@ -116,12 +117,34 @@ static int starts_with_one(const unsigned char *data, Py_ssize_t size,
     return 0;
 }
 
+static const unsigned char ZEROS[BLOCK];
+
+/* len <= BLOCK (a header's field or a member's padding); memcmp is vectorized. */
 static int all_zero(const unsigned char *p, size_t len)
 {
-    for (size_t i = 0; i < len; i++)
-        if (p[i])
-            return 0;
-    return 1;
+    return memcmp(p, ZEROS, len) == 0;
+}
+
+/* The unsigned sum of a header's bytes with its checksum field read as spaces, as
+ * ustar defines the checksum. Eight bytes at a time (the per-byte loop was most of
+ * this file's time): each word's bytes are added pairwise into four 16-bit lanes,
+ * which cannot overflow in 64 words (at most 2 * 255 * 64 = 32640 each). */
+static unsigned long header_sum(const unsigned char *h)
+{
+    const uint64_t lanes = 0x00FF00FF00FF00FFULL;
+    uint64_t acc = 0;
+    unsigned long sum = 0;
+
+    for (int i = 0; i < BLOCK; i += 8) {
+        uint64_t word;
+        memcpy(&word, h + i, 8);
+        acc += (word & lanes) + ((word >> 8) & lanes);
+    }
+    for (int lane = 0; lane < 4; lane++)
+        sum += (acc >> (16 * lane)) & 0xFFFF;
+    for (int i = 148; i < 156; i++)
+        sum -= h[i];
+    return sum + 8 * ' ';
 }
 
 /* The member whose header is at `buf + pos`, accepted: where the next header is;
@@ -145,8 +168,7 @@ static Py_ssize_t accept(const unsigned char *buf, Py_ssize_t pos, Py_ssize_t n,
         return 0;
     if (!all_zero(h + 345, 155))
         return 0;
-    for (int i = 0; i < BLOCK; i++)
-        sum += (i >= 148 && i < 156) ? ' ' : h[i];
+    sum = header_sum(h);
     if ((long long)sum != stored)
         return 0;
     if (!is_ovf_name(h))
