@@ -120,7 +120,7 @@ class OvfService:
             size, summary = await self.write_store(dom, target.img, target.vol, body, job,
                                                    capacity=target.capacity, validate=True,
                                                    lease=lease, check_xml=check_xml,
-                                                   timings=timings)
+                                                   timings=timings, state=state)
             assert summary is not None
             # Durable and validated, still Updated:false.
             failpoints.hit("ovfstore.commit.after_fdatasync")
@@ -165,6 +165,7 @@ class OvfService:
                           body: streamio.Source, job: Job, *, capacity: int,
                           validate: bool, lease: Lease | None, check_xml: bool = False,
                           timings: streamio.Timings | None = None,
+                          state: VolumeState | None = None,
                           ) -> tuple[int, tarstream.ArchiveSummary | None]:
         """Stream `body` into the volume, validated as an OVF_STORE archive if `validate`
         (every ``.ovf`` parsed too if `check_xml`), checking the lease before every
@@ -179,7 +180,8 @@ class OvfService:
                 inspect=validator.feed if validator else None,
                 # another host may own the domain now: stop
                 before_buffer=lease.check if lease is not None else None,
-                progress=lambda done: job.update(bytes_done=done), timings=timings)
+                progress=lambda done: job.update(bytes_done=done), timings=timings,
+                state=state)
             # Waits for the last XML checks in the parser processes.
             summary = await self._run_blocking(validator.finish) if validator else None
         except BaseException as e:

@@ -251,7 +251,7 @@ class BlockDomain(Domain):
                      (sc.RESERVED_LEASES + slot) * alignment)
         return VolumeState(uuid=lv.name, image=img, md=md, apparent_size=lv.size,
                            true_size=lv.size, initializing=sc.TAG_INITIALIZING in lv.tags,
-                           lease=lease, slot=slot, problem=problem)
+                           lease=lease, slot=slot, problem=problem, located=lv)
 
     def volume(self, img_uuid: str, vol_uuid: str) -> VolumeState:
         lv = self.lvs([vol_uuid]).get(vol_uuid)
@@ -304,7 +304,7 @@ class BlockDomain(Domain):
             out.setdefault(img, {})[name] = VolumeState(
                 uuid=name, image=img, md=md, apparent_size=lv.size, true_size=lv.size,
                 initializing=sc.TAG_INITIALIZING in lv.tags, lease=lease, slot=slot,
-                problem=problem)
+                problem=problem, located=lv)
         for states in out.values():
             for state in states.values():
                 if state.md is not None and state.md.parent in states:
@@ -566,6 +566,14 @@ class BlockDomain(Domain):
             raise errors.VolumeDoesNotExist(vol_uuid)
         self._activate(lv)
         return self._link_volume(img_uuid, vol_uuid)
+
+    def prepare_read_volume(self, state: VolumeState) -> Path:
+        lv = state.located
+        if not isinstance(lv, lvm.LV) or lv.name != state.uuid or \
+                lv.tag_value(sc.TAG_IMAGE) != state.image:
+            return self.prepare_volume(state.image, state.uuid)
+        self._activate(lv)
+        return self._link_volume(state.image, state.uuid)
 
     def teardown_volume(self, img_uuid: str, vol_uuid: str) -> None:
         refs_before = self.activator.refs(self.uuid, vol_uuid)

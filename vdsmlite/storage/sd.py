@@ -122,6 +122,9 @@ class VolumeState:
     children: list[str] = field(default_factory=list)
     slot: int | None = None
     problem: str | None = None
+    # Where the volume lives, as the same read found it (a block domain's LV, with its
+    # extents): `prepare_read_volume` maps it without reading it again.
+    located: object = field(default=None, compare=False, repr=False)
 
     @property
     def legality(self) -> str:
@@ -341,6 +344,12 @@ class Domain(ABC):
     @abstractmethod
     def prepare_volume(self, img_uuid: str, vol_uuid: str) -> Path:
         """Make the volume usable (activate); returns its path in the image dir."""
+
+    def prepare_read_volume(self, state: VolumeState) -> Path:
+        """`prepare_volume` for a volume the caller has just read as `state` and that
+        nobody else can move or resize meanwhile (it holds the domain's SDM lease and
+        the image's lock): on a block domain one ``lvs`` less."""
+        return self.prepare_volume(state.image, state.uuid)
 
     @abstractmethod
     def teardown_volume(self, img_uuid: str, vol_uuid: str) -> None: ...

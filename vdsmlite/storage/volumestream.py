@@ -19,16 +19,20 @@ from collections.abc import AsyncIterator, Callable
 
 from vdsmlite.blocking import RunBlocking
 from vdsmlite.storage import streamio
-from vdsmlite.storage.sd import Domain, OpenVolume
+from vdsmlite.storage.sd import Domain, OpenVolume, VolumeState
 
 Progress = Callable[[int], None]
 
 
 @contextlib.asynccontextmanager
-async def opened(dom: Domain, img_uuid: str, vol_uuid: str,
-                 run_blocking: RunBlocking) -> AsyncIterator[OpenVolume]:
-    """`Domain.opened` for async callers: prepare and teardown run in the executor."""
-    path = await run_blocking(dom.prepare_volume, img_uuid, vol_uuid)
+async def opened(dom: Domain, img_uuid: str, vol_uuid: str, run_blocking: RunBlocking,
+                 state: VolumeState | None = None) -> AsyncIterator[OpenVolume]:
+    """`Domain.opened` for async callers: prepare and teardown run in the executor.
+    `state`: the volume as the caller just read it (see `Domain.prepare_read_volume`)."""
+    if state is not None:
+        path = await run_blocking(dom.prepare_read_volume, state)
+    else:
+        path = await run_blocking(dom.prepare_volume, img_uuid, vol_uuid)
     try:
         block_size, _ = await run_blocking(dom.geometry)
         yield OpenVolume(path, block_size)
@@ -41,16 +45,18 @@ async def write(dom: Domain, img_uuid: str, vol_uuid: str, body: streamio.Source
                 inspect: streamio.Inspect | None = None,
                 before_buffer: Callable[[], None] | None = None,
                 progress: Progress | None = None,
-                timings: streamio.Timings | None = None) -> int:
+                timings: streamio.Timings | None = None,
+                state: VolumeState | None = None) -> int:
     """Write `body` from offset 0; returns its length once it is durable.
 
     Raises `streamio.CapacityExceeded` past `capacity` bytes; whatever `inspect`
     or `before_buffer` (before each buffer of `streamio.DEFAULT_BUFFER` bytes)
-    raise stops the transfer; `timings` is filled with where the time went. A
+    raise stops the transfer; `timings` is filled with where the time went;
+    `state` is the volume as the caller just read it, if it did. A
     failed transfer leaves a partial write behind: callers that need
     all-or-nothing mark the volume first.
     """
-    async with opened(dom, img_uuid, vol_uuid, run_blocking) as volume:
+    async with opened(dom, img_uuid, vol_uuid, run_blocking, state) as volume:
         writer = streamio.DirectWriter(str(volume.path), capacity, volume.block_size,
                                        run_blocking, inspect=inspect)
         if timings is not None:
