@@ -52,6 +52,10 @@ def test_write_finish_close(tmp_path: Path) -> None:
         assert await w.receive(_source(b"a" * 100, b"a" * BUF)) == BUF + 100
         assert await w.finish() == BUF + 100
         assert w.state is WriterState.CLOSED
+        # Where the time went: every lane ran, so each says how long it took.
+        t = w.timings
+        assert t.waiting > 0 and t.inspecting > 0 and t.writing > 0 and t.flushing > 0
+        assert "checks" in str(t) and "final flush" in str(t)
         assert b"".join(seen) == b"a" * (BUF + 100)
         with pytest.raises(RuntimeError, match="this one is closed"):
             await w.receive(_source(b"x"))
