@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import uuid
 from typing import Any
@@ -46,11 +47,31 @@ def test_one_index_is_encoded_once_and_a_new_index_anew() -> None:
     assert api._listing("sd", second) is not encoded
 
 
-def test_listings_kept_are_bounded_oldest_first() -> None:
+def test_listings_kept_are_bounded_in_bytes_oldest_first() -> None:
     api = OvfApi(None)  # type: ignore[arg-type]
-    indexes = {f"sd{i}": contents(f"vm{i}") for i in range(OvfApi.LISTINGS_KEPT + 1)}
+    indexes = {f"sd{i}": contents(f"vm{i}") for i in range(4)}
+    size = len(api._listing("probe", contents("vm0")).json)
+    api._listings.clear()
+    api.LISTINGS_BYTES = 3 * size + size // 2  # room for three of them
     kept = {sd: api._listing(sd, index) for sd, index in indexes.items()}
-    assert list(api._listings) == list(indexes)[1:]  # the first listed went first
+    assert list(api._listings) == ["sd1", "sd2", "sd3"]  # the first listed went first
+    assert api._listing("sd3", indexes["sd3"]) is kept["sd3"]
     assert api._listing("sd0", indexes["sd0"]) is not kept["sd0"]
-    assert api._listing(f"sd{OvfApi.LISTINGS_KEPT}",
-                        indexes[f"sd{OvfApi.LISTINGS_KEPT}"]) is kept[f"sd{OvfApi.LISTINGS_KEPT}"]
+    # One larger than the whole budget is answered, not kept.
+    api.LISTINGS_BYTES = size // 2
+    big = contents("big")
+    assert json.loads(api._listing("sd0", big).json)["entities"][0]["name"] == "big"
+    assert not api._listings
+
+
+def test_a_listing_goes_with_its_index() -> None:
+    # The index cache (OvfIndex) letting an index go frees its listing too.
+    api = OvfApi(None)  # type: ignore[arg-type]
+    index = contents("vm")
+    api._listing("sd", index)
+    other = contents("other")
+    api._listing("sd-other", other)
+    del index
+    gc.collect()
+    api._listing("sd-other", other)  # any later listing trims what is gone
+    assert list(api._listings) == ["sd-other"]

@@ -7,6 +7,7 @@ ask the host directly what VMs and Templates a domain carries.
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from typing import Any
 
@@ -17,14 +18,15 @@ from vdsmlite.sdm.ovfstore import OvfService
 
 
 class OvfApi:
-    # Encoded listings kept (the last domains listed): one of 10,000 entities is
-    # about 10 MB.
-    LISTINGS_KEPT = 4
+    # Bytes of encoded listings kept, all domains together: one of 10,000 entities is
+    # about 10 MB; one larger than this is encoded per call, as any other result.
+    LISTINGS_BYTES = 128 << 20
 
     def __init__(self, ovf: OvfService) -> None:
         self._ovf = ovf
-        # domain -> (the index it was made from, the listing encoded)
-        self._listings: OrderedDict[str, tuple[StoreContents, Encoded]] = \
+        # domain -> (the index it was made from, the listing encoded); the index is
+        # held weakly: when OvfIndex lets it go, its listing goes too
+        self._listings: OrderedDict[str, tuple[weakref.ref[StoreContents], Encoded]] = \
             OrderedDict()
 
     @verb("StorageDomain.getOVFEntities")
@@ -43,8 +45,9 @@ class OvfApi:
         indexes, the garbage collector's full passes over them (millions of
         objects) that those allocations set off.
         """
+        self._trim()
         kept = self._listings.get(sd_uuid)
-        if kept is not None and kept[0] is contents:
+        if kept is not None and kept[0]() is contents:
             self._listings.move_to_end(sd_uuid)
             return kept[1]
         listing = Encoded({
@@ -52,11 +55,21 @@ class OvfApi:
             "entities": sorted(contents.entities.values(), key=lambda e: e["id"]),
             "invalidEntities": [{"id": entity_id, "error": why}
                                 for entity_id, why in sorted(contents.invalid.items())]})
-        self._listings[sd_uuid] = (contents, listing)
+        self._listings[sd_uuid] = (weakref.ref(contents), listing)
         self._listings.move_to_end(sd_uuid)
-        while len(self._listings) > self.LISTINGS_KEPT:
-            self._listings.popitem(last=False)
+        self._trim()
         return listing
+
+    def _trim(self) -> None:
+        """Drop the listings of indexes gone, then the oldest past LISTINGS_BYTES (here,
+        in the event loop, not in a weakref callback: a collection may run in any
+        thread)."""
+        for sd_uuid in [sd for sd, (index, _) in self._listings.items() if index() is None]:
+            del self._listings[sd_uuid]
+        total = sum(len(listing.json) for _, listing in self._listings.values())
+        while total > self.LISTINGS_BYTES:
+            _, (_, oldest) = self._listings.popitem(last=False)
+            total -= len(oldest.json)
 
     @verb("StorageDomain.getOVFEntity")
     async def get_entity(self, *, storagedomainID: str, entityID: str) -> dict[str, Any]:
