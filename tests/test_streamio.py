@@ -91,20 +91,29 @@ def test_a_refused_buffer_is_never_written_and_abort_closes(tmp_path: Path) -> N
     assert data[BUF:] == b"\xff" * (3 * BUF)
 
 
+def _held(fn: Any, entered: threading.Event, release: threading.Event) -> Any:
+    """`fn`, made to wait for `release` once it is called (`entered` says it was)."""
+    def call(*args: Any) -> Any:
+        entered.set()
+        release.wait(10)
+        return fn(*args)
+    return call
+
+
 async def _cancel_finish_while_blocked_in(path: str, step: str, data: bytes) -> None:
-    """Cancel `finish` while the writer's blocking `step` runs in its thread; `abort`
-    must wait for that thread (never close the descriptor under it), then close."""
+    """Cancel `finish` while the writer's blocking `step` runs in its thread (a lane
+    or the executor); `abort` must wait for that thread (never close the descriptor
+    under it), then close."""
     entered, release = threading.Event(), threading.Event()
 
     async def blocking(fn: Any, *args: Any) -> Any:
-        def call() -> Any:
-            if getattr(fn, "__name__", "") == step:
-                entered.set()
-                release.wait(10)
-            return fn(*args)
-        return await asyncio.get_running_loop().run_in_executor(None, call)
+        if getattr(fn, "__name__", "") == step:
+            fn = _held(fn, entered, release)
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
     w = DirectWriter(path, 4 * BUF, 512, blocking, buffer_size=BUF)
+    if step == "_write_sync":  # the write lane's, not run through `blocking`
+        w._write_sync = _held(w._write_sync, entered, release)  # type: ignore[method-assign]
     await w.open()
     await w.receive(_source(data))
     finishing = asyncio.ensure_future(w.finish())
@@ -133,8 +142,9 @@ def test_cancelled_fdatasync_is_waited_for_by_abort(tmp_path: Path) -> None:
 
 def _watching_fdatasync(entered: threading.Event, release: threading.Event,
                         writes_during: list[int], error: OSError | None = None) -> Any:
-    """A run_blocking whose first background fdatasync waits for `release`, counting
-    the writes that run meanwhile (and fails with `error`, when given one)."""
+    """Makes writers (`make(path)`) whose first background fdatasync waits for
+    `release`, counting the writes the write lane makes meanwhile (and fails with
+    `error`, when given one)."""
     state = {"flushing": False, "first": True}
 
     async def blocking(fn: Any, *args: Any) -> Any:
@@ -147,11 +157,20 @@ def _watching_fdatasync(entered: threading.Event, release: threading.Event,
                 state["flushing"] = False
                 if error is not None:
                     raise error
-            elif getattr(fn, "__name__", "") == "_write_sync" and state["flushing"]:
-                writes_during.append(1)
             return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(None, call)
-    return blocking
+
+    def make(path: str) -> DirectWriter:
+        w = DirectWriter(path, 8 * BUF, 512, blocking, buffer_size=BUF, flush_every=BUF)
+        write = w._write_sync
+
+        def counted(full: Any) -> None:
+            if state["flushing"]:
+                writes_during.append(1)
+            write(full)
+        w._write_sync = counted  # type: ignore[method-assign]
+        return w
+    return make
 
 
 def test_background_flushes_run_beside_the_writes_and_finish_waits_for_them(
@@ -161,9 +180,7 @@ def test_background_flushes_run_beside_the_writes_and_finish_waits_for_them(
     writes_during: list[int] = []
 
     async def main() -> None:
-        w = DirectWriter(path, 8 * BUF, 512, _watching_fdatasync(entered, release,
-                                                                 writes_during),
-                         buffer_size=BUF, flush_every=BUF)
+        w = _watching_fdatasync(entered, release, writes_during)(path)
         await w.open()
         await w.receive(_source(*[bytes([65 + i]) * BUF for i in range(6)]))
         await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
@@ -187,9 +204,7 @@ def test_an_injected_background_flush_error_fails_the_stream(tmp_path: Path) -> 
     release.set()
 
     async def main() -> None:
-        w = DirectWriter(path, 8 * BUF, 512,
-                         _watching_fdatasync(entered, release, [], OSError(5, "EIO")),
-                         buffer_size=BUF, flush_every=BUF)
+        w = _watching_fdatasync(entered, release, [], OSError(5, "EIO"))(path)
         await w.open()
         with pytest.raises(OSError, match="EIO"):
             await w.receive(_source(*[b"a" * BUF for _ in range(6)]))
@@ -205,8 +220,7 @@ def test_abort_waits_for_a_running_background_flush(tmp_path: Path) -> None:
     entered, release = threading.Event(), threading.Event()
 
     async def main() -> None:
-        w = DirectWriter(path, 8 * BUF, 512, _watching_fdatasync(entered, release, []),
-                         buffer_size=BUF, flush_every=BUF)
+        w = _watching_fdatasync(entered, release, [])(path)
         await w.open()
         await w.receive(_source(b"a" * BUF, b"b" * BUF))
         await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
