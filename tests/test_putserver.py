@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import json
 import random
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -265,6 +266,40 @@ def test_slow_client_gets_partial_fills_then_a_stall_is_refused(
             writer.close()
 
     run(main())
+
+
+def test_a_client_pausing_below_the_low_water_mark_is_read_and_the_mark_reset() -> None:
+    # Reads wait for RECEIVE_LOWAT bytes only LOWAT_WAIT long: a client that pauses
+    # with less than that sent is still read (no stall, nothing lost), and the socket
+    # is left waking per byte again for the transport.
+    marks: list[int] = []
+
+    async def handler(request: PutRequest) -> Reply:
+        body, _ = await read_all(request, room=1 << 20)
+        sock = request._connection._sock  # the threads' descriptor, when they read
+        if sock is not None:
+            marks.append(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT))
+        return Reply(200, {}, json.dumps(expected(body)).encode())
+
+    data = random.Random(3).randbytes(700_000)
+    rng = random.Random(4)
+
+    async def main() -> None:
+        async with server(handler, stall_timeout=5.0) as port:
+            sized = b"PUT / HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(data) + data
+            pieces = [sized[:400_000], sized[400_000:400_100], sized[400_100:]]
+            status, _, body = await exchange(port, pieces, pause=0.05)
+            assert status == 200 and json.loads(body) == expected(data)
+            chunked = (b"PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       + chunked_body(data, rng))
+            status, _, body = await exchange(port, split(chunked, rng, 300_000), pause=0.05)
+            assert status == 200 and json.loads(body) == expected(data)
+            # and without pauses: the last reads wait for the mark
+            status, _, body = await exchange(port, [sized])
+            assert status == 200 and json.loads(body) == expected(data)
+
+    run(main())
+    assert marks == ([1, 1, 1] if RECEIVER["threads"] else [])
 
 
 def test_a_client_that_leaves_before_its_head_ends_is_closed() -> None:
