@@ -148,7 +148,8 @@ class LeaseManager:
             if lease is not None:
                 lease.users += 1
                 return lease
-            deadline = time.monotonic() + timeout
+            started = time.monotonic()
+            deadline = started + timeout
             while True:
                 reply = await self._ask(holder, {"op": "acquire", "resource": resource,
                                                  "disks": [list(d) for d in disks],
@@ -173,7 +174,8 @@ class LeaseManager:
             lease = Lease(lockspace, resource, disks, users=1)
             holder.leases[resource] = lease
             holder.idle_since = None
-            log.info("acquired lease %s:%s", lockspace, resource)
+            log.info("acquired lease %s:%s in %.3fs", lockspace, resource,
+                     time.monotonic() - started)
             return lease
 
     async def _release(self, lease: Lease) -> None:
