@@ -14,8 +14,7 @@ in one run:
     same with a ``Content-Length`` (untargeted): the framing imageio gets
     here and the engine sends when it knows the size;
   - dd: ``dd bs=8M oflag=direct conv=fsync`` (the physical limit for this
-    target, durable as the agent's commit is - the loop LUN under the block
-    domain caches in the page cache; dd without fsync is shown too);
+    target, durable as the agent's commit is; dd without fsync is shown too);
   - ovirt-imageio 2.5.1 (the oVirt image daemon, no TLS): ``PUT`` of the same
     bytes to a ticket whose target is that volume;
   - on the file domain, an aiohttp server that only reads the body and drops
@@ -50,6 +49,14 @@ kinds; agent CPU <= 1.5x imageio's; RSS growth during the upload < 64 MiB;
 listing 10,000 entities warm < 0.2 s, cold < 1.5 s. A figure off target is
 printed as FAIL; the exit status is non-zero only when a step fails (or the
 agent logs an unexpected exception), never for a figure.
+
+The block domain's LUN keeps nothing in this host's memory, as a SAN LUN does
+not: its loop device writes the sparse file under it with direct I/O
+(``LunFarm(host_cache=False)``). With ``--lun-cache`` it goes through the
+page cache as the tests' LUNs do; the kernel's copying into that cache and its
+flushing then take CPU beside every writer (dd runs alone; the agent receives,
+checks and writes at once). The agent runs with its production domain monitor
+interval (10 s): the tests' 1 s adds an LVM scan every second.
 
 Both store volumes are written once with dd before any measurement: the first
 write into a fresh volume allocates the blocks under it (the loop LUN's sparse
@@ -113,6 +120,9 @@ AGENT_STORE_SIZE = 128 * MiB
 BLOCK_OVERHEAD = 6 * GiB
 MIN_VG = 16 * GiB
 TIMEOUT = 1800.0
+
+# The agent's default (`config.SanlockSection.monitor_interval`), not the tests' 1 s.
+MONITOR_INTERVAL = 10.0
 
 RATIO_DD = 0.80
 RATIO_IMAGEIO = 1.0
@@ -347,7 +357,8 @@ class Sink:
 
 def dd_write(src: Path, dst: str, *, fsync: bool = True) -> Measure:
     """dd bs=8M oflag=direct; with fsync, durable as the agent's commit (fdatasync) and
-    imageio's flush are (the loop LUN under a block domain caches in the page cache)."""
+    imageio's flush are (with --lun-cache, the block domain's LUN caches in the page
+    cache; a file domain's file system may hold what it has not flushed)."""
     conv = "notrunc,fsync" if fsync else "notrunc"
     cpu0 = children_cpu()
     t0 = time.perf_counter()
@@ -874,6 +885,8 @@ def main() -> None:
     ap.add_argument("--no-check-xml", dest="check_xml", action="store_false",
                     help="skip the ?check=xml uploads")
     ap.add_argument("--keep-log", type=Path, help="copy the agent's log here at the end")
+    ap.add_argument("--lun-cache", action="store_true",
+                    help="the block domain's LUN through this host's page cache")
     ap.add_argument("--sink", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.sink:
@@ -881,18 +894,20 @@ def main() -> None:
         return
     check(args.runs >= 1 and args.size >= 1 and args.entities >= 1, "sizes must be positive")
     # Others' work on the same cores skews every figure: say how busy the machine was.
-    print(f"load average at the start: {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs)",
+    print(f"load average at the start: {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs); "
+          f"block LUN {'through' if args.lun_cache else 'without'} the host's page cache",
           flush=True)
     results: dict[str, dict[str, Any]] = {}
     index: dict[str, float] = {}
     crashes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="bench-ovf-", dir="/var/tmp") as tmpname:
         tmp = Path(tmpname)
-        farm = LunFarm(tmp / "farm")
+        farm = LunFarm(tmp / "farm", host_cache=args.lun_cache)
         # A simulated host: its own sanlock daemon (the OVF_STORE commit holds the
         # domain's SDM lease) and the agent.
-        host = SimHost(tmp / "host", "bench-ovfstore", config={
-            "daemon": {"log_level": "INFO"}, "devel": {"validate_returns": False}})
+        host = SimHost(tmp / "host", "bench-ovfstore", monitor_interval=MONITOR_INTERVAL,
+                       config={"daemon": {"log_level": "INFO"},
+                               "devel": {"validate_returns": False}})
         agent = host.agent
         imageio = Imageio(tmp / "imageio")
         receiver = Sink()

@@ -73,6 +73,28 @@ def test_destroy_removes_everything(tmp_path: Path) -> None:
     assert not farm.manifest.exists()
 
 
+def test_a_lun_without_host_cache_writes_its_file_with_direct_io(tmp_path: Path) -> None:
+    farm = LunFarm(tmp_path / "farm", host_cache=False)
+    try:
+        cached, uncached = LunFarm(tmp_path / "cached").add("16M"), farm.add("16M")
+        dio = {lun.loop: Path(f"/sys/block/{Path(lun.loop).name}/loop/dio").read_text().strip()
+               for lun in (cached, uncached)}
+        assert dio == {cached.loop: "0", uncached.loop: "1"}
+        # written through the loop, read back from its file
+        fd = os.open(uncached.loop, os.O_WRONLY)
+        try:
+            os.pwrite(fd, b"lun" * 4096, 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        with open(uncached.backing, "rb") as f:
+            f.seek(4096)
+            assert f.read(3 * 4096) == b"lun" * 4096
+    finally:
+        assert farm.destroy() == []
+        assert LunFarm(tmp_path / "cached").destroy() == []
+
+
 def test_refuses_to_detach_a_loop_it_did_not_create(lun_farm: LunFarm, tmp_path: Path) -> None:
     lun = lun_farm.add("32M")
     # Someone else's loop device, recorded in the manifest as if it were ours.
