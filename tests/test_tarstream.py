@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import itertools
 import mmap
+import os
 import random
 import tarfile
 import uuid
@@ -13,7 +14,7 @@ import pytest
 
 from tests.helpers import c_and_python
 from tests.ovf_helpers import build_tar, entity_ovf, store_tar
-from vdsmlite.ovf import tarstream
+from vdsmlite.ovf import _tarscan, tarstream
 from vdsmlite.ovf.tarstream import (
     RECORD,
     SPLIT_BYTES,
@@ -429,3 +430,31 @@ def test_a_duplicate_entity_is_refused_where_it_stands(where: str, upper: bool) 
         v.finish()
     # Everything before it was taken, in order, once.
     assert v.summary.entity_ids == [eid for eid, _ in docs]
+
+
+def test_ids_are_told_apart_through_the_tables_growth() -> None:
+    # 6,000 small members (the C table starts at 4,096 slots, half full at most, so
+    # it grows inside a scan), then the first one's id again, in upper case: found
+    # after the growth, in whichever loop runs.
+    ids = [str(uuid.UUID(int=random.Random(5).getrandbits(128) ^ i)) for i in range(6000)]
+    doc = b'<?xml version="1.0" encoding="UTF-8"?><ovf:Envelope/>'
+    data = build_tar([(f"{eid}.ovf", doc) for eid in ids] + [(f"{ids[0].upper()}.ovf", doc)])
+    v = TarValidator(1 << 30)
+    with pytest.raises(TarError, match=rf"duplicate member {ids[0].upper()}\.ovf"):
+        v.feed(data)
+        v.finish()
+    assert v.summary.entity_ids == ids and v.summary.entity_count == len(ids)
+
+
+def test_the_c_id_table_keeps_ids_in_any_case() -> None:
+    table = _tarscan.IdTable(os.urandom(16))
+    ids = [str(uuid.uuid4()) for _ in range(10_000)]
+    assert all(_tarscan.id_add(table, eid) for eid in ids)
+    assert not any(_tarscan.id_add(table, eid.upper()) for eid in ids)
+    assert _tarscan.id_add(table, str(uuid.uuid4()))
+    for bad in ("", "not-an-id", ids[0][:-1], ids[0] + "0", ids[0].replace("-", "_")):
+        with pytest.raises(ValueError, match="not an entity id"):
+            _tarscan.id_add(table, bad)
+    with pytest.raises(ValueError, match="16 bytes"):
+        _tarscan.IdTable(b"short")
+

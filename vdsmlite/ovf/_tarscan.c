@@ -15,18 +15,27 @@
  * wrong with it, if anything) and hands back. So this code only has to be right
  * about what it accepts; whatever it is unsure of, Python decides.
  *
- * Returns (where it stopped, [header offset of each accepted member], [its
- * entity id: the name without ".ovf", lower case]). What is kept per member
- * (duplicates, split points) is Python's; it gets the ids made here because
- * making 88,000 of them a GiB in Python was a third of the checks' cost.
+ * It also keeps what the archive needs remembered per member, so that no
+ * Python object is made per member (88,000 a GiB: ids, offsets, set entries
+ * were a third of the checks' cost): the entity ids seen, in an `IdTable` (a
+ * capsule; `id_add` puts in those Python accepts itself), where a member whose
+ * id is already there stops the scan (Python reports the duplicate), and the
+ * split points, the first member header at or after each `split_bytes`.
+ *
+ * Returns (where it stopped, the accepted members' entity ids as one bytes
+ * object of 36 lower-case characters each, [split points, absolute], the next
+ * split threshold).
  */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define BLOCK 512
+#define ID_LEN 36
+#define TABLE_NAME "vdsmlite.ovf._tarscan.IdTable"
 
 static const char MAGIC_POSIX[8] = {'u', 's', 't', 'a', 'r', '\0', '0', '0'};
 static const char MAGIC_GNU[8] = {'u', 's', 't', 'a', 'r', ' ', ' ', '\0'};
@@ -59,17 +68,184 @@ static long long octal_field(const unsigned char *field, size_t width)
     return value;
 }
 
-/* Exactly 8-4-4-4-12 hex digits and ".ovf", then the NUL ending the name. */
-static int is_ovf_name(const unsigned char *h)
+/* Exactly 8-4-4-4-12 hex digits. */
+static int is_entity_id(const unsigned char *h)
 {
     static const int dashes[] = {8, 13, 18, 23};
 
-    for (int i = 0; i < 36; i++) {
+    for (int i = 0; i < ID_LEN; i++) {
         int dash = (i == dashes[0] || i == dashes[1] || i == dashes[2] || i == dashes[3]);
         if (dash ? h[i] != '-' : !is_hex(h[i]))
             return 0;
     }
-    return memcmp(h + 36, ".ovf", 4) == 0 && h[40] == '\0';
+    return 1;
+}
+
+/* An entity id, ".ovf", then the NUL ending the name. */
+static int is_ovf_name(const unsigned char *h)
+{
+    return is_entity_id(h) && memcmp(h + ID_LEN, ".ovf", 4) == 0 && h[ID_LEN + 4] == '\0';
+}
+
+/* --- the entity ids seen: a set of 128-bit keys, open addressing ------------ */
+
+struct idtable {
+    uint64_t seed[2];   /* secret per table: crafted ids cannot aim at one slot */
+    size_t capacity;    /* a power of two, at least twice `count` */
+    size_t count;
+    uint64_t *keys;     /* two words a slot */
+    unsigned char *used;
+};
+
+static uint64_t mix(uint64_t x)
+{
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdULL;
+    x ^= x >> 33;
+    x *= 0xc4ceb9fe1a85ec53ULL;
+    x ^= x >> 33;
+    return x;
+}
+
+static int hex_value(unsigned char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    return (c | 0x20) - 'a' + 10;
+}
+
+/* The 128 bits of a name's first 36 characters, checked by is_ovf_name or
+ * is_entity_id: hex digits and dashes, either case. */
+static void id_key(const unsigned char *name, uint64_t key[2])
+{
+    int nibbles = 0;
+
+    key[0] = key[1] = 0;
+    for (int i = 0; i < ID_LEN; i++) {
+        if (name[i] == '-')
+            continue;
+        key[nibbles / 16] = (key[nibbles / 16] << 4) | (uint64_t)hex_value(name[i]);
+        nibbles++;
+    }
+}
+
+static size_t slot_of(const struct idtable *t, const uint64_t key[2])
+{
+    return (size_t)(mix(key[0] ^ t->seed[0]) ^ mix(key[1] ^ t->seed[1])) & (t->capacity - 1);
+}
+
+static int table_grow(struct idtable *t)
+{
+    size_t capacity = t->capacity ? t->capacity * 2 : 4096;
+    uint64_t *keys = malloc(capacity * 2 * sizeof(*keys));
+    unsigned char *used = calloc(capacity, 1);
+
+    if (keys == NULL || used == NULL) {
+        free(keys);
+        free(used);
+        return -1;
+    }
+    for (size_t i = 0; i < t->capacity; i++) {
+        if (!t->used[i])
+            continue;
+        struct idtable grown = {{t->seed[0], t->seed[1]}, capacity, 0, keys, used};
+        size_t slot = slot_of(&grown, t->keys + 2 * i);
+        while (used[slot])
+            slot = (slot + 1) & (capacity - 1);
+        used[slot] = 1;
+        keys[2 * slot] = t->keys[2 * i];
+        keys[2 * slot + 1] = t->keys[2 * i + 1];
+    }
+    free(t->keys);
+    free(t->used);
+    t->keys = keys;
+    t->used = used;
+    t->capacity = capacity;
+    return 0;
+}
+
+/* 1: added; 0: it was there; -1: no memory. Needs no GIL. */
+static int table_add(struct idtable *t, const uint64_t key[2])
+{
+    size_t slot;
+
+    if (2 * (t->count + 1) > t->capacity && table_grow(t) < 0)
+        return -1;
+    slot = slot_of(t, key);
+    while (t->used[slot]) {
+        if (t->keys[2 * slot] == key[0] && t->keys[2 * slot + 1] == key[1])
+            return 0;
+        slot = (slot + 1) & (t->capacity - 1);
+    }
+    t->used[slot] = 1;
+    t->keys[2 * slot] = key[0];
+    t->keys[2 * slot + 1] = key[1];
+    t->count++;
+    return 1;
+}
+
+static void table_free(PyObject *capsule)
+{
+    struct idtable *t = PyCapsule_GetPointer(capsule, TABLE_NAME);
+
+    if (t == NULL)
+        return;
+    free(t->keys);
+    free(t->used);
+    free(t);
+}
+
+static PyObject *id_table(PyObject *self, PyObject *args)
+{
+    Py_buffer seed;
+    struct idtable *t;
+    PyObject *capsule;
+
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*", &seed))
+        return NULL;
+    if (seed.len != 16) {
+        PyBuffer_Release(&seed);
+        PyErr_SetString(PyExc_ValueError, "IdTable: the seed is 16 bytes");
+        return NULL;
+    }
+    t = calloc(1, sizeof(*t));
+    if (t == NULL) {
+        PyBuffer_Release(&seed);
+        return PyErr_NoMemory();
+    }
+    memcpy(t->seed, seed.buf, 16);
+    PyBuffer_Release(&seed);
+    capsule = PyCapsule_New(t, TABLE_NAME, table_free);
+    if (capsule == NULL)
+        free(t);
+    return capsule;
+}
+
+static PyObject *id_add(PyObject *self, PyObject *args)
+{
+    PyObject *capsule;
+    const char *id;
+    Py_ssize_t len;
+    struct idtable *t;
+    uint64_t key[2];
+    int added;
+
+    (void)self;
+    if (!PyArg_ParseTuple(args, "Os#", &capsule, &id, &len))
+        return NULL;
+    t = PyCapsule_GetPointer(capsule, TABLE_NAME);
+    if (t == NULL)
+        return NULL;
+    if (len != ID_LEN || !is_entity_id((const unsigned char *)id)) {
+        PyErr_SetString(PyExc_ValueError, "id_add: not an entity id");
+        return NULL;
+    }
+    id_key((const unsigned char *)id, key);
+    added = table_add(t, key);
+    if (added < 0)
+        return PyErr_NoMemory();
+    return PyBool_FromLong(added);
 }
 
 /* tarstream._refuses_markup for each "!" in data[start:end]: does one open DTD
@@ -190,36 +366,56 @@ static Py_ssize_t accept(const unsigned char *buf, Py_ssize_t pos, Py_ssize_t n,
     return padded;
 }
 
-/* The entity id of the accepted member whose header is at `h`: its name's 36
- * characters (checked by is_ovf_name: hex digits and dashes), lower case. */
-static PyObject *entity_id(const unsigned char *h)
-{
-    PyObject *id = PyUnicode_New(36, 127);
+struct found {
+    char *ids;              /* ID_LEN lower-case characters a member */
+    Py_ssize_t count, capacity;
+    Py_ssize_t *splits;
+    Py_ssize_t split_count, split_capacity;
+};
 
-    if (id == NULL)
-        return NULL;
-    for (int i = 0; i < 36; i++) {
-        unsigned char c = h[i];
-        PyUnicode_1BYTE_DATA(id)[i] = (c >= 'A' && c <= 'F') ? (unsigned char)(c + 32) : c;
+/* Room for one more id and, if `split`, one more split point: 0, or -1 (no
+ * memory; nothing changed). */
+static int reserve(struct found *f, int split)
+{
+    if (f->count == f->capacity) {
+        Py_ssize_t capacity = f->capacity ? 2 * f->capacity : 256;
+        char *ids = realloc(f->ids, (size_t)capacity * ID_LEN);
+        if (ids == NULL)
+            return -1;
+        f->ids = ids;
+        f->capacity = capacity;
     }
-    return id;
+    if (split && f->split_count == f->split_capacity) {
+        Py_ssize_t capacity = f->split_capacity ? 2 * f->split_capacity : 8;
+        Py_ssize_t *splits = realloc(f->splits, (size_t)capacity * sizeof(*splits));
+        if (splits == NULL)
+            return -1;
+        f->splits = splits;
+        f->split_capacity = capacity;
+    }
+    return 0;
 }
 
 static PyObject *scan(PyObject *self, PyObject *args)
 {
     Py_buffer view;
-    Py_ssize_t pos, n, count = 0, capacity = 64;
+    Py_ssize_t pos, n, base, next_split, split_bytes;
     long long max_member;
-    PyObject *declarations;
+    PyObject *declarations, *capsule, *ids = NULL, *splits = NULL, *result = NULL;
     struct declarations known = {0};
-    Py_ssize_t *found;
-    PyObject *offsets, *ids, *result;
+    struct idtable *table;
+    struct found found = {0};
 
     (void)self;
-    if (!PyArg_ParseTuple(args, "y*nnLO!", &view, &pos, &n, &max_member, &PyTuple_Type,
-                          &declarations))
+    if (!PyArg_ParseTuple(args, "y*nnLO!Onnn", &view, &pos, &n, &max_member, &PyTuple_Type,
+                          &declarations, &capsule, &base, &next_split, &split_bytes))
         return NULL;
-    if (pos < 0 || n > view.len || pos > n) {
+    table = PyCapsule_GetPointer(capsule, TABLE_NAME);
+    if (table == NULL) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    if (pos < 0 || n > view.len || pos > n || split_bytes <= 0) {
         PyBuffer_Release(&view);
         PyErr_SetString(PyExc_ValueError, "scan: positions outside the buffer");
         return NULL;
@@ -233,71 +429,62 @@ static PyObject *scan(PyObject *self, PyObject *args)
         known.len[known.count] = PyBytes_GET_SIZE(item);
         known.count++;
     }
-    found = PyMem_RawMalloc(capacity * sizeof(*found));
-    if (found == NULL) {
-        PyBuffer_Release(&view);
-        return PyErr_NoMemory();
-    }
     Py_BEGIN_ALLOW_THREADS
     for (;;) {
+        const unsigned char *h = (const unsigned char *)view.buf + pos;
         Py_ssize_t next = accept((const unsigned char *)view.buf, pos, n, max_member,
                                  &known);
+        int split = base + pos >= next_split;
+        uint64_t key[2];
+
         if (next == 0)
             break;
-        if (count == capacity) {
-            Py_ssize_t *grown = PyMem_RawRealloc(found, 2 * capacity * sizeof(*found));
-            if (grown == NULL)
-                break;  /* what is found so far is returned; Python goes on from pos */
-            found = grown;
-            capacity *= 2;
+        /* An id seen before (Python reports it) or no memory stops the scan at this
+         * member, nothing of it kept: Python goes on from there. */
+        id_key(h, key);
+        if (reserve(&found, split) < 0 || table_add(table, key) != 1)
+            break;
+        for (int i = 0; i < ID_LEN; i++) {
+            unsigned char c = h[i];
+            found.ids[found.count * ID_LEN + i] = (char)((c >= 'A' && c <= 'F') ? c + 32 : c);
         }
-        found[count++] = pos;
+        found.count++;
+        if (split) {
+            found.splits[found.split_count++] = base + pos;
+            next_split = base + pos + split_bytes;
+        }
         pos = next;
     }
     Py_END_ALLOW_THREADS
-    offsets = PyList_New(count);
-    if (offsets == NULL) {
-        PyBuffer_Release(&view);
-        PyMem_RawFree(found);
-        return NULL;
-    }
-    for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *offset = PyLong_FromSsize_t(found[i]);
-        if (offset == NULL) {
-            Py_DECREF(offsets);
-            PyBuffer_Release(&view);
-            PyMem_RawFree(found);
-            return NULL;
-        }
-        PyList_SET_ITEM(offsets, i, offset);
-    }
-    ids = PyList_New(count);
-    if (ids == NULL) {
-        Py_DECREF(offsets);
-        PyBuffer_Release(&view);
-        PyMem_RawFree(found);
-        return NULL;
-    }
-    for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *id = entity_id((const unsigned char *)view.buf + found[i]);
-        if (id == NULL) {
-            Py_DECREF(offsets);
-            Py_DECREF(ids);
-            PyBuffer_Release(&view);
-            PyMem_RawFree(found);
-            return NULL;
-        }
-        PyList_SET_ITEM(ids, i, id);
-    }
-    PyMem_RawFree(found);
     PyBuffer_Release(&view);
-    result = Py_BuildValue("(nNN)", pos, offsets, ids);
+    ids = PyBytes_FromStringAndSize(found.ids ? found.ids : "", found.count * ID_LEN);
+    if (ids == NULL)
+        goto done;
+    splits = PyList_New(found.split_count);
+    if (splits == NULL)
+        goto done;
+    for (Py_ssize_t i = 0; i < found.split_count; i++) {
+        PyObject *at = PyLong_FromSsize_t(found.splits[i]);
+        if (at == NULL)
+            goto done;
+        PyList_SET_ITEM(splits, i, at);
+    }
+    result = Py_BuildValue("(nOOn)", pos, ids, splits, next_split);
+done:
+    Py_XDECREF(ids);
+    Py_XDECREF(splits);
+    free(found.ids);
+    free(found.splits);
     return result;
 }
 
 static PyMethodDef methods[] = {
     {"scan", scan, METH_VARARGS,
-     "scan(buffer, pos, n, max_member, declarations) -> (stop, [header offsets], [ids])"},
+     "scan(buffer, pos, n, max_member, declarations, table, base, next_split, split_bytes)"
+     " -> (stop, ids, [split points], next_split)"},
+    {"IdTable", id_table, METH_VARARGS, "IdTable(seed: 16 bytes) -> an empty id table"},
+    {"id_add", id_add, METH_VARARGS,
+     "id_add(table, entity_id) -> True if it was not in the table (now it is)"},
     {NULL, NULL, 0, NULL},
 };
 

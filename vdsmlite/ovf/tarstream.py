@@ -35,9 +35,9 @@ one statement of how an entity's member is named.
 
 from __future__ import annotations
 
-import bisect
 import json
 import mmap
+import os
 import re
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -76,6 +76,8 @@ _TYPE_NAMES = {b"1": "hard link", b"2": "symbolic link", b"3": "character device
 _OVF_MEMBER = re.compile(rf"({UUID_PATTERN})\.ovf")
 
 _OVF_NAME_BYTES = re.compile(rf"{UUID_PATTERN}\.ovf".encode())
+_ENTITY_ID = re.compile(UUID_PATTERN)
+_ID_LEN = 36
 _DECLARATIONS_KEPT = 8  # as many as _tarscan.c compares
 _MAGICS = (b"ustar\x0000", b"ustar  \0")
 _REGULAR = (0x30, 0)  # typeflag "0" or NUL: a regular file
@@ -345,7 +347,9 @@ CheckBatch = Callable[[list[NamedDoc]], "Future[None]"]
 class ArchiveSummary:
     info: Any = None
     metadata: Any = None
-    entity_ids: list[str] = field(default_factory=list)  # lower case, in archive order
+    # The entity ids in archive order: runs of them as `_tarscan.scan` gives them (one
+    # bytes object of 36 characters each, no object per member) and single ones.
+    id_runs: list[bytes | str] = field(default_factory=list, repr=False)
     # Offsets of member headers where the archive may be split for indexing: the
     # first member, then the first header after every SPLIT_BYTES.
     splits: list[int] = field(default_factory=list)
@@ -353,6 +357,23 @@ class ArchiveSummary:
     end: int = 0  # offset just past the end-of-archive marker
     # of every byte fed, padding included (what the store's Size covers); with `digest`
     crc32: int | None = None
+
+    @property
+    def entity_ids(self) -> list[str]:
+        """Lower case, in archive order."""
+        out: list[str] = []
+        for run in self.id_runs:
+            if isinstance(run, str):
+                out.append(run)
+            else:
+                text = run.decode("ascii")
+                out += (text[i:i + _ID_LEN] for i in range(0, len(text), _ID_LEN))
+        return out
+
+    @property
+    def entity_count(self) -> int:
+        return sum(1 if isinstance(run, str) else len(run) // _ID_LEN
+                   for run in self.id_runs)
 
 
 _HEADER, _DATA, _PAD, _END2, _TRAILER = range(5)
@@ -386,6 +407,9 @@ class TarValidator:
         self._partial = bytearray()  # a header or end block split between buffers
         self._remaining = 0
         self._member: _Member | None = None
+        # Member keys seen (entity ids of .ovf members, names of others), for
+        # duplicates: the ids in `_tarscan`'s table when it runs, the rest here.
+        self._ids = _tarscan.IdTable(os.urandom(16)) if _tarscan is not None else None
         self._seen: set[str] = set()
         self._next_split = 0
 
@@ -459,37 +483,28 @@ class TarValidator:
         any other; `_python_members` checks that one (and may accept it: one with
         an XML declaration not seen yet), then C goes on.
         """
-        if _tarscan is None:
+        if _tarscan is None or self._ids is None:
             return self._python_members(buf, pos, n)
-        seen = self._seen
         while True:
-            stop, offsets, ids = _tarscan.scan(buf, pos, n, MAX_OVF_MEMBER, self._declarations)
-            fresh = set(ids)
-            if len(fresh) != len(ids) or not seen.isdisjoint(fresh):
-                # A duplicate: keep the members before it, the general path reports it.
-                fresh, first = set(), 0
-                while ids[first] not in seen and ids[first] not in fresh:
-                    fresh.add(ids[first])
-                    first += 1
-                stop, offsets, ids = offsets[first], offsets[:first], ids[:first]
-            seen |= fresh
-            self.summary.entity_ids += ids
-            self._note_splits(offsets)
+            stop, ids, splits, self._next_split = _tarscan.scan(
+                buf, pos, n, MAX_OVF_MEMBER, self._declarations, self._ids, self.total,
+                self._next_split, SPLIT_BYTES)
+            if ids:
+                self.summary.id_runs.append(ids)
+                self.summary.splits += splits
             after = self._python_members(buf, stop, n, limit=1)
             if after == stop:
                 return stop
             pos = after
 
-    def _note_splits(self, offsets: list[int]) -> None:
-        """Record the split points among these member offsets (ascending, relative
-        to this buffer): the first at or after each `SPLIT_BYTES` - a few a buffer,
-        found by bisection, not by a turn per member."""
-        total = self.total
-        i = bisect.bisect_left(offsets, self._next_split - total)
-        while i < len(offsets):
-            self.summary.splits.append(total + offsets[i])
-            self._next_split = total + offsets[i] + SPLIT_BYTES
-            i = bisect.bisect_left(offsets, self._next_split - total, i + 1)
+    def _first_sight(self, key: str) -> bool:
+        """Whether no member with this key (lower case) came before; now one has."""
+        if self._ids is not None and _ENTITY_ID.fullmatch(key):
+            return _tarscan.id_add(self._ids, key)
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        return True
 
     def _python_members(self, buf: bytes | mmap.mmap, pos: int, n: int,
                         limit: int = -1) -> int:
@@ -502,8 +517,8 @@ class TarValidator:
         adler = zlib.adler32
         find = buf.find
         match_name = _OVF_NAME_BYTES.fullmatch
-        seen = self._seen
-        ids = self.summary.entity_ids
+        first_sight = self._first_sight
+        ids = self.summary.id_runs
         splits = self.summary.splits
         declaration = self._declaration
         total = self.total
@@ -530,9 +545,8 @@ class TarValidator:
             if padded > n or size > MAX_OVF_MEMBER or not size:
                 break
             key = name.decode("ascii").lower()
-            if key[:-4] in seen:
-                break
-            seen.add(key[:-4])
+            if not first_sight(key[:-4]):
+                break  # a duplicate: the general path reports it
             if total + pos >= self._next_split:
                 splits.append(total + pos)
                 self._next_split = total + pos + SPLIT_BYTES
@@ -576,15 +590,14 @@ class TarValidator:
         header = parse_header(block, offset)
         key = header.name.lower()
         if key.endswith(".ovf"):
-            key = key[:-4]  # entity ids are what _seen holds of .ovf members
-        if key in self._seen:
+            key = key[:-4]  # the entity id is a .ovf member's key
+        if not self._first_sight(key):
             raise TarError(f"duplicate member {header.name}")
-        self._seen.add(key)
         if offset >= self._next_split:
             self.summary.splits.append(offset)
             self._next_split = offset + SPLIT_BYTES
         if header.name.endswith(".ovf"):
-            self.summary.entity_ids.append(key)
+            self.summary.id_runs.append(key)
         self._member = _Member(header.name, header.size, self._keep)
         self._remaining = header.size
         self._state = _DATA

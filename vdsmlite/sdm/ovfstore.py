@@ -140,10 +140,10 @@ class OvfService:
             # scan and which of them is readable.
             log.info("OVF_STORE %s/%s of %s updated: %d bytes, %d entities in %.2fs (%s), "
                      "%.2fs before it for the lock, lease and stores",
-                     target.img, target.vol, sd_uuid, size, len(summary.entity_ids), elapsed,
+                     target.img, target.vol, sd_uuid, size, summary.entity_count, elapsed,
                      timings, start - asked)
             return {"storagedomainID": sd_uuid, "imageID": target.img, "volumeID": target.vol,
-                    "size": size, "entities": len(summary.entity_ids), "lastUpdated": stamp,
+                    "size": size, "entities": summary.entity_count, "lastUpdated": stamp,
                     "seconds": round(elapsed, 3), "taskID": job.id,
                     "index": {"state": "building"}}, committed
 
