@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import mmap
 import os
 import threading
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -232,3 +234,83 @@ def test_abort_waits_for_a_running_background_flush(tmp_path: Path) -> None:
         assert w.state is WriterState.CLOSED
 
     run(main())
+
+
+class _ThreadSource:
+    """A `BlockingSource` over chunks of bytes; its blocking fill waits while `held`
+    is clear (a client that sends nothing yet), until it is told to stop."""
+
+    def __init__(self, *chunks: bytes) -> None:
+        self._rest = b"".join(chunks)
+        self.held = threading.Event()
+        self.held.set()
+        self.threads: set[str] = set()
+
+    async def fill(self, view: memoryview) -> int:
+        raise AssertionError("a blocking source is read by the thread")
+
+    @contextlib.contextmanager
+    def blocking_fills(self) -> Iterator[Callable[[memoryview, threading.Event], int]]:
+        yield self._fill
+
+    def _fill(self, view: memoryview, stop: threading.Event) -> int:
+        self.threads.add(threading.current_thread().name)
+        while not self.held.wait(0.05):
+            if stop.is_set():
+                raise ConnectionAbortedError("stopped")
+        n = min(len(view), len(self._rest))
+        view[:n] = self._rest[:n]
+        self._rest = self._rest[n:]
+        return n
+
+
+def test_a_blocking_source_is_read_by_a_thread_of_the_writers(tmp_path: Path) -> None:
+    path = _volume(tmp_path)
+    data = bytes(range(256)) * (3 * BUF // 256) + b"tail"
+    source = _ThreadSource(data)
+    seen: list[str] = []
+
+    async def main() -> None:
+        w = DirectWriter(path, 4 * BUF, 512, _blocking, buffer_size=BUF)
+        await w.open()
+        assert await w.receive(
+            source, before_buffer=lambda: seen.append(threading.current_thread().name),
+            progress=lambda done: seen.append(str(done))) == len(data)
+        assert await w.finish() == len(data)
+
+    run(main())
+    assert source.threads == {"vdsmlite-receive"}
+    # before each buffer (and before the fill that finds the end), progress after it
+    assert set(seen[::2]) == {"vdsmlite-receive"}
+    assert seen[1::2] == [str(n) for n in (BUF, 2 * BUF, 3 * BUF, len(data))]
+    assert Path(path).read_bytes()[:len(data)] == data
+
+
+def test_a_cancelled_receive_stops_its_thread_and_abort_closes(tmp_path: Path) -> None:
+    path = _volume(tmp_path)
+    source = _ThreadSource(b"a" * BUF, b"b" * 100)
+    source.held.clear()  # the client sends nothing
+
+    async def main() -> None:
+        w = DirectWriter(path, 4 * BUF, 512, _blocking, buffer_size=BUF)
+        await w.open()
+        receiving = asyncio.ensure_future(w.receive(source))
+        await asyncio.get_running_loop().run_in_executor(
+            None, lambda: _wait_for(lambda: source.threads, 10))
+        receiving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await receiving
+        # the thread is gone once the cancelled receive returned
+        assert "vdsmlite-receive" not in {t.name for t in threading.enumerate()}
+        await w.abort()
+        assert w.state is WriterState.CLOSED
+
+    run(main())
+
+
+def _wait_for(condition: Callable[[], object], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "never happened"
+        time.sleep(0.01)
+

@@ -31,12 +31,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import json
 import logging
 import os
 import socket
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
@@ -61,6 +63,10 @@ LINGER = 10.0  # reading what a refused client still sends, so it sees the answe
 RECEIVE_LOWAT = 256 << 10
 LOWAT_WAIT = 0.005
 _SCRATCH = 64 << 10
+
+
+# A body's fill for one thread (`streamio.BlockingFill`).
+BlockingFill = Callable[[memoryview, threading.Event], int]
 
 
 @dataclass
@@ -92,6 +98,10 @@ class PutRequest:
         Raises TransferStalled when the client sends nothing for the stall timeout,
         TransferInterrupted when it goes away or breaks the framing mid-body."""
         return await self._connection.fill(view)
+
+    def blocking_fills(self) -> contextlib.AbstractContextManager[BlockingFill | None]:
+        """`streamio.BlockingSource`: `fill` for a thread, the rest of the body."""
+        return self._connection.blocking_fills()
 
 
 Handler = Callable[[PutRequest], Awaitable[Reply]]
@@ -297,6 +307,40 @@ class PutProtocol(asyncio.BufferedProtocol):
 
     # --- the body, by a blocking thread ---------------------------------------------------
 
+    @contextlib.contextmanager
+    def blocking_fills(self) -> Iterator[BlockingFill | None]:
+        """A fill for one thread to call, blocking, for the rest of the body; None
+        while bytes read with the head or a 100-continue must go first (`fill`),
+        under TLS, or without a `run_blocking` (reading on the event loop is what
+        was asked then). The socket stays open for it until the context ends."""
+        if self._error is not None or self._phase is not _Phase.BODY or self._early or \
+                self._continue_due or self._body_done:
+            yield None
+            return
+        sock = self._plain_socket()
+        if sock is None:
+            yield None
+            return
+        self._receiving = True
+        try:
+            yield functools.partial(self._fill_in_thread, sock)
+        finally:
+            self._receiving = False
+            if self._phase is _Phase.CLOSED:
+                self._close_sock()
+
+    def _fill_in_thread(self, sock: socket.socket, view: memoryview,
+                        stop: threading.Event) -> int:
+        if self._error is not None:
+            raise self._error
+        if self._phase is not _Phase.BODY or self._body_done or not len(view):
+            return 0
+        try:
+            return self._receive_into(sock, view, 0, stop)
+        except (errors.TransferInterrupted, errors.TransferStalled) as e:
+            self._fail_body(e)  # no future is waiting in this mode: attributes only
+            raise
+
     def _plain_socket(self) -> socket.socket | None:
         """The connection's socket, when bodies can be read from it directly: given a
         `run_blocking` and not under TLS (whose bytes only the transport decrypts)."""
@@ -315,7 +359,8 @@ class PutProtocol(asyncio.BufferedProtocol):
         self._sock.settimeout(PARTIAL_AFTER)
         return self._sock
 
-    def _receive_into(self, sock: socket.socket, view: memoryview, got: int) -> int:
+    def _receive_into(self, sock: socket.socket, view: memoryview, got: int,
+                      stop: threading.Event | None = None) -> int:
         """`fill` in an executor thread (blocking): recv_into the buffer until it is
         full, the body ends or PARTIAL_AFTER has passed with something read. Without
         the event loop's round per read this costs about a quarter less CPU (0.45 ->
@@ -341,6 +386,8 @@ class PutProtocol(asyncio.BufferedProtocol):
                         waited = True
                         continue
                     cancel.check()  # the job was stopped
+                    if stop is not None and stop.is_set():
+                        raise errors.TransferInterrupted("the upload was stopped") from None
                     now = time.monotonic()
                     if got and now - started >= PARTIAL_AFTER:
                         return got
