@@ -13,7 +13,10 @@ the three sets the pace; memory stays at three buffers whatever the stream's
 size. The lanes hand buffers on through thread queues and wake the event loop
 only when the receiver waits for a free buffer: with a lane task per buffer
 on the loop instead, each buffer cost three executor round trips, ~0.1 s of
-the loop's CPU per GiB (a sixth of an upload's). `finish` pads the last block
+the loop's CPU per GiB (a sixth of an upload's). A source a thread can read
+(a `BlockingSource`: the upload door's socket) is received by a third thread
+of the writer's, so a buffer goes from the network to the storage with no
+event loop turn at all. `finish` pads the last block
 with zeros, writes it, and fdatasyncs: when it returns, the data is on the
 storage.
 
