@@ -39,16 +39,27 @@ class BlockingExecutor:
         loop = asyncio.get_running_loop()
         ctx = contextvars.copy_context()
         call = functools.partial(ctx.run, fn, *args, **kwargs)
-        fut = loop.run_in_executor(self._pool, call)
-        try:
-            return await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            while not fut.done():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait([fut])
-            if not fut.cancelled():
-                fut.exception()  # retrieved: the caller's CancelledError wins
-            raise
+        return await until_done(loop.run_in_executor(self._pool, call))
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+async def until_done(fut: asyncio.Future[T], *,
+                     on_cancel: Callable[[], None] | None = None) -> T:
+    """Await `fut`, the result of work in a thread. If the caller is cancelled, the
+    work is not: `on_cancel` (if given) asks it to stop, and the caller waits for
+    it to end before its CancelledError goes on, whatever else cancels it meanwhile
+    - so nothing the thread uses is released under it."""
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        if on_cancel is not None:
+            on_cancel()
+        while not fut.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([fut])
+        if not fut.cancelled():
+            fut.exception()  # retrieved: the caller's CancelledError wins
+        raise
+

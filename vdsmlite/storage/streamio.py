@@ -52,11 +52,11 @@ import os
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Generator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from typing import NamedTuple, Protocol
 
 from vdsmlite import cancel, failpoints
-from vdsmlite.blocking import RunBlocking
+from vdsmlite.blocking import RunBlocking, until_done
 
 DEFAULT_BUFFER = 8 << 20  # ovirt-imageio's measured sweet spot for storage writes
 BUFFERS = 3  # one filling, one being inspected, one being written
@@ -327,19 +327,26 @@ class DirectWriter:
                         return await self._receive_in_thread(fill, before_buffer, progress)
             if before_buffer is not None:
                 before_buffer()
-            buf = self._buffers[self._current]
-            # One byte more than the volume holds: a stream that fills it tells a
-            # body too large before anything past the volume's end is written.
-            room = min(len(buf) - self._fill, self.capacity - self.written + 1)
-            with memoryview(buf) as whole, whole[self._fill:self._fill + room] as view:
-                started = time.monotonic()
+            with self._room() as view:
                 n = await source.fill(view)
-                self.timings.waiting += time.monotonic() - started
             if n == 0:
                 return self.written
             await self._taken(n)
             if progress is not None:
                 progress(self.written)
+
+    @contextlib.contextmanager
+    def _room(self) -> Iterator[memoryview]:
+        """The current buffer's free part, for the source to fill; the time it takes
+        counts as waiting for data."""
+        buf = self._buffers[self._current]
+        # One byte more than the volume holds: a stream that fills it tells a body
+        # too large before anything past the volume's end is written.
+        room = min(len(buf) - self._fill, self.capacity - self.written + 1)
+        started = time.monotonic()
+        with memoryview(buf) as whole, whole[self._fill:self._fill + room] as view:
+            yield view
+        self.timings.waiting += time.monotonic() - started
 
     async def _taken(self, n: int) -> None:
         """`n` more bytes are in the current buffer; a full one goes to the lanes."""
@@ -385,18 +392,12 @@ class DirectWriter:
             else:
                 loop.call_soon_threadsafe(_settle, done, result)
 
-        threading.Thread(target=run, name="vdsmlite-receive", daemon=True).start()
-        try:
-            return await asyncio.shield(done)
-        except asyncio.CancelledError:
+        def stopping() -> None:
             stop.set()
             self._free.put(-1)  # wakes it if it waits for a free buffer
-            while not done.done():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait([done])
-            if not done.cancelled():
-                done.exception()  # retrieved: the caller's CancelledError wins
-            raise
+
+        threading.Thread(target=run, name="vdsmlite-receive", daemon=True).start()
+        return await until_done(done, on_cancel=stopping)
 
     def _receive_blocking(self, fill: BlockingFill, stop: threading.Event,
                           before_buffer: Callable[[], None] | None,
@@ -408,12 +409,8 @@ class DirectWriter:
             cancel.check()  # the job was stopped
             if before_buffer is not None:
                 before_buffer()
-            buf = self._buffers[self._current]
-            room = min(len(buf) - self._fill, self.capacity - self.written + 1)
-            with memoryview(buf) as whole, whole[self._fill:self._fill + room] as view:
-                started = time.monotonic()
+            with self._room() as view:
                 n = fill(view, stop)
-                self.timings.waiting += time.monotonic() - started
             if n == 0:
                 return self.written
             if self._add(n):
