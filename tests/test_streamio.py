@@ -9,6 +9,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -313,4 +314,35 @@ def _wait_for(condition: Callable[[], object], timeout: float) -> None:
     while not condition():
         assert time.monotonic() < deadline, "never happened"
         time.sleep(0.01)
+
+
+def test_waiting_for_a_slow_write_holds_no_thread_of_the_blocking_pool(
+        tmp_path: Path) -> None:
+    # A write stuck in the storage (a hung NFS server) keeps its lane; `finish`, which
+    # waits for the lanes, must not take a thread of the pool other work needs.
+    path = _volume(tmp_path)
+    entered, release = threading.Event(), threading.Event()
+    pool = ThreadPoolExecutor(max_workers=1)
+
+    async def one_thread(fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+    async def main() -> None:
+        w = DirectWriter(path, 4 * BUF, 512, one_thread, buffer_size=BUF)
+        w._write_sync = _held(w._write_sync, entered, release)  # type: ignore[method-assign]
+        await w.open()
+        await w.receive(_source(b"a" * 100))
+        finishing = asyncio.ensure_future(w.finish())
+        await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
+        # (the held write gives up after 10 s: the answer must come well before)
+        assert await asyncio.wait_for(one_thread(lambda: "answered"), 5) == "answered"
+        assert not finishing.done()
+        release.set()
+        assert await finishing == 100
+
+    try:
+        run(main())
+    finally:
+        release.set()
+        pool.shutdown()
 

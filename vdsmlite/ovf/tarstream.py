@@ -45,7 +45,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from vdsmlite.ids import UUID_PATTERN
+from vdsmlite.ids import UUID_PATTERN, UUID_RE
 from vdsmlite.ovf.batches import AHEAD_BYTES, NamedDoc, OvfBatcher
 from vdsmlite.ovf.model import OvfError
 
@@ -76,7 +76,6 @@ _TYPE_NAMES = {b"1": "hard link", b"2": "symbolic link", b"3": "character device
 _OVF_MEMBER = re.compile(rf"({UUID_PATTERN})\.ovf")
 
 _OVF_NAME_BYTES = re.compile(rf"{UUID_PATTERN}\.ovf".encode())
-_ENTITY_ID = re.compile(UUID_PATTERN)
 _ID_LEN = 36
 _DECLARATIONS_KEPT = 8  # as many as _tarscan.c compares
 _MAGICS = (b"ustar\x0000", b"ustar  \0")
@@ -483,7 +482,7 @@ class TarValidator:
         any other; `_python_members` checks that one (and may accept it: one with
         an XML declaration not seen yet), then C goes on.
         """
-        if _tarscan is None or self._ids is None:
+        if self._ids is None:  # no _tarscan
             return self._python_members(buf, pos, n)
         while True:
             stop, ids, splits, self._next_split = _tarscan.scan(
@@ -499,7 +498,7 @@ class TarValidator:
 
     def _first_sight(self, key: str) -> bool:
         """Whether no member with this key (lower case) came before; now one has."""
-        if self._ids is not None and _ENTITY_ID.fullmatch(key):
+        if self._ids is not None and UUID_RE.fullmatch(key):
             return _tarscan.id_add(self._ids, key)
         if key in self._seen:
             return False

@@ -47,16 +47,19 @@ import contextlib
 import contextvars
 import dataclasses
 import enum
+import functools
 import mmap
 import os
 import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, TypeVar
 
 from vdsmlite import cancel, failpoints
 from vdsmlite.blocking import RunBlocking, until_done
+
+T = TypeVar("T")
 
 DEFAULT_BUFFER = 8 << 20  # ovirt-imageio's measured sweet spot for storage writes
 BUFFERS = 3  # one filling, one being inspected, one being written
@@ -181,8 +184,7 @@ class DirectWriter:
         self._handoff = threading.Lock()  # between `_free` and `_waiter`
         self._to_inspect: queue.SimpleQueue[_Full | None] = queue.SimpleQueue()
         self._to_write: queue.SimpleQueue[_Full | None] = queue.SimpleQueue()
-        self._lanes: list[threading.Thread] = []
-        self._lanes_ended: asyncio.Future[None] | None = None
+        self._lanes_ended: asyncio.Future[tuple[None, None]] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._syncing: asyncio.Future[None] | None = None  # finish's fdatasync + close
         self._error: BaseException | None = None
@@ -207,15 +209,32 @@ class DirectWriter:
         self._loop = asyncio.get_running_loop()
         self._fd = await self._run(os.open, self.path,
                                    os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
-        # The lanes keep the caller's context: its request id in their log lines.
-        context = contextvars.copy_context()
-        self._lanes = [threading.Thread(target=context.copy().run, args=(lane,),
-                                        name=f"vdsmlite-{name}", daemon=True)
-                       for lane, name in ((self._inspect_lane, "inspect"),
-                                          (self._write_lane, "write"))]
-        for lane in self._lanes:
-            lane.start()
+        # Gathered now: finish and abort both wait for the same two threads.
+        self._lanes_ended = asyncio.gather(self._thread("inspect", self._inspect_lane),
+                                           self._thread("write", self._write_lane))
         self._state = WriterState.STREAMING
+
+    def _thread(self, name: str, work: Callable[..., T], *args: object) -> asyncio.Future[T]:
+        """Run `work` in a thread of the writer's own, in the caller's context (its
+        request id in log lines, its job's cancel token); the future settles when
+        the thread ends, with no pool thread held to wait for it."""
+        assert self._loop is not None
+        loop = self._loop
+        done: asyncio.Future[T] = loop.create_future()
+        context = contextvars.copy_context()
+
+        def run() -> None:
+            try:
+                result = context.run(work, *args)
+            except BaseException as e:
+                settle: Callable[[], None] = functools.partial(_settle_error, done, e)
+            else:
+                settle = functools.partial(_settle, done, result)
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(settle)
+
+        threading.Thread(target=run, name=f"vdsmlite-{name}", daemon=True).start()
+        return done
 
     # --- the lanes (threads) ------------------------------------------------------------
 
@@ -283,14 +302,10 @@ class DirectWriter:
         # Wake a receiver waiting for a free buffer; it will see the error.
         self._give_back(-1)
 
-    def _join_lanes(self) -> None:
-        for lane in self._lanes:
-            lane.join()
-
     async def _lanes_done(self) -> None:
-        """Until both lane threads have ended (waited for in the executor, once)."""
-        if self._lanes_ended is None:
-            self._lanes_ended = asyncio.ensure_future(self._run(self._join_lanes))
+        """Until both lane threads have ended (shielded: a cancelled caller leaves
+        them to end, and abort waits for them again)."""
+        assert self._lanes_ended is not None
         await asyncio.shield(self._lanes_ended)
 
     def _inspect_sync(self, full: _Full) -> None:
@@ -377,26 +392,14 @@ class DirectWriter:
         (An executor round trip per buffer cost the loop ~0.04 s of CPU per GiB.) If
         the caller is cancelled, the thread is told to stop and waited for: it
         returns at its next buffer or read, within about a second."""
-        assert self._loop is not None
-        loop = self._loop
-        done: asyncio.Future[int] = loop.create_future()
         stop = threading.Event()
-        context = contextvars.copy_context()
-
-        def run() -> None:
-            try:
-                result = context.run(self._receive_blocking, fill, stop, before_buffer,
-                                     progress)
-            except BaseException as e:
-                loop.call_soon_threadsafe(_settle_error, done, e)
-            else:
-                loop.call_soon_threadsafe(_settle, done, result)
 
         def stopping() -> None:
             stop.set()
             self._free.put(-1)  # wakes it if it waits for a free buffer
 
-        threading.Thread(target=run, name="vdsmlite-receive", daemon=True).start()
+        done = self._thread("receive", self._receive_blocking, fill, stop, before_buffer,
+                            progress)
         return await until_done(done, on_cancel=stopping)
 
     def _receive_blocking(self, fill: BlockingFill, stop: threading.Event,
@@ -484,7 +487,7 @@ class DirectWriter:
         await asyncio.shield(asyncio.ensure_future(self._drain_and_close()))
 
     async def _drain_and_close(self) -> None:
-        if self._lanes:
+        if self._lanes_ended is not None:
             await self._lanes_done()
         if self._flushing is not None:
             await asyncio.gather(asyncio.wrap_future(self._flushing), return_exceptions=True)
@@ -508,12 +511,12 @@ class DirectWriter:
                     pass
 
 
-def _settle(waiter: asyncio.Future[int], index: int) -> None:
+def _settle(waiter: asyncio.Future[T], result: T) -> None:
     if not waiter.done():
-        waiter.set_result(index)
+        waiter.set_result(result)
 
 
-def _settle_error(waiter: asyncio.Future[int], error: BaseException) -> None:
+def _settle_error(waiter: asyncio.Future[T], error: BaseException) -> None:
     if not waiter.done():
         waiter.set_exception(error)
 
