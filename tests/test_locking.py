@@ -63,8 +63,9 @@ def test_monitoring_joins_and_leaves_the_lockspace(domains: SharedDomains,
     a = host.agent
     dom = unjoined
     assert call(a, "Host.getStorageRepoStats") == {}
-    call(a, "Host.startMonitoringDomain", sdUUID=dom.sd, hostID=7)
     with a.client() as c:
+        c.call("Host.startMonitoringDomain", {"sdUUID": dom.sd, "hostID": 7},
+               headers={"X-Request-Id": "watch-7"})
         stats = wait_acquired(c, dom.sd)
     assert stats["valid"] and stats["code"] == 0 and stats["actual"]
     assert stats["version"] == 5
@@ -76,6 +77,13 @@ def test_monitoring_joins_and_leaves_the_lockspace(domains: SharedDomains,
     assert code_of(a, "Host.startMonitoringDomain", sdUUID=dom.sd, hostID=8) == 700
     metrics = _metrics(a)
     assert f'vdsmlite_lockspace_acquired{{domain="{dom.sd}"}} 1.0' in metrics
+    # The monitor outlives the call that started it: its lines are its own, not the
+    # call's (before, every line it logged for as long as it ran said [req=watch-7]).
+    log = a.log_text().splitlines()
+    assert any(f"host id 7 acquired in lockspace {dom.sd}" in line for line in log)
+    assert [line for line in log if "[req=watch-7]" in line and "lockspace" in line] == []
+    assert any("[req=watch-7]" in line and "Host.startMonitoringDomain" in line
+               for line in log)
 
     call(a, "Host.stopMonitoringDomain", sdUUID=dom.sd)
     assert call(a, "Host.getStorageRepoStats") == {}

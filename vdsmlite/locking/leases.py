@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from vdsmlite import errors
+from vdsmlite import background, errors
 from vdsmlite.locking import sanlock
 
 log = logging.getLogger("vdsmlite.locking.leases")
@@ -223,7 +223,7 @@ class LeaseManager:
             holder = await self._start_holder(lockspace)
             self._holders[lockspace] = holder
             if self._reaper is None:
-                self._reaper = asyncio.ensure_future(self._reap_idle())
+                self._reaper = background.spawn(self._reap_idle(), name="lease-reaper")
             return holder
 
     async def _start_holder(self, lockspace: str) -> _Holder:
@@ -246,7 +246,8 @@ class LeaseManager:
                 lockspace, greeting.get("errno", -1), greeting.get("message", ""),
                 "cannot start the lease holder (is the sanlock daemon running?)")
         holder = _Holder(lockspace, proc)
-        holder.watcher = asyncio.ensure_future(self._watch(holder))
+        holder.watcher = background.spawn(self._watch(holder),
+                                          name=f"lease-holder-{lockspace}")
         log.info("lease holder for lockspace %s started (pid %d)", lockspace, proc.pid)
         return holder
 

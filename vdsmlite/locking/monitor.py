@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from vdsmlite import errors
+from vdsmlite import background, errors
 from vdsmlite.blocking import RunBlocking
 from vdsmlite.locking import sanlock
 
@@ -95,7 +95,7 @@ class DomainMonitor:
         self._wakeup = asyncio.Event()
 
     def start(self) -> None:
-        self._task = asyncio.ensure_future(self._loop())
+        self._task = background.spawn(self._loop(), name=f"monitor-{self.sd_uuid}")
 
     def poke(self) -> None:
         """Run the next cycle now."""

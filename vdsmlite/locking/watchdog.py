@@ -32,6 +32,8 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
+from vdsmlite import background
+
 log = logging.getLogger("vdsmlite.locking.watchdog")
 
 # <linux/watchdog.h>: _IOR('W', 5, int) and _IOWR('W', 6, int)
@@ -172,7 +174,7 @@ class WatchdogService:
             return
         self.armed = True
         self._pet()
-        self._task = asyncio.ensure_future(self._loop())
+        self._task = background.spawn(self._loop(), name="watchdog")
         log.info("watchdog %s armed: timeout %ds, keepalive every %.1fs",
                  self.watchdog.name, self.watchdog.timeout, self.interval)
 

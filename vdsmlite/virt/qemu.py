@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vdsmlite import errors
+from vdsmlite import background, errors
 from vdsmlite.blocking import RunBlocking
 from vdsmlite.virt.definition import (
     ConsoleTarget,
@@ -740,7 +740,7 @@ class QemuProcess:
         if self._pidfd is not None:
             self._loop.remove_reader(self._pidfd)
         if self._reaping is None:
-            self._reaping = self._loop.create_task(self._reap())
+            self._reaping = background.spawn(self._reap())
 
     async def _reap(self) -> None:
         returncode: int | None = None

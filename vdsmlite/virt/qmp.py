@@ -32,7 +32,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError, Runstate
 
-from vdsmlite import errors
+from vdsmlite import background, errors
 from vdsmlite.blocking import RunBlocking
 from vdsmlite.virt import qemu
 from vdsmlite.virt.definition import DiskBus, DiskSpec
@@ -151,8 +151,8 @@ class QmpSession:
         self._client = client
         self._lost.clear()
         self._state = SessionState.CONNECTED
-        self._tasks = [asyncio.create_task(self._pump_events(client)),
-                       asyncio.create_task(self._watch(client))]
+        self._tasks = [background.spawn(self._pump_events(client)),
+                       background.spawn(self._watch(client))]
 
     async def _pump_events(self, client: QMPClient) -> None:
         # Draining client.events (the listener every QMPClient has) also keeps it from

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from vdsmlite import errors
+from vdsmlite import background, errors
 from vdsmlite.blocking import RunBlocking
 from vdsmlite.virt import leaseexec, qemu
 from vdsmlite.virt.definition import DiskSpec, LunSource, NicSpec, VmDefinition, VolumeSource
@@ -128,7 +128,7 @@ class Vm:
             if self.session is not None:
                 await self.session.close()
             raise
-        self._watch = asyncio.create_task(self._watch_exit(self.process))
+        self._watch = background.spawn(self._watch_exit(self.process))
         self._set_status(VmStatus.PAUSED if self.defn.launch_paused else VmStatus.UP)
 
     async def _set_links(self, session: QmpSession) -> None:
@@ -141,7 +141,7 @@ class Vm:
     async def adopt(self, process: qemu.QemuProcess) -> None:
         """Drive a qemu found running after an agent restart."""
         self.process = process
-        self._watch = asyncio.create_task(self._watch_exit(process))
+        self._watch = background.spawn(self._watch_exit(process))
         try:
             self.session = await open_session(process, on_event=self._on_event,
                                               run_blocking=self._run_blocking)
@@ -240,7 +240,7 @@ class Vm:
             if self.session is not None:
                 await self.session.close()
             raise
-        self._watch = asyncio.create_task(self._watch_exit(self.process))
+        self._watch = background.spawn(self._watch_exit(self.process))
 
     # --- state changes -------------------------------------------------------------------
 
