@@ -8,8 +8,8 @@ import hashlib
 import json
 import random
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 import pytest
 
@@ -269,7 +269,7 @@ def test_slow_client_gets_partial_fills_then_a_stall_is_refused(
 
 
 def test_a_client_pausing_below_the_low_water_mark_is_read_and_the_mark_reset() -> None:
-    # Reads wait for RECEIVE_LOWAT bytes only LOWAT_WAIT long: a client that pauses
+    # Reads wait for their low-water mark only LOWAT_WAIT long: a client that pauses
     # with less than that sent is still read (no stall, nothing lost), and the socket
     # is left waking per byte again for the transport.
     marks: list[int] = []
@@ -301,6 +301,43 @@ def test_a_client_pausing_below_the_low_water_mark_is_read_and_the_mark_reset() 
     run(main())
     assert marks == ([1, 1, 1] if RECEIVER["threads"] else [])
 
+
+
+@contextmanager
+def _connected_tcp() -> Iterator[socket.socket]:
+    """The accepted end of a loopback TCP connection (a body's socket)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener, \
+            socket.create_connection(listener.getsockname()):
+        accepted, _ = listener.accept()
+        with accepted:
+            yield accepted
+
+
+def test_a_bodys_socket_gets_a_big_buffer_only_where_the_host_allows_it() -> None:
+    # A mark larger than a quarter of the receive buffer makes the kernel clamp the
+    # window to the mark (the sender waits for every read); the buffer is raised
+    # (autotuning then off) only where net.core.rmem_max lets it be as big as asked.
+    with _connected_tcp() as sock:
+        autotuned = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        assert autotuned < 2 * putserver.RECEIVE_BUFFER  # a fresh socket's
+        # RHEL's default rmem_max (212992): the buffer is left to the kernel
+        mark = putserver.receive_mark(sock, rmem_max=212992)
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == autotuned
+        assert mark == min(putserver.RECEIVE_LOWAT, autotuned // 4)
+        assert putserver.receive_mark(sock, rmem_max=None) == mark  # unknown: the same
+    with _connected_tcp() as sock:
+        mark = putserver.receive_mark(sock, rmem_max=putserver.RECEIVE_BUFFER)
+        raised = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        assert raised >= 2 * putserver.RECEIVE_BUFFER  # the kernel doubles what is set
+        assert mark == putserver.RECEIVE_LOWAT <= raised // 4
+        # asked again (each buffer's fill asks): nothing changes
+        assert putserver.receive_mark(sock, rmem_max=putserver.RECEIVE_BUFFER) == mark
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == raised
+    with _connected_tcp() as sock:
+        # a buffer someone set small stays so, and the mark fits in it
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        small = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        assert putserver.receive_mark(sock, rmem_max=212992) == small // 4
 
 def test_a_client_that_leaves_before_its_head_ends_is_closed() -> None:
     called, handler = recording_handler()
