@@ -452,7 +452,13 @@ def test_the_c_id_table_keeps_ids_in_any_case() -> None:
     assert all(_tarscan.id_add(table, eid) for eid in ids)
     assert not any(_tarscan.id_add(table, eid.upper()) for eid in ids)
     assert _tarscan.id_add(table, str(uuid.uuid4()))
-    for bad in ("", "not-an-id", ids[0][:-1], ids[0] + "0", ids[0].replace("-", "_")):
+    # The nil id's bits are the table's mark of a free slot: it is kept apart.
+    nil = str(uuid.UUID(int=0))
+    assert _tarscan.id_add(table, nil) and not _tarscan.id_add(table, nil)
+    assert _tarscan.id_add(table, str(uuid.UUID(int=1)))  # no neighbour taken for it
+    one_dash_off = ids[0][:8] + ids[0][9] + "-" + ids[0][10:]
+    for bad in ("", "not-an-id", ids[0][:-1], ids[0] + "0", ids[0].replace("-", "_"),
+                one_dash_off, ids[0][:5] + "g" + ids[0][6:], ids[0][:35] + "\x00"):
         with pytest.raises(ValueError, match="not an entity id"):
             _tarscan.id_add(table, bad)
     with pytest.raises(ValueError, match="16 bytes"):

@@ -40,9 +40,17 @@
 static const char MAGIC_POSIX[8] = {'u', 's', 't', 'a', 'r', '\0', '0', '0'};
 static const char MAGIC_GNU[8] = {'u', 's', 't', 'a', 'r', ' ', ' ', '\0'};
 
-static int is_hex(unsigned char c)
+/* Each byte's value as a hex digit (either case), or NOT_HEX; filled at import. */
+#define NOT_HEX 0x80
+static unsigned char HEX[256];
+
+static void fill_hex(void)
 {
-    return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F');
+    memset(HEX, NOT_HEX, sizeof(HEX));
+    for (int c = '0'; c <= '9'; c++)
+        HEX[c] = (unsigned char)(c - '0');
+    for (int c = 'a'; c <= 'f'; c++)
+        HEX[c] = HEX[c - 32] = (unsigned char)(c - 'a' + 10);
 }
 
 /* A numeric field as the Python loop reads it: up to the first NUL, spaces
@@ -68,23 +76,32 @@ static long long octal_field(const unsigned char *field, size_t width)
     return value;
 }
 
-/* Exactly 8-4-4-4-12 hex digits. */
-static int is_entity_id(const unsigned char *h)
-{
-    static const int dashes[] = {8, 13, 18, 23};
+/* Where an id's 32 hex digits are: 8-4-4-4-12, dashes between. */
+static const unsigned char DIGITS[32] = {
+    0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 14, 15, 16, 17,
+    19, 20, 21, 22, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35,
+};
 
-    for (int i = 0; i < ID_LEN; i++) {
-        int dash = (i == dashes[0] || i == dashes[1] || i == dashes[2] || i == dashes[3]);
-        if (dash ? h[i] != '-' : !is_hex(h[i]))
-            return 0;
+/* Exactly 8-4-4-4-12 hex digits (either case): 1 and its 128 bits in `key`, or 0.
+ * One pass with no branch per digit (this ran for every member: checking the id
+ * and reading its bits were two passes of a branch per character before). */
+static int parse_id(const unsigned char *h, uint64_t key[2])
+{
+    unsigned char bad = 0;
+
+    key[0] = key[1] = 0;
+    for (int i = 0; i < 32; i++) {
+        unsigned char v = HEX[h[DIGITS[i]]];
+        bad |= v;
+        key[i >> 4] = (key[i >> 4] << 4) | (v & 0x0F);
     }
-    return 1;
+    return !(bad & NOT_HEX) && h[8] == '-' && h[13] == '-' && h[18] == '-' && h[23] == '-';
 }
 
-/* An entity id, ".ovf", then the NUL ending the name. */
-static int is_ovf_name(const unsigned char *h)
+/* An entity id, ".ovf", then the NUL ending the name: 1 and the id's bits, or 0. */
+static int parse_ovf_name(const unsigned char *h, uint64_t key[2])
 {
-    return is_entity_id(h) && memcmp(h + ID_LEN, ".ovf", 4) == 0 && h[ID_LEN + 4] == '\0';
+    return memcmp(h + ID_LEN, ".ovf", 4) == 0 && h[ID_LEN + 4] == '\0' && parse_id(h, key);
 }
 
 /* --- the entity ids seen: a set of 128-bit keys, open addressing ------------ */
@@ -93,8 +110,8 @@ struct idtable {
     uint64_t seed[2];   /* secret per table: crafted ids cannot aim at one slot */
     size_t capacity;    /* a power of two, at least twice `count` */
     size_t count;
-    uint64_t *keys;     /* two words a slot */
-    unsigned char *used;
+    uint64_t *keys;     /* two words a slot; both zero: the slot is free */
+    int has_zero;       /* the nil id (all zero bits), kept beside the slots */
 };
 
 static uint64_t mix(uint64_t x)
@@ -107,26 +124,9 @@ static uint64_t mix(uint64_t x)
     return x;
 }
 
-static int hex_value(unsigned char c)
+static int is_free(const uint64_t *slot)
 {
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    return (c | 0x20) - 'a' + 10;
-}
-
-/* The 128 bits of a name's first 36 characters, checked by is_ovf_name or
- * is_entity_id: hex digits and dashes, either case. */
-static void id_key(const unsigned char *name, uint64_t key[2])
-{
-    int nibbles = 0;
-
-    key[0] = key[1] = 0;
-    for (int i = 0; i < ID_LEN; i++) {
-        if (name[i] == '-')
-            continue;
-        key[nibbles / 16] = (key[nibbles / 16] << 4) | (uint64_t)hex_value(name[i]);
-        nibbles++;
-    }
+    return slot[0] == 0 && slot[1] == 0;
 }
 
 static size_t slot_of(const struct idtable *t, const uint64_t key[2])
@@ -137,47 +137,46 @@ static size_t slot_of(const struct idtable *t, const uint64_t key[2])
 static int table_grow(struct idtable *t)
 {
     size_t capacity = t->capacity ? t->capacity * 2 : 4096;
-    uint64_t *keys = malloc(capacity * 2 * sizeof(*keys));
-    unsigned char *used = calloc(capacity, 1);
+    uint64_t *keys = calloc(capacity, 2 * sizeof(*keys));
+    struct idtable grown = {{t->seed[0], t->seed[1]}, capacity, 0, keys, 0};
 
-    if (keys == NULL || used == NULL) {
-        free(keys);
-        free(used);
+    if (keys == NULL)
         return -1;
-    }
     for (size_t i = 0; i < t->capacity; i++) {
-        if (!t->used[i])
+        if (is_free(t->keys + 2 * i))
             continue;
-        struct idtable grown = {{t->seed[0], t->seed[1]}, capacity, 0, keys, used};
         size_t slot = slot_of(&grown, t->keys + 2 * i);
-        while (used[slot])
+        while (!is_free(keys + 2 * slot))
             slot = (slot + 1) & (capacity - 1);
-        used[slot] = 1;
         keys[2 * slot] = t->keys[2 * i];
         keys[2 * slot + 1] = t->keys[2 * i + 1];
     }
     free(t->keys);
-    free(t->used);
     t->keys = keys;
-    t->used = used;
     t->capacity = capacity;
     return 0;
 }
 
-/* 1: added; 0: it was there; -1: no memory. Needs no GIL. */
+/* 1: added; 0: it was there; -1: no memory. Needs no GIL. One array of slots
+ * (no separate "used" flags): a lookup touches one cache line, not two. */
 static int table_add(struct idtable *t, const uint64_t key[2])
 {
     size_t slot;
 
+    if (key[0] == 0 && key[1] == 0) {
+        if (t->has_zero)
+            return 0;
+        t->has_zero = 1;
+        return 1;
+    }
     if (2 * (t->count + 1) > t->capacity && table_grow(t) < 0)
         return -1;
     slot = slot_of(t, key);
-    while (t->used[slot]) {
+    while (!is_free(t->keys + 2 * slot)) {
         if (t->keys[2 * slot] == key[0] && t->keys[2 * slot + 1] == key[1])
             return 0;
         slot = (slot + 1) & (t->capacity - 1);
     }
-    t->used[slot] = 1;
     t->keys[2 * slot] = key[0];
     t->keys[2 * slot + 1] = key[1];
     t->count++;
@@ -191,7 +190,6 @@ static void table_free(PyObject *capsule)
     if (t == NULL)
         return;
     free(t->keys);
-    free(t->used);
     free(t);
 }
 
@@ -237,11 +235,10 @@ static PyObject *id_add(PyObject *self, PyObject *args)
     t = PyCapsule_GetPointer(capsule, TABLE_NAME);
     if (t == NULL)
         return NULL;
-    if (len != ID_LEN || !is_entity_id((const unsigned char *)id)) {
+    if (len != ID_LEN || !parse_id((const unsigned char *)id, key)) {
         PyErr_SetString(PyExc_ValueError, "id_add: not an entity id");
         return NULL;
     }
-    id_key((const unsigned char *)id, key);
     added = table_add(t, key);
     if (added < 0)
         return PyErr_NoMemory();
@@ -323,10 +320,12 @@ static unsigned long header_sum(const unsigned char *h)
     return sum + 8 * ' ';
 }
 
-/* The member whose header is at `buf + pos`, accepted: where the next header is;
- * or 0 (never a valid next position: it is at least pos + 2 blocks). */
+/* The member whose header is at `buf + pos`, accepted: where the next header is,
+ * its entity id's bits in `key`; or 0 (never a valid next position: it is at
+ * least pos + 2 blocks). */
 static Py_ssize_t accept(const unsigned char *buf, Py_ssize_t pos, Py_ssize_t n,
-                         long long max_member, const struct declarations *known)
+                         long long max_member, const struct declarations *known,
+                         uint64_t key[2])
 {
     const unsigned char *h = buf + pos;
     unsigned long sum = 0;
@@ -347,7 +346,7 @@ static Py_ssize_t accept(const unsigned char *buf, Py_ssize_t pos, Py_ssize_t n,
     sum = header_sum(h);
     if ((long long)sum != stored)
         return 0;
-    if (!is_ovf_name(h))
+    if (!parse_ovf_name(h, key))
         return 0;
     size = octal_field(h + 124, 12);
     if (size <= 0 || size > max_member)
@@ -432,16 +431,15 @@ static PyObject *scan(PyObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     for (;;) {
         const unsigned char *h = (const unsigned char *)view.buf + pos;
-        Py_ssize_t next = accept((const unsigned char *)view.buf, pos, n, max_member,
-                                 &known);
-        int split = base + pos >= next_split;
         uint64_t key[2];
+        Py_ssize_t next = accept((const unsigned char *)view.buf, pos, n, max_member,
+                                 &known, key);
+        int split = base + pos >= next_split;
 
         if (next == 0)
             break;
         /* An id seen before (Python reports it) or no memory stops the scan at this
          * member, nothing of it kept: Python goes on from there. */
-        id_key(h, key);
         if (reserve(&found, split) < 0 || table_add(table, key) != 1)
             break;
         for (int i = 0; i < ID_LEN; i++) {
@@ -496,5 +494,6 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__tarscan(void)
 {
+    fill_hex();
     return PyModule_Create(&module);
 }
