@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import run
 from vdsmlite import cancel, errors
+from vdsmlite import jobs as jobs_module
 from vdsmlite.blocking import BlockingExecutor
 from vdsmlite.events import DROPPED_EVENT, EventBus
 from vdsmlite.jobs import Job, JobRegistry
@@ -32,7 +35,7 @@ def test_successful_job_walks_the_states_and_publishes_each() -> None:
             await gate.wait()
             return "ok"
 
-        job = reg.start(body, description="copy", verb="Volume.create")
+        job = await reg.start(body, description="copy", verb="Volume.create")
         assert job.task_status()["taskState"] == "init"
         await asyncio.sleep(0)
         assert job.info() == {"id": job.id, "status": "running", "description": "copy",
@@ -59,7 +62,7 @@ def test_failed_job_reports_the_vdsm_error() -> None:
         async def body(job: Job) -> None:
             raise errors.NoSpaceLeftOnDomain("sd")
 
-        job = reg.start(body, description="create", verb="Volume.create")
+        job = await reg.start(body, description="create", verb="Volume.create")
         await job.wait()
         assert job.info()["status"] == "failed"
         assert job.info()["error"] == {"code": 397, "message": "No space left on domain: ('sd',)"}
@@ -75,7 +78,7 @@ def test_crashed_job_is_a_general_exception() -> None:
         async def body(job: Job) -> None:
             raise ZeroDivisionError("oops")
 
-        job = reg.start(body, description="x", verb="v")
+        job = await reg.start(body, description="x", verb="v")
         await job.wait()
         assert job.info()["error"]["code"] == 100
     run(main())
@@ -92,7 +95,7 @@ def test_abort_ends_in_aborted_with_411() -> None:
             finally:
                 cleaned.set()  # rollback code runs on abort
 
-        job = reg.start(body, description="x", verb="v")
+        job = await reg.start(body, description="x", verb="v")
         await asyncio.sleep(0)
         job.abort()
         assert job.info()["status"] == "aborting"
@@ -111,16 +114,16 @@ def test_clear_and_lookup() -> None:
         async def body(job: Job) -> None:
             await gate.wait()
 
-        job = reg.start(body, description="x", verb="v")
+        job = await reg.start(body, description="x", verb="v")
         with pytest.raises(errors.TaskNotFinished):
-            reg.clear(job.id)
+            await reg.clear(job.id)
         gate.set()
         await job.wait()
-        reg.clear(job.id)
+        await reg.clear(job.id)
         with pytest.raises(errors.UnknownTask):
             reg.get(job.id)
         with pytest.raises(errors.UnknownTask):
-            reg.clear(job.id)
+            await reg.clear(job.id)
     run(main())
 
 
@@ -131,11 +134,11 @@ def test_filters_and_duplicate_ids() -> None:
         async def body(job: Job) -> None:
             return None
 
-        a = reg.start(body, description="a", verb="v",
+        a = await reg.start(body, description="a", verb="v",
                       job_id="0b7c2f0e-2d1a-4a55-9d8b-1c2e3f4a5b6c")
-        b = reg.start(body, description="b", verb="v", job_type="v2v")
+        b = await reg.start(body, description="b", verb="v", job_type="v2v")
         with pytest.raises(errors.JobExists):
-            reg.start(body, description="a", verb="v", job_id=a.id)
+            await reg.start(body, description="a", verb="v", job_id=a.id)
         assert {j.id for j in reg.jobs("v2v")} == {b.id}
         assert {j.id for j in reg.jobs(job_ids=[a.id, "nope"])} == {a.id}
         await asyncio.gather(a.wait(), b.wait())
@@ -150,7 +153,7 @@ def test_finished_jobs_expire() -> None:
         async def body(job: Job) -> None:
             return None
 
-        job = reg.start(body, description="x", verb="v")
+        job = await reg.start(body, description="x", verb="v")
         await job.wait()
         assert reg.jobs() == [job]
         await asyncio.sleep(0.1)
@@ -168,13 +171,13 @@ def test_close_waits_then_aborts() -> None:
         async def forever(job: Job) -> None:
             await asyncio.sleep(3600)
 
-        a = reg.start(quick, description="quick", verb="v")
-        b = reg.start(forever, description="forever", verb="v")
+        a = await reg.start(quick, description="quick", verb="v")
+        b = await reg.start(forever, description="forever", verb="v")
         await reg.close(grace=0.3)
         assert a.info()["status"] == "done"
         assert b.info()["status"] == "aborted"
         with pytest.raises(errors.ShuttingDownError):
-            reg.start(quick, description="late", verb="v")
+            await reg.start(quick, description="late", verb="v")
     run(main())
 
 
@@ -226,7 +229,7 @@ def test_abort_waits_for_the_blocking_work_and_reaches_it() -> None:
                 finally:
                     seen.append("lock released")
 
-        job = reg.start(body, description="zero", verb="Volume.delete")
+        job = await reg.start(body, description="zero", verb="Volume.delete")
         await asyncio.get_running_loop().run_in_executor(None, started.wait)
         job.abort()
         await job.wait()
@@ -268,15 +271,15 @@ def test_tasks_survive_a_restart(tmp_path: Path) -> None:
         async def host_job(job: Job) -> None:
             pass
 
-        done = reg.start(ok, description="a", verb="Volume.create")
-        failed = reg.start(fails, description="b", verb="Volume.create")
-        running = reg.start(hangs, description="c", verb="Volume.delete")
-        cleared = reg.start(ok, description="d", verb="Volume.create")
-        private = reg.start(host_job, description="e", verb="SDM.merge", job_id="j1",
+        done = await reg.start(ok, description="a", verb="Volume.create")
+        failed = await reg.start(fails, description="b", verb="Volume.create")
+        running = await reg.start(hangs, description="c", verb="Volume.delete")
+        cleared = await reg.start(ok, description="d", verb="Volume.create")
+        private = await reg.start(host_job, description="e", verb="SDM.merge", job_id="j1",
                             persist=False)
         for j in (done, failed, cleared, private):
             await j.wait()
-        reg.clear(cleared.id)
+        await reg.clear(cleared.id)
         await asyncio.sleep(0)
         # The agent dies here (no close): what the next start finds.
         again = JobRegistry(EventBus(), state_dir=tmp_path)
@@ -290,8 +293,59 @@ def test_tasks_survive_a_restart(tmp_path: Path) -> None:
         for gone in (cleared.id, private.id):
             with pytest.raises(errors.UnknownTask):
                 again.get(gone)
-        again.clear(done.id)
+        await again.clear(done.id)
         assert JobRegistry(EventBus(), state_dir=tmp_path).find(done.id) is None
         gate.set()
         await running.wait()
+    run(main())
+
+
+def test_a_stalled_record_write_holds_the_loop_nowhere_and_hides_an_unrecorded_end(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A task's record is fsynced; under heavy I/O that can take long. The real writes,
+    # each held until the test lets it go: meanwhile the loop runs on, `start` has not
+    # returned (the id is not on disk yet), and an ended job does not look ended.
+    real_write = jobs_module._write_record
+    release = threading.Semaphore(0)
+    writing: list[str] = []
+
+    def held_write(job_id: str, path: Path, text: str) -> None:
+        writing.append(json.loads(text)["status"])
+        assert release.acquire(timeout=30)
+        real_write(job_id, path, text)
+
+    monkeypatch.setattr(jobs_module, "_write_record", held_write)
+
+    async def main() -> None:
+        reg = JobRegistry(EventBus(), state_dir=tmp_path)
+
+        async def quick(job: Job) -> str:
+            return "made"
+
+        starting = asyncio.ensure_future(reg.start(quick, description="q", verb="v"))
+
+        async def until(cond: Callable[[], bool]) -> None:
+            for _ in range(3000):  # the loop is not held by the write meanwhile
+                if cond():
+                    return
+                await asyncio.sleep(0.01)
+            raise AssertionError("timed out")
+
+        await until(lambda: bool(writing) and bool(reg.jobs()) and
+                    reg.jobs()[0].result == "made")  # the body is done too
+        (job,) = reg.jobs()
+        assert not starting.done() and writing == ["pending"]
+        record = tmp_path / "tasks" / f"{job.id}.json"
+        assert not record.exists()
+        release.release()  # the start record is written
+        assert await asyncio.wait_for(starting, 30) is job
+        assert json.loads(record.read_text())["status"] == "pending"
+        await until(lambda: len(writing) == 2)  # then its end, held in turn
+        assert writing[1] == "done"
+        assert job.status == "running" and not job.status.finished  # its end not on disk
+        release.release()
+        await asyncio.wait_for(job.wait(), 30)
+        assert job.status == "done"
+        assert json.loads(record.read_text())["status"] == "done"
+        await reg.close(1.0)
     run(main())

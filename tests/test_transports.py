@@ -128,7 +128,7 @@ def test_job_events_are_pushed_over_websocket(tmp_path: Path) -> None:
                     job.update(progress=50)
                     await asyncio.sleep(0.05)
 
-                job = services.jobs.start(body, description="demo", verb="Test.demo")
+                job = await services.jobs.start(body, description="demo", verb="Test.demo")
                 statuses = []
                 while not statuses or statuses[-1] != "done":
                     note = json.loads((await asyncio.wait_for(ws.receive(), 10)).data)

@@ -19,7 +19,11 @@ what it made and only then do its locks go and the job report aborted (411).
 Tasks survive a restart as VDSM's SPM tasks do: with a state directory, each
 task's id and state are kept in ``<state_dir>/tasks/<id>.json`` (written
 durably at start and when it ends, removed by Task.clear or expiry), so an
-engine polling a task after a restart gets its final state. A task that was
+engine polling a task after a restart gets its final state. The records are
+written by a thread of the registry's own, in order, never on the event loop
+(an fsync can take tens of milliseconds under I/O, and the whole daemon would
+wait): `start` returns once the task's record is on disk, and a task's end is
+seen (status, events, waiters) only once its record says so. A task that was
 still running when the agent died is reported aborted (411): the work itself
 is not resumed; storage operations are written so that an interrupted one is
 found and repaired from what is on disk.
@@ -28,6 +32,7 @@ found and repaired from what is on disk.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import enum
 import json
@@ -38,7 +43,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from vdsmlite import cancel, errors
+from vdsmlite import blocking, cancel, errors
 from vdsmlite.events import EventBus
 from vdsmlite.fsutil import fsync_dir, write_file_durably
 
@@ -197,21 +202,22 @@ class Job:
             self.result = await body(self)
         except (asyncio.CancelledError, cancel.Cancelled):
             self.error = errors.TaskAborted(self.id)
-            self._set_status(JobStatus.ABORTED)
+            end = JobStatus.ABORTED
             log.info("job %s (%s) aborted", self.id, self.description)
             # Swallow: an aborted job is a normal outcome, not a crashed task.
         except errors.VdsmError as e:
             self.error = e
-            self._set_status(JobStatus.FAILED)
+            end = JobStatus.FAILED
             log.warning("job %s (%s) failed: %s", self.id, self.description, e)
         except Exception as e:
             log.exception("job %s (%s) crashed", self.id, self.description)
             self.error = errors.GeneralException(str(e))
-            self._set_status(JobStatus.FAILED)
+            end = JobStatus.FAILED
         else:
             self.progress = 100.0
-            self._set_status(JobStatus.DONE)
+            end = JobStatus.DONE
             log.info("job %s (%s) done", self.id, self.description)
+        await self._registry._end(self, end)
 
 
 class JobRegistry:
@@ -222,6 +228,9 @@ class JobRegistry:
         self.autodelete_delay = autodelete_delay
         self._closed = False
         self._dir = state_dir / "tasks" if state_dir is not None else None
+        # One thread: a task's records are written in the order they were made.
+        self._records = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="vdsmlite-records")
         if self._dir is not None:
             self._load()
 
@@ -232,27 +241,36 @@ class JobRegistry:
             return None
         return self._dir / f"{job_id}.json"
 
-    def _record(self, job: Job) -> None:
+    def _record(self, job: Job, status: JobStatus) -> concurrent.futures.Future[None] | None:
+        """Write the job's record, as it is now but with `status`, in the records'
+        thread; None if the job keeps none."""
         path = self._record_path(job.id)
         if path is None or not job.persist:
-            return
+            return None
         rec: dict[str, Any] = {"id": job.id, "verb": job.verb,
                                "description": job.description, "job_type": job.job_type,
-                               "status": str(job.status), "time": time.time()}
+                               "status": str(status), "time": time.time()}
         if job.error is not None:
             rec["error"] = job.error.to_json()
-        try:
-            write_file_durably(path, json.dumps(rec))
-        except OSError as e:
-            log.error("cannot record task %s in %s: %s", job.id, path, e)
+        return self._records.submit(_write_record, job.id, path, json.dumps(rec))
 
-    def _forget(self, job: Job) -> None:
+    async def _end(self, job: Job, status: JobStatus) -> None:
+        """End the job once its record says so: a restart keeps what any client saw.
+        Not cancellable: the job's task ends here whatever stops it meanwhile."""
+        written = self._record(job, status)
+        if written is not None:
+            waiting = asyncio.wrap_future(written)
+            while not waiting.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait([waiting])
+        job._set_status(status)
+
+    def _forget(self, job: Job) -> concurrent.futures.Future[None] | None:
+        """Remove the job's record in the records' thread; None if it keeps none."""
         path = self._record_path(job.id)
         if path is None or not job.persist:
-            return
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-            fsync_dir(path.parent)
+            return None
+        return self._records.submit(_remove_record, path)
 
     def _load(self) -> None:
         """The tasks of the previous run: finished ones as they ended; one still
@@ -289,11 +307,13 @@ class JobRegistry:
             job._done.set()
             self._jobs[job_id] = job
             if not status.finished or rec["status"] != str(status):
-                self._record(job)
+                written = self._record(job, status)
+                if written is not None:
+                    written.result()  # at start-up, before any client
             log.info("task %s (%s) from before the restart: %s", job_id, job.description,
                      status)
 
-    def start(
+    async def start(
         self,
         body: JobBody,
         *,
@@ -303,10 +323,28 @@ class JobRegistry:
         job_id: str | None = None,
         persist: bool = True,
     ) -> Job:
-        """Start `body` as a job now; returns at once. Must run on the event loop.
+        """Start `body` as a job now; returns once its record is on disk (at once if
+        it keeps none), the job running meanwhile: for a job whose id a client gets.
 
         `persist`: an SPM-style task whose id and final state outlive a restart (see
         the module doc); host jobs with an id the engine chose pass False."""
+        job, written = self._launch(body, description=description, verb=verb,
+                                    job_type=job_type, job_id=job_id, persist=persist)
+        if written is not None:
+            await blocking.until_done(asyncio.wrap_future(written))
+        return job
+
+    def launch(self, body: JobBody, *, description: str, verb: str,
+               job_type: str = "storage") -> Job:
+        """`start` for the daemon's own work (nobody is handed its id to poll): returns
+        at once, its record still being written. Must run on the event loop."""
+        job, _ = self._launch(body, description=description, verb=verb, job_type=job_type,
+                              job_id=None, persist=True)
+        return job
+
+    def _launch(self, body: JobBody, *, description: str, verb: str, job_type: str,
+                job_id: str | None, persist: bool,
+                ) -> tuple[Job, concurrent.futures.Future[None] | None]:
         if self._closed:
             raise errors.ShuttingDownError()
         self._expire()
@@ -316,10 +354,11 @@ class JobRegistry:
             raise errors.JobExists(job_id)
         job = Job(self, job_id, description, job_type, verb, persist=persist)
         self._jobs[job_id] = job
-        self._record(job)
+        # Queued before anything the job writes itself: its end is recorded after it.
+        written = self._record(job, job.status)
         self._status_changed(job)
         job._task = asyncio.create_task(job._run(body), name=f"job-{job_id}")
-        return job
+        return job, written
 
     def get(self, job_id: str) -> Job:
         try:
@@ -340,12 +379,15 @@ class JobRegistry:
             found = [j for j in found if j.id in wanted]
         return found
 
-    def clear(self, job_id: str) -> None:
+    async def clear(self, job_id: str) -> None:
+        """Forget a finished job; returns once its record is gone from the disk."""
         job = self.get(job_id)
         if not job.status.finished:
             raise errors.TaskNotFinished(job_id)
         del self._jobs[job_id]
-        self._forget(job)
+        removed = self._forget(job)
+        if removed is not None:
+            await blocking.until_done(asyncio.wrap_future(removed))
 
     def count_by_status(self) -> dict[str, int]:
         counts = {str(s): 0 for s in JobStatus}
@@ -354,8 +396,13 @@ class JobRegistry:
         return counts
 
     async def close(self, grace: float) -> None:
-        """Stop accepting jobs; give running ones `grace` seconds, then abort them."""
+        """Stop accepting jobs; give running ones `grace` seconds, then abort them;
+        then wait for the records still being written."""
         self._closed = True
+        await self._stop_jobs(grace)
+        await asyncio.get_running_loop().run_in_executor(None, self._records.shutdown)
+
+    async def _stop_jobs(self, grace: float) -> None:
         running = [j for j in self._jobs.values() if not j.status.finished]
         if not running:
             return
@@ -371,9 +418,6 @@ class JobRegistry:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     def _status_changed(self, job: Job) -> None:
-        if job.status.finished:
-            # Durable before any client can see the end: a restart keeps it.
-            self._record(job)
         self._events.publish(f"|jobs|status|{job.id}", job.info())
 
     def _expire(self) -> None:
@@ -382,3 +426,20 @@ class JobRegistry:
             if job.finished_at is not None and now - job.finished_at > self.autodelete_delay:
                 del self._jobs[job_id]
                 self._forget(job)
+
+
+def _write_record(job_id: str, path: Path, text: str) -> None:
+    try:
+        write_file_durably(path, text)
+    except OSError as e:
+        log.error("cannot record task %s in %s: %s", job_id, path, e)
+
+
+def _remove_record(path: Path) -> None:
+    try:
+        path.unlink()
+        fsync_dir(path.parent)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.error("cannot remove the task record %s: %s", path, e)

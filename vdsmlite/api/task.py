@@ -22,7 +22,7 @@ class TaskApi:
 
     @verb("Task.clear")
     async def clear(self, *, taskID: str) -> bool:
-        self._jobs.clear(taskID)
+        await self._jobs.clear(taskID)
         return True
 
     @verb("Task.stop")

@@ -76,7 +76,7 @@ async def send_stream(request: web.Request, response: web.StreamResponse, jobs: 
         async for chunk in chunks(job):
             await response.write(chunk)
 
-    job = jobs.start(body, description=description, verb=verb)
+    job = await jobs.start(body, description=description, verb=verb)
     response.headers["Task-Id"] = job.id
     await response.prepare(request)
     await job.wait()

@@ -118,7 +118,7 @@ async def handle_put(request: PutRequest, doors: common.StreamDoors) -> Reply:
         return await doors.transfers.write(sd, img, vol, request, length=length, job=job,
                                            check_xml=strict)
 
-    job = doors.jobs.start(transfer, description=f"write image {img} from HTTP PUT",
+    job = await doors.jobs.start(transfer, description=f"write image {img} from HTTP PUT",
                            verb="Image.downloadFromStream")
     await job.wait()
     if job.error is not None:

@@ -68,7 +68,7 @@ async def handle_put(request: PutRequest, doors: common.StreamDoors, segment: st
         return await doors.ovf.upload(sd, request, length=request.content_length, job=job,
                                       check_xml=strict, wait_index=wait_index)
 
-    job = doors.jobs.start(upload, description=f"upload OVF_STORE of {sd}",
+    job = await doors.jobs.start(upload, description=f"upload OVF_STORE of {sd}",
                            verb="StorageDomain.uploadOVFStore")
     await job.wait()
     if job.error is not None:

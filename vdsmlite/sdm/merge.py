@@ -106,7 +106,7 @@ class SdmJobs:
         async with self._leases.hold(dom.uuid, vol, [state.lease]) as lease:
             yield lease
 
-    def _start(self, job_id: str, verb: str, description: str, *, dom: Domain, img: str,
+    async def _start(self, job_id: str, verb: str, description: str, *, dom: Domain, img: str,
                vol: str, work: Callable[[Job, Callable[[], None]], None]) -> None:
         if self._jobs.find(job_id) is not None:
             raise errors.JobExists(job_id)
@@ -121,8 +121,8 @@ class SdmJobs:
                             lease.check()
                 await self._run_blocking(work, job, check)
 
-        self._jobs.start(body, description=description, verb=verb, job_id=job_id,
-                         persist=False)
+        await self._jobs.start(body, description=description, verb=verb, job_id=job_id,
+                               persist=False)
 
     async def merge(self, job_id: str, sub: Subchain) -> None:
         dom = await self._volumes.domain(sub.sd_id)
@@ -135,9 +135,9 @@ class SdmJobs:
             self._users.require_unused(ImageKey(sub.sd_id, sub.img_id), "merge (cold)")
             merge.run(dom, sub, lambda p: job.update(progress=p), check)
 
-        self._start(job_id, "SDM.merge",
-                    f"merge_subchain {sub.top_id} into {sub.base_id} (image {sub.img_id})",
-                    dom=dom, img=sub.img_id, vol=sub.base_id, work=work)
+        await self._start(job_id, "SDM.merge",
+                          f"merge_subchain {sub.top_id} into {sub.base_id} (image {sub.img_id})",
+                          dom=dom, img=sub.img_id, vol=sub.base_id, work=work)
 
     async def update_volume(self, job_id: str, endpoint: Endpoint,
                             attrs: VolumeAttributes) -> None:
@@ -150,5 +150,5 @@ class SdmJobs:
         def work(job: Job, check: Callable[[], None]) -> None:
             update_attributes(dom, img, vol, generation, attrs)
 
-        self._start(job_id, "SDM.update_volume", f"update_volume {vol}", dom=dom, img=img,
-                    vol=vol, work=work)
+        await self._start(job_id, "SDM.update_volume", f"update_volume {vol}", dom=dom,
+                          img=img, vol=vol, work=work)

@@ -241,7 +241,7 @@ class OvfIndex:
                     from e
             return built[0].report()
 
-        job = self._jobs.start(body, description=f"index OVF_STORE {store.vol} of {dom.uuid}",
+        job = self._jobs.launch(body, description=f"index OVF_STORE {store.vol} of {dom.uuid}",
                                verb="StorageDomain.getOVFEntities")
 
         async def finish() -> None:

@@ -278,7 +278,7 @@ class OvfService:
         async def body(job: Job) -> dict[str, Any]:
             return await self.replace_entity(sd_uuid, entity_id, ovf, job)
 
-        job = self._jobs.start(body, description=f"{what} OVF of {entity_id} on {sd_uuid}",
+        job = await self._jobs.start(body, description=f"{what} OVF of {entity_id} on {sd_uuid}",
                                verb=verb)
         await job.wait()
         if job.error is not None:

@@ -109,7 +109,7 @@ class SpmService:
                         f"maxHostID={max_host_id}, domVersion={dom_version}: {e}") from e
                 raise
 
-        role.job = self._jobs.start(body, description=f"spmStart of pool {sp_uuid}",
+        role.job = await self._jobs.start(body, description=f"spmStart of pool {sp_uuid}",
                                     verb="StoragePool.spmStart")
         return role.job.id
 

@@ -57,7 +57,7 @@ class VolumeService:
             async with self._image_locks.hold((dom.uuid, img_uuid)), self._sdm.hold(dom):
                 await self._run_blocking(work, job)
 
-        return self._jobs.start(body, description=description, verb=verb).id
+        return (await self._jobs.start(body, description=description, verb=verb)).id
 
     # --- volumes -------------------------------------------------------------------
 

@@ -150,7 +150,7 @@ class ExternalLeases:
             async with self._locks.hold((dom.uuid, _INDEX)), self._sdm.hold(dom):
                 await self._run_blocking(_sanlock_errors, work, job)
 
-        return self._jobs.start(body, description=description, verb=verb).id
+        return (await self._jobs.start(body, description=description, verb=verb)).id
 
 
 def _where(dom: Domain) -> tuple[str, int, int]:
