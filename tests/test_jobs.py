@@ -349,3 +349,25 @@ def test_a_stalled_record_write_holds_the_loop_nowhere_and_hides_an_unrecorded_e
         assert json.loads(record.read_text())["status"] == "done"
         await reg.close(1.0)
     run(main())
+
+
+def test_a_job_stopped_before_its_first_step_ends_aborted_at_shutdown(tmp_path: Path) -> None:
+    # Aborted in the turn of the loop that launched it (as the shutdown's abort can):
+    # its task is cancelled before `_run` ran a line. Closing the registry still ends
+    # it, aborted, for its waiters (an index build's) and in its record.
+    async def main() -> None:
+        reg = JobRegistry(EventBus(), state_dir=tmp_path)
+        ran: list[str] = []
+
+        async def body(job: Job) -> None:
+            ran.append(job.id)
+
+        job = reg.launch(body, description="never", verb="v")
+        job.abort()
+        await asyncio.wait_for(reg.close(0.1), 30)
+        await asyncio.wait_for(job.wait(), 5)
+        assert ran == [] and job.status == "aborted"
+        assert job.task_status()["code"] == errors.TaskAborted.code
+        record = json.loads((tmp_path / "tasks" / f"{job.id}.json").read_text())
+        assert record["status"] == "aborted"
+    run(main())

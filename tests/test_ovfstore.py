@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import eventually
+from tests.helpers import call, eventually
 from tests.ovf_helpers import (
     conn,
     entities,
@@ -647,3 +647,34 @@ def test_a_stalled_upload_holds_no_thread_blocking_work_needs(agent_factory: Any
         assert info["uuid"] == dom.sd
     finally:
         s.close()
+
+
+_COMMAND = re.compile(r"vdsmlite\.storage\.commands (?:\[req=[^\]]*\] )?(\S+)(?: --(\S+))?")
+
+
+def test_a_block_uploads_index_reuses_the_volume_the_upload_prepared(
+        domains: SharedDomains) -> None:
+    # An upload prepares its store's volume once for itself and its index job (the
+    # index and the archive's digest kept with it on disk): one lvs (the stores'
+    # scan) and one loop device an upload. The index job used to find the LV and map
+    # it again after the upload had let it go, and once more for the digest.
+    with domains.lend("block-512") as dom:
+        a = dom.agent
+        tar, _ = make_store(dom.sd, 3)
+        status, first = put_store(a, dom.sd, tar, query="wait=index")  # stores made
+        assert status == 200 and first["index"]["state"] == "ready", first
+
+        def settled() -> bool:  # the index job keeps the index on disk after the reply
+            return all(j["status"] != "running" for j in call(a, "Host.getJobs").values())
+
+        eventually(settled, 60, "the first upload's index job to end")
+        seen = len(a.log_text())
+        status, reply = put_store(a, dom.sd, tar, query="wait=index")
+        assert status == 200 and reply["index"]["state"] == "ready", reply
+        assert reply["volumeID"] != first["volumeID"]  # the other store this time
+        eventually(settled, 60, "the second upload's index job to end")
+        commands = [m.groups() for m in _COMMAND.finditer(a.log_text()[seen:])]
+        assert commands.count(("lvs", "config")) == 1, commands
+        assert commands.count(("losetup", "find")) == 1, commands
+        assert commands.count(("losetup", "detach")) == 1, commands  # released once
+        assert get_store(a, dom.sd)[2] == tar

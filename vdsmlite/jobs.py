@@ -118,6 +118,7 @@ class Job:
         self.finished_at: float | None = None
         self._task: asyncio.Task[None] | None = None
         self._done = asyncio.Event()
+        self._recorded: concurrent.futures.Future[None] | None = None  # see `recorded`
         # Cancelled by abort(); the blocking work checks it (see vdsmlite.cancel).
         self.cancel_token = cancel.CancelToken()
         self.cancel_token.on_bytes = lambda n: self.update(bytes_done=n)
@@ -173,6 +174,12 @@ class Job:
 
     async def wait(self) -> None:
         await self._done.wait()
+
+    async def recorded(self) -> None:
+        """Until the job's record is on disk (at once if it keeps none): before its id
+        goes to a client, so that a restart cannot lose it."""
+        if self._recorded is not None:
+            await blocking.until_done(asyncio.wrap_future(self._recorded))
 
     def abort(self) -> None:
         """Stop the job: its blocking work stops at its next check (its command is
@@ -323,28 +330,28 @@ class JobRegistry:
         job_id: str | None = None,
         persist: bool = True,
     ) -> Job:
-        """Start `body` as a job now; returns once its record is on disk (at once if
-        it keeps none), the job running meanwhile: for a job whose id a client gets.
+        """`launch`, returning once the job's record is on disk: for a job whose id a
+        client gets."""
+        job = self.launch(body, description=description, verb=verb, job_type=job_type,
+                          job_id=job_id, persist=persist)
+        await job.recorded()
+        return job
+
+    def launch(
+        self,
+        body: JobBody,
+        *,
+        description: str,
+        verb: str,
+        job_type: str = "storage",
+        job_id: str | None = None,
+        persist: bool = True,
+    ) -> Job:
+        """Start `body` as a job now; returns at once, its record being written (see
+        `Job.recorded`). Must run on the event loop.
 
         `persist`: an SPM-style task whose id and final state outlive a restart (see
         the module doc); host jobs with an id the engine chose pass False."""
-        job, written = self._launch(body, description=description, verb=verb,
-                                    job_type=job_type, job_id=job_id, persist=persist)
-        if written is not None:
-            await blocking.until_done(asyncio.wrap_future(written))
-        return job
-
-    def launch(self, body: JobBody, *, description: str, verb: str,
-               job_type: str = "storage") -> Job:
-        """`start` for the daemon's own work (nobody is handed its id to poll): returns
-        at once, its record still being written. Must run on the event loop."""
-        job, _ = self._launch(body, description=description, verb=verb, job_type=job_type,
-                              job_id=None, persist=True)
-        return job
-
-    def _launch(self, body: JobBody, *, description: str, verb: str, job_type: str,
-                job_id: str | None, persist: bool,
-                ) -> tuple[Job, concurrent.futures.Future[None] | None]:
         if self._closed:
             raise errors.ShuttingDownError()
         self._expire()
@@ -355,10 +362,10 @@ class JobRegistry:
         job = Job(self, job_id, description, job_type, verb, persist=persist)
         self._jobs[job_id] = job
         # Queued before anything the job writes itself: its end is recorded after it.
-        written = self._record(job, job.status)
+        job._recorded = self._record(job, job.status)
         self._status_changed(job)
         job._task = asyncio.create_task(job._run(body), name=f"job-{job_id}")
-        return job, written
+        return job
 
     def get(self, job_id: str) -> Job:
         try:
@@ -416,6 +423,12 @@ class JobRegistry:
         tasks = [j._task for j in running if j._task is not None]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        for job in running:
+            if not job.status.finished:
+                # Cancelled before its task took its first step: `_run` never ran, and
+                # nothing else would end it (its waiters would wait forever).
+                job.error = errors.TaskAborted(job.id)
+                await self._end(job, JobStatus.ABORTED)
 
     def _status_changed(self, job: Job) -> None:
         self._events.publish(f"|jobs|status|{job.id}", job.info())

@@ -9,6 +9,7 @@ there, so the services below see only bytes or
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -72,13 +73,22 @@ async def send_stream(request: web.Request, response: web.StreamResponse, jobs: 
     """Send `response` with the body `chunks(job)` yields, written by a job whose id
     the Task-Id header names (so Host.getJobs shows the transfer and its bytes)."""
 
+    prepared = asyncio.Event()
+
     async def body(job: Job) -> None:
+        await prepared.wait()  # the job runs while `start` writes its record
         async for chunk in chunks(job):
             await response.write(chunk)
 
     job = await jobs.start(body, description=description, verb=verb)
     response.headers["Task-Id"] = job.id
-    await response.prepare(request)
+    try:
+        await response.prepare(request)
+    except BaseException:
+        job.abort()  # the client is gone: nothing to send to
+        raise
+    finally:
+        prepared.set()
     await job.wait()
     if job.error is not None:
         # The status line is gone already: a short body is the only honest signal left,

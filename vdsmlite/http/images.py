@@ -119,7 +119,7 @@ async def handle_put(request: PutRequest, doors: common.StreamDoors) -> Reply:
                                            check_xml=strict)
 
     job = await doors.jobs.start(transfer, description=f"write image {img} from HTTP PUT",
-                           verb="Image.downloadFromStream")
+                                 verb="Image.downloadFromStream")
     await job.wait()
     if job.error is not None:
         log.warning("PUT / into %s/%s failed: %s", sd, img, job.error)

@@ -69,7 +69,7 @@ async def handle_put(request: PutRequest, doors: common.StreamDoors, segment: st
                                       check_xml=strict, wait_index=wait_index)
 
     job = await doors.jobs.start(upload, description=f"upload OVF_STORE of {sd}",
-                           verb="StorageDomain.uploadOVFStore")
+                                 verb="StorageDomain.uploadOVFStore")
     await job.wait()
     if job.error is not None:
         status, code, message = common.error_status(job.error)

@@ -26,13 +26,14 @@ writers overwrite it rather than the store that still reads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,9 +174,12 @@ class OvfIndex:
     # --- after a commit ------------------------------------------------------------------
 
     def after_commit(self, dom: Domain, store: ovfstore.Store,
-                     summary: tarstream.ArchiveSummary) -> None:
-        """Index a store just written and validated (`summary` from its scan)."""
-        self._start(dom, store, summary)
+                     summary: tarstream.ArchiveSummary,
+                     held: volumestream.Held | None = None) -> None:
+        """Index a store just written and validated (`summary` from its scan); `held`:
+        its volume, prepared by the writer for the index (released when it is built,
+        or fails)."""
+        self._start(dom, store, summary, held=held)
 
     def put(self, dom: Domain, contents: StoreContents) -> None:
         """Take the index of a store made here without parsing it (an edit's: see
@@ -216,7 +220,8 @@ class OvfIndex:
 
     def _start(self, dom: Domain, store: ovfstore.Store,
                summary: tarstream.ArchiveSummary | None,
-               kept: StoreContents | None = None) -> asyncio.Future[StoreContents]:
+               kept: StoreContents | None = None, *,
+               held: volumestream.Held | None = None) -> asyncio.Future[StoreContents]:
         key = store_key(dom.uuid, store)
         result: asyncio.Future[StoreContents] = asyncio.get_running_loop().create_future()
         self._building[key] = result
@@ -225,13 +230,16 @@ class OvfIndex:
 
         async def body(job: Job) -> dict[str, Any]:
             try:
-                contents, fresh = await self._build(dom, store, summary, kept, job)
-                built.append(contents)
-                result.set_result(contents)  # readers need not wait for the disk
-                if fresh:
-                    # Kept on disk within the job: when the job ends, the daemon's
-                    # work for this store has ended too.
-                    await self._run_blocking(self._save, dom, key, contents)
+                async with self._opened(dom, store, held) as volume:
+                    contents, fresh = await self._build(dom, store, summary, kept, job,
+                                                        volume=volume)
+                    built.append(contents)
+                    result.set_result(contents)  # readers need not wait for the disk
+                    if fresh:
+                        # Kept on disk within the job: when the job ends, the daemon's
+                        # work for this store has ended too. The volume is still
+                        # prepared for the archive's digest, if it is read.
+                        await self._run_blocking(self._save, dom, key, contents, volume)
             except (tarstream.TarError, OvfError) as e:
                 # What a store that does not read looks like: a failed job, not a crash.
                 raise errors.InvalidOvfStore(f"OVF_STORE {store.vol}: {e}") from e
@@ -246,6 +254,8 @@ class OvfIndex:
 
         async def finish() -> None:
             await job.wait()
+            if held is not None:
+                await held.release(self._run_blocking)  # if the job never ran
             self._building.pop(key, None)
             if job.error is None or result.done():
                 return  # built (a failure to keep it on disk is only logged)
@@ -266,41 +276,40 @@ class OvfIndex:
 
     async def _build(self, dom: Domain, store: ovfstore.Store,
                      summary: tarstream.ArchiveSummary | None, kept: StoreContents | None,
-                     job: Job) -> tuple[StoreContents, bool]:
+                     job: Job, *, volume: OpenVolume) -> tuple[StoreContents, bool]:
         """Index the store (`summary`: its scan, if it was just written here; `kept`:
         its index as kept on disk, believed only if the store's bytes are still the
         ones indexed); (the index, whether it is new: not yet kept on disk)."""
         assert store.size is not None
         started = time.monotonic()
-        async with volumestream.opened(dom, store.img, store.vol, self._run_blocking) as volume:
-            # bytes_done: the store's bytes read once (a scan and the parsers each count
-            # for half when both read it).
-            scanned = summary is None
-            if summary is None:
-                summary = await self._run_blocking(self._scan, volume, store.size, job)
-            if kept is not None and kept.crc32 == summary.crc32:
-                self._remember(store_key(dom.uuid, store), kept)
-                log.info("OVF_STORE %s/%s of %s: kept index of %d entities checked in "
-                         "%.2fs", store.img, store.vol, dom.uuid, len(kept.entities),
-                         time.monotonic() - started)
-                return kept, False
-            if kept is not None:
-                log.warning("OVF_STORE %s/%s of %s changed since it was indexed (same "
-                            "Last Updated and Size, other bytes); indexing it again",
-                            store.img, store.vol, dom.uuid)
-            contents = StoreContents(store, info=summary.info, crc32=summary.crc32)
-            bounds = [*summary.splits, summary.members_end]
-            ranges = list(itertools.pairwise(bounds))
-            futures = [asyncio.wrap_future(self._workers.index(str(volume.path), start, end,
-                                                               volume.block_size))
-                       for start, end in ranges]
-            try:
-                for (_, end), future in zip(ranges, futures, strict=True):
-                    _file(contents, await future)
-                    job.update(bytes_done=(store.size + end) // 2 if scanned else end)
-            finally:
-                for future in futures:
-                    future.cancel()
+        # bytes_done: the store's bytes read once (a scan and the parsers each count
+        # for half when both read it).
+        scanned = summary is None
+        if summary is None:
+            summary = await self._run_blocking(self._scan, volume, store.size, job)
+        if kept is not None and kept.crc32 == summary.crc32:
+            self._remember(store_key(dom.uuid, store), kept)
+            log.info("OVF_STORE %s/%s of %s: kept index of %d entities checked in "
+                     "%.2fs", store.img, store.vol, dom.uuid, len(kept.entities),
+                     time.monotonic() - started)
+            return kept, False
+        if kept is not None:
+            log.warning("OVF_STORE %s/%s of %s changed since it was indexed (same "
+                        "Last Updated and Size, other bytes); indexing it again",
+                        store.img, store.vol, dom.uuid)
+        contents = StoreContents(store, info=summary.info, crc32=summary.crc32)
+        bounds = [*summary.splits, summary.members_end]
+        ranges = list(itertools.pairwise(bounds))
+        futures = [asyncio.wrap_future(self._workers.index(str(volume.path), start, end,
+                                                           volume.block_size))
+                   for start, end in ranges]
+        try:
+            for (_, end), future in zip(ranges, futures, strict=True):
+                _file(contents, await future)
+                job.update(bytes_done=(store.size + end) // 2 if scanned else end)
+        finally:
+            for future in futures:
+                future.cancel()
         contents.set_statuses(summary.metadata)
         key = store_key(dom.uuid, store)
         self._remember(key, contents)
@@ -315,6 +324,21 @@ class OvfIndex:
             "storagedomainID": dom.uuid, **contents.describe(), **contents.report(),
             "seconds": round(elapsed, 3)})
         return contents, True
+
+    @contextlib.asynccontextmanager
+    async def _opened(self, dom: Domain, store: ovfstore.Store,
+                      held: volumestream.Held | None) -> AsyncIterator[OpenVolume]:
+        """The store's volume for the build: the one its writer held for it, or
+        prepared here."""
+        if held is None:
+            async with volumestream.opened(dom, store.img, store.vol,
+                                           self._run_blocking) as volume:
+                yield volume
+            return
+        try:
+            yield held.volume
+        finally:
+            await held.release(self._run_blocking)
 
     @staticmethod
     def _scan(volume: OpenVolume, size: int, job: Job) -> tarstream.ArchiveSummary:
@@ -352,13 +376,15 @@ class OvfIndex:
             return None
         return self._dir / f"{sd}.{vol}.json"
 
-    def _save(self, dom: Domain, key: StoreKey, contents: StoreContents) -> None:
+    def _save(self, dom: Domain, key: StoreKey, contents: StoreContents,
+              volume: OpenVolume | None = None) -> None:
+        """Keep the index on disk (`volume`: the store's, prepared, for its digest)."""
         path = self._path(key)
         if path is None:
             return
         try:
             if contents.crc32 is None:
-                contents.crc32 = _digest(dom, contents.store)
+                contents.crc32 = _digest(dom, contents.store, volume)
         except (OSError, errors.VdsmError) as e:
             log.warning("cannot keep the index of OVF_STORE %s: %s", key[2], e)
             return
@@ -409,13 +435,16 @@ def _file(contents: StoreContents, members: list[IndexedMember]) -> None:
             contents.invalid[name[:-4].lower()] = str(result)
 
 
-def _digest(dom: Domain, store: ovfstore.Store) -> int:
-    """crc32 of the store's archive (its Size bytes), read back with O_DIRECT."""
+def _digest(dom: Domain, store: ovfstore.Store, volume: OpenVolume | None = None) -> int:
+    """crc32 of the store's archive (its Size bytes), read back with O_DIRECT from
+    `volume`, or from the store's volume prepared here."""
     assert store.size is not None
+    if volume is None:
+        with dom.opened(store.img, store.vol) as opened:
+            return _digest(dom, store, opened)
     crc = 0
-    with dom.opened(store.img, store.vol) as volume:
-        for chunk in streamio.read_chunks(str(volume.path), store.size, volume.block_size):
-            crc = zlib.crc32(chunk, crc)
+    for chunk in streamio.read_chunks(str(volume.path), store.size, volume.block_size):
+        crc = zlib.crc32(chunk, crc)
     return crc
 
 

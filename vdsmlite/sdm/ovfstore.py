@@ -118,23 +118,35 @@ class OvfService:
                 description=ovfstore.description(sd_uuid, updated=False,
                                                  last_updated=target.last_updated))
             timings = streamio.Timings()
-            size, summary = await self.write_store(dom, target.img, target.vol, body, job,
-                                                   capacity=target.capacity, validate=True,
-                                                   lease=lease, check_xml=check_xml,
-                                                   timings=timings, state=state)
-            assert summary is not None
-            # Durable and validated, still Updated:false.
-            failpoints.hit("ovfstore.commit.after_fdatasync")
-            stamp = ovfstore.next_stamp(stores)
-            text = ovfstore.description(sd_uuid, updated=True, size=size, last_updated=stamp)
-            await self._run_blocking(dom.update_read_volume, state, description=text)
-            failpoints.hit("ovfstore.commit.after_updated")
-            committed = ovfstore.Store(target.img, target.vol, target.capacity,
-                                       ovfstore.parse_description(text) or {})
-            if index is not None:
-                index(committed, summary)
-            else:
-                self._index.after_commit(dom, committed, summary)
+            # The index job's preparation, made while the upload's is there too and
+            # still under the lock and lease: on a block domain the job then runs no
+            # lvs and maps no loop device of its own.
+            held = (await volumestream.hold(dom, state, self._run_blocking)
+                    if index is None else None)
+            try:
+                size, summary = await self.write_store(dom, target.img, target.vol, body, job,
+                                                       capacity=target.capacity,
+                                                       validate=True, lease=lease,
+                                                       check_xml=check_xml, timings=timings,
+                                                       state=state)
+                assert summary is not None
+                # Durable and validated, still Updated:false.
+                failpoints.hit("ovfstore.commit.after_fdatasync")
+                stamp = ovfstore.next_stamp(stores)
+                text = ovfstore.description(sd_uuid, updated=True, size=size,
+                                            last_updated=stamp)
+                await self._run_blocking(dom.update_read_volume, state, description=text)
+                failpoints.hit("ovfstore.commit.after_updated")
+                committed = ovfstore.Store(target.img, target.vol, target.capacity,
+                                           ovfstore.parse_description(text) or {})
+                if index is not None:
+                    index(committed, summary)
+                else:
+                    self._index.after_commit(dom, committed, summary, held)
+                    held = None  # the index job's to release
+            finally:
+                if held is not None:
+                    await held.release(self._run_blocking)
             elapsed = time.monotonic() - start
             # Before the volume is written: the upload lock, the SDM lease, the stores'
             # scan and which of them is readable.
@@ -278,8 +290,8 @@ class OvfService:
         async def body(job: Job) -> dict[str, Any]:
             return await self.replace_entity(sd_uuid, entity_id, ovf, job)
 
-        job = await self._jobs.start(body, description=f"{what} OVF of {entity_id} on {sd_uuid}",
-                               verb=verb)
+        job = await self._jobs.start(
+            body, description=f"{what} OVF of {entity_id} on {sd_uuid}", verb=verb)
         await job.wait()
         if job.error is not None:
             raise job.error

@@ -109,8 +109,10 @@ class SpmService:
                         f"maxHostID={max_host_id}, domVersion={dom_version}: {e}") from e
                 raise
 
-        role.job = await self._jobs.start(body, description=f"spmStart of pool {sp_uuid}",
-                                    verb="StoragePool.spmStart")
+        # Launched, then waited for: spmStop may come while its record is written.
+        role.job = self._jobs.launch(body, description=f"spmStart of pool {sp_uuid}",
+                                     verb="StoragePool.spmStart")
+        await role.job.recorded()
         return role.job.id
 
     async def _acquire(self, role: _Role, master: Domain, prev_id: int, prev_lver: int,
