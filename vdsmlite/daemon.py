@@ -37,6 +37,7 @@ from vdsmlite import __version__, config, http, logs
 from vdsmlite.api import build_handlers
 from vdsmlite.blocking import RunBlocking
 from vdsmlite.errors import InvalidConfiguration
+from vdsmlite.gcwatch import GcWatch
 from vdsmlite.http import wire
 from vdsmlite.http.common import DOORS, StreamDoors
 from vdsmlite.http.putserver import PutProtocol
@@ -202,6 +203,8 @@ class Daemon:
             d.mkdir(parents=True, exist_ok=True)
 
         services = Services(cfg)
+        gc_watch = GcWatch(services.metrics.gc_pauses)
+        gc_watch.install()
         # Armed before serving: from now on a fence request can reset this host.
         try:
             await services.watchdog.start()
@@ -264,6 +267,7 @@ class Daemon:
                 with contextlib.suppress(FileNotFoundError):
                     self._own_socket.unlink()
             await self.notifier.close()
+            gc_watch.uninstall()
             log.info("vdsmlite stopped")
 
     async def _listen(self, runner: web.AppRunner, factory: _Detecting) -> None:

@@ -52,6 +52,10 @@ class Metrics:
             ["reason"], registry=r)
         self.events_published = Counter(
             "vdsmlite_events_published", "Events published on the bus", registry=r)
+        self.gc_pauses = Histogram(
+            "vdsmlite_gc_pause_seconds",
+            "Cyclic garbage collections by generation (the daemon waits through each)",
+            ["generation"], buckets=_LATENCY_BUCKETS, registry=r)
 
     def calls_in_flight(self) -> int:
         """JSON-RPC calls executing now (Host.getStats reports it), from the gauge the
