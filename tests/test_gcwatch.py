@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import weakref
 
 import pytest
 from prometheus_client import CollectorRegistry, Histogram
@@ -42,31 +41,3 @@ def test_every_collection_is_timed_and_a_long_one_logged(
     before = registry.get_sample_value("pauses_count", {"generation": "2"})
     gc.collect(2)
     assert registry.get_sample_value("pauses_count", {"generation": "2"}) == before
-
-
-def test_settling_freezes_what_lives_and_thaws_it_once_an_interval(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    class Node:
-        def __init__(self) -> None:
-            self.other: Node | None = None
-
-    kept = [Node() for _ in range(100)]  # data the daemon keeps
-    try:
-        gcwatch.settle()
-        assert gcwatch.frozen() >= len(kept)
-        assert not any(o is kept[0] for o in gc.get_objects())  # not walked any more
-        # A cycle that becomes garbage once frozen is missed by collections...
-        a, b = Node(), Node()
-        a.other, b.other = b, a
-        gone = weakref.ref(a)
-        gcwatch.settle()
-        del a, b
-        gc.collect()
-        assert gone() is not None
-        # ...until the interval's full collection, which thaws everything first.
-        monkeypatch.setattr(gcwatch, "_last_reset", 0.0)
-        gcwatch.settle()
-        assert gone() is None
-        assert gcwatch.frozen() >= len(kept)  # and frozen again after it
-    finally:
-        gc.unfreeze()

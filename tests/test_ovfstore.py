@@ -678,27 +678,3 @@ def test_a_block_uploads_index_reuses_the_volume_the_upload_prepared(
         assert commands.count(("losetup", "find")) == 1, commands
         assert commands.count(("losetup", "detach")) == 1, commands  # released once
         assert get_store(a, dom.sd)[2] == tar
-
-
-def _frozen_objects(agent: Any) -> float:
-    import urllib.request  # noqa: PLC0415
-
-    assert agent.url is not None
-    with urllib.request.urlopen(f"{agent.url}/metrics", timeout=30) as r:
-        text = r.read().decode()
-    (value,) = re.findall(r"^vdsmlite_gc_frozen_objects (\S+)$", text, re.MULTILINE)
-    return float(value)
-
-
-def test_a_built_index_is_kept_out_of_the_garbage_collectors_walks(
-        domains: SharedDomains) -> None:
-    # Every full collection walks every object the collector tracks, the whole daemon
-    # waiting: an index kept in memory (a million objects at 88,000 entities) is
-    # frozen once built, so collections walk only what came after it.
-    with domains.lend("localfs") as dom:
-        a = dom.agent
-        before = _frozen_objects(a)
-        tar, _ = make_store(dom.sd, 500)
-        status, reply = put_store(a, dom.sd, tar, query="wait=index")
-        assert status == 200 and reply["index"]["entities"] == 500, reply
-        assert _frozen_objects(a) >= before + 500  # at least each entity's record

@@ -33,7 +33,7 @@ from typing import Any
 
 from aiohttp import web
 
-from vdsmlite import __version__, config, gcwatch, http, logs
+from vdsmlite import __version__, config, http, logs
 from vdsmlite.api import build_handlers
 from vdsmlite.blocking import RunBlocking
 from vdsmlite.errors import InvalidConfiguration
@@ -205,10 +205,6 @@ class Daemon:
         services = Services(cfg)
         gc_watch = GcWatch(services.metrics.gc_pauses)
         gc_watch.install()
-        services.metrics.add_gauge(
-            "vdsmlite_gc_frozen_objects",
-            "Objects kept out of the garbage collector's walks (built indexes)",
-            lambda: float(gcwatch.frozen()))
         # Armed before serving: from now on a fence request can reset this host.
         try:
             await services.watchdog.start()

@@ -40,7 +40,7 @@ from typing import Any
 
 import orjson
 
-from vdsmlite import errors, fsutil, gcwatch
+from vdsmlite import errors, fsutil
 from vdsmlite.blocking import RunBlocking
 from vdsmlite.ids import parse_uuid
 from vdsmlite.jobs import Job, JobRegistry
@@ -306,9 +306,6 @@ class OvfIndex:
         try:
             for (_, end), future in zip(ranges, futures, strict=True):
                 _file(contents, await future)
-                # Settled as it grows: every full collection during the build would
-                # walk all of it so far (7 of 0.15-0.6 s a build of 88,000, measured).
-                gcwatch.settle()
                 job.update(bytes_done=(store.size + end) // 2 if scanned else end)
         finally:
             for future in futures:
@@ -369,9 +366,6 @@ class OvfIndex:
         self._memory.move_to_end(key)
         while len(self._memory) > self.CACHE_ENTRIES:
             self._memory.popitem(last=False)
-        # A million objects an 88,000-entity index, kept for long: walked by every
-        # full collection (0.1-1.2 s each, the whole daemon waiting) unless settled.
-        gcwatch.settle()
 
     # --- on disk ---------------------------------------------------------------------------
 
