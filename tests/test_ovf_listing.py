@@ -22,7 +22,7 @@ def contents(*names: str) -> StoreContents:
     index = StoreContents(store)
     for name in names:
         entity_id = str(uuid.uuid4())
-        index.entities[entity_id] = {"id": entity_id, "name": name}
+        index.entities.add({"id": entity_id, "name": name})
     index.invalid["0f0e7f63-5e67-4b1c-9d8f-2e1d1a1c6b01"] = "not well-formed"
     return index
 

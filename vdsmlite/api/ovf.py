@@ -41,9 +41,8 @@ class OvfApi:
 
         An index never changes once made (an edit or an upload makes a new one),
         so its listing is the same bytes until then. Encoding it again per call
-        cost a sort and 10,000 dicts walked; worse, in a daemon holding large
-        indexes, the garbage collector's full passes over them (millions of
-        objects) that those allocations set off.
+        would cost a sort and a copy of every summary (kept as JSON: see
+        `sdm.entityset`) each time.
         """
         self._trim()
         kept = self._listings.get(sd_uuid)
@@ -52,7 +51,7 @@ class OvfApi:
             return kept[1]
         listing = Encoded({
             "store": contents.describe(), "lastUpdated": contents.store.last_updated,
-            "entities": sorted(contents.entities.values(), key=lambda e: e["id"]),
+            "entities": contents.entities.fragments(),
             "invalidEntities": [{"id": entity_id, "error": why}
                                 for entity_id, why in sorted(contents.invalid.items())]})
         self._listings[sd_uuid] = (weakref.ref(contents), listing)

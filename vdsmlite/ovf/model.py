@@ -12,8 +12,11 @@ This is the floor of the package: no XML, no I/O, so every other room (the gate 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 # How much of a value an error message may quote: the input is untrusted and may be
 # huge, so errors say what is wrong without echoing it.
@@ -27,6 +30,15 @@ class OvfError(ValueError):
 def excerpt(text: str) -> str:
     """`text` cut short enough to quote in an `OvfError`."""
     return text if len(text) <= _EXCERPT else text[:_EXCERPT] + "..."
+
+
+def encode_summary(summary: dict[str, Any]) -> bytes:
+    """A summary (`Entity.to_dict()`) as compact JSON: how an index keeps it
+    (`sdm.entityset`). One line: JSON strings escape their newlines."""
+    try:
+        return orjson.dumps(summary)
+    except TypeError:  # an integer beyond 64 bits (a hostile OVF's disk size)
+        return json.dumps(summary, separators=(",", ":")).encode()
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,7 +37,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from vdsmlite.ovf import tarstream
-from vdsmlite.ovf.model import OvfError
+from vdsmlite.ovf.model import OvfError, encode_summary
 from vdsmlite.ovf.reader import parse
 from vdsmlite.ovf.safexml import OvfValidator
 from vdsmlite.storage import streamio
@@ -47,10 +47,12 @@ log = logging.getLogger("vdsmlite.ovf.workers")
 # A summary, or why the document could not be summarized.
 Summary = dict[str, Any] | str
 
-# What indexing a byte range of a store yields, member by member in archive order:
-# (name, the summary or why there is none, where its header is, its size) for an
-# ``.ovf``; for a ``.json``, its bytes instead of a summary.
-IndexedMember = tuple[str, Summary | bytes, int, int]
+# What indexing a byte range of a store yields for each ``.ovf`` member, in archive
+# order: (its name without ".ovf", lower case; where its header is; its size; and
+# either (the entity's id, its summary as `encode_summary` JSON) or why it has none).
+# Bytes, not the summary's dicts: they cost less to ship, and the daemon keeps them
+# as they come (see `sdm.entityset`).
+IndexedMember = tuple[str, int, int, tuple[str, bytes] | str]
 
 
 class OvfWorkers:
@@ -217,11 +219,12 @@ def _members_in(buf: bytes, pos: int, end: int,
         data_end = pos + tarstream.BLOCK + header.size
         if data_end > end:
             raise OvfError(f"{header.name} runs past the end of its range")
-        data = buf[pos + tarstream.BLOCK:data_end]
         if header.name.endswith(".ovf"):
-            yield header.name, _summary(data), offset, header.size
-        else:
-            yield header.name, data, offset, header.size
+            summary = _summary(buf[pos + tarstream.BLOCK:data_end])
+            indexed = summary if isinstance(summary, str) else \
+                (summary["id"], encode_summary(summary))
+            yield header.name[:-4].lower(), offset, header.size, indexed
+        # info.json and metadata.json: the daemon has them from the archive's scan
         step = tarstream.BLOCK + header.size + (-header.size % tarstream.BLOCK)
         pos += step
         offset += step

@@ -64,7 +64,7 @@ def build(sd_uuid: str, scanned: dict[str, dict[str, VolumeState]],
     # image id -> (entity, disk) from the store's summaries
     owners: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
     if contents is not None:
-        for entity in sorted(contents.entities.values(), key=lambda e: e["id"]):
+        for entity in contents.entities.summaries():
             for disk in entity.get("disks", []):
                 if disk.get("imageId"):
                     owners.setdefault(disk["imageId"], (entity, disk))

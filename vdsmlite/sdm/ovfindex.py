@@ -47,13 +47,15 @@ from vdsmlite.jobs import Job, JobRegistry
 from vdsmlite.ovf import tarstream
 from vdsmlite.ovf.model import OvfError
 from vdsmlite.ovf.workers import IndexedMember, OvfWorkers
+from vdsmlite.sdm.entityset import EntitySet
 from vdsmlite.storage import ovfstore, streamio, volumestream
 from vdsmlite.storage.sd import Domain, OpenVolume
 
 log = logging.getLogger("vdsmlite.sdm.ovfindex")
 
 INDEXED_EVENT = "|ovfstore|indexed|"
-FORMAT = 1
+# 2: one summary per line after the record (1: the summaries inside it, as dicts)
+FORMAT = 2
 # Failures named in the event and the upload reply; the listing has all of them.
 FAILURES_NAMED = 100
 
@@ -76,7 +78,7 @@ class StoreContents:
     # of the archive's bytes (ArchiveSummary.crc32): an index kept on disk is checked
     # against the store with it
     crc32: int | None = None
-    entities: dict[str, dict[str, Any]] = field(default_factory=dict)
+    entities: EntitySet = field(default_factory=EntitySet)
     statuses: dict[str, Any] = field(default_factory=dict)
     # <uuid>.ovf members that are not a readable OVF: id -> why
     invalid: dict[str, str] = field(default_factory=dict)
@@ -103,10 +105,10 @@ class StoreContents:
         """The index of `store`, written as this one's store with one entity replaced
         (or removed: `entity` None) - `summary` is its scan."""
         contents = StoreContents(store, info=summary.info)
-        contents.entities = {k: dict(v) for k, v in self.entities.items() if k != entity_id}
+        contents.entities = self.entities.without(entity_id)
         contents.invalid = {k: v for k, v in self.invalid.items() if k != entity_id}
         if entity is not None:
-            contents.entities[entity_id] = dict(entity)
+            contents.entities.add(entity)
         contents.set_statuses(summary.metadata)
         return contents
 
@@ -115,8 +117,7 @@ class StoreContents:
             statuses = metadata.get("VM Status")
             if isinstance(statuses, dict):
                 self.statuses = {str(k).lower(): v for k, v in statuses.items()}
-        for entity_id, entity in self.entities.items():
-            entity["status"] = self.statuses.get(entity_id)
+        self.entities.set_statuses(self.statuses)
 
 
 class UnreadableStore(Exception):
@@ -356,7 +357,7 @@ class OvfIndex:
         # Readers want a domain's newest store; an older one only if the newest stops
         # reading, and then its kept index loads from disk. So older stores' indexes
         # (and earlier versions of this volume's) are dropped, not left to age out: one
-        # of 88,000 entities holds 300 MiB.
+        # of 88,000 entities holds ~100 MiB.
         newer = contents.store.sort_key()
         for old in [k for k, c in self._memory.items()
                     if k[0] == key[0] and k != key and
@@ -388,13 +389,18 @@ class OvfIndex:
         except (OSError, errors.VdsmError) as e:
             log.warning("cannot keep the index of OVF_STORE %s: %s", key[2], e)
             return
+        # One line of everything but the summaries, then one line per summary, as the
+        # index keeps them (see `EntitySet`): loading splits the lines and parses none,
+        # so their crc32 is kept to tell that they are the lines written.
+        summaries = b"\n".join(contents.entities.encoded())
         record = {"format": FORMAT, "key": list(key), "crc32": contents.crc32,
-                  "info": contents.info,
-                  "statuses": contents.statuses, "entities": list(contents.entities.values()),
-                  "invalid": contents.invalid, "members": contents.members}
+                  "info": contents.info, "statuses": contents.statuses,
+                  "invalid": contents.invalid, "members": contents.members,
+                  "ids": contents.entities.ids(), "summaries_crc32": zlib.crc32(summaries)}
         try:
+            data = _encode(record) + b"\n" + summaries
             self._dir.mkdir(parents=True, exist_ok=True)
-            fsutil.write_file_durably(path, _encode(record))
+            fsutil.write_file_durably(path, data)
         except (OSError, TypeError) as e:
             # Only costs a rebuild after the next restart.
             log.warning("cannot keep the index of OVF_STORE %s: %s", key[2], e)
@@ -404,7 +410,8 @@ class OvfIndex:
         if path is None:
             return None
         try:
-            record = orjson.loads(path.read_bytes())
+            head, _, summaries = path.read_bytes().partition(b"\n")
+            record = orjson.loads(head)
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as e:
@@ -412,27 +419,32 @@ class OvfIndex:
             return None
         if not isinstance(record, dict) or record.get("format") != FORMAT or \
                 record.get("key") != list(key):
-            return None  # another version of the store: rebuilt
+            return None  # another version of the store, or of this index: rebuilt
         crc32 = record.get("crc32")
-        if not isinstance(crc32, int):
+        ids = record.get("ids")
+        if not isinstance(crc32, int) or not isinstance(ids, list):
+            return None
+        try:
+            if zlib.crc32(summaries) != record.get("summaries_crc32"):
+                raise ValueError("its summaries are not the ones written")
+            entities = EntitySet.from_encoded(ids, summaries.split(b"\n") if ids else [])
+        except ValueError as e:
+            log.warning("ignoring the kept index %s: %s", path, e)
             return None
         contents = StoreContents(store, crc32=crc32, info=record.get("info"),
-                                 statuses=record.get("statuses") or {},
-                                 invalid=record.get("invalid") or {})
-        contents.entities = {entity["id"]: entity for entity in record.get("entities") or []}
+                                 entities=entities, invalid=record.get("invalid") or {})
+        contents.set_statuses({"VM Status": record.get("statuses") or {}})
         contents.members = {k: (v[0], v[1]) for k, v in (record.get("members") or {}).items()}
         return contents
 
 
 def _file(contents: StoreContents, members: list[IndexedMember]) -> None:
-    for name, result, offset, size in members:
-        if not name.endswith(".ovf"):
-            continue  # info.json and metadata.json came with the scan
-        contents.members[name[:-4].lower()] = (offset, size)
-        if isinstance(result, dict):
-            contents.entities[result["id"]] = result
+    for member_id, offset, size, indexed in members:
+        contents.members[member_id] = (offset, size)
+        if isinstance(indexed, str):
+            contents.invalid[member_id] = indexed
         else:
-            contents.invalid[name[:-4].lower()] = str(result)
+            contents.entities.add_encoded(*indexed)
 
 
 def _digest(dom: Domain, store: ovfstore.Store, volume: OpenVolume | None = None) -> int:

@@ -428,7 +428,7 @@ def _referenced(contents: StoreContents | None) -> set[str]:
     claimed: set[str] = set()
     if contents is None:
         return claimed
-    for entity in contents.entities.values():
+    for entity in contents.entities.summaries():
         for disk in entity.get("disks", []):
             if disk.get("imageId"):
                 claimed.add(disk["imageId"])
