@@ -106,13 +106,13 @@ def saved(tmp_path: Path) -> tuple[OvfIndex, Store, StoreContents]:
                   {"Updated": True, "Size": 10240,
                    "Last Updated": "Thu Feb 18 00:23:07 UTC 2016"})
     vm, other = summary("vm"), summary("other")
-    contents = StoreContents(store, crc32=1234, entities=filled(vm, other),
+    contents = StoreContents(store, digest="1234", entities=filled(vm, other),
                              invalid={str(uuid.uuid4()): "not well-formed"})
     contents.members = {vm["id"]: (512, 100), other["id"]: (1536, 200)}
     contents.set_statuses({"VM Status": {vm["id"].upper(): 2}})
     index = kept_index(tmp_path)
     sd = str(uuid.uuid4())
-    index._save(None, store_key(sd, store), contents)  # type: ignore[arg-type]
+    index._save(store_key(sd, store), contents)
     return index, store, contents
 
 
@@ -124,9 +124,9 @@ def test_an_index_kept_on_disk_loads_as_it_was(tmp_path: Path) -> None:
     assert loaded is not None
     assert list(loaded.entities.summaries()) == list(contents.entities.summaries())
     assert loaded.invalid == contents.invalid and loaded.members == contents.members
-    assert loaded.statuses == contents.statuses and loaded.crc32 == 1234
+    assert loaded.statuses == contents.statuses and loaded.digest == "1234"
     # Another version of the store (its Last Updated) has no kept index.
-    assert index._load(key[:4] + ("Fri Feb 19 00:23:07 UTC 2016",), store) is None
+    assert index._load((*key[:4], "Fri Feb 19 00:23:07 UTC 2016"), store) is None
 
 
 def test_an_empty_index_is_kept_too(tmp_path: Path) -> None:
@@ -134,7 +134,7 @@ def test_an_empty_index_is_kept_too(tmp_path: Path) -> None:
                   {"Updated": True, "Size": 10240, "Last Updated": "now"})
     index = kept_index(tmp_path)
     key = store_key(str(uuid.uuid4()), store)
-    index._save(None, key, StoreContents(store, crc32=7))  # type: ignore[arg-type]
+    index._save(key, StoreContents(store, digest="7"))
     loaded = index._load(key, store)
     assert loaded is not None and len(loaded.entities) == 0
 

@@ -654,10 +654,10 @@ _COMMAND = re.compile(r"vdsmlite\.storage\.commands (?:\[req=[^\]]*\] )?(\S+)(?:
 
 def test_a_block_uploads_index_reuses_the_volume_the_upload_prepared(
         domains: SharedDomains) -> None:
-    # An upload prepares its store's volume once for itself and its index job (the
-    # index and the archive's digest kept with it on disk): one lvs (the stores'
-    # scan) and one loop device an upload. The index job used to find the LV and map
-    # it again after the upload had let it go, and once more for the digest.
+    # An upload prepares its store's volume once for itself and its index job: one
+    # lvs (the stores' scan) and one loop device an upload. The index job used to find
+    # the LV and map it again after the upload had let it go, and once more to read
+    # the whole store back for its digest (now computed as it is written).
     with domains.lend("block-512") as dom:
         a = dom.agent
         tar, _ = make_store(dom.sd, 3)

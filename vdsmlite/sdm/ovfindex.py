@@ -31,7 +31,6 @@ import itertools
 import json
 import logging
 import time
-import zlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import xxhash
 
 from vdsmlite import errors, fsutil
 from vdsmlite.blocking import RunBlocking
@@ -54,7 +54,8 @@ from vdsmlite.storage.sd import Domain, OpenVolume
 log = logging.getLogger("vdsmlite.sdm.ovfindex")
 
 INDEXED_EVENT = "|ovfstore|indexed|"
-# 2: one summary per line after the record (1: the summaries inside it, as dicts)
+# 2: one summary per line after the record, XXH3 digests (1: the summaries inside it,
+# as dicts; crc32)
 FORMAT = 2
 # Failures named in the event and the upload reply; the listing has all of them.
 FAILURES_NAMED = 100
@@ -75,9 +76,9 @@ class StoreContents:
     """A store's index."""
 
     store: ovfstore.Store
-    # of the archive's bytes (ArchiveSummary.crc32): an index kept on disk is checked
-    # against the store with it
-    crc32: int | None = None
+    # of the archive's bytes (ArchiveSummary.digest, computed as the store was written
+    # or scanned): an index kept on disk is checked against the store with it
+    digest: str | None = None
     entities: EntitySet = field(default_factory=EntitySet)
     statuses: dict[str, Any] = field(default_factory=dict)
     # <uuid>.ovf members that are not a readable OVF: id -> why
@@ -104,7 +105,7 @@ class StoreContents:
                entity_id: str, entity: dict[str, Any] | None) -> StoreContents:
         """The index of `store`, written as this one's store with one entity replaced
         (or removed: `entity` None) - `summary` is its scan."""
-        contents = StoreContents(store, info=summary.info)
+        contents = StoreContents(store, info=summary.info, digest=summary.digest)
         contents.entities = self.entities.without(entity_id)
         contents.invalid = {k: v for k, v in self.invalid.items() if k != entity_id}
         if entity is not None:
@@ -187,7 +188,7 @@ class OvfIndex:
         `StoreContents.edited`); kept on disk in the background."""
         key = store_key(dom.uuid, contents.store)
         self._remember(key, contents)
-        self._background(self._run_blocking(self._save, dom, key, contents))
+        self._background(self._run_blocking(self._save, key, contents))
 
     async def forget_domain(self, sd_uuid: str) -> None:
         """Drop what is kept of a domain that no longer exists (formatted): its
@@ -236,11 +237,10 @@ class OvfIndex:
                                                         volume=volume)
                     built.append(contents)
                     result.set_result(contents)  # readers need not wait for the disk
-                    if fresh:
-                        # Kept on disk within the job: when the job ends, the daemon's
-                        # work for this store has ended too. The volume is still
-                        # prepared for the archive's digest, if it is read.
-                        await self._run_blocking(self._save, dom, key, contents, volume)
+                if fresh:
+                    # Kept on disk within the job: when the job ends, the daemon's work
+                    # for this store has ended too.
+                    await self._run_blocking(self._save, key, contents)
             except (tarstream.TarError, OvfError) as e:
                 # What a store that does not read looks like: a failed job, not a crash.
                 raise errors.InvalidOvfStore(f"OVF_STORE {store.vol}: {e}") from e
@@ -288,7 +288,7 @@ class OvfIndex:
         scanned = summary is None
         if summary is None:
             summary = await self._run_blocking(self._scan, volume, store.size, job)
-        if kept is not None and kept.crc32 == summary.crc32:
+        if kept is not None and kept.digest == summary.digest:
             self._remember(store_key(dom.uuid, store), kept)
             log.info("OVF_STORE %s/%s of %s: kept index of %d entities checked in "
                      "%.2fs", store.img, store.vol, dom.uuid, len(kept.entities),
@@ -298,7 +298,7 @@ class OvfIndex:
             log.warning("OVF_STORE %s/%s of %s changed since it was indexed (same "
                         "Last Updated and Size, other bytes); indexing it again",
                         store.img, store.vol, dom.uuid)
-        contents = StoreContents(store, info=summary.info, crc32=summary.crc32)
+        contents = StoreContents(store, info=summary.info, digest=summary.digest)
         bounds = [*summary.splits, summary.members_end]
         ranges = list(itertools.pairwise(bounds))
         futures = [asyncio.wrap_future(self._workers.index(str(volume.path), start, end,
@@ -377,26 +377,23 @@ class OvfIndex:
             return None
         return self._dir / f"{sd}.{vol}.json"
 
-    def _save(self, dom: Domain, key: StoreKey, contents: StoreContents,
-              volume: OpenVolume | None = None) -> None:
-        """Keep the index on disk (`volume`: the store's, prepared, for its digest)."""
+    def _save(self, key: StoreKey, contents: StoreContents) -> None:
+        """Keep the index on disk."""
         path = self._path(key)
         if path is None:
             return
-        try:
-            if contents.crc32 is None:
-                contents.crc32 = _digest(dom, contents.store, volume)
-        except (OSError, errors.VdsmError) as e:
-            log.warning("cannot keep the index of OVF_STORE %s: %s", key[2], e)
+        if contents.digest is None:  # every store written or scanned here has one
+            log.warning("not keeping the index of OVF_STORE %s: no digest of its bytes",
+                        key[2])
             return
         # One line of everything but the summaries, then one line per summary, as the
         # index keeps them (see `EntitySet`): loading splits the lines and parses none,
-        # so their crc32 is kept to tell that they are the lines written.
+        # so their digest is kept to tell that they are the lines written.
         summaries = b"\n".join(contents.entities.encoded())
-        record = {"format": FORMAT, "key": list(key), "crc32": contents.crc32,
+        record = {"format": FORMAT, "key": list(key), "digest": contents.digest,
                   "info": contents.info, "statuses": contents.statuses,
                   "invalid": contents.invalid, "members": contents.members,
-                  "ids": contents.entities.ids(), "summaries_crc32": zlib.crc32(summaries)}
+                  "ids": contents.entities.ids(), "summaries": _digest(summaries)}
         try:
             data = _encode(record) + b"\n" + summaries
             self._dir.mkdir(parents=True, exist_ok=True)
@@ -420,18 +417,18 @@ class OvfIndex:
         if not isinstance(record, dict) or record.get("format") != FORMAT or \
                 record.get("key") != list(key):
             return None  # another version of the store, or of this index: rebuilt
-        crc32 = record.get("crc32")
+        digest = record.get("digest")
         ids = record.get("ids")
-        if not isinstance(crc32, int) or not isinstance(ids, list):
+        if not isinstance(digest, str) or not isinstance(ids, list):
             return None
         try:
-            if zlib.crc32(summaries) != record.get("summaries_crc32"):
+            if _digest(summaries) != record.get("summaries"):
                 raise ValueError("its summaries are not the ones written")
             entities = EntitySet.from_encoded(ids, summaries.split(b"\n") if ids else [])
         except ValueError as e:
             log.warning("ignoring the kept index %s: %s", path, e)
             return None
-        contents = StoreContents(store, crc32=crc32, info=record.get("info"),
+        contents = StoreContents(store, digest=digest, info=record.get("info"),
                                  entities=entities, invalid=record.get("invalid") or {})
         contents.set_statuses({"VM Status": record.get("statuses") or {}})
         contents.members = {k: (v[0], v[1]) for k, v in (record.get("members") or {}).items()}
@@ -447,17 +444,8 @@ def _file(contents: StoreContents, members: list[IndexedMember]) -> None:
             contents.entities.add_encoded(*indexed)
 
 
-def _digest(dom: Domain, store: ovfstore.Store, volume: OpenVolume | None = None) -> int:
-    """crc32 of the store's archive (its Size bytes), read back with O_DIRECT from
-    `volume`, or from the store's volume prepared here."""
-    assert store.size is not None
-    if volume is None:
-        with dom.opened(store.img, store.vol) as opened:
-            return _digest(dom, store, opened)
-    crc = 0
-    for chunk in streamio.read_chunks(str(volume.path), store.size, volume.block_size):
-        crc = zlib.crc32(chunk, crc)
-    return crc
+def _digest(data: bytes) -> str:
+    return xxhash.xxh3_128_hexdigest(data)
 
 
 def _encode(record: dict[str, Any]) -> bytes:

@@ -187,7 +187,7 @@ class OvfService:
         (every ``.ovf`` parsed too if `check_xml`), checking the lease before every
         buffer; (bytes written, what the archive holds)."""
         validator = (tarstream.TarValidator(
-            capacity, check_xml=self._workers.check if check_xml else None)
+            capacity, check_xml=self._workers.check if check_xml else None, digest=True)
             if validate else None)
         try:
             size = await volumestream.write(
