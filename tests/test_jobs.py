@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -125,6 +127,30 @@ def test_clear_and_lookup() -> None:
         with pytest.raises(errors.UnknownTask):
             await reg.clear(job.id)
     run(main())
+
+
+def test_a_cleared_job_is_freed_without_the_garbage_collector() -> None:
+    # No reference cycle through the job's cancel token: a job goes when the registry
+    # forgets it, not at the next full collection (which walks everything kept).
+    async def main() -> None:
+        reg = JobRegistry(EventBus())
+
+        async def body(job: Job) -> None:
+            await asyncio.to_thread(cancel.report_bytes, 512)
+
+        job = await reg.start(body, description="x", verb="v")
+        await job.wait()
+        assert job.bytes_done == 512  # the token still reports to its job
+        gone = weakref.ref(job)
+        await reg.clear(job.id)
+        del job
+        assert gone() is None
+
+    gc.disable()
+    try:
+        run(main())
+    finally:
+        gc.enable()
 
 
 def test_filters_and_duplicate_ids() -> None:

@@ -39,6 +39,7 @@ import json
 import logging
 import time
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,17 @@ class RecordedError(errors.VdsmError):
         return {"code": self._code, "message": self._message}
 
 
+def _bytes_reporter(job: weakref.ref[Job]) -> Callable[[int], None]:
+    """The token's way back to its job, by a weak reference: the job holds the token,
+    so a strong one would put every job in a reference cycle, freed only by the
+    garbage collector's full passes instead of when the registry forgets it."""
+    def report(done: int) -> None:
+        alive = job()
+        if alive is not None:
+            alive.update(bytes_done=done)
+    return report
+
+
 class Job:
     def __init__(
         self,
@@ -121,7 +133,7 @@ class Job:
         self._recorded: concurrent.futures.Future[None] | None = None  # see `recorded`
         # Cancelled by abort(); the blocking work checks it (see vdsmlite.cancel).
         self.cancel_token = cancel.CancelToken()
-        self.cancel_token.on_bytes = lambda n: self.update(bytes_done=n)
+        self.cancel_token.on_bytes = _bytes_reporter(weakref.ref(self))
 
     # --- called by the job body -------------------------------------------
 
