@@ -42,7 +42,11 @@ in one run:
   ``--runs``: warm in the daemon that took all the uploads (every index it
   built still in memory), cold after an agent restart (the index kept on disk;
   the bench says whether it was loaded or rebuilt) and warm again (the second
-  call after that restart).
+  call after that restart);
+* untargeted, the file domain's upload over TLS (``--no-tls`` skips it), as an
+  engine's reaches a host: an agent of its own with a server certificate and
+  a client one required, against ovirt-imageio over TLS writing the same bytes
+  into the same volume: throughput and CPU per GiB of each.
 
 Targets (issue 14): >= 0.80 of dd and ahead of ovirt-imageio on both domain
 kinds; agent CPU <= 1.5x imageio's; RSS growth during the upload < 64 MiB;
@@ -281,12 +285,15 @@ def reset_peaks(pids: list[int]) -> None:
 # --- the three writers ---------------------------------------------------------------
 
 
-def curl_put(url: str, path: Path, *, chunked: bool) -> tuple[float, bytes]:
-    """PUT the file; (seconds, body). A refused upload or a transport error raises."""
+def curl_put(url: str, path: Path, *, chunked: bool,
+             tls: Pki | None = None) -> tuple[float, bytes]:
+    """PUT the file (over TLS, with `tls`'s client certificate, for an https `url`);
+    (seconds, body). A refused upload or a transport error raises."""
     headers = ["-H", "Transfer-Encoding: chunked"] if chunked else []
+    certs = tls.curl_args() if tls is not None else []
     t0 = time.perf_counter()
-    out = subprocess.run(["curl", "-sS", "--fail-with-body", "-T", str(path), *headers,
-                          "-H", "Expect:", url], capture_output=True)
+    out = subprocess.run(["curl", "-sS", "--fail-with-body", *certs, "-T", str(path),
+                          *headers, "-H", "Expect:", url], capture_output=True)
     elapsed = time.perf_counter() - t0
     if out.returncode != 0:
         raise BenchError(f"curl -T {path} {url}: exit {out.returncode}: "
@@ -377,10 +384,45 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class Imageio:
-    """A real ovirt-imageio daemon (no TLS), writing tickets' bytes to local paths."""
+class Pki:
+    """A CA, a certificate for 127.0.0.1 (the daemons') and one for the engine (the
+    client's), made with openssl: TLS as a host runs it (the agent requires it on
+    any address but loopback, and a client certificate)."""
 
     def __init__(self, workdir: Path) -> None:
+        self.dir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self._openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                      "-subj", "/CN=bench-ca", "-keyout", "ca.key", "-out", "ca.pem")
+        for name, san in (("server", "IP:127.0.0.1"), ("engine", "DNS:engine")):
+            self._openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+                          "-keyout", f"{name}.key", "-out", f"{name}.csr")
+            (workdir / f"{name}.ext").write_text(f"subjectAltName={san}\n")
+            self._openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem",
+                          "-CAkey", "ca.key", "-CAcreateserial", "-days", "2",
+                          "-extfile", f"{name}.ext", "-out", f"{name}.pem")
+
+    def _openssl(self, *args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=self.dir, check=True, capture_output=True)
+
+    def path(self, name: str) -> str:
+        return str(self.dir / name)
+
+    def curl_args(self) -> list[str]:
+        return ["--cert", self.path("engine.pem"), "--key", self.path("engine.key"),
+                "--cacert", self.path("ca.pem")]
+
+    def agent_config(self) -> dict[str, str]:
+        return {"tls_cert": self.path("server.pem"), "tls_key": self.path("server.key"),
+                "tls_ca": self.path("ca.pem")}
+
+
+class Imageio:
+    """A real ovirt-imageio daemon, writing tickets' bytes to local paths; over TLS
+    with `tls` (its server certificate), else plain HTTP."""
+
+    def __init__(self, workdir: Path, tls: Pki | None = None) -> None:
+        self.tls = tls
         self.workdir = workdir
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = self.cport = 0
@@ -397,13 +439,16 @@ class Imageio:
         conf = self.workdir / "conf"
         (conf / "conf.d").mkdir(parents=True, exist_ok=True)
         self.port, self.cport = free_port(), free_port()
+        tls = "enable = false" if self.tls is None else (
+            f"enable = true\nkey_file = {self.tls.path('server.key')}\n"
+            f"cert_file = {self.tls.path('server.pem')}\nca_file = {self.tls.path('ca.pem')}")
         (conf / "conf.d" / "99-bench.conf").write_text(f"""
 [daemon]
 run_dir = {self.workdir}/run
 drop_privileges = false
 systemd_enable = false
 [tls]
-enable = false
+{tls}
 [remote]
 host = 127.0.0.1
 port = {self.port}
@@ -461,8 +506,9 @@ level = WARNING
                                       "ops": ["write"], "timeout": 3600})
         try:
             cpu0 = own_cpu(self.proc.pid)
-            elapsed, _ = curl_put(f"http://127.0.0.1:{self.port}/images/{ticket}", src,
-                                  chunked=False)
+            scheme = "http" if self.tls is None else "https"
+            elapsed, _ = curl_put(f"{scheme}://127.0.0.1:{self.port}/images/{ticket}", src,
+                                  chunked=False, tls=self.tls)
             cpu = own_cpu(self.proc.pid) - cpu0
         finally:
             self._control("DELETE", ticket)
@@ -509,14 +555,16 @@ def wait_index_job(agent: Agent, sd: str, vol: str, known: set[str]) -> float:
 
 
 def agent_upload(agent: Agent, sd: str, tar: Path, *, size: int, entities: int,
-                 volumes: set[str], query: str = "", chunked: bool = True) -> Measure:
+                 volumes: set[str], query: str = "", chunked: bool = True,
+                 tls: Pki | None = None) -> Measure:
     """PUT /ovfstore/<sd> (chunked, or with a Content-Length), with CPU, RSS and the
     reply checked."""
     assert agent.url is not None
     reset_peaks([agent.pid, *descendants(agent.pid)])
     base = status_kib(agent.pid, "VmRSS")
     before = cpu_snapshot(agent.pid)
-    elapsed, body = curl_put(f"{agent.url}/ovfstore/{sd}{query}", tar, chunked=chunked)
+    elapsed, body = curl_put(f"{agent.url}/ovfstore/{sd}{query}", tar, chunked=chunked,
+                             tls=tls)
     after = cpu_snapshot(agent.pid)
     peak = status_kib(agent.pid, "VmHWM")
     workers = sum(status_kib(pid, "VmHWM") for pid in parser_workers(agent.pid))
@@ -663,6 +711,56 @@ def upload_domain(kind: str, agent: Agent, dom: DomainUnderTest, *, imageio: Ima
             "indexed": statistics.median(indexed)}
 
 
+def tls_uploads(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The file domain's upload over TLS, as an engine's reaches a host: an agent of its
+    own with a server certificate (the client's required), against ovirt-imageio over
+    TLS writing the same bytes into the same volume."""
+    pki = Pki(tmp / "pki")
+    host = SimHost(tmp / "tls-host", "bench-ovfstore-tls", monitor_interval=MONITOR_INTERVAL,
+                   config={"daemon": {"log_level": "INFO"}, "rpc": pki.agent_config(),
+                           "devel": {"validate_returns": False}})
+    agent = host.agent
+    imageio = Imageio(tmp / "imageio-tls", tls=pki)
+    try:
+        host.start()
+        check(agent.url is not None and agent.url.startswith("https://"),
+              f"the agent does not serve TLS: {agent.url}")
+        imageio.start()
+        dom = make_localfs_domain(agent, tmp / "tls-local")
+        tar = tmp / "tls-store.tar"
+        size, n = write_store_file(tar, dom.sd, args.size * MiB)
+        vols = make_ovf_volumes(dom, size + AGENT_STORE_SIZE)
+        for vol, img in vols.items():  # see upload_domain
+            with prepared(dom, img, vol) as path:
+                dd_write(tar, path)
+        ours, io = Runs(), Runs()
+        for run in range(args.runs):
+            known = job_ids(agent)
+            m = agent_upload(agent, dom.sd, tar, size=size, entities=n, volumes=set(vols),
+                             tls=pki)
+            vol = m.reply["volumeID"]
+            wait_index_job(agent, dom.sd, vol, known)
+            ours.measures.append(m)
+            with prepared(dom, vols[vol], vol) as path:
+                io.measures.append(imageio.upload(tar, size, path))
+            print(f"  run {run + 1}: over TLS: vdsmlite {size / MiB / m.seconds:.0f} MiB/s "
+                  f"(CPU {m.cpu:.2f} s, {m.daemon_cpu:.2f} of it the daemon's), imageio "
+                  f"{size / MiB / io.measures[-1].seconds:.0f} MiB/s "
+                  f"(CPU {io.measures[-1].cpu:.2f} s)", flush=True)
+        tar.unlink()
+        check(not agent.crashes(), f"the TLS agent logged unexpected exceptions: "
+              f"{agent.crashes()[:5]}")
+        return {"size": size, "ours": ours, "imageio": io}
+    except BaseException:
+        print(f"--- the TLS agent's log (last lines, no DEBUG) ---\n{log_excerpt(agent)}",
+              file=sys.stderr)
+        raise
+    finally:
+        imageio.stop()
+        unmount_under(agent.state_dir)
+        host.stop()
+
+
 def index_store(kind: str, agent: Agent, dom: DomainUnderTest, *, vols: dict[str, str],
                 tmp: Path, args: argparse.Namespace) -> tuple[str, float]:
     """Upload a store of `args.entities` with ?wait=index; (its volume, median
@@ -778,6 +876,20 @@ def row(kind: str, what: str, value: float, *, target: str = "", ok: bool | None
     print(f"{kind:<7}{what:<44}{value:>9{fmt}}  {target:<10}{mark}")
 
 
+def report_tls(tls: dict[str, Any]) -> None:
+    size = tls["size"]
+    ours, io = tls["ours"], tls["imageio"]
+    print()
+    print("over TLS (file domain; untargeted: the targets above are for plain HTTP, where "
+          "dd is the limit; TLS costs both daemons a decryption per byte)")
+    for name, ms in (("vdsmlite", ours), ("ovirt-imageio 2.5.1", io)):
+        speeds = [size / MiB / m.seconds for m in ms.measures]
+        print(f"{'tls':<7}{name:<22}{statistics.median(speeds):>7.0f}"
+              f"{f'{min(speeds):.0f}-{max(speeds):.0f}':>12}{cpu_per_gib(ms, size):>11.2f}")
+    row("tls", "throughput vdsmlite / imageio", speed(ours, size) / speed(io, size))
+    row("tls", "CPU/GiB vdsmlite / imageio", cpu_per_gib(ours, size) / cpu_per_gib(io, size))
+
+
 def report(args: argparse.Namespace, results: dict[str, dict[str, Any]], *,
            index: dict[str, float], lists: Listing) -> None:
     runs = args.runs
@@ -884,6 +996,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="runs of each writer (median)")
     ap.add_argument("--no-check-xml", dest="check_xml", action="store_false",
                     help="skip the ?check=xml uploads")
+    ap.add_argument("--no-tls", dest="tls", action="store_false",
+                    help="skip the uploads over TLS")
     ap.add_argument("--keep-log", type=Path, help="copy the agent's log here at the end")
     ap.add_argument("--lun-cache", action="store_true",
                     help="the block domain's LUN through this host's page cache")
@@ -943,7 +1057,10 @@ def main() -> None:
             problems = farm.destroy()
             if problems:
                 print("cleanup problems:", problems, file=sys.stderr)
+        tls = tls_uploads(tmp, args) if args.tls else None
     report(args, results, index=index, lists=lists)
+    if tls is not None:
+        report_tls(tls)
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
     if crashes:
         sys.exit("the agent logged unexpected exceptions:\n" + "\n".join(crashes[:20]))
