@@ -45,6 +45,8 @@ from tests.storage_helpers import (
 from tests.test_stomp import Conn
 from tests.test_tarstream import ADVERSARIAL
 from vdsmlite.client import ServerError
+from vdsmlite.ovf import tarstream
+from vdsmlite.sdm.ovfindex import OvfIndex
 
 pytestmark = pytest.mark.root
 
@@ -678,3 +680,25 @@ def test_a_block_uploads_index_reuses_the_volume_the_upload_prepared(
         assert commands.count(("losetup", "find")) == 1, commands
         assert commands.count(("losetup", "detach")) == 1, commands  # released once
         assert get_store(a, dom.sd)[2] == tar
+
+
+def test_a_store_cut_into_more_ranges_than_are_queued_is_indexed_whole(
+        domains: SharedDomains) -> None:
+    # The parsers get a few byte ranges each at a time (OvfIndex.RANGES_QUEUED), the
+    # next as one comes back, in archive order: none lost, none twice.
+    entity_count = 24
+    padded, names = [], {}
+    for i in range(entity_count):
+        entity_id, data = entity_ovf(f"ranged-{i}")
+        head, rest = data.split(b"?>", 1)
+        padded.append((entity_id, head + b"?><!--" + b"p" * (1 << 20) + b"-->" + rest))
+        names[entity_id] = f"ranged-{i}"
+    with domains.lend("localfs") as dom:
+        tar = store_tar(dom.sd, padded)
+        # the default 2 parser processes, 2 ranges queued each: 4 at a time of 12
+        assert len(tar) // tarstream.SPLIT_BYTES >= 3 * 2 * OvfIndex.RANGES_QUEUED
+        status, reply = put_store(dom.agent, dom.sd, tar, query="wait=index")
+        assert status == 200 and reply["index"]["entities"] == entity_count, reply
+        listed = entities(dom)
+        assert {e["id"]: e["name"] for e in listed["entities"]} == names
+        assert not listed["invalidEntities"]

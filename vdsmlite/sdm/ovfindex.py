@@ -26,6 +26,7 @@ writers overwrite it rather than the store that still reads.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import json
@@ -127,6 +128,7 @@ class UnreadableStore(Exception):
 
 class OvfIndex:
     CACHE_ENTRIES = 16
+    RANGES_QUEUED = 2  # byte ranges given to each parser process ahead of its results
 
     def __init__(self, *, workers: OvfWorkers, jobs: JobRegistry, run_blocking: RunBlocking,
                  state_dir: Path, publish: Publish) -> None:
@@ -299,17 +301,30 @@ class OvfIndex:
                         "Last Updated and Size, other bytes); indexing it again",
                         store.img, store.vol, dom.uuid)
         contents = StoreContents(store, info=summary.info, digest=summary.digest)
-        bounds = [*summary.splits, summary.members_end]
-        ranges = list(itertools.pairwise(bounds))
-        futures = [asyncio.wrap_future(self._workers.index(str(volume.path), start, end,
-                                                           volume.block_size))
-                   for start, end in ranges]
+        ranges = itertools.pairwise([*summary.splits, summary.members_end])
+        # A few ranges queued per parser, not all of them (512 for 1 GiB) at once: the
+        # event loop submits each as one finishes instead of all in one step, and the
+        # results are filed as they come rather than held until their turn.
+        in_flight: collections.deque[tuple[int, asyncio.Future[list[IndexedMember]]]] = \
+            collections.deque()
+
+        def submit_next() -> None:
+            for start, end in itertools.islice(ranges, 1):
+                in_flight.append((end, asyncio.wrap_future(self._workers.index(
+                    str(volume.path), start, end, volume.block_size))))
+
+        for _ in range(self.RANGES_QUEUED * self._workers.processes):
+            submit_next()
         try:
-            for (_, end), future in zip(ranges, futures, strict=True):
-                _file(contents, await future)
+            while in_flight:
+                end, future = in_flight[0]
+                members = await future
+                in_flight.popleft()
+                submit_next()
+                _file(contents, members)
                 job.update(bytes_done=(store.size + end) // 2 if scanned else end)
         finally:
-            for future in futures:
+            for _, future in in_flight:
                 future.cancel()
         contents.set_statuses(summary.metadata)
         key = store_key(dom.uuid, store)
