@@ -15,11 +15,12 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import eventually
 from tests.ovf_helpers import build_tar, entity_ovf
 from vdsmlite.ovf.batches import NamedDoc, OvfBatcher
 from vdsmlite.ovf.model import OvfError
 from vdsmlite.ovf.tarstream import TarError, TarValidator
-from vdsmlite.ovf.workers import OvfWorkers
+from vdsmlite.ovf.workers import NICENESS, OvfWorkers
 
 pytestmark = pytest.mark.unit
 
@@ -45,6 +46,18 @@ def test_summaries_and_reasons_come_back_in_order(workers: OvfWorkers) -> None:
     assert isinstance(got[1], str) and "prefix" in got[1]
     assert isinstance(got[2], dict) and got[2]["id"] == id1
     assert isinstance(got[3], str) and "not an OVF Envelope" in got[3]
+
+
+def test_workers_run_at_a_lower_cpu_priority_than_their_daemon(workers: OvfWorkers) -> None:
+    workers.start()
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    assert len(workers.pids()) == 2
+
+    def lowered() -> bool:  # a worker spawned but given no task yet may still start
+        return all(os.getpriority(os.PRIO_PROCESS, pid) == min(19, ours + NICENESS)
+                   for pid in workers.pids())
+
+    eventually(lowered, 30, "every worker at the lower priority")
 
 
 def test_check_names_the_first_bad_member(workers: OvfWorkers) -> None:
@@ -178,7 +191,7 @@ ORPHAN_SCRIPT = """
 import os, signal, sys
 sys.path.insert(0, sys.argv[1])
 from tests.ovf_helpers import entity_ovf
-from vdsmlite.ovf.workers import OvfWorkers
+from vdsmlite.ovf.workers import NICENESS, OvfWorkers
 w = OvfWorkers(processes=2, memory_limit=512 * 1024 * 1024)
 w.summarize([entity_ovf("vm")[1]]).result(timeout=60)
 print(" ".join(map(str, w.pids())), flush=True)

@@ -55,6 +55,10 @@ Summary = dict[str, Any] | str
 IndexedMember = tuple[str, int, int, tuple[str, bytes] | str]
 
 
+# How much lower than the daemon's the parser processes' CPU priority is.
+NICENESS = 10
+
+
 class OvfWorkers:
     def __init__(self, processes: int, memory_limit: int) -> None:
         if processes < 1:
@@ -168,6 +172,10 @@ def _init_worker(daemon_pid: int, memory_limit: int) -> None:
     # The daemon handles SIGINT/SIGTERM and closes the pool; a terminal's Ctrl-C
     # must not print a traceback from every worker as well.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Indexing a store is background work of up to two cores for seconds after each
+    # upload (11-14 s for 88,000 OVFs): the host's VMs, and the daemon itself, come
+    # first when the CPU is short. Idle cores are still used whole.
+    os.nice(NICENESS)
     if memory_limit > 0:
         resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
     threading.Thread(target=_exit_with_daemon, args=(daemon_pid,), daemon=True,
