@@ -155,3 +155,15 @@ def test_a_damaged_kept_index_is_ignored_not_served(tmp_path: Path, damage: str)
         data = data[:40]
     path.write_bytes(data)
     assert index._load(store_key(path.name.split(".")[0], store), store) is None
+
+
+def test_an_index_kept_by_the_previous_format_is_rebuilt_not_misread(tmp_path: Path) -> None:
+    # Format 1 (before summaries were kept as bytes): the whole index as one JSON
+    # object, its summaries inside as objects, a crc32 of the store.
+    index, store, contents = saved(tmp_path)
+    [path] = (tmp_path / "ovf-index").iterdir()
+    key = store_key(path.name.split(".")[0], store)
+    path.write_bytes(orjson.dumps({
+        "format": 1, "key": list(key), "crc32": 1234, "info": None, "statuses": {},
+        "entities": list(contents.entities.summaries()), "invalid": {}, "members": {}}))
+    assert index._load(key, store) is None
