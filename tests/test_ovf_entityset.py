@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from tests.ovf_helpers import entity_ovf
-from vdsmlite.ovf.model import encode_summary
+from vdsmlite.ovf.model import compact_json
 from vdsmlite.ovf.reader import parse
 from vdsmlite.sdm.entityset import EntitySet
 from vdsmlite.sdm.ovfindex import OvfIndex, StoreContents, store_key
@@ -30,7 +30,7 @@ def summary(name: str) -> dict[str, Any]:
 def filled(*summaries: dict[str, Any]) -> EntitySet:
     entities = EntitySet()
     for s in summaries:  # as a parser process ships them
-        entities.add_encoded(s["id"], encode_summary(s))
+        entities.add_encoded(s["id"], compact_json(s))
     return entities
 
 
@@ -81,7 +81,7 @@ def test_a_large_index_adds_no_objects_for_the_collector_to_walk() -> None:
     encoded = []
     for _ in range(10_000):
         one = dict(template, id=str(uuid.uuid4()))
-        encoded.append((one["id"], encode_summary(one)))
+        encoded.append((one["id"], compact_json(one)))
     gc.collect()
     before = len(gc.get_objects())
     entities = EntitySet()

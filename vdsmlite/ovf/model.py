@@ -32,13 +32,15 @@ def excerpt(text: str) -> str:
     return text if len(text) <= _EXCERPT else text[:_EXCERPT] + "..."
 
 
-def encode_summary(summary: dict[str, Any]) -> bytes:
-    """A summary (`Entity.to_dict()`) as compact JSON: how an index keeps it
-    (`sdm.entityset`). One line: JSON strings escape their newlines."""
+def compact_json(value: Any) -> bytes:
+    """`value` as compact JSON on one line (strings escape their newlines): how an
+    index keeps a summary (`Entity.to_dict()`, see `sdm.entityset`) and its record.
+    orjson, or json where orjson refuses: an integer beyond 64 bits, which a hostile
+    OVF's disk size or the engine's metadata.json may hold."""
     try:
-        return orjson.dumps(summary)
-    except TypeError:  # an integer beyond 64 bits (a hostile OVF's disk size)
-        return json.dumps(summary, separators=(",", ":")).encode()
+        return orjson.dumps(value)
+    except TypeError:
+        return json.dumps(value, separators=(",", ":")).encode()
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,7 +37,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from vdsmlite.ovf import tarstream
-from vdsmlite.ovf.model import OvfError, encode_summary
+from vdsmlite.ovf.model import OvfError, compact_json
 from vdsmlite.ovf.reader import parse
 from vdsmlite.ovf.safexml import OvfValidator
 from vdsmlite.storage import streamio
@@ -49,7 +49,7 @@ Summary = dict[str, Any] | str
 
 # What indexing a byte range of a store yields for each ``.ovf`` member, in archive
 # order: (its name without ".ovf", lower case; where its header is; its size; and
-# either (the entity's id, its summary as `encode_summary` JSON) or why it has none).
+# either (the entity's id, its summary as `compact_json` JSON) or why it has none).
 # Bytes, not the summary's dicts: they cost less to ship, and the daemon keeps them
 # as they come (see `sdm.entityset`).
 IndexedMember = tuple[str, int, int, tuple[str, bytes] | str]
@@ -230,7 +230,7 @@ def _members_in(buf: bytes, pos: int, end: int,
         if header.name.endswith(".ovf"):
             summary = _summary(buf[pos + tarstream.BLOCK:data_end])
             indexed = summary if isinstance(summary, str) else \
-                (summary["id"], encode_summary(summary))
+                (summary["id"], compact_json(summary))
             yield header.name[:-4].lower(), offset, header.size, indexed
         # info.json and metadata.json: the daemon has them from the archive's scan
         step = tarstream.BLOCK + header.size + (-header.size % tarstream.BLOCK)

@@ -12,7 +12,7 @@ into the reply unparsed (`orjson.Fragment`). A summary is decoded only when one
 is asked for, or when all are walked (the snapshot overview, floating disks).
 
 Where the bytes come from: the parser processes encode each summary
-(`ovf.model.encode_summary`) and ship the bytes; an edit encodes its one
+(`ovf.model.compact_json`) and ship the bytes; an edit encodes its one
 entity here; an index kept on disk is one summary per line, split back apart.
 
 The VM statuses of the store's ``metadata.json`` are kept beside the
@@ -22,13 +22,12 @@ summaries and added to each one as it is read, as its last key ``"status"``
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from typing import Any
 
 import orjson
 
-from vdsmlite.ovf.model import encode_summary
+from vdsmlite.ovf.model import compact_json
 
 _STATUS_KEY = b',"status":'
 
@@ -40,7 +39,7 @@ class EntitySet:
 
     def __init__(self) -> None:
         # id -> the summary's JSON without "status": a JSON object, never empty (it
-        # has an "id"), never a newline in it (`encode_summary` escapes them)
+        # has an "id"), never a newline in it (`compact_json` escapes them)
         self._encoded: dict[str, bytes] = {}
         self._statuses: dict[str, Any] = {}
 
@@ -56,14 +55,14 @@ class EntitySet:
     # --- filling -------------------------------------------------------------------
 
     def add_encoded(self, entity_id: str, encoded: bytes) -> None:
-        """Take a summary as `encode_summary` wrote it (in a parser process)."""
+        """Take a summary as `compact_json` wrote it (in a parser process)."""
         self._encoded[entity_id] = encoded
 
     def add(self, summary: dict[str, Any]) -> None:
         summary = {k: v for k, v in summary.items() if k != "status"}
         # A copy: orjson's own result keeps several KiB of slack per object (700 MiB
         # for 88,000 summaries of 1 KiB, measured), fine for a moment, not to keep.
-        self._encoded[summary["id"]] = bytes(memoryview(encode_summary(summary)))
+        self._encoded[summary["id"]] = bytes(memoryview(compact_json(summary)))
 
     def without(self, entity_id: str) -> EntitySet:
         """A copy without `entity_id` (the summaries are shared: bytes never change)."""
@@ -134,8 +133,4 @@ class EntitySet:
 
 def _status_json(status: Any) -> bytes:
     """The tail that adds `"status": <status>` to a summary's JSON object."""
-    try:
-        value = orjson.dumps(status)
-    except TypeError:  # an integer beyond 64 bits: metadata.json is the engine's file
-        value = json.dumps(status).encode()
-    return _STATUS_KEY + value + b"}"
+    return _STATUS_KEY + compact_json(status) + b"}"
