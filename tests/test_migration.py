@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -358,6 +359,37 @@ def test_params_are_checked(env: Env, vms: list[str]) -> None:
     assert migration(env.a, vm_id)["status"]["code"] == 10
     assert env.a.status(vm_id) == "Up"
     assert vm_id not in env.b.listed()
+
+
+def test_a_failed_migration_is_reported_only_once_the_vm_is_settled(
+        env: Env, vms: list[str]) -> None:
+    """The outcome waits for the clean-up: while the source qemu cannot answer (stopped
+    by the test), the migration is "aborting" and the VM Migration Source; "failed"
+    comes with the VM Up again, never before."""
+    vm_id = create_running(env, vms, env.luns[2], volume=False)
+    pid_a = int(env.a.stats(vm_id)["pid"])
+    # A destination that takes the connection and never answers: the migration stays
+    # "preparing" until the test drops it.
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(60)
+        env.a.call("VM.migrate", vmID=vm_id,
+                   params={"dst": f"127.0.0.1:{server.getsockname()[1]}"})
+        conn, _ = server.accept()
+        eventually(lambda: state_is(env.a, vm_id, "preparing"), 30, "preparing")
+        os.kill(pid_a, signal.SIGSTOP)
+        try:
+            conn.close()
+            server.close()
+            eventually(lambda: not state_is(env.a, vm_id, "preparing"), 30,
+                       "the refusal seen")
+            assert migration(env.a, vm_id)["state"] == "aborting"
+            assert env.a.status(vm_id) == "Migration Source"
+        finally:
+            os.kill(pid_a, signal.SIGCONT)
+    eventually(lambda: not state_is(env.a, vm_id, "aborting"), 60, "the migration ended")
+    assert env.a.status(vm_id) == "Up"
+    assert migration(env.a, vm_id)["state"] == "failed"
+    assert migration(env.a, vm_id)["status"]["code"] == 10
 
 
 # --- HA VMs: the lease moves with the VM ----------------------------------------------------

@@ -25,10 +25,12 @@ Source state machine (`SourceMigration.state`)::
              -> completing (source qemu paused by qemu at completion;
                             [lease hand-over point]; VM.migrationFinish)
              -> done (source qemu stopped, storage released, VM Down, exitReason 4)
-    any step -> failed | cancelled: QMP migrate_cancel if needed, the VM resumed on
-                the source if the migration paused it, status back to Up/Paused, and
-                the destination's VM destroyed (VM.destroy: qemu killed, storage
-                released, VM forgotten).
+    any step -> aborting: QMP migrate_cancel if needed, the VM resumed on the
+                source if the migration paused it, status back to Up/Paused, and the
+                destination's VM destroyed (VM.destroy: qemu killed, storage released,
+                VM forgotten)
+             -> failed | cancelled, only once all that is done: a client that reads
+                the outcome reads the VM's own status as it stays.
 
 The VM's status is ``Migration Source`` from start to end; every change is a
 ``|virt|VM_status|`` event, progress a ``|virt|VM_migration_status|`` event.
@@ -253,7 +255,8 @@ class SourceMigration:
 
     @property
     def active(self) -> bool:
-        return self.state in ("starting", "preparing", "migrating", "completing")
+        return self.state in ("starting", "preparing", "migrating", "completing",
+                              "aborting")
 
     def status(self) -> dict[str, Any]:
         """VM.getMigrationStatus: VDSM's migrationStats."""
@@ -276,6 +279,8 @@ class SourceMigration:
 
     async def cancel(self) -> None:
         """VM.migrateCancel: the migration stops, the VM keeps running here."""
+        if self.state == "aborting":
+            return  # already stopping (it failed): the caller waits for the end
         if not self.active or self.state == "completing":
             # At completing the VM already ran its last instruction here: too late.
             raise errors.MigrationCancelationFailed(f"VM {self.vm.id}: migration is "
@@ -288,7 +293,7 @@ class SourceMigration:
 
     async def change_bandwidth(self, mib_per_s: int) -> None:
         """VM.migrateChangeParams: a new max-bandwidth for the running migration."""
-        if not self.active or self.vm.session is None:
+        if not self.active or self.state == "aborting" or self.vm.session is None:
             raise errors.MigrationNotInProgress(f"VM {self.vm.id}: migration is {self.state}")
         self.params = dataclasses.replace(self.params, max_bandwidth=mib_per_s)
         try:
@@ -339,22 +344,29 @@ class SourceMigration:
             await self._release_lease()
             await self._finish(running)
         except _Unknown as e:
-            self._fail(errors.MigrationError(str(e)))
             # Never resume here: the destination may run it. Paused, for the engine.
             if vm.status is VmStatus.MIGRATION_SOURCE:
                 vm.set_status(VmStatus.PAUSED)
+            self._end(errors.MigrationError(str(e)))
         except (_Cancelled, errors.VdsmError, QmpError, asyncio.CancelledError) as e:
+            outcome: errors.VdsmError | None  # None: cancelled
             if isinstance(e, _Cancelled):
-                self.state = "cancelled"
-                log.info("VM %s: migration cancelled", vm.id)
+                outcome = None
             elif isinstance(e, asyncio.CancelledError):
-                self._fail(errors.MigrationError("agent stopping"))
+                outcome = errors.MigrationError("agent stopping")
             else:
-                err = e if isinstance(e, errors.VdsmError) else errors.MigrationError(str(e))
-                self._fail(err)
-            await self._stay_here(session, running)
-            if created:
-                await self._destroy_remote()
+                outcome = e if isinstance(e, errors.VdsmError) \
+                    else errors.MigrationError(str(e))
+            # The outcome is published only after the VM is settled here (see the
+            # module docstring): "failed" next to a VM still in Migration Source
+            # would send the engine after a VM that is about to be Up again.
+            self.state = "aborting"
+            try:
+                await self._stay_here(session, running)
+                if created:
+                    await self._destroy_remote()
+            finally:
+                self._end(outcome)
             if isinstance(e, asyncio.CancelledError):
                 raise
         finally:
@@ -363,7 +375,12 @@ class SourceMigration:
                 with contextlib.suppress(OSError):
                     await self._save(vm)
 
-    def _fail(self, err: errors.VdsmError) -> None:
+    def _end(self, err: errors.VdsmError | None) -> None:
+        """The migration's outcome: failed with `err`, or cancelled if None."""
+        if err is None:
+            self.state = "cancelled"
+            log.info("VM %s: migration cancelled", self.vm.id)
+            return
         self.state = "failed"
         self.error = err
         log.error("VM %s: migration to %s failed: %s", self.vm.id, self.params.dst, err)
