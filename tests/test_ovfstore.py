@@ -480,7 +480,18 @@ def test_single_entity_update_and_remove(dom: DomainUnderTest) -> None:
     _, _, body = get_store(a, dom.sd)
     with tarfile.open(fileobj=io.BytesIO(body)) as tar:
         names = tar.getnames()
+        ovfs = {m.name[:-4]: tar.extractfile(m).read()  # type: ignore[union-attr]
+                for m in tar.getmembers() if m.name.endswith(".ovf")}
     assert names[0] == "info.json" and names[-1] == "metadata.json"
+    # The edits' index knows where each OVF is in the new store: each entity is read
+    # alone, not by reading the store through.
+    seen = len(a.log_text())
+    with dom.client as c:
+        for entity_id, ovf in ovfs.items():
+            got = c.call("StorageDomain.getOVFEntity", {"storagedomainID": dom.sd,
+                                                        "entityID": entity_id})
+            assert got["ovf"].encode() == ovf
+    assert "reading the store for" not in a.log_text()[seen:]
 
 
 def test_concurrent_edits_and_uploads_lose_nothing(dom: DomainUnderTest) -> None:

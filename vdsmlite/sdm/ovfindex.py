@@ -84,7 +84,7 @@ class StoreContents:
     # <uuid>.ovf members that are not a readable OVF: id -> why
     invalid: dict[str, str] = field(default_factory=dict)
     # <uuid>.ovf members: id -> (offset of the member's header, size), so one can be
-    # read without the rest; empty when not known (an edited store's)
+    # read without the rest (an id missing: read by scanning the store)
     members: dict[str, tuple[int, int]] = field(default_factory=dict)
     info: Any = None
     # Every UUID written anywhere in the invalid OVFs' text (lower case); read from the
@@ -102,10 +102,13 @@ class StoreContents:
                            in sorted(self.invalid.items())[:FAILURES_NAMED]]}
 
     def edited(self, store: ovfstore.Store, summary: tarstream.ArchiveSummary,
-               entity_id: str, entity: dict[str, Any] | None) -> StoreContents:
+               entity_id: str, entity: dict[str, Any] | None,
+               members: dict[str, tuple[int, int]]) -> StoreContents:
         """The index of `store`, written as this one's store with one entity replaced
-        (or removed: `entity` None) - `summary` is its scan."""
-        contents = StoreContents(store, info=summary.info, digest=summary.digest)
+        (or removed: `entity` None) - `summary` is its scan, `members` where the
+        writer put each ``.ovf``."""
+        contents = StoreContents(store, info=summary.info, digest=summary.digest,
+                                 members=members)
         contents.entities = self.entities.without(entity_id)
         contents.invalid = {k: v for k, v in self.invalid.items() if k != entity_id}
         if entity is not None:

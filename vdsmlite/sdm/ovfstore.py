@@ -275,6 +275,8 @@ class OvfService:
                 return raw[tarstream.BLOCK:]
             log.warning("OVF_STORE %s: %s is not at byte %d as indexed; reading the store",
                         store.vol, entity_id, offset)
+        log.info("OVF_STORE %s: reading the store for %s (its place in the store is not indexed)",
+                 store.vol, entity_id)
         for name, data in self._members_of(dom, store):
             if name.lower() == f"{entity_id}.ovf":
                 return data
@@ -309,6 +311,7 @@ class OvfService:
                     "ovf", f"OVF is for entity {entity.id}, not {entity_id}")
             summary = entity.to_dict()
         base: list[StoreContents | None] = []
+        members: dict[str, tuple[int, int]] = {}  # where the new store has each .ovf
         dom = await self._domain(sd_uuid)
 
         async def rebuilt() -> streamio.Source:
@@ -320,28 +323,40 @@ class OvfService:
                 raise errors.MissingOvfFileFromVM(entity_id)
             base.append(contents)
             return streamio.ChunkSource(self._as_async(
-                self._rebuilt_members(dom, sd_uuid, contents, entity_id, ovf)))
+                self._rebuilt_members(dom, sd_uuid, contents, entity_id, ovf,
+                                      members=members)))
 
         def index(store: ovfstore.Store, archive: tarstream.ArchiveSummary) -> None:
             # The others' summaries are the base store's: only the edited one is new.
             source = base[0] if base[0] is not None else StoreContents(store)
-            self._index.put(dom, source.edited(store, archive, entity_id, summary))
+            self._index.put(dom, source.edited(store, archive, entity_id, summary,
+                                              members))
 
         reply, _ = await self._commit(sd_uuid, rebuilt, length=None, job=job, index=index)
         reply["index"] = {"state": "ready"}
         return reply
 
     def _rebuilt_members(self, dom: Domain, sd_uuid: str, contents: StoreContents | None,
-                         entity_id: str, ovf: bytes | None
+                         entity_id: str, ovf: bytes | None, *,
+                         members: dict[str, tuple[int, int]]
                          ) -> Generator[bytes, None, None]:
-        writer = tarstream.TarWriter(int(time.time()))
+        """The new store's bytes; `members` gets where each ``.ovf`` member is in it
+        (as an index build finds them), so the edited store's entities are read
+        one by one, not by reading the store."""
+        tar = tarstream.TarWriter(int(time.time()))
+
+        def member(name: str, data: bytes) -> Iterator[bytes]:
+            if name.endswith(".ovf"):
+                members[name[:-4].lower()] = (tar.length, len(data))
+            return tar.member(name, data)
+
         target = f"{entity_id}.ovf"
         replaced = False
         if contents is None:
             # A first store: the info.json the engine would have written.
             info = json.dumps({"Last Updated": ovfstore.java_date(),
                                "Storage Domains": [{"uuid": sd_uuid}]}, indent=2).encode()
-            yield from writer.member(tarstream.INFO, info)
+            yield from member(tarstream.INFO, info)
             source: Iterator[tuple[str, bytes]] = iter(())
         else:
             source = self._members_of(dom, contents.store)
@@ -349,15 +364,15 @@ class OvfService:
             if name.lower() == target:
                 replaced = True
                 if ovf is not None:
-                    yield from writer.member(target, ovf)
+                    yield from member(target, ovf)
                 continue
             if name == tarstream.METADATA and ovf is not None and not replaced:
-                yield from writer.member(target, ovf)  # new entities go before metadata.json
+                yield from member(target, ovf)  # new entities go before metadata.json
                 replaced = True
-            yield from writer.member(name, data)
+            yield from member(name, data)
         if ovf is not None and not replaced:
-            yield from writer.member(target, ovf)
-        yield from writer.end()
+            yield from member(target, ovf)
+        yield from tar.end()
 
     def _members_of(self, dom: Domain, store: ovfstore.Store) -> Iterator[tuple[str, bytes]]:
         assert store.size is not None
