@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import code_of
 from tests.storage_helpers import (
     BLANK,
     DomainUnderTest,
@@ -24,15 +25,8 @@ from tests.storage_helpers import (
     make_localfs_domain,
     new_id,
 )
-from tests.test_vm import (
-    Disk,
-    VmEnv,
-    code_of,
-    dict_params,
-    hotplug_xml,
-    qmp,
-)
-from tests.vm_helpers import vm_host, wait_status
+from tests.vm_helpers import VmEnv, qmp, vm_host, wait_status
+from tests.vm_requests import Disk, dict_params, hotplug_xml
 from vdsmlite.client import Client, ServerError
 from vdsmlite.virt.livemerge import _filename
 

@@ -32,6 +32,7 @@ from tests.ovf_helpers import (
     store_tar,
     stores,
 )
+from tests.stomp_helpers import Conn
 from tests.storage_helpers import (
     BLANK,
     COW,
@@ -42,8 +43,7 @@ from tests.storage_helpers import (
     make_localfs_domain,
     wait_task,
 )
-from tests.test_stomp import Conn
-from tests.test_tarstream import ADVERSARIAL
+from tests.tar_helpers import ADVERSARIAL
 from vdsmlite.client import ServerError
 from vdsmlite.ovf import tarstream
 from vdsmlite.sdm.ovfindex import OvfIndex

@@ -1,13 +1,12 @@
 """JSON-RPC over STOMP 1.2 on the management port (VDSM's and the engine's door).
 
-The client here is the test's own, written from the STOMP 1.2 spec (raw sockets,
-its own frame reader), so the daemon's parser is not checked against itself.
+The client is the tests' own (`tests.stomp_helpers`), written from the STOMP 1.2 spec
+(raw sockets, its own frame reader), so the daemon's parser is not checked against itself.
 """
 
 from __future__ import annotations
 
 import json
-import socket
 import ssl
 import subprocess
 import sys
@@ -15,127 +14,18 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from fake_storage.agent import Agent
 from tests.helpers import BLANK_UUID, RawHttp
-from tests.test_transports import _make_ca, _make_cert
+from tests.stomp_helpers import REQUESTS, Conn, frame, request
+from tests.tls_helpers import make_ca, make_cert
 from vdsmlite.client import StompClient, TlsFiles
 from vdsmlite.rpc import stomp
 
 MAX_REQUEST = 65536
 STALL = 2.0
-REQUESTS = "jms.topic.vdsm_requests"
-
-
-# --- the test's own STOMP client ---------------------------------------------------------
-
-
-class Frame:
-    def __init__(self, command: str, headers: dict[str, str], body: bytes) -> None:
-        self.command, self.headers, self.body = command, headers, body
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-    def __repr__(self) -> str:
-        return f"<{self.command} {self.headers} {self.body[:100]!r}>"
-
-
-def frame(command: str, headers: dict[str, str] | None = None, body: bytes = b"",
-          length: bool = True) -> bytes:
-    lines = [command] + [f"{k}:{v}" for k, v in (headers or {}).items()]
-    if length:
-        lines.append(f"content-length:{len(body)}")
-    return ("\n".join(lines) + "\n\n").encode() + body + b"\0"
-
-
-def request(method: str, params: dict[str, Any] | None = None, msg_id: Any = None) -> bytes:
-    msg: dict[str, Any] = {"jsonrpc": "2.0", "method": method,
-                           "id": msg_id if msg_id is not None else str(uuid.uuid4())}
-    if params is not None:
-        msg["params"] = params
-    return json.dumps(msg).encode()
-
-
-class Conn:
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.sock.settimeout(30)
-        self.buf = b""
-        self.heartbeats = 0
-
-    @classmethod
-    def tcp(cls, agent: Agent) -> Conn:
-        assert agent.tcp_address is not None
-        return cls(socket.create_connection(agent.tcp_address))
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def _fill(self) -> None:
-        data = self.sock.recv(65536)
-        if not data:
-            raise EOFError("closed by the daemon")
-        self.buf += data
-
-    def read(self) -> Frame:
-        while True:
-            while self.buf[:1] in (b"\n", b"\r"):
-                self.heartbeats += self.buf[:1] == b"\n"
-                self.buf = self.buf[1:]
-            end = self.buf.find(b"\n\n")
-            if end < 0:
-                self._fill()
-                continue
-            head = self.buf[:end].decode().split("\n")
-            headers: dict[str, str] = {}
-            for line in head[1:]:
-                k, _, v = line.partition(":")
-                headers.setdefault(k, v.replace("\\c", ":").replace("\\n", "\n")
-                                   .replace("\\r", "\r").replace("\\\\", "\\"))
-            assert "content-length" in headers, f"frame without content-length: {head}"
-            n = int(headers["content-length"])
-            while len(self.buf) < end + 2 + n + 1:
-                self._fill()
-            body = self.buf[end + 2:end + 2 + n]
-            assert self.buf[end + 2 + n] == 0
-            self.buf = self.buf[end + 3 + n:]
-            return Frame(head[0], headers, body)
-
-    def connect(self, heart_beat: str = "0,0", **extra: str) -> Frame:
-        self.send(frame("CONNECT", {"accept-version": "1.2", "heart-beat": heart_beat, **extra}))
-        return self.read()
-
-    def subscribe(self, destination: str, sub_id: str) -> None:
-        self.send(frame("SUBSCRIBE", {"destination": destination, "id": sub_id, "ack": "auto"}))
-
-    def call(self, method: str, params: dict[str, Any] | None = None,
-             reply_to: str = "replies") -> Any:
-        self.send(frame("SEND", {"destination": REQUESTS, "reply-to": reply_to,
-                                 "content-type": "application/json"}, request(method, params)))
-        while True:
-            f = self.read()
-            assert f.command == "MESSAGE", f
-            reply = f.json()
-            if "id" in reply:
-                return reply
-
-    def closed(self, timeout: float = 10.0) -> bool:
-        """True once the daemon closed the connection (frames before that are skipped)."""
-        self.sock.settimeout(timeout)
-        try:
-            while True:
-                self.read()
-        except EOFError:
-            return True
-        except (ConnectionResetError, BrokenPipeError):
-            return True
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 # --- fixtures ---------------------------------------------------------------------------
@@ -468,9 +358,9 @@ def test_unix_socket_and_the_cli(agent: Agent) -> None:
 @pytest.fixture(scope="module")
 def tls_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Agent, Path]]:
     pki = tmp_path_factory.mktemp("pki")
-    _make_ca(pki, "ca")
-    _make_cert(pki, "ca", "server", "IP:127.0.0.1,DNS:localhost")
-    _make_cert(pki, "ca", "engine", "DNS:engine")
+    make_ca(pki, "ca")
+    make_cert(pki, "ca", "server", "IP:127.0.0.1,DNS:localhost")
+    make_cert(pki, "ca", "engine", "DNS:engine")
     a = Agent(tmp_path_factory.mktemp("tls") / "agent", config={"rpc": {
         "tls_cert": str(pki / "server.pem"), "tls_key": str(pki / "server.key"),
         "tls_ca": str(pki / "ca.pem")}}).start()

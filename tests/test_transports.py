@@ -6,7 +6,6 @@ import asyncio
 import http.client
 import json
 import ssl
-import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +17,7 @@ from aiohttp import web
 
 from fake_storage.agent import Agent
 from tests.helpers import RawHttp, run
+from tests.tls_helpers import make_ca, make_cert
 from vdsmlite import config
 from vdsmlite.client import Client, ClientError, TlsFiles
 from vdsmlite.daemon import build_app
@@ -180,32 +180,14 @@ def test_metrics(shared_agent: Agent, raw: RawHttp) -> None:
 # --- TLS -----------------------------------------------------------------------
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def _make_ca(d: Path, name: str) -> None:
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-             "-subj", f"/CN={name}", "-keyout", f"{name}.key", "-out", f"{name}.pem", cwd=d)
-
-
-def _make_cert(d: Path, ca: str, name: str, san: str) -> None:
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
-             "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=d)
-    (d / f"{name}.ext").write_text(f"subjectAltName={san}\n")
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
-             "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem",
-             cwd=d)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("pki")
-    _make_ca(d, "ca")
-    _make_cert(d, "ca", "server", "IP:127.0.0.1,DNS:localhost")
-    _make_cert(d, "ca", "engine", "DNS:engine")
-    _make_ca(d, "rogue-ca")
-    _make_cert(d, "rogue-ca", "rogue", "DNS:rogue")
+    make_ca(d, "ca")
+    make_cert(d, "ca", "server", "IP:127.0.0.1,DNS:localhost")
+    make_cert(d, "ca", "engine", "DNS:engine")
+    make_ca(d, "rogue-ca")
+    make_cert(d, "rogue-ca", "rogue", "DNS:rogue")
     return d
 
 

@@ -1,4 +1,5 @@
-"""What tests of VMs share: waiting for a status, asking the VM's qemu directly."""
+"""What tests of VMs share: a host that runs VMs and what a test knows of it, waiting
+for a status, asking the VM's qemu directly."""
 
 from __future__ import annotations
 
@@ -7,14 +8,15 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fake_storage.children import kill_vms_left_in
 from fake_storage.cluster import SimHost
-from fake_storage.lunfarm import LunFarm
+from fake_storage.lunfarm import FakeLun, LunFarm
 from tests.helpers import run
-from tests.storage_helpers import unmount_under
+from tests.storage_helpers import DomainUnderTest, unmount_under
 from vdsmlite.client import Client
 from vdsmlite.virt.qmp import QmpSession
 
@@ -40,6 +42,26 @@ def vm_host(base: Path, name: str, **virt: Any) -> Iterator[tuple[SimHost, LunFa
         shutil.rmtree(vm_run_dir, ignore_errors=True)
         problems = farm.destroy()
         assert not problems, problems
+
+
+@dataclass
+class VmEnv:
+    """A host from `vm_host` and what a test module built on it: a block domain, one of
+    its volumes, spare LUNs; and where the VMs' dirs (their monitors) are."""
+
+    host: SimHost
+    dom: DomainUnderTest
+    img: str
+    vol: str
+    luns: list[FakeLun]  # spare LUNs for direct use, 256 MiB each
+    vm_run_dir: Path
+
+    @property
+    def client(self) -> Client:
+        return self.host.agent.client()
+
+    def vm_dir(self, vm_id: str) -> Path:
+        return self.vm_run_dir / vm_id
 
 
 def destroy_all_vms(host: SimHost) -> None:
@@ -77,3 +99,8 @@ def debug_qmp(vm_dir: Path, command: str, args: dict[str, Any] | None = None) ->
             await session.close()
 
     return run(call())
+
+
+def qmp(env: VmEnv, vm_id: str, command: str, args: dict[str, Any] | None = None) -> Any:
+    """One command on the VM's debug monitor (the agent holds the main one)."""
+    return debug_qmp(env.vm_dir(vm_id), command, args)
