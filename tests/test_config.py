@@ -73,6 +73,7 @@ max_request_size = 2048
     ("[daemon]\nlog_level = 'LOUD'\n", "unknown level"),
     ("[daemon]\nhost_uuid = 'abc'\n", "is not a UUID"),
     ("[daemon]\nworker_threads = 0\n", "worker_threads"),
+    ("[virt]\nmigration_destination_timeout = 0\n", "migration_destination_timeout: must"),
     ("this is = not toml [", "config file"),
     ("daemon = 3\n", "must be a table"),
 ])

@@ -34,10 +34,14 @@ from vdsmlite.client import ServerError
 
 pytestmark = pytest.mark.root
 
+DESTINATION_TIMEOUT = 5.0  # [virt] migration_destination_timeout of the module's host
+
 
 @pytest.fixture(scope="module")
 def vmenv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmEnv]:
-    with vm_host(tmp_path_factory.mktemp("vm"), "vmhost", unplug_timeout=1.0) as (
+    # No migration here: incoming ones are given up after a few seconds (the test).
+    with vm_host(tmp_path_factory.mktemp("vm"), "vmhost", unplug_timeout=1.0,
+                 migration_destination_timeout=DESTINATION_TIMEOUT) as (
             host, farm, vm_run_dir):
         dom = make_block_domain(host.agent, farm)
         img, vol = dom.create_volume(size=512 * MiB)
@@ -345,5 +349,31 @@ def test_a_vm_that_died_while_the_agent_was_away_is_down(vmenv: VmEnv,
         assert "while the agent was away" in stats["exitMessage"]
         # Its storage was released at recovery.
         assert not lv_link(vmenv, vmenv.vol).exists()
+        c.call("VM.destroy", {"vmID": vm_id})
+    assert_nothing_left(vmenv, vm_id)
+
+
+def test_an_incoming_migration_nobody_finishes_is_given_up(vmenv: VmEnv,
+                                                         vms: list[str]) -> None:
+    """VM.migrationCreate as a source agent sends it, then nothing (its host gone): after
+    migration_destination_timeout the copy here is destroyed, its storage released."""
+    vm_id = new_id()
+    vms.append(vm_id)
+    with vmenv.client as c:
+        reply = c.call("VM.migrationCreate", {"vmID": vm_id, "params": dict_params(vm_id, [
+            Disk("vda", "virtio", volume=(vmenv.dom.sd, vmenv.img, vmenv.vol))])})
+        assert reply["migrationUri"].startswith("unix:")
+        stats = c.call("VM.getStats", {"vmID": vm_id})[0]
+        assert stats["status"] == "Migration Destination"
+        pid = int(stats["pid"])
+        assert lv_link(vmenv, vmenv.vol).exists()
+        down = wait_status(c, vm_id, "Down", timeout=DESTINATION_TIMEOUT + 60)
+        assert down["exitReason"] == 8 and down["exitCode"] == 1
+        assert "Timed out" in down["exitMessage"]
+        assert not Path(f"/proc/{pid}").exists()
+        assert not lv_link(vmenv, vmenv.vol).exists()
+        # A source that comes back too late is told no; its own copy is the VM.
+        assert code_of(lambda: c.call("VM.migrationFinish",
+                                      {"vmID": vm_id, "resume": True})) == 12
         c.call("VM.destroy", {"vmID": vm_id})
     assert_nothing_left(vmenv, vm_id)

@@ -144,6 +144,10 @@ class VirtSection:
     hotplug_slots: int = 8
     # Seconds a guest gets to release a hot-unplugged disk (then 46, disk kept).
     unplug_timeout: float = 10.0
+    # Seconds an incoming migration may take from VM.migrationCreate to
+    # VM.migrationFinish; then the copy here is destroyed (Down, exitReason 8) and
+    # its storage released. VDSM's [vars] migration_destination_timeout.
+    migration_destination_timeout: float = 21600.0
     # A second QMP monitor per VM (<vm dir>/qmp-debug.sock) for inspection.
     debug_monitor: bool = False
     # What VM NICs attach to: "" (nothing: the guest has the NIC, its frames go
@@ -319,6 +323,8 @@ def _validate(cfg: Config) -> None:
         raise InvalidConfiguration("[virt] hotplug_slots: must be within 0..24")
     if cfg.virt.unplug_timeout <= 0:
         raise InvalidConfiguration("[virt] unplug_timeout: must be positive")
+    if cfg.virt.migration_destination_timeout <= 0:
+        raise InvalidConfiguration("[virt] migration_destination_timeout: must be positive")
     if not re.fullmatch(r"|user|bridge(:[A-Za-z0-9_.-]{1,15})?", cfg.virt.nic_backend):
         # The same syntax vdsmlite.virt.qemu.NIC_BACKEND accepts.
         raise InvalidConfiguration(f"[virt] nic_backend: expected \"\", user, bridge or "

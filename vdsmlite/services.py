@@ -153,6 +153,7 @@ class Services:
             leases=self.vm_leases, publish=self.events.publish, run_blocking=run_blocking,
             hotplug_slots=config.virt.hotplug_slots,
             unplug_timeout=config.virt.unplug_timeout, debug_monitor=config.virt.debug_monitor,
+            destination_timeout=config.virt.migration_destination_timeout,
             nic_backend=config.virt.nic_backend, peer_tls=_peer_tls(config))
         self.vms_from_ovf = OvfVmSource(ovf=self.ovf, domains=self.domains,
                                         run_blocking=run_blocking)

@@ -55,7 +55,8 @@ class VmManager:
     def __init__(self, *, run_dir: Path, disks: DiskPreparer, users: StorageUsers,
                  leases: VmLeases, publish: Publish, run_blocking: RunBlocking,
                  hotplug_slots: int, unplug_timeout: float, debug_monitor: bool = False,
-                 nic_backend: str = "", peer_tls: TlsFiles | None = None) -> None:
+                 nic_backend: str = "", peer_tls: TlsFiles | None = None,
+                 destination_timeout: float = 21600.0) -> None:
         self.run_dir = run_dir
         self._disks = disks
         self._leases = leases
@@ -67,8 +68,11 @@ class VmManager:
         self._debug_monitor = debug_monitor
         self._nic_backend = nic_backend
         self._peer_tls = peer_tls  # how VM.migrate talks to the destination agent
+        self._destination_timeout = destination_timeout
         self._vms: dict[str, Vm] = {}
         self._launches: dict[str, asyncio.Task[None]] = {}
+        # Incoming migrations: the task that gives up on each (see `_expire_incoming`).
+        self._incoming: dict[str, asyncio.Task[None]] = {}
         self.state = ManagerState.RECOVERING
 
     def require_ready(self) -> None:
@@ -156,6 +160,7 @@ class VmManager:
 
     async def _vm_down(self, vm: Vm) -> None:
         """qemu is gone: release the VM's storage, remember why it went Down."""
+        self._stop_expiry(vm.id)
         await self._run_blocking(self._disks.release, vm.id, vm.defn.disks)
         with contextlib.suppress(OSError):
             await self._run_blocking(self._save, vm)
@@ -366,11 +371,42 @@ class VmManager:
             if isinstance(e, errors.VdsmError | asyncio.CancelledError):
                 raise
             raise errors.MigrationError(message) from e
+        self._incoming[vm.id] = asyncio.create_task(self._expire_incoming(vm))
         return {"migrationPort": 0, "params": vm.info(), "migrationUri": uri}
+
+    async def _expire_incoming(self, vm: Vm) -> None:
+        """An incoming migration the source never finishes (its agent or host gone,
+        or no migration ever sent) would hold a paused qemu and the VM's storage here
+        for good. After `destination_timeout` the copy is destroyed, as VDSM does
+        after its migration_destination_timeout: never run, it is not the VM; the
+        source's copy is (a late VM.migrationFinish then gets 1, and the source
+        keeps or resumes its own)."""
+        await asyncio.sleep(self._destination_timeout)
+        self._incoming.pop(vm.id, None)
+        if self._vms.get(vm.id) is not vm or vm.status is not VmStatus.MIGRATION_DESTINATION:
+            return
+        log.error("VM %s: the incoming migration did not finish within %.0f s: destroying "
+                  "the copy here", vm.id, self._destination_timeout)
+        vm.exit_as = (1, "Migration Error - Timed out (the source did not finish the "
+                      "migration)", ExitReason.MIGRATION_FAILED)
+        await vm.destroy(grace=2.0)
+
+    def _stop_expiry(self, vm_id: str) -> None:
+        task = self._incoming.pop(vm_id, None)
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
 
     async def migration_finish(self, vm_id: str, resume: bool) -> dict[str, Any]:
         vm = self.get(vm_id)
-        await migration.finish_incoming(vm, resume, self._leases, self._run_blocking)
+        # Never destroyed while it is being finished (it may run already); a finish
+        # that fails leaves it to the source's VM.destroy, or to a new expiry.
+        self._stop_expiry(vm_id)
+        try:
+            await migration.finish_incoming(vm, resume, self._leases, self._run_blocking)
+        except BaseException:
+            if self._vms.get(vm_id) is vm and vm.status is VmStatus.MIGRATION_DESTINATION:
+                self._incoming[vm_id] = asyncio.create_task(self._expire_incoming(vm))
+            raise
         await self._run_blocking(self._save, vm)
         return vm.info()
 
@@ -497,6 +533,9 @@ class VmManager:
         self.state = ManagerState.CLOSED
         for task in list(self._launches.values()):
             task.cancel()
+        for vm_id in list(self._incoming):
+            # The restarted agent decides about incoming VMs (recover_destination).
+            self._stop_expiry(vm_id)
         for vm in self._vms.values():
             # Outgoing migrations are abandoned: the VM keeps running here.
             if vm.migration is not None and vm.migration.task is not None:
