@@ -379,8 +379,8 @@ class VmManager:
         or no migration ever sent) would hold a paused qemu and the VM's storage here
         for good. After `destination_timeout` the copy is destroyed, as VDSM does
         after its migration_destination_timeout: never run, it is not the VM; the
-        source's copy is (a late VM.migrationFinish then gets 1, and the source
-        keeps or resumes its own)."""
+        source's copy is (a late VM.migrationFinish gets 12, or 1 once the engine
+        destroyed the Down VM, and the source keeps or resumes its own)."""
         await asyncio.sleep(self._destination_timeout)
         self._incoming.pop(vm.id, None)
         if self._vms.get(vm.id) is not vm or vm.status is not VmStatus.MIGRATION_DESTINATION:
