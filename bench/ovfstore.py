@@ -113,6 +113,7 @@ from tests.storage_helpers import (
     make_localfs_domain,
     unmount_under,
 )
+from tests.tls_helpers import make_ca, make_cert
 from vdsmlite.client import decode_reply
 
 MiB = 1 << 20
@@ -393,18 +394,9 @@ class Pki:
     def __init__(self, workdir: Path) -> None:
         self.dir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
-        self._openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                      "-subj", "/CN=bench-ca", "-keyout", "ca.key", "-out", "ca.pem")
-        for name, san in (("server", "IP:127.0.0.1"), ("engine", "DNS:engine")):
-            self._openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
-                          "-keyout", f"{name}.key", "-out", f"{name}.csr")
-            (workdir / f"{name}.ext").write_text(f"subjectAltName={san}\n")
-            self._openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem",
-                          "-CAkey", "ca.key", "-CAcreateserial", "-days", "2",
-                          "-extfile", f"{name}.ext", "-out", f"{name}.pem")
-
-    def _openssl(self, *args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=self.dir, check=True, capture_output=True)
+        make_ca(workdir, "ca")
+        make_cert(workdir, "ca", "server", "IP:127.0.0.1")
+        make_cert(workdir, "ca", "engine", "DNS:engine")
 
     def path(self, name: str) -> str:
         return str(self.dir / name)
