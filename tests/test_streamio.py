@@ -147,8 +147,14 @@ def _watching_fdatasync(entered: threading.Event, release: threading.Event,
                         writes_during: list[int], error: OSError | None = None) -> Any:
     """Makes writers (`make(path)`) whose first background fdatasync waits for
     `release`, counting the writes the write lane makes meanwhile (and fails with
-    `error`, when given one)."""
-    state = {"flushing": False, "first": True}
+    `error`, when given one).
+
+    Every write after the first waits until that flush has started: the flush is
+    handed to the loop and then to a thread, and a fast write lane could otherwise
+    write everything before the flush thread runs at all (CI saw it). A flush run
+    inline in the write lane would still fail the count: it would hold the lane until
+    `release`, after which nothing is flushing."""
+    state = {"flushing": False, "first": True, "writes": 0}
 
     async def blocking(fn: Any, *args: Any) -> Any:
         def call() -> Any:
@@ -168,6 +174,9 @@ def _watching_fdatasync(entered: threading.Event, release: threading.Event,
         write = w._write_sync
 
         def counted(full: Any) -> None:
+            if state["writes"]:
+                entered.wait(10)
+            state["writes"] += 1
             if state["flushing"]:
                 writes_during.append(1)
             write(full)
