@@ -74,6 +74,10 @@ max_request_size = 2048
     ("[daemon]\nhost_uuid = 'abc'\n", "is not a UUID"),
     ("[daemon]\nworker_threads = 0\n", "worker_threads"),
     ("[virt]\nmigration_destination_timeout = 0\n", "migration_destination_timeout: must"),
+    ("[virt]\nmigration_port_min = 50000\nmigration_port_max = 49999\n",
+     "migration_port_min..migration_port_max"),
+    ("[virt]\nmigration_port_max = 70000\n", "migration_port_min..migration_port_max"),
+    ("[virt]\nmigration_listen = 'host.example'\n", "migration_listen: expected an IP"),
     ("this is = not toml [", "config file"),
     ("daemon = 3\n", "must be a table"),
 ])

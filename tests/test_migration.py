@@ -3,7 +3,9 @@
 Two simulated hosts, A and B (each its own sanlock daemon, agent and VM run dir),
 see one block domain and spare loop LUNs, as two hosts share a SAN; built once
 for the module. VMs run for real (not launched paused: SeaBIOS runs, no guest
-OS). A migration that must stay in flight while a test acts is throttled: a VM
+OS). Both hosts have certificates from one CA (as the engine's hosts do), so
+migrations may be encrypted; each listens for incoming ones on four ports of its
+own. A migration that must stay in flight while a test acts is throttled: a VM
 with 8 GiB of (untouched, so zero) RAM at maxBandwidth 1 MiB/s needs about 20 s,
 and VM.migrateChangeParams lets it finish when the test says so. Guest writes go
 through qemu-io on the VM's debug monitor; their bytes are then read straight
@@ -12,10 +14,13 @@ from the loop LUN with O_DIRECT.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
+import ssl
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,7 +45,8 @@ from tests.storage_helpers import (
     run_task,
     unmount_under,
 )
-from tests.vm_helpers import debug_qmp
+from tests.tls_helpers import make_ca, make_cert
+from tests.vm_helpers import debug_qmp, listening_ports
 from vdsmlite.client import Client, ServerError
 
 pytestmark = pytest.mark.root
@@ -53,6 +59,7 @@ BLOCK = 4096
 class Side:
     host: SimHost
     run_dir: Path
+    migration_ports: range  # where it listens for incoming migrations
 
     def client(self) -> Client:
         return self.host.agent.client()
@@ -92,27 +99,56 @@ class Env:
     vol: str
     luns: list[FakeLun]
     farm: LunFarm
+    pki: Path  # ca, host-a, host-b, and rogue-ca's stranger (<name>.pem, <name>.key)
 
 
-def _side(base: Path, name: str) -> Side:
+def _free_ports(count: int) -> range:
+    """`count` consecutive ports nobody listens on now, away from the default
+    migration range other test modules' agents use at the same time."""
+    rng = random.Random()
+    for _ in range(100):
+        start = rng.randrange(20000, 30000)
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(start, start + count):
+                    s = stack.enter_context(socket.socket())
+                    s.bind(("127.0.0.1", port))
+            return range(start, start + count)
+        except OSError:
+            continue
+    raise AssertionError("no free ports")
+
+
+def _side(base: Path, name: str, pki: Path) -> Side:
     run_dir = Path(tempfile.mkdtemp(prefix=f"vm{name}-", dir="/tmp"))
+    ports = _free_ports(4)
     host = SimHost(base / name, name, config={
-        "virt": {"run_dir": str(run_dir), "unplug_timeout": 1.0, "debug_monitor": True}})
-    return Side(host, run_dir)
+        "rpc": {"tls_cert": str(pki / f"{name}.pem"), "tls_key": str(pki / f"{name}.key"),
+                "tls_ca": str(pki / "ca.pem")},
+        "virt": {"run_dir": str(run_dir), "unplug_timeout": 1.0, "debug_monitor": True,
+                 "migration_port_min": ports.start, "migration_port_max": ports.stop - 1}})
+    return Side(host, run_dir, ports)
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     base = tmp_path_factory.mktemp("mig")
+    pki = base / "pki"
+    pki.mkdir()
+    make_ca(pki, "ca")
+    for name in ("host-a", "host-b"):
+        make_cert(pki, "ca", name, "IP:127.0.0.1")
+    make_ca(pki, "rogue-ca")
+    make_cert(pki, "rogue-ca", "stranger", "IP:127.0.0.1")
     farm = LunFarm(base / "farm")
-    a, b = _side(base, "host-a"), _side(base, "host-b")
+    a, b = _side(base, "host-a", pki), _side(base, "host-b", pki)
     try:
         a.host.start()
         b.host.start()
         dom = make_block_domain(a.host.agent, farm)
         img, vol = dom.create_volume(size=256 * MiB)
         luns = farm.create(3, "256M")
-        yield Env(a, b, dom, img, vol, luns, farm)
+        yield Env(a, b, dom, img, vol, luns, farm, pki)
     finally:
         for side in (a, b):
             if side.host.agent.proc is not None and side.host.agent.proc.poll() is None:
@@ -269,6 +305,109 @@ def test_migrate_a_running_vm_there_and_back_while_it_writes(env: Env, vms: list
     assert not lv_link(env.a, env).exists()
 
 
+# --- the stream: TCP, TLS when encrypted ----------------------------------------------------
+
+
+def test_an_encrypted_migration_runs_in_tls_from_the_hosts_certificates(
+        env: Env, vms: list[str]) -> None:
+    vm_id = create_running(env, vms, env.luns[1], memory=SLOW_MEMORY)
+    env.a.call("VM.migrate", vmID=vm_id, params={
+        "dst": env.b.dst, "dstqemu": "127.0.0.1", "encrypted": True, "maxBandwidth": 1})
+    eventually(lambda: state_is(env.a, vm_id, "migrating"), 60, "migrating")
+    creds = "/objects/vdsmlite-migration-tls"
+    # A's qemu sends in TLS, checking B's certificate against the address it sends to;
+    # B's receives in TLS and checks A's.
+    sent = env.a.qmp(vm_id, "query-migrate-parameters")
+    assert (sent["tls-creds"], sent["tls-hostname"]) == ("vdsmlite-migration-tls", "127.0.0.1")
+    assert env.a.qmp(vm_id, "qom-get", {"path": creds, "property": "endpoint"}) == "client"
+    assert env.b.qmp(vm_id, "query-migrate-parameters")["tls-creds"] == "vdsmlite-migration-tls"
+    assert env.b.qmp(vm_id, "qom-get", {"path": creds, "property": "endpoint"}) == "server"
+    assert env.b.qmp(vm_id, "qom-get", {"path": creds, "property": "verify-peer"}) is True
+    env.a.call("VM.migrateChangeParams", vmID=vm_id, params={"maxBandwidth": 10000})
+    wait_migrated(env.a, env.b, vm_id, "Up")
+
+    # Back, not encrypted: B's qemu received in TLS, and now sends in the clear.
+    env.b.call("VM.migrate", vmID=vm_id, params={"dst": env.a.dst, "maxBandwidth": 1})
+    eventually(lambda: state_is(env.b, vm_id, "migrating"), 60, "migrating back")
+    assert env.b.qmp(vm_id, "query-migrate-parameters")["tls-creds"] == ""
+    assert env.a.qmp(vm_id, "query-migrate-parameters")["tls-creds"] == ""
+    env.b.call("VM.migrateChangeParams", vmID=vm_id, params={"maxBandwidth": 10000})
+    wait_migrated(env.b, env.a, vm_id, "Up")
+
+
+def test_an_encrypted_incoming_port_takes_only_a_peer_the_ca_signed(
+        env: Env, vms: list[str]) -> None:
+    """What listens for an encrypted migration speaks TLS with the host's certificate
+    and lets in no peer without a certificate of the hosts' CA; refused ones leave it
+    listening for the real source."""
+    vm_id = new_id()
+    vms.append(vm_id)
+    params = {**vm_params(env, vm_id, env.luns[2], volume=False),
+              "incoming": {"address": "127.0.0.1", "encrypted": True}}
+    uri = env.b.call("VM.migrationCreate", vmID=vm_id, params=params)["migrationUri"]
+    host, port = uri.removeprefix("tcp:").rsplit(":", 1)
+    assert host == "127.0.0.1" and int(port) in env.b.migration_ports
+    pid = int(env.b.stats(vm_id)["pid"])
+
+    def connect(cert: str | None) -> ssl.SSLSocket:
+        ctx = ssl.create_default_context(cafile=str(env.pki / "ca.pem"))
+        if cert is not None:
+            ctx.load_cert_chain(env.pki / f"{cert}.pem", env.pki / f"{cert}.key")
+        raw = socket.create_connection((host, int(port)), timeout=30)
+        return ctx.wrap_socket(raw, server_hostname=host)
+
+    def incoming_status() -> str | None:
+        status: str | None = env.b.qmp(vm_id, "query-migrate").get("status")
+        return status
+
+    for stranger in (None, "stranger"):  # no certificate; one another CA signed
+        with connect(stranger) as tls:
+            # TLS 1.3: qemu checks the peer's certificate after the handshake, and
+            # hangs up on it.
+            assert tls.recv(1) == b"", stranger
+        assert incoming_status() is None, stranger  # no migration started
+        assert env.b.status(vm_id) == "Migration Destination"
+        assert int(port) in listening_ports(pid), stranger
+    # A host's certificate is let in, and its stream taken as the migration; what
+    # answers is host B, by its certificate.
+    with connect("host-a") as tls:
+        subject = dict(item[0] for item in tls.getpeercert()["subject"])
+        assert subject["commonName"] == "host-b"
+        eventually(lambda: incoming_status() == "active", 30, "the migration taken")
+    env.b.call("VM.destroy", vmID=vm_id)
+    assert_gone(env.b, vm_id)
+
+
+def test_the_destination_listens_on_a_free_port_of_its_range(
+        env: Env, vms: list[str]) -> None:
+    ports = env.b.migration_ports
+    with contextlib.ExitStack() as stack:
+        def block(port: int) -> None:
+            s = stack.enter_context(socket.socket())
+            s.bind(("127.0.0.1", port))
+            s.listen()
+
+        for port in ports[:-1]:
+            block(port)
+        vm_id = new_id()
+        vms.append(vm_id)
+        # The engine's form: no address named, so where B's agent listens.
+        reply = env.b.call("VM.migrationCreate", vmID=vm_id,
+                           params=vm_params(env, vm_id, env.luns[2], volume=False))
+        assert reply["migrationUri"] == f"tcp:127.0.0.1:{ports[-1]}"
+        env.b.call("VM.destroy", vmID=vm_id)
+        assert_gone(env.b, vm_id)
+        # None free: refused, and nothing is left of the VM.
+        block(ports[-1])
+        vm_id = new_id()
+        vms.append(vm_id)
+        with pytest.raises(ServerError) as e:
+            env.b.call("VM.migrationCreate", vmID=vm_id,
+                       params=vm_params(env, vm_id, env.luns[2], volume=False))
+        assert e.value.code == 12 and "no free migration port" in e.value.message
+        assert_gone(env.b, vm_id)
+
+
 # --- cancel and failures ---------------------------------------------------------------------
 
 
@@ -348,6 +487,9 @@ def test_params_are_checked(env: Env, vms: list[str]) -> None:
     assert code({"dst": env.b.dst, "maxBandwidth": 0}) == 91
     assert code({"dst": env.b.dst, "method": "offline"}) == 91
     assert code({"dst": env.b.dst, "mode": "file"}) == 91
+    for bad in ("a b", "host/1", "[::1", 7):
+        assert code({"dst": env.b.dst, "dstqemu": bad}) == 91, bad
+    assert code({"dst": env.b.dst, "encrypted": "maybe"}) == 91
     assert code({"dst": env.b.dst}, target=new_id()) == 1
     with pytest.raises(ServerError) as e:
         env.a.call("VM.migrateCancel", vmID=vm_id)

@@ -10,6 +10,7 @@ and spare loop LUNs, built once for the module. Every VM is launched paused
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -28,7 +29,7 @@ from tests.storage_helpers import (
     new_id,
     read_direct,
 )
-from tests.vm_helpers import VmEnv, qmp, vm_host, wait_status
+from tests.vm_helpers import VmEnv, listening_ports, qmp, vm_host, wait_status
 from tests.vm_requests import FORMS, Disk, dict_params, drive_dict, hotplug_xml, xml_params
 from vdsmlite.client import ServerError
 
@@ -196,6 +197,18 @@ def test_refusals_leave_nothing_behind(vmenv: VmEnv, vms: list[str]) -> None:
         assert code_of(lambda: c.call("VM.create", {"vmID": first, "vmParams": dict_params(
             first, [Disk("sda", "scsi", guid=vmenv.luns[3].guid)])})) == 4
         assert code_of(lambda: c.call("VM.getStats", {"vmID": new_id()})) == 1
+        # This host has no TLS: it neither sends nor takes an encrypted migration.
+        assert code_of(lambda: c.call("VM.migrate", {"vmID": first, "params": {
+            "dst": "127.0.0.1:1", "encrypted": True}})) == 91
+        assert c.call("VM.getStats", {"vmID": first})[0]["status"] == "Paused"
+    for incoming, code in (({"encrypted": True}, 12), ({"address": "a b"}, 91),
+                           ({"encrypted": "yes"}, 91), ("tls", 91)):
+        vm_id = new_id()
+        request = {"vmID": vm_id, "params": {**dict_params(vm_id, [vol]),
+                                             "incoming": incoming}}
+        with vmenv.client as c:
+            assert code_of(functools.partial(c.call, "VM.migrationCreate", request)) == code
+        assert_nothing_left(vmenv, vm_id)
 
 
 def test_two_vms_share_a_lun_when_both_say_so(vmenv: VmEnv, vms: list[str]) -> None:
@@ -362,10 +375,13 @@ def test_an_incoming_migration_nobody_finishes_is_given_up(vmenv: VmEnv,
     with vmenv.client as c:
         reply = c.call("VM.migrationCreate", {"vmID": vm_id, "params": dict_params(vm_id, [
             Disk("vda", "virtio", volume=(vmenv.dom.sd, vmenv.img, vmenv.vol))])})
-        assert reply["migrationUri"].startswith("unix:")
+        # The engine's form names no address: qemu listens where the agent does.
+        host, port = reply["migrationUri"].removeprefix("tcp:").rsplit(":", 1)
+        assert host == "127.0.0.1" and 49152 <= int(port) <= 49215
         stats = c.call("VM.getStats", {"vmID": vm_id})[0]
         assert stats["status"] == "Migration Destination"
         pid = int(stats["pid"])
+        assert int(port) in listening_ports(pid)
         assert lv_link(vmenv, vmenv.vol).exists()
         down = wait_status(c, vm_id, "Down", timeout=DESTINATION_TIMEOUT + 60)
         assert down["exitReason"] == 8 and down["exitCode"] == 1

@@ -4,6 +4,7 @@ for a status, asking the VM's qemu directly."""
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 import time
@@ -104,3 +105,22 @@ def debug_qmp(vm_dir: Path, command: str, args: dict[str, Any] | None = None) ->
 def qmp(env: VmEnv, vm_id: str, command: str, args: dict[str, Any] | None = None) -> Any:
     """One command on the VM's debug monitor (the agent holds the main one)."""
     return debug_qmp(env.vm_dir(vm_id), command, args)
+
+
+def listening_ports(pid: int) -> set[int]:
+    """The TCP ports process `pid` listens on (IPv4 and IPv6), from /proc: what its
+    own socket descriptors are, matched with the kernel's LISTEN sockets."""
+    inodes = set()
+    fd_dir = Path(f"/proc/{pid}/fd")
+    for fd in fd_dir.iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:["):-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: TCP_LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports

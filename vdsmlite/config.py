@@ -148,6 +148,13 @@ class VirtSection:
     # VM.migrationFinish; then the copy here is destroyed (Down, exitReason 8) and
     # its storage released. VDSM's [vars] migration_destination_timeout.
     migration_destination_timeout: float = 21600.0
+    # Where a destination's qemu listens for an incoming migration (vdsmlite.virt.
+    # migtransport): "" for the address the source connects to (VM.migrate's dstqemu,
+    # else the host it called this agent at); an address to listen on one network.
+    migration_listen: str = ""
+    # The ports it may listen on, one per incoming migration (libvirt's range).
+    migration_port_min: int = 49152
+    migration_port_max: int = 49215
     # A second QMP monitor per VM (<vm dir>/qmp-debug.sock) for inspection.
     debug_monitor: bool = False
     # What VM NICs attach to: "" (nothing: the guest has the NIC, its frames go
@@ -325,6 +332,15 @@ def _validate(cfg: Config) -> None:
         raise InvalidConfiguration("[virt] unplug_timeout: must be positive")
     if cfg.virt.migration_destination_timeout <= 0:
         raise InvalidConfiguration("[virt] migration_destination_timeout: must be positive")
+    if not 1 <= cfg.virt.migration_port_min <= cfg.virt.migration_port_max <= 65535:
+        raise InvalidConfiguration("[virt] migration_port_min..migration_port_max: expected "
+                                   "1 <= min <= max <= 65535")
+    if cfg.virt.migration_listen:
+        try:
+            ipaddress.ip_address(cfg.virt.migration_listen)
+        except ValueError:
+            raise InvalidConfiguration(f"[virt] migration_listen: expected an IP address, "
+                                       f"got {cfg.virt.migration_listen!r}") from None
     if not re.fullmatch(r"|user|bridge(:[A-Za-z0-9_.-]{1,15})?", cfg.virt.nic_backend):
         # The same syntax vdsmlite.virt.qemu.NIC_BACKEND accepts.
         raise InvalidConfiguration(f"[virt] nic_backend: expected \"\", user, bridge or "

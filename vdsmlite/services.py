@@ -49,6 +49,7 @@ from vdsmlite.virt.disks import DiskPreparer
 from vdsmlite.virt.fromovf import OvfVmSource
 from vdsmlite.virt.leases import VmLeases
 from vdsmlite.virt.manager import VmManager
+from vdsmlite.virt.migtransport import IncomingListener
 
 log = logging.getLogger("vdsmlite.services")
 
@@ -147,6 +148,7 @@ class Services:
                                   host_id_of=self.monitors.host_id,
                                   geometry_of=lambda sd: self.domains.get(sd).geometry(),
                                   run_blocking=run_blocking)
+        host_tls = _host_tls(config)
         self.vms = VmManager(
             run_dir=config.virt_run_dir,
             disks=DiskPreparer(self.domains, self.storage_users), users=self.storage_users,
@@ -154,7 +156,11 @@ class Services:
             hotplug_slots=config.virt.hotplug_slots,
             unplug_timeout=config.virt.unplug_timeout, debug_monitor=config.virt.debug_monitor,
             destination_timeout=config.virt.migration_destination_timeout,
-            nic_backend=config.virt.nic_backend, peer_tls=_peer_tls(config))
+            nic_backend=config.virt.nic_backend, peer_tls=host_tls,
+            listener=IncomingListener(
+                listen=config.virt.migration_listen, default_address=config.rpc.listen,
+                ports=range(config.virt.migration_port_min, config.virt.migration_port_max + 1),
+                tls=host_tls, run_blocking=run_blocking))
         self.vms_from_ovf = OvfVmSource(ovf=self.ovf, domains=self.domains,
                                         run_blocking=run_blocking)
         self.transfers = ImageTransfers(domains=self.domains, image_locks=self.image_locks,
@@ -222,8 +228,9 @@ def load_host_uuid(config: Config) -> str:
     return new
 
 
-def _peer_tls(config: Config) -> TlsFiles | None:
-    """How this agent calls another one (VM.migrate): with its own certificate."""
+def _host_tls(config: Config) -> TlsFiles | None:
+    """The host's PKI, beyond serving JSON-RPC: how this agent calls another one
+    (VM.migrate), and how its qemu migrates encrypted."""
     r = config.rpc
     if r.tls_cert is None or r.tls_key is None or r.tls_ca is None:
         return None

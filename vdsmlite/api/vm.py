@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from vdsmlite.api.base import verb
-from vdsmlite.virt import checks, fromovf, migration, requests
+from vdsmlite.virt import checks, fromovf, migration, migtransport, requests
 from vdsmlite.virt.fromovf import OvfVmSource
 from vdsmlite.virt.manager import VmManager
 
@@ -124,7 +124,7 @@ class VmApi:
         self._vms.require_ready()
         defn = migration.definition_from_peer(vmID, params) or \
             requests.parse_create(vmID, params)
-        return await self._vms.migration_create(defn)
+        return await self._vms.migration_create(defn, migtransport.Incoming.from_params(params))
 
     @verb("VM.migrationFinish")
     async def migration_finish(self, *, vmID: str, resume: bool) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import json
 import logging
 import shutil
@@ -34,7 +35,7 @@ from vdsmlite.client import TlsFiles
 from vdsmlite.fsutil import write_file_durably
 from vdsmlite.ids import parse_uuid
 from vdsmlite.storage.users import StorageUsers
-from vdsmlite.virt import livemerge, migration, qemu, snapshot
+from vdsmlite.virt import livemerge, migration, migtransport, qemu, snapshot
 from vdsmlite.virt.definition import DiskSpec, VmDefinition, VolumeSource
 from vdsmlite.virt.disks import DiskPreparer, key_of
 from vdsmlite.virt.leases import VmLeases
@@ -56,7 +57,8 @@ class VmManager:
                  leases: VmLeases, publish: Publish, run_blocking: RunBlocking,
                  hotplug_slots: int, unplug_timeout: float, debug_monitor: bool = False,
                  nic_backend: str = "", peer_tls: TlsFiles | None = None,
-                 destination_timeout: float = 21600.0) -> None:
+                 destination_timeout: float = 21600.0,
+                 listener: migtransport.IncomingListener) -> None:
         self.run_dir = run_dir
         self._disks = disks
         self._leases = leases
@@ -67,7 +69,10 @@ class VmManager:
         self._unplug_timeout = unplug_timeout
         self._debug_monitor = debug_monitor
         self._nic_backend = nic_backend
-        self._peer_tls = peer_tls  # how VM.migrate talks to the destination agent
+        # How VM.migrate talks to the destination agent, and its qemu to the
+        # destination's in an encrypted migration: the host's PKI.
+        self._peer_tls = peer_tls
+        self._listener = listener  # where an incoming migration's qemu listens
         self._destination_timeout = destination_timeout
         self._vms: dict[str, Vm] = {}
         self._launches: dict[str, asyncio.Task[None]] = {}
@@ -300,6 +305,9 @@ class VmManager:
             raise errors.MigrationInProgress(f"VM {vm_id} is {vm.status}")
         if vm.status not in (VmStatus.UP, VmStatus.PAUSED) or vm.session is None:
             raise errors.NoSuchVM(f"VM {vm_id} is {vm.status}")
+        if parsed.encrypted and self._peer_tls is None:
+            raise errors.InvalidParameter("encrypted: this host has no TLS ([rpc] tls_cert, "
+                                          "tls_key, tls_ca) to migrate with")
         peer = migration.Peer(parsed.host, parsed.port, self._peer_tls)
         vm.migration = migration.SourceMigration(
             vm, parsed, peer, run_blocking=self._run_blocking, publish=self._publish,
@@ -337,12 +345,15 @@ class VmManager:
         status: dict[str, Any] = vm.migration.status()
         return status
 
-    async def migration_create(self, defn: VmDefinition) -> dict[str, Any]:
+    async def migration_create(self, defn: VmDefinition,
+                               incoming: migtransport.Incoming) -> dict[str, Any]:
         """VM.migrationCreate: storage prepared and held as for VM.create (a refusal
-        leaves nothing), then qemu waiting for the migration; or nothing at all."""
+        leaves nothing), then qemu listening for the migration as `incoming` asks; or
+        nothing at all."""
         self.require_ready()
         if defn.vm_id in self._vms:
             raise errors.VMExists(defn.vm_id)
+        self._listener.check(incoming)
         vm = Vm(defn, self._vm_dir(defn.vm_id), publish=self._publish, on_down=self._vm_down,
                 run_blocking=self._run_blocking)
         vm.status = VmStatus.MIGRATION_DESTINATION  # saved so in vm.json
@@ -357,10 +368,11 @@ class VmManager:
             del self._vms[defn.vm_id]
             raise
         vm.announce()
-        uri = migration.incoming_uri(vm.run_dir)
         try:
-            await vm.launch_incoming(self._hotplug_slots, uri, debug_monitor=self._debug_monitor,
-                                     nic_backend=self._nic_backend)
+            uri = await vm.launch_incoming(
+                self._hotplug_slots,
+                functools.partial(self._listener.listen, incoming=incoming, run_dir=vm.run_dir),
+                debug_monitor=self._debug_monitor, nic_backend=self._nic_backend)
         except BaseException as e:
             message = e.message if isinstance(e, errors.VdsmError) else f"{e!r}"
             log.error("VM %s: cannot receive the migration: %s", vm.id, message)

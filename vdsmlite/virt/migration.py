@@ -3,15 +3,18 @@
 Verbs (VDSM's names; `vdsmlite.api.vm`):
 
 * ``VM.migrate(vmID, params)`` on the source: checks the params (``dst`` is the
-  destination agent, ``host[:port]``, port 54321 by default) and answers at once
-  (``true``: VDSM's Bridge drops the ``{"status", "progress"}`` body); the
-  migration then runs in the background (`SourceMigration`).
+  destination agent, ``host[:port]``, port 54321 by default; ``dstqemu`` the
+  destination's address for qemu's stream, ``dst``'s host by default; ``encrypted``
+  for TLS) and answers at once (``true``: VDSM's Bridge drops the ``{"status",
+  "progress"}`` body); the migration then runs in the background
+  (`SourceMigration`).
 * ``VM.migrationCreate(vmID, params)`` on the destination, called by the source
   agent: prepares the storage exactly as VM.create does (a definition it cannot
   prepare, e.g. a GUID it does not see, is refused before anything moves), starts
-  qemu stopped with ``-incoming defer`` and ``migrate-incoming`` on
-  ``unix:<its VM dir>/migrate.sock``, and answers ``{"migrationPort": 0, "params":
-  <the VM>, "migrationUri": <uri>}``. Status ``Migration Destination``.
+  qemu stopped with ``-incoming defer``, makes it listen on a TCP port (TLS if
+  encrypted: `virt.migtransport`), and answers ``{"migrationPort": 0, "params":
+  <the VM>, "migrationUri": "tcp:<address>:<port>"}``. Status ``Migration
+  Destination``.
 * ``VM.migrationFinish(vmID, resume)`` on the destination (vdsmlite's own verb,
   VDSM lets libvirt do this): after the incoming migration completed, run the VM
   (``cont``) if it ran on the source, else keep it paused. Up / Paused.
@@ -51,12 +54,12 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from vdsmlite import errors
 from vdsmlite.blocking import RunBlocking
 from vdsmlite.client import Client, ClientError, ServerError, TlsFiles
+from vdsmlite.virt import migtransport
 from vdsmlite.virt.definition import VmDefinition
 from vdsmlite.virt.leases import VmLeases
 from vdsmlite.virt.qmp import QmpError, QmpEvent
@@ -64,17 +67,12 @@ from vdsmlite.virt.vm import ExitReason, Vm, VmStatus
 
 log = logging.getLogger("vdsmlite.virt.migration")
 
-MIGRATION_SOCKET = "migrate.sock"  # in the destination VM's run dir
 DEFAULT_PORT = 54321  # VDSM's management port: a dst without a port
 DEFAULT_MAX_BANDWIDTH = 52  # MiB/s, VDSM's migration_max_bandwidth
 PEER_TIMEOUT = 60.0  # one call to the destination agent
 FINISH_RETRY = 30.0  # seconds the source keeps asking an unreachable destination to finish
 POLL = 0.05  # query-migrate at least this often (MIGRATION events wake it earlier)
 MiB = 1 << 20
-
-
-def incoming_uri(vm_dir: Path) -> str:
-    return f"unix:{vm_dir / MIGRATION_SOCKET}"
 
 
 # --- params -----------------------------------------------------------------------------
@@ -88,10 +86,17 @@ class MigrateParams:
     downtime: int | None  # ms
     auto_converge: bool
     compressed: bool
+    encrypted: bool = False  # qemu's stream in TLS (the hosts' PKI)
+    dstqemu: str | None = None  # where qemu sends the stream; None: `host`
 
     @property
     def dst(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def incoming(self) -> migtransport.Incoming:
+        """What the destination is asked to listen for."""
+        return migtransport.Incoming(self.dstqemu or self.host, self.encrypted)
 
 
 def _bool(params: dict[str, Any], name: str) -> bool:
@@ -140,9 +145,8 @@ def parse_dst(dst: Any) -> tuple[str, int]:
 
 def parse_params(params: dict[str, Any]) -> MigrateParams:
     """VM.migrate's params (VDSM's MigrateParams). Refused: another mode than remote,
-    another method than online, encrypted (TLS) migration, post-copy. Accepted and not
-    used: tunneled, abortOnError, consoleAddress, dstqemu (the URI is the
-    destination's choice), convergenceSchedule, outgoingLimit, incomingLimit."""
+    another method than online, post-copy. Accepted and not used: tunneled,
+    abortOnError, consoleAddress, convergenceSchedule, outgoingLimit, incomingLimit."""
     if "dst" not in params:
         raise errors.MissingParameter("dst")
     host, port = parse_dst(params["dst"])
@@ -150,8 +154,6 @@ def parse_params(params: dict[str, Any]) -> MigrateParams:
         raise errors.InvalidParameter(f"mode {params['mode']!r}: only remote migration")
     if params.get("method", "online") != "online":
         raise errors.InvalidParameter(f"method {params['method']!r}: only online migration")
-    if _bool(params, "encrypted"):
-        raise errors.InvalidParameter("encrypted: TLS migration is not supported")
     if params.get("enableGuestEvents") not in (None, False, "false") or \
             params.get("postcopy") not in (None, False, "false"):
         raise errors.InvalidParameter("post-copy migration is not supported")
@@ -160,11 +162,13 @@ def parse_params(params: dict[str, Any]) -> MigrateParams:
     downtime = _int(params, "migrationDowntime", 0)
     if downtime is None:
         downtime = _int(params, "downtime", 0)
+    dstqemu = params.get("dstqemu") or None  # VDSM sends "" for "none"
     return MigrateParams(
         host=host, port=port,
         max_bandwidth=_int(params, "maxBandwidth", 1) or DEFAULT_MAX_BANDWIDTH,
         downtime=downtime, auto_converge=_bool(params, "autoConverge"),
-        compressed=_bool(params, "compressed"))
+        compressed=_bool(params, "compressed"), encrypted=_bool(params, "encrypted"),
+        dstqemu=None if dstqemu is None else migtransport.check_host(dstqemu, "dstqemu"))
 
 
 def parse_bandwidth(params: dict[str, Any]) -> int:
@@ -324,10 +328,11 @@ class SourceMigration:
             self.state = "preparing"
             reply = await self._call("VM.migrationCreate", {
                 "vmID": vm.id, "params": {"vmId": vm.id,
-                                          "definition": definition_for_peer(vm.defn)}})
+                                          "definition": definition_for_peer(vm.defn),
+                                          "incoming": self.params.incoming.to_params()}})
             created = True
             uri = reply.get("migrationUri") if isinstance(reply, dict) else None
-            if not isinstance(uri, str) or not uri.startswith(("unix:", "tcp:")):
+            if not isinstance(uri, str) or not uri.startswith("tcp:"):
                 raise errors.MigrationError(f"destination gave no migration URI: {reply!r}")
             self._check_cancel()
             await self._setup(session)
@@ -407,6 +412,12 @@ class SourceMigration:
         if self.params.downtime is not None:
             args["downtime-limit"] = self.params.downtime
         await session.execute("migrate-set-parameters", args)
+        # The destination checks our certificate, we check its one against the
+        # address we send to (what it listens at: `Incoming.address`).
+        incoming = self.params.incoming
+        await migtransport.use_tls(session, self.peer.tls if incoming.encrypted else None,
+                                   self.vm.run_dir, endpoint="client",
+                                   hostname=incoming.address or "", run_blocking=self._run)
 
     def _on_event(self, event: QmpEvent) -> None:
         if event.name in ("MIGRATION", "MIGRATION_PASS", "STOP"):

@@ -209,11 +209,13 @@ class Vm:
         if self.process is not None:
             self.process.close()
 
-    async def launch_incoming(self, hotplug_slots: int, uri: str, *,
-                              debug_monitor: bool = False, nic_backend: str = "") -> None:
-        """Start qemu for the (prepared) definition waiting for an incoming migration on
-        `uri` (``-incoming defer`` + ``migrate-incoming``), its vCPUs stopped until the
-        migration is finished (`virt.migration`). Raises; qemu is then gone."""
+    async def launch_incoming(self, hotplug_slots: int,
+                              listen: Callable[[QmpSession], Awaitable[str]], *,
+                              debug_monitor: bool = False, nic_backend: str = "") -> str:
+        """Start qemu for the (prepared) definition waiting for an incoming migration
+        (``-incoming defer``, then `listen` makes it listen and says at which URI), its
+        vCPUs stopped until the migration is finished (`virt.migration`); the URI.
+        Raises; qemu is then gone."""
         argv = await self._run_blocking(
             lambda: qemu.command_line(self.defn, run_dir=self.run_dir,
                                       hotplug_slots=hotplug_slots,
@@ -234,13 +236,14 @@ class Vm:
                                               run_blocking=self._run_blocking)
             await self.session.execute("migrate-set-capabilities", {"capabilities": [
                 {"capability": "events", "state": True}]})
-            await self.session.execute("migrate-incoming", {"uri": uri})
+            uri = await listen(self.session)
         except BaseException:
             await self.process.kill(grace=1.0)
             if self.session is not None:
                 await self.session.close()
             raise
         self._watch = background.spawn(self._watch_exit(self.process))
+        return uri
 
     # --- state changes -------------------------------------------------------------------
 
