@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -47,10 +48,18 @@ from tests.storage_helpers import (
 )
 from tests.tls_helpers import make_ca, make_cert
 from tests.vm_helpers import debug_qmp, listening_ports
+from tests.vm_requests import engine_migrate_params
 from vdsmlite.client import Client, ServerError
 
 pytestmark = pytest.mark.root
 
+MONITOR_INTERVAL = 0.5
+BUSY_LUN = 3  # boots a guest that keeps dirtying its memory
+# A boot sector (16-bit code at 0x7c00): interrupts off, then forever increment the
+# first word of each of the 16 pages of the first 64 KiB (not the page it runs
+# from). Idle firmware hardly dirties a page; this guest dirties 16 on every pass.
+BUSY_BOOT_SECTOR = (bytes.fromhex("fa" "31c0" "8ed8" "31db" "ff07" "81c30010" "ebf8")
+                    .ljust(510, b"\0") + b"\x55\xaa")
 SLOW_MEMORY = "8192"  # MiB: a throttled migration that takes a while
 BLOCK = 4096
 
@@ -126,7 +135,10 @@ def _side(base: Path, name: str, pki: Path) -> Side:
         "rpc": {"tls_cert": str(pki / f"{name}.pem"), "tls_key": str(pki / f"{name}.key"),
                 "tls_ca": str(pki / "ca.pem")},
         "virt": {"run_dir": str(run_dir), "unplug_timeout": 1.0, "debug_monitor": True,
-                 "migration_port_min": ports.start, "migration_port_max": ports.stop - 1}})
+                 "migration_port_min": ports.start, "migration_port_max": ports.stop - 1,
+                 # Convergence schedules look twice a second (VDSM: every 10 s), so a
+                 # schedule's steps come within a test's patience.
+                 "migration_monitor_interval": MONITOR_INTERVAL}})
     return Side(host, run_dir, ports)
 
 
@@ -147,7 +159,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         b.host.start()
         dom = make_block_domain(a.host.agent, farm)
         img, vol = dom.create_volume(size=256 * MiB)
-        luns = farm.create(3, "256M")
+        luns = farm.create(4, "256M")
+        write_busy_boot_sector(luns[BUSY_LUN])
         yield Env(a, b, dom, img, vol, luns, farm, pki)
     finally:
         for side in (a, b):
@@ -179,6 +192,15 @@ def vms(env: Env) -> Iterator[list[str]]:
                 except ServerError as e:
                     if e.code != 1:
                         raise
+
+
+def write_busy_boot_sector(lun: FakeLun) -> None:
+    fd = os.open(lun.loop, os.O_WRONLY)
+    try:
+        os.pwrite(fd, BUSY_BOOT_SECTOR, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def vm_params(env: Env, vm_id: str, lun: FakeLun, *, memory: str = "128",
@@ -310,9 +332,10 @@ def test_migrate_a_running_vm_there_and_back_while_it_writes(env: Env, vms: list
 
 def test_an_encrypted_migration_runs_in_tls_from_the_hosts_certificates(
         env: Env, vms: list[str]) -> None:
+    """Asked as the engine asks (every member it sends, its default policy's schedule)."""
     vm_id = create_running(env, vms, env.luns[1], memory=SLOW_MEMORY)
-    env.a.call("VM.migrate", vmID=vm_id, params={
-        "dst": env.b.dst, "dstqemu": "127.0.0.1", "encrypted": True, "maxBandwidth": 1})
+    env.a.call("VM.migrate", vmID=vm_id, params=engine_migrate_params(
+        vm_id, env.a.dst, env.b.dst, dstqemu="127.0.0.1", encrypted=True, max_bandwidth=1))
     eventually(lambda: state_is(env.a, vm_id, "migrating"), 60, "migrating")
     creds = "/objects/vdsmlite-migration-tls"
     # A's qemu sends in TLS, checking B's certificate against the address it sends to;
@@ -408,6 +431,70 @@ def test_the_destination_listens_on_a_free_port_of_its_range(
         assert_gone(env.b, vm_id)
 
 
+# --- the convergence schedule ----------------------------------------------------------------
+
+
+def set_downtime(ms: int) -> dict[str, Any]:
+    return {"name": "setDowntime", "params": [str(ms)]}
+
+
+def create_busy(env: Env, vms: list[str]) -> str:
+    """A VM on A that boots BUSY_BOOT_SECTOR and runs it: its memory changes on every
+    pass of a migration, about 16 passes a second at 1 MiB/s."""
+    vm_id = new_id()
+    vms.append(vm_id)
+    params = vm_params(env, vm_id, env.luns[BUSY_LUN], volume=False)
+    params["devices"][0]["bootOrder"] = "1"
+    env.a.call("VM.create", vmID=vm_id, vmParams=params)
+    eventually(lambda: env.a.status(vm_id) == "Up", 60, "the VM Up on A")
+
+    def in_the_loop() -> bool:
+        registers = env.a.qmp(vm_id, "human-monitor-command",
+                              {"command-line": "info registers"})
+        match = re.search(r"\bEIP=([0-9a-f]+)", registers)
+        assert match is not None, registers
+        return 0x7C00 <= int(match.group(1), 16) < 0x7C00 + len(BUSY_BOOT_SECTOR)
+
+    eventually(in_the_loop, 60, "the guest in its loop")  # the firmware boots it in ~5 s
+    return vm_id
+
+
+def test_a_migration_that_cannot_converge_is_aborted_by_its_schedule(
+        env: Env, vms: list[str]) -> None:
+    """A 1 ms downtime at 1 MiB/s never converges while the guest dirties 16 pages a
+    pass. The schedule's steps run pass after pass (post-copy passed over), and its
+    abort leaves the VM running here."""
+    vm_id = create_busy(env, vms)
+    env.a.call("VM.migrate", vmID=vm_id, params={
+        "dst": env.b.dst, "maxBandwidth": 1, "convergenceSchedule": {
+            "init": [set_downtime(1)],
+            "stalling": [{"limit": 1, "action": set_downtime(2)},
+                         {"limit": -1, "action": {"name": "postcopy", "params": []}},
+                         {"limit": -1, "action": {"name": "abort", "params": []}}]}})
+    eventually(lambda: state_is(env.a, vm_id, "cancelled"), 120, "aborted by the schedule")
+    assert migration(env.a, vm_id)["status"] == {"code": 47, "message": "Migration canceled"}
+    assert env.a.status(vm_id) == "Up" and env.a.qmp(vm_id, "query-status")["running"]
+    # The stalling step ran before the abort: qemu keeps the last downtime set.
+    assert env.a.qmp(vm_id, "query-migrate-parameters")["downtime-limit"] == 2
+    eventually(lambda: vm_id not in env.b.listed(), 30, "B's copy gone")
+    assert not lv_link(env.b, env).exists()
+
+
+def test_a_schedule_step_lets_a_stalled_migration_finish(env: Env, vms: list[str]) -> None:
+    """The same migration, whose schedule's first stalling step allows 10 s of downtime:
+    it completes, after that step (the init's 1 ms held it until then)."""
+    vm_id = create_busy(env, vms)
+    env.a.call("VM.migrate", vmID=vm_id, params={
+        "dst": env.b.dst, "maxBandwidth": 1, "convergenceSchedule": {
+            "init": [set_downtime(1)],
+            "stalling": [{"limit": 1, "action": set_downtime(10000)},
+                         {"limit": -1, "action": {"name": "abort", "params": []}}]}})
+    wait_migrated(env.a, env.b, vm_id, "Up")
+    log = env.a.host.agent.log_path.read_text()
+    assert f"VM {vm_id}: migration downtime set to 1 ms" in log
+    assert f"VM {vm_id}: migration downtime set to 10000 ms" in log
+
+
 # --- cancel and failures ---------------------------------------------------------------------
 
 
@@ -490,6 +577,8 @@ def test_params_are_checked(env: Env, vms: list[str]) -> None:
     for bad in ("a b", "host/1", "[::1", 7):
         assert code({"dst": env.b.dst, "dstqemu": bad}) == 91, bad
     assert code({"dst": env.b.dst, "encrypted": "maybe"}) == 91
+    assert code({"dst": env.b.dst, "enableGuestEvents": "maybe"}) == 91
+    assert code({"dst": env.b.dst, "convergenceSchedule": {"init": [{"name": "wait"}]}}) == 91
     assert code({"dst": env.b.dst}, target=new_id()) == 1
     with pytest.raises(ServerError) as e:
         env.a.call("VM.migrateCancel", vmID=vm_id)

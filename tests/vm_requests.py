@@ -4,7 +4,9 @@ the builders turn a list of them into ``VM.create`` params, a hot plug or a driv
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tests.storage_helpers import BLANK
@@ -107,3 +109,50 @@ def hotplug_xml(vm_id: str, d: Disk) -> dict[str, Any]:
     return {"vmId": vm_id, "xml": f"<hotplug xmlns:ovirt-vm='{NS}'><devices>{disk}</devices>"
                                   f"<metadata><ovirt-vm:vm>{meta}</ovirt-vm:vm></metadata>"
                                   "</hotplug>"}
+
+
+# --- VM.migrate as the engine sends it --------------------------------------------------
+
+# The migration policies ovirt-engine ships (its MigrationPolicies config value).
+MIGRATION_POLICIES: list[dict[str, Any]] = json.loads(
+    (Path(__file__).parent / "data" / "engine-requests" / "migration_policies.json")
+    .read_text())["policies"]
+
+
+def migration_policy(name: str) -> dict[str, Any]:
+    return next(p for p in MIGRATION_POLICIES if p["name"] == name)
+
+
+def engine_schedule(policy: dict[str, Any]) -> dict[str, Any]:
+    """A policy's ``convergenceSchedule`` as the engine sends it (its
+    ConvergenceSchedule.from and asMap): the convergence items become stalling steps
+    with their stalling limit, the last items stalling steps with limit -1, the
+    initial items init actions."""
+    config = policy["config"]
+
+    def action(item: dict[str, Any]) -> dict[str, Any]:
+        return {"name": item["action"], "params": item["params"]}
+
+    return {
+        "init": [action(i) for i in config.get("initialItems") or []],
+        "stalling": [{"limit": i["stallingLimit"], "action": action(i["convergenceItem"])}
+                     for i in config.get("convergenceItems") or []]
+        + [{"limit": -1, "action": action(i)} for i in config.get("lastItems") or []],
+    }
+
+
+def engine_migrate_params(vm_id: str, src: str, dst: str, *, dstqemu: str,
+                          encrypted: bool, max_bandwidth: int,
+                          policy: str = "Minimal downtime") -> dict[str, Any]:
+    """VM.migrate's params with every member ovirt-engine's MigrateBrokerVDSCommand
+    puts, typed as it types them (some booleans as strings, some not)."""
+    chosen = migration_policy(policy)
+    return {
+        "vmId": vm_id, "src": src, "dst": dst, "method": "online", "tunneled": "false",
+        "abortOnError": "true", "dstqemu": dstqemu, "autoConverge": "true",
+        "compressed": "false", "encrypted": encrypted, "consoleAddress": dstqemu,
+        "maxBandwidth": max_bandwidth, "parallel": 0, "zerocopy": False,
+        "convergenceSchedule": engine_schedule(chosen),
+        "enableGuestEvents": chosen["enableGuestEvents"], "incomingLimit": 2,
+        "outgoingLimit": 2, "cpusets": ["0"], "numaNodesets": ["0"],
+    }

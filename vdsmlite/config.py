@@ -148,6 +148,10 @@ class VirtSection:
     # VM.migrationFinish; then the copy here is destroyed (Down, exitReason 8) and
     # its storage released. VDSM's [vars] migration_destination_timeout.
     migration_destination_timeout: float = 21600.0
+    # Seconds between two looks of an outgoing migration's convergence schedule at its
+    # progress (vdsmlite.virt.convergence); 0 turns schedules off. VDSM's [vars]
+    # migration_monitor_interval.
+    migration_monitor_interval: float = 10.0
     # Where a destination's qemu listens for an incoming migration (vdsmlite.virt.
     # migtransport): "" for the address the source connects to (VM.migrate's dstqemu,
     # else the host it called this agent at); an address to listen on one network.
@@ -332,6 +336,8 @@ def _validate(cfg: Config) -> None:
         raise InvalidConfiguration("[virt] unplug_timeout: must be positive")
     if cfg.virt.migration_destination_timeout <= 0:
         raise InvalidConfiguration("[virt] migration_destination_timeout: must be positive")
+    if cfg.virt.migration_monitor_interval < 0:
+        raise InvalidConfiguration("[virt] migration_monitor_interval: must be >= 0")
     if not 1 <= cfg.virt.migration_port_min <= cfg.virt.migration_port_max <= 65535:
         raise InvalidConfiguration("[virt] migration_port_min..migration_port_max: expected "
                                    "1 <= min <= max <= 65535")

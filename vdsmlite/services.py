@@ -156,6 +156,7 @@ class Services:
             hotplug_slots=config.virt.hotplug_slots,
             unplug_timeout=config.virt.unplug_timeout, debug_monitor=config.virt.debug_monitor,
             destination_timeout=config.virt.migration_destination_timeout,
+            monitor_interval=config.virt.migration_monitor_interval,
             nic_backend=config.virt.nic_backend, peer_tls=host_tls,
             listener=IncomingListener(
                 listen=config.virt.migration_listen, default_address=config.rpc.listen,

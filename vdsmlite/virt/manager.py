@@ -57,7 +57,7 @@ class VmManager:
                  leases: VmLeases, publish: Publish, run_blocking: RunBlocking,
                  hotplug_slots: int, unplug_timeout: float, debug_monitor: bool = False,
                  nic_backend: str = "", peer_tls: TlsFiles | None = None,
-                 destination_timeout: float = 21600.0,
+                 destination_timeout: float = 21600.0, monitor_interval: float = 10.0,
                  listener: migtransport.IncomingListener) -> None:
         self.run_dir = run_dir
         self._disks = disks
@@ -74,6 +74,7 @@ class VmManager:
         self._peer_tls = peer_tls
         self._listener = listener  # where an incoming migration's qemu listens
         self._destination_timeout = destination_timeout
+        self._monitor_interval = monitor_interval  # of outgoing migrations' schedules
         self._vms: dict[str, Vm] = {}
         self._launches: dict[str, asyncio.Task[None]] = {}
         # Incoming migrations: the task that gives up on each (see `_expire_incoming`).
@@ -311,7 +312,8 @@ class VmManager:
         peer = migration.Peer(parsed.host, parsed.port, self._peer_tls)
         vm.migration = migration.SourceMigration(
             vm, parsed, peer, run_blocking=self._run_blocking, publish=self._publish,
-            save=self._save_async, on_done=self._migrated, leases=self._leases)
+            save=self._save_async, on_done=self._migrated, leases=self._leases,
+            monitor_interval=self._monitor_interval)
         vm.migration.start()
 
     async def _save_async(self, vm: Vm) -> None:

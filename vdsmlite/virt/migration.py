@@ -24,7 +24,9 @@ Verbs (VDSM's names; `vdsmlite.api.vm`):
 Source state machine (`SourceMigration.state`)::
 
     starting -> preparing (VM.migrationCreate on the destination)
-             -> migrating (QMP migrate, followed by MIGRATION events and query-migrate)
+             -> migrating (QMP migrate, followed by MIGRATION events and query-migrate;
+                           the convergence schedule, `virt.convergence`, acts on
+                           qemu's passes: downtime steps, abort)
              -> completing (source qemu paused by qemu at completion;
                             [lease hand-over point]; VM.migrationFinish)
              -> done (source qemu stopped, storage released, VM Down, exitReason 4)
@@ -59,7 +61,7 @@ from typing import Any
 from vdsmlite import errors
 from vdsmlite.blocking import RunBlocking
 from vdsmlite.client import Client, ClientError, ServerError, TlsFiles
-from vdsmlite.virt import migtransport
+from vdsmlite.virt import convergence, migtransport
 from vdsmlite.virt.definition import VmDefinition
 from vdsmlite.virt.leases import VmLeases
 from vdsmlite.virt.qmp import QmpError, QmpEvent
@@ -83,7 +85,7 @@ class MigrateParams:
     host: str
     port: int
     max_bandwidth: int  # MiB/s
-    downtime: int | None  # ms
+    schedule: convergence.Schedule
     auto_converge: bool
     compressed: bool
     encrypted: bool = False  # qemu's stream in TLS (the hosts' PKI)
@@ -145,8 +147,9 @@ def parse_dst(dst: Any) -> tuple[str, int]:
 
 def parse_params(params: dict[str, Any]) -> MigrateParams:
     """VM.migrate's params (VDSM's MigrateParams). Refused: another mode than remote,
-    another method than online, post-copy. Accepted and not used: tunneled,
-    abortOnError, consoleAddress, convergenceSchedule, outgoingLimit, incomingLimit."""
+    another method than online. Accepted and not used: tunneled, abortOnError,
+    consoleAddress, enableGuestEvents (no guest agent to tell), parallel, zerocopy,
+    cpusets, numaNodesets, outgoingLimit, incomingLimit."""
     if "dst" not in params:
         raise errors.MissingParameter("dst")
     host, port = parse_dst(params["dst"])
@@ -154,19 +157,20 @@ def parse_params(params: dict[str, Any]) -> MigrateParams:
         raise errors.InvalidParameter(f"mode {params['mode']!r}: only remote migration")
     if params.get("method", "online") != "online":
         raise errors.InvalidParameter(f"method {params['method']!r}: only online migration")
-    if params.get("enableGuestEvents") not in (None, False, "false") or \
-            params.get("postcopy") not in (None, False, "false"):
-        raise errors.InvalidParameter("post-copy migration is not supported")
-    for name in ("tunneled", "abortOnError"):
+    for name in ("tunneled", "abortOnError", "enableGuestEvents"):
         _bool(params, name)
-    downtime = _int(params, "migrationDowntime", 0)
-    if downtime is None:
-        downtime = _int(params, "downtime", 0)
+    if "convergenceSchedule" in params:
+        schedule = convergence.parse(params["convergenceSchedule"])
+    else:
+        downtime = _int(params, "migrationDowntime", 0)
+        if downtime is None:
+            downtime = _int(params, "downtime", 0)
+        schedule = convergence.legacy(downtime)
     dstqemu = params.get("dstqemu") or None  # VDSM sends "" for "none"
     return MigrateParams(
         host=host, port=port,
         max_bandwidth=_int(params, "maxBandwidth", 1) or DEFAULT_MAX_BANDWIDTH,
-        downtime=downtime, auto_converge=_bool(params, "autoConverge"),
+        schedule=schedule, auto_converge=_bool(params, "autoConverge"),
         compressed=_bool(params, "compressed"), encrypted=_bool(params, "encrypted"),
         dstqemu=None if dstqemu is None else migtransport.check_host(dstqemu, "dstqemu"))
 
@@ -238,8 +242,10 @@ class SourceMigration:
 
     def __init__(self, vm: Vm, params: MigrateParams, peer: Peer, *,
                  run_blocking: RunBlocking, publish: Any, save: Any, on_done: Any,
-                 leases: VmLeases) -> None:
+                 leases: VmLeases, monitor_interval: float = 10.0) -> None:
         self.vm = vm
+        # How often the convergence schedule looks at the migration; 0: no schedule.
+        self._monitor_interval = monitor_interval
         self._leases = leases
         self._lease_released = False  # this VM's lease given up by our qemu
         self.params = params
@@ -269,7 +275,9 @@ class SourceMigration:
         elif self.state == "done":
             status = {"code": 0, "message": "Migration done"}
         elif self.state == "cancelled":
-            status = {"code": 0, "message": "Migration canceled"}
+            # VDSM's migCancelErr, for a migrateCancel and for a schedule's abort alike.
+            status = {"code": errors.MigrationCancelationFailed.code,
+                      "message": "Migration canceled"}
         else:
             status = {"code": 0, "message": "Migration in progress"}
         out: dict[str, Any] = {"status": status, "progress": self.progress,
@@ -336,6 +344,7 @@ class SourceMigration:
                 raise errors.MigrationError(f"destination gave no migration URI: {reply!r}")
             self._check_cancel()
             await self._setup(session)
+            self._check_cancel()  # by the convergence schedule's init: abort
             self.state = "migrating"
             log.info("VM %s: migrating to %s over %s", vm.id, self.params.dst, uri)
             await session.execute("migrate", {"uri": uri})
@@ -408,10 +417,32 @@ class SourceMigration:
                 {"capability": "auto-converge", "state": self.params.auto_converge},
                 {"capability": "xbzrle", "state": self.params.compressed}]
         await session.execute("migrate-set-capabilities", {"capabilities": caps})
-        args: dict[str, Any] = {"max-bandwidth": self.params.max_bandwidth * MiB}
-        if self.params.downtime is not None:
-            args["downtime-limit"] = self.params.downtime
-        await session.execute("migrate-set-parameters", args)
+        await session.execute("migrate-set-parameters",
+                              {"max-bandwidth": self.params.max_bandwidth * MiB})
+        if self._monitor_interval > 0:
+            log.info("VM %s: convergence schedule: init %s, stalling %s", self.vm.id,
+                     [a.describe() for a in self.params.schedule.init],
+                     [(step.limit, step.action.describe())
+                      for step in self.params.schedule.stalling])
+            for action in self.params.schedule.init:
+                await self._act(session, action)
+
+    async def _act(self, session: Any, action: convergence.Action) -> None:
+        """One action of the convergence schedule."""
+        if action.name == convergence.SET_DOWNTIME:
+            log.info("VM %s: migration downtime set to %d ms", self.vm.id, action.downtime)
+            await session.execute("migrate-set-parameters",
+                                  {"downtime-limit": action.downtime})
+        elif action.name == convergence.ABORT:
+            log.warning("VM %s: the migration does not converge; aborting it, as its "
+                        "convergence schedule says", self.vm.id)
+            self._cancel.set()
+            self._wake.set()
+            with contextlib.suppress(QmpError):
+                await session.execute("migrate_cancel")
+        else:
+            log.warning("VM %s: the convergence schedule asks for post-copy, which "
+                        "vdsmlite does not do; its next action comes in turn", self.vm.id)
         # The destination checks our certificate, we check its one against the
         # address we send to (what it listens at: `Incoming.address`).
         incoming = self.params.incoming
@@ -425,6 +456,9 @@ class SourceMigration:
 
     async def _follow(self, session: Any) -> None:
         last_progress = -1
+        monitor = convergence.Monitor(self.params.schedule) \
+            if self._monitor_interval > 0 else None
+        next_look = time.monotonic() + self._monitor_interval
         while True:
             self._wake.clear()
             info = await session.execute("query-migrate")
@@ -447,6 +481,12 @@ class SourceMigration:
                 raise errors.MigrationError(f"qemu: {info.get('error-desc', 'failed')}")
             if self.vm.process is None or self.vm.process.exited:
                 raise errors.MigrationError("source qemu exited")
+            if monitor is not None and status == "active" and time.monotonic() >= next_look:
+                next_look = time.monotonic() + self._monitor_interval
+                action = monitor.look(int(ram.get("dirty-sync-count") or 0))
+                if action is not None:
+                    await self._act(session, action)
+                    continue  # an abort shows in the next query-migrate
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), POLL)
 
