@@ -78,6 +78,9 @@ max_request_size = 2048
      "migration_port_min..migration_port_max"),
     ("[virt]\nmigration_port_max = 70000\n", "migration_port_min..migration_port_max"),
     ("[virt]\nmigration_listen = 'host.example'\n", "migration_listen: expected an IP"),
+    ("[virt]\nmax_outgoing_migrations = 0\n", "max_outgoing_migrations, max_incoming"),
+    ("[virt]\nmigration_retry_timeout = 0\n", "migration_retry_timeout: must"),
+    ("[virt]\nmigration_monitor_interval = -1\n", "migration_monitor_interval: must"),
     ("this is = not toml [", "config file"),
     ("daemon = 3\n", "must be a table"),
 ])

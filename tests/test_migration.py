@@ -56,10 +56,22 @@ pytestmark = pytest.mark.root
 MONITOR_INTERVAL = 0.5
 BUSY_LUN = 3  # boots a guest that keeps dirtying its memory
 # A boot sector (16-bit code at 0x7c00): interrupts off, then forever increment the
-# first word of each of the 16 pages of the first 64 KiB (not the page it runs
-# from). Idle firmware hardly dirties a page; this guest dirties 16 on every pass.
-BUSY_BOOT_SECTOR = (bytes.fromhex("fa" "31c0" "8ed8" "31db" "ff07" "81c30010" "ebf8")
-                    .ljust(510, b"\0") + b"\x55\xaa")
+# first word of each 4 KiB page from 0x10000 to 0x9efff (143 pages, 572 KiB; not the
+# page it runs from, nor the BIOS's data below 0xa0000). Idle firmware hardly dirties
+# a page; this guest dirties them all again whenever its vCPU runs at all, and a
+# pass over them at 1 MiB/s takes about half a second: passes go on even on a
+# loaded machine, where a vCPU may wait tens of milliseconds for a core.
+BUSY_BOOT_SECTOR = (bytes.fromhex(
+    "fa"          # cli
+    "bb0010"      # mov bx, 0x1000      (segment of 0x10000)
+    "8edb"        # loop: mov ds, bx
+    "ff060000"    # inc word [0]
+    "81c30001"    # add bx, 0x100       (the next 4 KiB)
+    "81fb009f"    # cmp bx, 0x9f00
+    "72f0"        # jb loop
+    "bb0010"      # mov bx, 0x1000
+    "ebeb"        # jmp loop
+).ljust(510, b"\0") + b"\x55\xaa")
 SLOW_MEMORY = "8192"  # MiB: a throttled migration that takes a while
 BLOCK = 4096
 
@@ -138,7 +150,9 @@ def _side(base: Path, name: str, pki: Path) -> Side:
                  "migration_port_min": ports.start, "migration_port_max": ports.stop - 1,
                  # Convergence schedules look twice a second (VDSM: every 10 s), so a
                  # schedule's steps come within a test's patience.
-                 "migration_monitor_interval": MONITOR_INTERVAL}})
+                 "migration_monitor_interval": MONITOR_INTERVAL,
+                 # A full destination is asked again this soon (VDSM: 10 s).
+                 "migration_retry_timeout": 0.5}})
     return Side(host, run_dir, ports)
 
 
@@ -407,6 +421,9 @@ def test_the_destination_listens_on_a_free_port_of_its_range(
     with contextlib.ExitStack() as stack:
         def block(port: int) -> None:
             s = stack.enter_context(socket.socket())
+            # As qemu's listener: an earlier test's connections to the port may linger
+            # in TIME_WAIT, which only a listener without SO_REUSEADDR minds.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(("127.0.0.1", port))
             s.listen()
 
@@ -440,7 +457,7 @@ def set_downtime(ms: int) -> dict[str, Any]:
 
 def create_busy(env: Env, vms: list[str]) -> str:
     """A VM on A that boots BUSY_BOOT_SECTOR and runs it: its memory changes on every
-    pass of a migration, about 16 passes a second at 1 MiB/s."""
+    pass of a migration, about two passes a second at 1 MiB/s."""
     vm_id = new_id()
     vms.append(vm_id)
     params = vm_params(env, vm_id, env.luns[BUSY_LUN], volume=False)
@@ -453,7 +470,7 @@ def create_busy(env: Env, vms: list[str]) -> str:
                               {"command-line": "info registers"})
         match = re.search(r"\bEIP=([0-9a-f]+)", registers)
         assert match is not None, registers
-        return 0x7C00 <= int(match.group(1), 16) < 0x7C00 + len(BUSY_BOOT_SECTOR)
+        return 0x7C00 <= int(match.group(1), 16) < 0x7C00 + 25  # the code's length
 
     eventually(in_the_loop, 60, "the guest in its loop")  # the firmware boots it in ~5 s
     return vm_id
@@ -461,14 +478,14 @@ def create_busy(env: Env, vms: list[str]) -> str:
 
 def test_a_migration_that_cannot_converge_is_aborted_by_its_schedule(
         env: Env, vms: list[str]) -> None:
-    """A 1 ms downtime at 1 MiB/s never converges while the guest dirties 16 pages a
+    """A 1 ms downtime at 1 MiB/s never converges while the guest dirties 572 KiB a
     pass. The schedule's steps run pass after pass (post-copy passed over), and its
     abort leaves the VM running here."""
     vm_id = create_busy(env, vms)
     env.a.call("VM.migrate", vmID=vm_id, params={
         "dst": env.b.dst, "maxBandwidth": 1, "convergenceSchedule": {
             "init": [set_downtime(1)],
-            "stalling": [{"limit": 1, "action": set_downtime(2)},
+            "stalling": [{"limit": 0, "action": set_downtime(2)},
                          {"limit": -1, "action": {"name": "postcopy", "params": []}},
                          {"limit": -1, "action": {"name": "abort", "params": []}}]}})
     eventually(lambda: state_is(env.a, vm_id, "cancelled"), 120, "aborted by the schedule")
@@ -487,12 +504,82 @@ def test_a_schedule_step_lets_a_stalled_migration_finish(env: Env, vms: list[str
     env.a.call("VM.migrate", vmID=vm_id, params={
         "dst": env.b.dst, "maxBandwidth": 1, "convergenceSchedule": {
             "init": [set_downtime(1)],
-            "stalling": [{"limit": 1, "action": set_downtime(10000)},
+            "stalling": [{"limit": 0, "action": set_downtime(10000)},
                          {"limit": -1, "action": {"name": "abort", "params": []}}]}})
     wait_migrated(env.a, env.b, vm_id, "Up")
     log = env.a.host.agent.log_path.read_text()
     assert f"VM {vm_id}: migration downtime set to 1 ms" in log
     assert f"VM {vm_id}: migration downtime set to 10000 ms" in log
+
+
+# --- how many at once ------------------------------------------------------------------------
+
+
+def test_a_host_sends_only_as_many_migrations_at_once_as_it_may(
+        env: Env, vms: list[str]) -> None:
+    """The engine's outgoingLimit bounds A's outgoing migrations, for later requests
+    too: one more waits (and may be cancelled while it waits) until the bound rises."""
+    first = create_running(env, vms, env.luns[0], memory=SLOW_MEMORY, volume=False)
+    second = create_running(env, vms, env.luns[1], memory=SLOW_MEMORY, volume=False)
+    try:
+        env.a.call("VM.migrate", vmID=first, params={
+            "dst": env.b.dst, "maxBandwidth": 1, "outgoingLimit": 1})
+        eventually(lambda: state_is(env.a, first, "migrating"), 60, "the first migrating")
+        env.a.call("VM.migrate", vmID=second, params={"dst": env.b.dst, "maxBandwidth": 1})
+        eventually(lambda: state_is(env.a, second, "waiting"), 60, "the second waiting")
+        assert migration(env.a, second)["status"]["message"] == "Migration in progress"
+        assert second not in env.b.listed()  # nothing asked of B yet
+        env.a.call("VM.migrateCancel", vmID=second)
+        assert migration(env.a, second)["state"] == "cancelled"
+        assert env.a.status(second) == "Up"
+        # A request that raises the bound goes at once, beside the first.
+        env.a.call("VM.migrate", vmID=second, params={
+            "dst": env.b.dst, "maxBandwidth": 1, "outgoingLimit": 2})
+        eventually(lambda: state_is(env.a, second, "migrating"), 60, "the second migrating")
+        assert state_is(env.a, first, "migrating")
+    finally:
+        for vm_id in (first, second):
+            with contextlib.suppress(ServerError):
+                env.a.call("VM.migrateChangeParams", vmID=vm_id,
+                           params={"maxBandwidth": 10000})
+    wait_migrated(env.a, env.b, first, "Up")
+    wait_migrated(env.a, env.b, second, "Up")
+
+
+def test_a_full_destination_is_asked_again_until_it_has_room(
+        env: Env, vms: list[str]) -> None:
+    def incoming(lun: FakeLun, **kw: Any) -> str:
+        """A copy waiting on B for a migration nobody sends (engine form)."""
+        vm_id = new_id()
+        vms.append(vm_id)
+        params = vm_params(env, vm_id, lun, volume=False)
+        params["devices"][0]["shared"] = "true"
+        env.b.call("VM.migrationCreate", vmID=vm_id, params=params, **kw)
+        return vm_id
+
+    held = [incoming(env.luns[2]), incoming(env.luns[BUSY_LUN])]  # B takes 2 by default
+    with pytest.raises(ServerError) as e:
+        incoming(env.luns[2])
+    assert (e.value.code, e.value.message.split(":")[0]) == \
+        (82, "Incoming migration limit exceeded")
+    # A request may raise the bound (VDSM's incomingLimit), for later ones too.
+    third = incoming(env.luns[2], incomingLimit=3)
+    with pytest.raises(ServerError) as e:
+        incoming(env.luns[2], incomingLimit=2)
+    assert e.value.code == 82
+    env.b.call("VM.destroy", vmID=third)
+
+    # A migration to the full B waits on A, asking again and again, until B has room.
+    vm_id = create_running(env, vms, env.luns[0], volume=False)
+    env.a.call("VM.migrate", vmID=vm_id, params={"dst": env.b.dst})
+    eventually(lambda: state_is(env.a, vm_id, "waiting"), 60, "waiting for B")
+    asked = f"VM {vm_id}: destination {env.b.dst} busy"
+    eventually(lambda: env.a.host.agent.log_path.read_text().count(asked) >= 2, 60,
+               "B asked again")
+    assert env.a.status(vm_id) == "Migration Source"
+    assert env.a.qmp(vm_id, "query-status")["running"]
+    env.b.call("VM.destroy", vmID=held[0])
+    wait_migrated(env.a, env.b, vm_id, "Up")
 
 
 # --- cancel and failures ---------------------------------------------------------------------

@@ -152,6 +152,12 @@ class VirtSection:
     # progress (vdsmlite.virt.convergence); 0 turns schedules off. VDSM's [vars]
     # migration_monitor_interval.
     migration_monitor_interval: float = 10.0
+    # Migrations this host sends / takes at once (vdsmlite.virt.migslots), and seconds
+    # before asking a destination that had no room again. VDSM's [vars]
+    # max_outgoing_migrations, max_incoming_migrations, migration_retry_timeout.
+    max_outgoing_migrations: int = 2
+    max_incoming_migrations: int = 2
+    migration_retry_timeout: float = 10.0
     # Where a destination's qemu listens for an incoming migration (vdsmlite.virt.
     # migtransport): "" for the address the source connects to (VM.migrate's dstqemu,
     # else the host it called this agent at); an address to listen on one network.
@@ -336,6 +342,11 @@ def _validate(cfg: Config) -> None:
         raise InvalidConfiguration("[virt] unplug_timeout: must be positive")
     if cfg.virt.migration_destination_timeout <= 0:
         raise InvalidConfiguration("[virt] migration_destination_timeout: must be positive")
+    if cfg.virt.max_outgoing_migrations < 1 or cfg.virt.max_incoming_migrations < 1:
+        raise InvalidConfiguration("[virt] max_outgoing_migrations, max_incoming_migrations: "
+                                   "must be at least 1")
+    if cfg.virt.migration_retry_timeout <= 0:
+        raise InvalidConfiguration("[virt] migration_retry_timeout: must be positive")
     if cfg.virt.migration_monitor_interval < 0:
         raise InvalidConfiguration("[virt] migration_monitor_interval: must be >= 0")
     if not 1 <= cfg.virt.migration_port_min <= cfg.virt.migration_port_max <= 65535:

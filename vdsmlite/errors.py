@@ -169,6 +169,14 @@ class MigrationNotInProgress(VdsmError):
     msg = "Migration not in progress"
 
 
+class MigrationLimitExceeded(VdsmError):
+    """VM.migrationCreate (virt.manager) on a host already receiving as many
+    migrations as it may at once; the source retries later."""
+
+    code = 82
+    msg = "Incoming migration limit exceeded"
+
+
 class MigrationInProgress(VdsmError):
     """A VM verb that cannot run while the VM migrates (a second VM.migrate, pause,
     hot plug); virt.migration, virt.vm."""

@@ -157,6 +157,9 @@ class Services:
             unplug_timeout=config.virt.unplug_timeout, debug_monitor=config.virt.debug_monitor,
             destination_timeout=config.virt.migration_destination_timeout,
             monitor_interval=config.virt.migration_monitor_interval,
+            max_outgoing=config.virt.max_outgoing_migrations,
+            max_incoming=config.virt.max_incoming_migrations,
+            retry_timeout=config.virt.migration_retry_timeout,
             nic_backend=config.virt.nic_backend, peer_tls=host_tls,
             listener=IncomingListener(
                 listen=config.virt.migration_listen, default_address=config.rpc.listen,

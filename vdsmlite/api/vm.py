@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from vdsmlite import errors
 from vdsmlite.api.base import verb
 from vdsmlite.virt import checks, fromovf, migration, migtransport, requests
 from vdsmlite.virt.fromovf import OvfVmSource
@@ -124,7 +125,10 @@ class VmApi:
         self._vms.require_ready()
         defn = migration.definition_from_peer(vmID, params) or \
             requests.parse_create(vmID, params)
-        return await self._vms.migration_create(defn, migtransport.Incoming.from_params(params))
+        if isinstance(incomingLimit, bool) or incomingLimit < 0:
+            raise errors.InvalidParameter(f"incomingLimit: must be >= 0, got {incomingLimit!r}")
+        return await self._vms.migration_create(
+            defn, migtransport.Incoming.from_params(params), incomingLimit)
 
     @verb("VM.migrationFinish")
     async def migration_finish(self, *, vmID: str, resume: bool) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from vdsmlite.virt import livemerge, migration, migtransport, qemu, snapshot
 from vdsmlite.virt.definition import DiskSpec, VmDefinition, VolumeSource
 from vdsmlite.virt.disks import DiskPreparer, key_of
 from vdsmlite.virt.leases import VmLeases
+from vdsmlite.virt.migslots import Slots
 from vdsmlite.virt.vm import ExitReason, Publish, Vm, VmStatus
 
 log = logging.getLogger("vdsmlite.virt.manager")
@@ -58,6 +59,7 @@ class VmManager:
                  hotplug_slots: int, unplug_timeout: float, debug_monitor: bool = False,
                  nic_backend: str = "", peer_tls: TlsFiles | None = None,
                  destination_timeout: float = 21600.0, monitor_interval: float = 10.0,
+                 max_outgoing: int = 2, max_incoming: int = 2, retry_timeout: float = 10.0,
                  listener: migtransport.IncomingListener) -> None:
         self.run_dir = run_dir
         self._disks = disks
@@ -75,6 +77,10 @@ class VmManager:
         self._listener = listener  # where an incoming migration's qemu listens
         self._destination_timeout = destination_timeout
         self._monitor_interval = monitor_interval  # of outgoing migrations' schedules
+        # How many migrations at once (`virt.migslots`).
+        self._outgoing_slots = Slots(max_outgoing)
+        self._max_incoming = max_incoming
+        self._retry_timeout = retry_timeout
         self._vms: dict[str, Vm] = {}
         self._launches: dict[str, asyncio.Task[None]] = {}
         # Incoming migrations: the task that gives up on each (see `_expire_incoming`).
@@ -313,7 +319,8 @@ class VmManager:
         vm.migration = migration.SourceMigration(
             vm, parsed, peer, run_blocking=self._run_blocking, publish=self._publish,
             save=self._save_async, on_done=self._migrated, leases=self._leases,
-            monitor_interval=self._monitor_interval)
+            monitor_interval=self._monitor_interval, slots=self._outgoing_slots,
+            retry_timeout=self._retry_timeout)
         vm.migration.start()
 
     async def _save_async(self, vm: Vm) -> None:
@@ -347,14 +354,22 @@ class VmManager:
         status: dict[str, Any] = vm.migration.status()
         return status
 
-    async def migration_create(self, defn: VmDefinition,
-                               incoming: migtransport.Incoming) -> dict[str, Any]:
+    async def migration_create(self, defn: VmDefinition, incoming: migtransport.Incoming,
+                               incoming_limit: int = 0) -> dict[str, Any]:
         """VM.migrationCreate: storage prepared and held as for VM.create (a refusal
         leaves nothing), then qemu listening for the migration as `incoming` asks; or
-        nothing at all."""
+        nothing at all. `incoming_limit` > 0: the new bound on incoming migrations
+        here, this one included (82 beyond it)."""
         self.require_ready()
+        if incoming_limit > 0:
+            self._max_incoming = incoming_limit
         if defn.vm_id in self._vms:
             raise errors.VMExists(defn.vm_id)
+        receiving = sum(vm.status is VmStatus.MIGRATION_DESTINATION
+                        for vm in self._vms.values())
+        if receiving >= self._max_incoming:
+            raise errors.MigrationLimitExceeded(
+                f"receiving {receiving} of at most {self._max_incoming}")
         self._listener.check(incoming)
         vm = Vm(defn, self._vm_dir(defn.vm_id), publish=self._publish, on_down=self._vm_down,
                 run_blocking=self._run_blocking)

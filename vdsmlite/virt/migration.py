@@ -23,7 +23,9 @@ Verbs (VDSM's names; `vdsmlite.api.vm`):
 
 Source state machine (`SourceMigration.state`)::
 
-    starting -> preparing (VM.migrationCreate on the destination)
+    starting [-> waiting (this host sends as many migrations as it may, or the
+                          destination takes no more: `virt.migslots`)]
+             -> preparing (VM.migrationCreate on the destination)
              -> migrating (QMP migrate, followed by MIGRATION events and query-migrate;
                            the convergence schedule, `virt.convergence`, acts on
                            qemu's passes: downtime steps, abort)
@@ -64,6 +66,7 @@ from vdsmlite.client import Client, ClientError, ServerError, TlsFiles
 from vdsmlite.virt import convergence, migtransport
 from vdsmlite.virt.definition import VmDefinition
 from vdsmlite.virt.leases import VmLeases
+from vdsmlite.virt.migslots import Slots
 from vdsmlite.virt.qmp import QmpError, QmpEvent
 from vdsmlite.virt.vm import ExitReason, Vm, VmStatus
 
@@ -90,6 +93,8 @@ class MigrateParams:
     compressed: bool
     encrypted: bool = False  # qemu's stream in TLS (the hosts' PKI)
     dstqemu: str | None = None  # where qemu sends the stream; None: `host`
+    outgoing_limit: int | None = None  # new bound on this host's outgoing migrations
+    incoming_limit: int | None = None  # ... and on the destination's incoming ones
 
     @property
     def dst(self) -> str:
@@ -149,7 +154,7 @@ def parse_params(params: dict[str, Any]) -> MigrateParams:
     """VM.migrate's params (VDSM's MigrateParams). Refused: another mode than remote,
     another method than online. Accepted and not used: tunneled, abortOnError,
     consoleAddress, enableGuestEvents (no guest agent to tell), parallel, zerocopy,
-    cpusets, numaNodesets, outgoingLimit, incomingLimit."""
+    cpusets, numaNodesets."""
     if "dst" not in params:
         raise errors.MissingParameter("dst")
     host, port = parse_dst(params["dst"])
@@ -172,7 +177,9 @@ def parse_params(params: dict[str, Any]) -> MigrateParams:
         max_bandwidth=_int(params, "maxBandwidth", 1) or DEFAULT_MAX_BANDWIDTH,
         schedule=schedule, auto_converge=_bool(params, "autoConverge"),
         compressed=_bool(params, "compressed"), encrypted=_bool(params, "encrypted"),
-        dstqemu=None if dstqemu is None else migtransport.check_host(dstqemu, "dstqemu"))
+        dstqemu=None if dstqemu is None else migtransport.check_host(dstqemu, "dstqemu"),
+        outgoing_limit=_int(params, "outgoingLimit", 1),
+        incoming_limit=_int(params, "incomingLimit", 1))
 
 
 def parse_bandwidth(params: dict[str, Any]) -> int:
@@ -230,6 +237,10 @@ class _Cancelled(Exception):
     pass
 
 
+class _DestinationBusy(Exception):
+    """The destination receives as many migrations as it may (82): try again later."""
+
+
 class _Unknown(Exception):
     """The destination may or may not run the VM: the source must not resume it."""
 
@@ -242,8 +253,13 @@ class SourceMigration:
 
     def __init__(self, vm: Vm, params: MigrateParams, peer: Peer, *,
                  run_blocking: RunBlocking, publish: Any, save: Any, on_done: Any,
-                 leases: VmLeases, monitor_interval: float = 10.0) -> None:
+                 leases: VmLeases, monitor_interval: float = 10.0,
+                 slots: Slots | None = None, retry_timeout: float = 10.0) -> None:
         self.vm = vm
+        # This host's outgoing migrations at once (`virt.migslots`), and how long to
+        # wait before asking a busy destination again.
+        self._slots = slots if slots is not None else Slots(1)
+        self._retry_timeout = retry_timeout
         # How often the convergence schedule looks at the migration; 0: no schedule.
         self._monitor_interval = monitor_interval
         self._leases = leases
@@ -265,8 +281,8 @@ class SourceMigration:
 
     @property
     def active(self) -> bool:
-        return self.state in ("starting", "preparing", "migrating", "completing",
-                              "aborting")
+        return self.state in ("starting", "waiting", "preparing", "migrating",
+                              "completing", "aborting")
 
     def status(self) -> dict[str, Any]:
         """VM.getMigrationStatus: VDSM's migrationStats."""
@@ -328,16 +344,31 @@ class SourceMigration:
         vm.set_status(VmStatus.MIGRATION_SOURCE)
         running = True
         created = False
+        slot = False
         vm.event_hooks.append(self._on_event)
         try:
             await self._save(vm)
             running = bool((await session.query_status()).get("running"))
-            self._check_cancel()
-            self.state = "preparing"
-            reply = await self._call("VM.migrationCreate", {
-                "vmID": vm.id, "params": {"vmId": vm.id,
-                                          "definition": definition_for_peer(vm.defn),
-                                          "incoming": self.params.incoming.to_params()}})
+            if self.params.outgoing_limit is not None:
+                self._slots.set_bound(self.params.outgoing_limit)
+            while True:
+                if self._slots.busy >= self._slots.bound:
+                    self.state = "waiting"  # for this host's other migrations to end
+                slot = await self._slots.acquire(self._cancel)
+                self._check_cancel()
+                self.state = "preparing"
+                try:
+                    reply = await self._create_remote()
+                    break
+                except _DestinationBusy as e:
+                    self._slots.release()
+                    slot = False
+                    self.state = "waiting"  # for the destination to have room
+                    log.info("VM %s: %s; asking again in %.0f s", vm.id, e,
+                             self._retry_timeout)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._cancel.wait(), self._retry_timeout)
+                    self._check_cancel()
             created = True
             uri = reply.get("migrationUri") if isinstance(reply, dict) else None
             if not isinstance(uri, str) or not uri.startswith("tcp:"):
@@ -384,6 +415,8 @@ class SourceMigration:
             if isinstance(e, asyncio.CancelledError):
                 raise
         finally:
+            if slot:
+                self._slots.release()
             vm.event_hooks.remove(self._on_event)
             if vm.status is not VmStatus.DOWN:
                 with contextlib.suppress(OSError):
@@ -403,14 +436,24 @@ class SourceMigration:
         if self._cancel.is_set():
             raise _Cancelled()
 
-    async def _call(self, method: str, params: dict[str, Any]) -> Any:
+    async def _create_remote(self) -> Any:
+        """VM.migrationCreate on the destination; _DestinationBusy on its 82."""
+        args: dict[str, Any] = {
+            "vmID": self.vm.id, "params": {"vmId": self.vm.id,
+                                           "definition": definition_for_peer(self.vm.defn),
+                                           "incoming": self.params.incoming.to_params()}}
+        if self.params.incoming_limit is not None:
+            args["incomingLimit"] = self.params.incoming_limit
         try:
-            return await self._run(self.peer.call, method, params)
+            return await self._run(self.peer.call, "VM.migrationCreate", args)
         except ClientError as e:
             raise errors.NoConnectionToPeer(f"{self.params.dst}: {e}") from e
         except ServerError as e:
-            raise errors.MigrationError(f"destination {self.params.dst} refused {method}: "
-                                        f"{e.code}: {e.message}") from e
+            if e.code == errors.MigrationLimitExceeded.code:
+                raise _DestinationBusy(f"destination {self.params.dst} busy: {e.message}"
+                                       ) from e
+            raise errors.MigrationError(f"destination {self.params.dst} refused "
+                                        f"VM.migrationCreate: {e.code}: {e.message}") from e
 
     async def _setup(self, session: Any) -> None:
         caps = [{"capability": "events", "state": True},
