@@ -259,6 +259,7 @@ class SourceMigration:
         # This host's outgoing migrations at once (`virt.migslots`), and how long to
         # wait before asking a busy destination again.
         self._slots = slots if slots is not None else Slots(1)
+        self._holds_slot = False
         self._retry_timeout = retry_timeout
         # How often the convergence schedule looks at the migration; 0: no schedule.
         self._monitor_interval = monitor_interval
@@ -344,31 +345,11 @@ class SourceMigration:
         vm.set_status(VmStatus.MIGRATION_SOURCE)
         running = True
         created = False
-        slot = False
         vm.event_hooks.append(self._on_event)
         try:
             await self._save(vm)
             running = bool((await session.query_status()).get("running"))
-            if self.params.outgoing_limit is not None:
-                self._slots.set_bound(self.params.outgoing_limit)
-            while True:
-                if self._slots.busy >= self._slots.bound:
-                    self.state = "waiting"  # for this host's other migrations to end
-                slot = await self._slots.acquire(self._cancel)
-                self._check_cancel()
-                self.state = "preparing"
-                try:
-                    reply = await self._create_remote()
-                    break
-                except _DestinationBusy as e:
-                    self._slots.release()
-                    slot = False
-                    self.state = "waiting"  # for the destination to have room
-                    log.info("VM %s: %s; asking again in %.0f s", vm.id, e,
-                             self._retry_timeout)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._cancel.wait(), self._retry_timeout)
-                    self._check_cancel()
+            reply = await self._create_when_room()
             created = True
             uri = reply.get("migrationUri") if isinstance(reply, dict) else None
             if not isinstance(uri, str) or not uri.startswith("tcp:"):
@@ -415,8 +396,7 @@ class SourceMigration:
             if isinstance(e, asyncio.CancelledError):
                 raise
         finally:
-            if slot:
-                self._slots.release()
+            self._release_slot()
             vm.event_hooks.remove(self._on_event)
             if vm.status is not VmStatus.DOWN:
                 with contextlib.suppress(OSError):
@@ -435,6 +415,34 @@ class SourceMigration:
     def _check_cancel(self) -> None:
         if self._cancel.is_set():
             raise _Cancelled()
+
+    async def _create_when_room(self) -> Any:
+        """VM.migrationCreate, once this host may send one more migration and the
+        destination has room (asked again every retry timeout while it has none);
+        from then on this migration holds one of the host's outgoing slots."""
+        if self.params.outgoing_limit is not None:
+            self._slots.set_bound(self.params.outgoing_limit)
+        while True:
+            if self._slots.busy >= self._slots.bound:
+                self.state = "waiting"  # for this host's other migrations to end
+            self._holds_slot = await self._slots.acquire(self._cancel)
+            self._check_cancel()
+            self.state = "preparing"
+            try:
+                return await self._create_remote()
+            except _DestinationBusy as e:
+                self._release_slot()
+                self.state = "waiting"  # for the destination to have room
+                log.info("VM %s: %s; asking again in %.0f s", self.vm.id, e,
+                         self._retry_timeout)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._cancel.wait(), self._retry_timeout)
+                self._check_cancel()
+
+    def _release_slot(self) -> None:
+        if self._holds_slot:
+            self._holds_slot = False
+            self._slots.release()
 
     async def _create_remote(self) -> Any:
         """VM.migrationCreate on the destination; _DestinationBusy on its 82."""
