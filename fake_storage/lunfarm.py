@@ -112,6 +112,20 @@ def _loop_backing(loop: str) -> str | None:
         return None
 
 
+def _detach(loop: str, timeout: float = 10.0) -> None:
+    """Detach a loop device and wait until the kernel has let go of its file. A device
+    somebody still holds open (udev's blkid probe after a change, a late reader) is
+    only marked to detach at its last close, and `losetup --detach` returns at once:
+    a caller that then reuses the number, or checks nothing is left, must wait."""
+    _run("losetup", "--detach", loop)
+    deadline = time.monotonic() + timeout
+    while _loop_backing(loop) is not None:
+        if time.monotonic() > deadline:
+            raise FarmError(f"{loop}: still attached {timeout:.0f}s after its detach "
+                            "(somebody holds it open)")
+        time.sleep(0.02)  # the kernel gives no event to wait on here
+
+
 def _loop_dio(loop: str) -> str | None:
     try:
         return Path(f"/sys/block/{os.path.basename(loop)}/loop/dio").read_text().strip()
@@ -258,13 +272,13 @@ class LunFarm:
         """
         self._unpublish(lun)
         for stacked in self.stacked_loops(lun):
-            _run("losetup", "--detach", stacked)
+            _detach(stacked)
         backing = _loop_backing(lun.loop)
         if backing is not None:
             if os.path.realpath(backing) != os.path.realpath(lun.backing):
                 raise FarmError(f"{lun.loop} is backed by {backing}, not by this farm: "
                                 "refusing to detach it")
-            _run("losetup", "--detach", lun.loop)
+            _detach(lun.loop)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(lun.backing)
         self.luns = [x for x in self.luns if x.guid != lun.guid]
@@ -367,9 +381,9 @@ def _reap_unrecorded(farm_dir: Path, udev_file: Path) -> list[str]:
         for p in Path("/sys/block").glob("loop*"):
             if _loop_backing(p.name) == loop:
                 with contextlib.suppress(FarmError):
-                    _run("losetup", "--detach", f"/dev/{p.name}")
+                    _detach(f"/dev/{p.name}")
         try:
-            _run("losetup", "--detach", loop)
+            _detach(loop)
         except FarmError as e:
             problems.append(str(e))
     for link in links:

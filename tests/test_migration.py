@@ -47,7 +47,7 @@ from tests.storage_helpers import (
     unmount_under,
 )
 from tests.tls_helpers import make_ca, make_cert
-from tests.vm_helpers import debug_qmp, listening_ports
+from tests.vm_helpers import connected_to, debug_qmp, listening_ports
 from tests.vm_requests import engine_migrate_params
 from vdsmlite.client import Client, ServerError
 
@@ -163,7 +163,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     pki.mkdir()
     make_ca(pki, "ca")
     for name in ("host-a", "host-b"):
-        make_cert(pki, "ca", name, "IP:127.0.0.1")
+        # 127.0.0.2: the host's address on its migration network (any 127/8 address
+        # is this machine's; the agents talk on 127.0.0.1).
+        make_cert(pki, "ca", name, "IP:127.0.0.1,IP:127.0.0.2")
     make_ca(pki, "rogue-ca")
     make_cert(pki, "rogue-ca", "stranger", "IP:127.0.0.1")
     farm = LunFarm(base / "farm")
@@ -346,16 +348,21 @@ def test_migrate_a_running_vm_there_and_back_while_it_writes(env: Env, vms: list
 
 def test_an_encrypted_migration_runs_in_tls_from_the_hosts_certificates(
         env: Env, vms: list[str]) -> None:
-    """Asked as the engine asks (every member it sends, its default policy's schedule)."""
+    """Asked as the engine asks (every member it sends, its default policy's schedule),
+    over B's own migration address (dstqemu), not the one its agent answers at."""
     vm_id = create_running(env, vms, env.luns[1], memory=SLOW_MEMORY)
     env.a.call("VM.migrate", vmID=vm_id, params=engine_migrate_params(
-        vm_id, env.a.dst, env.b.dst, dstqemu="127.0.0.1", encrypted=True, max_bandwidth=1))
+        vm_id, env.a.dst, env.b.dst, dstqemu="127.0.0.2", encrypted=True, max_bandwidth=1))
     eventually(lambda: state_is(env.a, vm_id, "migrating"), 60, "migrating")
+    pid_a = int(env.a.stats(vm_id)["pid"])
+    eventually(lambda: any(host == "127.0.0.2" and port in env.b.migration_ports
+                           for host, port in connected_to(pid_a)), 30,
+               "A's qemu connected to B's migration address")
     creds = "/objects/vdsmlite-migration-tls"
     # A's qemu sends in TLS, checking B's certificate against the address it sends to;
     # B's receives in TLS and checks A's.
     sent = env.a.qmp(vm_id, "query-migrate-parameters")
-    assert (sent["tls-creds"], sent["tls-hostname"]) == ("vdsmlite-migration-tls", "127.0.0.1")
+    assert (sent["tls-creds"], sent["tls-hostname"]) == ("vdsmlite-migration-tls", "127.0.0.2")
     assert env.a.qmp(vm_id, "qom-get", {"path": creds, "property": "endpoint"}) == "client"
     assert env.b.qmp(vm_id, "query-migrate-parameters")["tls-creds"] == "vdsmlite-migration-tls"
     assert env.b.qmp(vm_id, "qom-get", {"path": creds, "property": "endpoint"}) == "server"

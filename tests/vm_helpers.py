@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -107,20 +108,34 @@ def qmp(env: VmEnv, vm_id: str, command: str, args: dict[str, Any] | None = None
     return debug_qmp(env.vm_dir(vm_id), command, args)
 
 
-def listening_ports(pid: int) -> set[int]:
-    """The TCP ports process `pid` listens on (IPv4 and IPv6), from /proc: what its
-    own socket descriptors are, matched with the kernel's LISTEN sockets."""
+def _tcp_sockets(pid: int) -> list[tuple[str, str, str]]:
+    """Process `pid`'s IPv4 TCP sockets, from /proc: (state, local, remote), the
+    kernel's hex forms (state 0A is LISTEN, 01 ESTABLISHED)."""
     inodes = set()
-    fd_dir = Path(f"/proc/{pid}/fd")
-    for fd in fd_dir.iterdir():
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
         with contextlib.suppress(OSError):
             target = os.readlink(fd)
             if target.startswith("socket:["):
                 inodes.add(target[len("socket:["):-1])
-    ports = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] == "0A" and fields[9] in inodes:  # 0A: TCP_LISTEN
-                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    return ports
+    sockets = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[9] in inodes:
+            sockets.append((fields[3], fields[1], fields[2]))
+    return sockets
+
+
+def _address(hex_address: str) -> tuple[str, int]:
+    """/proc/net/tcp's "0100007F:1F90" as ("127.0.0.1", 8080)."""
+    ip, port = hex_address.split(":")
+    return socket.inet_ntoa(bytes.fromhex(ip)[::-1]), int(port, 16)
+
+
+def listening_ports(pid: int) -> set[int]:
+    """The TCP ports process `pid` listens on (IPv4)."""
+    return {_address(local)[1] for state, local, _ in _tcp_sockets(pid) if state == "0A"}
+
+
+def connected_to(pid: int) -> set[tuple[str, int]]:
+    """The (address, port) process `pid` has established TCP connections to (IPv4)."""
+    return {_address(remote) for state, _, remote in _tcp_sockets(pid) if state == "01"}
