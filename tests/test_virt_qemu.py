@@ -36,7 +36,7 @@ from vdsmlite.virt.definition import (
     VolumeSource,
 )
 from vdsmlite.virt.qemu import QemuProcess, command_line, disk_names
-from vdsmlite.virt.qmp import QmpEvent, QmpSession, SessionState, open_session
+from vdsmlite.virt.qmp import QmpConnectError, QmpEvent, QmpSession, SessionState, open_session
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
@@ -494,3 +494,59 @@ def test_lease_wrapper_command_line_round_trips() -> None:
         with pytest.raises(ValueError):
             leaseexec.parse(bad)
         assert leaseexec.main(bad) == leaseexec.EXIT_USAGE
+
+
+def test_a_negotiation_an_event_overtook_is_tried_again_fake_qemu_monitor(
+        tmp_path: Path) -> None:
+    """qemu may send an event ahead of its answer to qmp_capabilities (emitted by
+    another thread as the monitor leaves negotiation: a migration's events did, in
+    CI). Real qemu hits this window rarely, so a fake monitor (a unix socket server
+    speaking QMP) sends the event first on purpose: the session connects again."""
+    greeting = {"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7},
+                                    "package": ""}, "capabilities": []}}
+    event = {"event": "MIGRATION_PASS", "data": {"pass": 2},
+             "timestamp": {"seconds": 1, "microseconds": 0}}
+
+    async def main(overtaken: int) -> tuple[int, Any]:
+        connections = 0
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal connections
+            connections += 1
+            late = connections <= overtaken
+            writer.write(json.dumps(greeting).encode() + b"\n")
+            pending = ""
+            while chunk := await reader.read(4096):
+                # Commands come as a JSON stream, not necessarily one per line.
+                pending += chunk.decode()
+                while pending.strip():
+                    request, end = json.JSONDecoder().raw_decode(pending.lstrip())
+                    pending = pending.lstrip()[end:]
+                    if request["execute"] == "qmp_capabilities" and late:
+                        writer.write(json.dumps(event).encode() + b"\n")
+                    answer = {"running": True, "status": "running"} \
+                        if request["execute"] == "query-status" else {}
+                    reply = {"return": answer, **({"id": request["id"]} if "id" in request
+                                                  else {})}
+                    writer.write(json.dumps(reply).encode() + b"\n")
+                await writer.drain()
+            writer.close()
+
+        path = tmp_path / f"qmp-{overtaken}.sock"
+        server = await asyncio.start_unix_server(serve, str(path))
+        session = QmpSession(path, name="fake")
+        try:
+            await session.connect(10)
+            status = await session.execute("query-status")
+            await session.close()
+            return connections, status
+        except Exception as e:
+            return connections, e
+        finally:
+            server.close()
+
+    connections, status = run(main(overtaken=2))
+    assert (connections, status["running"]) == (3, True)
+    # Not for ever: a monitor that never answers first is given up on.
+    connections, error = run(main(overtaken=10))
+    assert connections == 3 and isinstance(error, QmpConnectError), error

@@ -14,6 +14,7 @@ import functools
 import json
 import os
 import signal
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,10 @@ DESTINATION_TIMEOUT = 5.0  # [virt] migration_destination_timeout of the module'
 def vmenv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmEnv]:
     # No migration here: incoming ones are given up after a few seconds (the test).
     with vm_host(tmp_path_factory.mktemp("vm"), "vmhost", unplug_timeout=1.0,
-                 migration_destination_timeout=DESTINATION_TIMEOUT) as (
+                 migration_destination_timeout=DESTINATION_TIMEOUT,
+                 # Incoming migrations on every address (the default is the one the
+                 # source names, or the agent's own).
+                 migration_listen="0.0.0.0") as (
             host, farm, vm_run_dir):
         dom = make_block_domain(host.agent, farm)
         img, vol = dom.create_volume(size=512 * MiB)
@@ -375,9 +379,10 @@ def test_an_incoming_migration_nobody_finishes_is_given_up(vmenv: VmEnv,
     with vmenv.client as c:
         reply = c.call("VM.migrationCreate", {"vmID": vm_id, "params": dict_params(vm_id, [
             Disk("vda", "virtio", volume=(vmenv.dom.sd, vmenv.img, vmenv.vol))])})
-        # The engine's form names no address: qemu listens where the agent does.
+        # The engine's form names no address; qemu listens on every one (migration_listen
+        # here) and the URI names the host.
         host, port = reply["migrationUri"].removeprefix("tcp:").rsplit(":", 1)
-        assert host == "127.0.0.1" and 49152 <= int(port) <= 49215
+        assert host == socket.getfqdn() and 49152 <= int(port) <= 49215
         stats = c.call("VM.getStats", {"vmID": vm_id})[0]
         assert stats["status"] == "Migration Destination"
         pid = int(stats["pid"])

@@ -20,6 +20,7 @@ only during the migration and takes only the first connection.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
@@ -117,10 +118,8 @@ async def use_tls(session: QmpSession, tls: TlsFiles | None, run_dir: Path, *,
     creds_dir = await run_blocking(_link_creds, tls, run_dir / TLS_DIR, endpoint)
     # Out of use first (an earlier migration's), then made again from the files.
     await session.execute("migrate-set-parameters", {"tls-creds": ""})
-    try:
+    with contextlib.suppress(QmpCommandError):  # none yet
         await session.execute("object-del", {"id": TLS_CREDS_ID})
-    except QmpCommandError:
-        pass  # none yet
     try:
         await session.execute("object-add", {
             "qom-type": "tls-creds-x509", "id": TLS_CREDS_ID, "dir": str(creds_dir),
@@ -170,7 +169,9 @@ class IncomingListener:
             await use_tls(session, self.tls, run_dir, endpoint="server",
                           run_blocking=self._run_blocking)
         bind = self._listen or incoming.address or self._default_address
-        advertised = incoming.address or (socket.getfqdn() if _unspecified(bind) else bind)
+        advertised = incoming.address or bind
+        if _unspecified(advertised):  # nobody connects to 0.0.0.0: our name (DNS: off loop)
+            advertised = await self._run_blocking(socket.getfqdn)
         # From a random place in the range: agents and VMs starting together do not
         # all race for its first port.
         start = random.randrange(len(self._ports))

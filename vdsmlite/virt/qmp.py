@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError, Runstate
+from qemu.qmp.qmp_client import NegotiationError
 
 from vdsmlite import background, errors
 from vdsmlite.blocking import RunBlocking
@@ -38,6 +39,8 @@ from vdsmlite.virt import qemu
 from vdsmlite.virt.definition import DiskBus, DiskSpec
 
 log = logging.getLogger("vdsmlite.virt.qmp")
+
+NEGOTIATION_ATTEMPTS = 3  # connections tried when qemu's answer to qmp_capabilities is lost
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -133,21 +136,36 @@ class QmpSession:
 
     @_require(SessionState.DISCONNECTED)
     async def connect(self, timeout: float = 10.0) -> None:
-        """Connect and negotiate; on failure the session is DISCONNECTED again."""
+        """Connect and negotiate; on failure the session is DISCONNECTED again.
+
+        A failed negotiation is tried again on a new connection, a few times: qemu can
+        send an event ahead of its answer to ``qmp_capabilities`` (one another thread
+        emits right as the monitor leaves negotiation, as a migration's do), and
+        qemu.qmp takes that for a refusal.
+        """
         self._state = SessionState.CONNECTING
-        client = QMPClient(self.name)
-        try:
-            await asyncio.wait_for(client.connect(str(self.socket_path)), timeout)
-        except (ConnectError, OSError, TimeoutError) as e:
-            with contextlib.suppress(Exception):
-                await client.disconnect()
-            self._state = SessionState.DISCONNECTED
-            raise QmpConnectError(f"QMP of {self.name} at {self.socket_path}: {e}") from e
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await client.disconnect()
-            self._state = SessionState.DISCONNECTED
-            raise
+        deadline = asyncio.get_running_loop().time() + timeout
+        for attempt in range(1, NEGOTIATION_ATTEMPTS + 1):
+            client = QMPClient(self.name)
+            left = max(0.0, deadline - asyncio.get_running_loop().time())
+            try:
+                await asyncio.wait_for(client.connect(str(self.socket_path)), left)
+                break
+            except (ConnectError, OSError, TimeoutError) as e:
+                with contextlib.suppress(Exception):
+                    await client.disconnect()
+                if isinstance(e, ConnectError) and isinstance(e.exc, NegotiationError) \
+                        and attempt < NEGOTIATION_ATTEMPTS:
+                    log.info("QMP of %s: negotiation failed (%s); connecting again",
+                             self.name, e.exc)
+                    continue
+                self._state = SessionState.DISCONNECTED
+                raise QmpConnectError(f"QMP of {self.name} at {self.socket_path}: {e}") from e
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await client.disconnect()
+                self._state = SessionState.DISCONNECTED
+                raise
         self._client = client
         self._lost.clear()
         self._state = SessionState.CONNECTED
