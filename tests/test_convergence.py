@@ -18,11 +18,8 @@ from vdsmlite import errors
 from vdsmlite.virt import convergence
 from vdsmlite.virt.convergence import ABORT, POSTCOPY, SET_DOWNTIME, Action, Step
 
-POLICIES = MIGRATION_POLICIES
-by_name = migration_policy
 
-
-@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: p["name"])
+@pytest.mark.parametrize("policy", MIGRATION_POLICIES, ids=lambda p: p["name"])
 def test_every_engine_policy_is_taken(policy: dict[str, Any]) -> None:
     schedule = convergence.parse(engine_schedule(policy))
     config = policy["config"]
@@ -35,7 +32,7 @@ def test_every_engine_policy_is_taken(policy: dict[str, Any]) -> None:
 def test_minimal_downtime_runs_as_vdsm_runs_it() -> None:
     """One stalling action per new pass at most, once more passes than its limit went
     by since the first look; nothing without a new pass."""
-    schedule = convergence.parse(engine_schedule(by_name("Minimal downtime")))
+    schedule = convergence.parse(engine_schedule(migration_policy("Minimal downtime")))
     assert schedule.init == (Action(SET_DOWNTIME, 100),)
     monitor = convergence.Monitor(schedule)
     looks = [7, 7, 8, 9, 9, 10, 11, 12, 13, 14, 15, 16, 17, 17]
@@ -55,7 +52,7 @@ def test_post_copy_policy_goes_on_to_abort() -> None:
     """vdsmlite does no post-copy: the action is handed out (the migration logs it
     and does nothing, as VDSM when the switch fails) and abort follows."""
     monitor = convergence.Monitor(convergence.parse(engine_schedule(
-        by_name("Post-copy migration"))))
+        migration_policy("Post-copy migration"))))
     names = [a.name for a in map(monitor.look, range(1, 10)) if a is not None]
     assert names == [SET_DOWNTIME, SET_DOWNTIME, POSTCOPY, ABORT]
 

@@ -253,12 +253,12 @@ class SourceMigration:
 
     def __init__(self, vm: Vm, params: MigrateParams, peer: Peer, *,
                  run_blocking: RunBlocking, publish: Any, save: Any, on_done: Any,
-                 leases: VmLeases, monitor_interval: float = 10.0,
-                 slots: Slots | None = None, retry_timeout: float = 10.0) -> None:
+                 leases: VmLeases, monitor_interval: float, slots: Slots,
+                 retry_timeout: float) -> None:
         self.vm = vm
         # This host's outgoing migrations at once (`virt.migslots`), and how long to
         # wait before asking a busy destination again.
-        self._slots = slots if slots is not None else Slots(1)
+        self._slots = slots
         self._holds_slot = False
         self._retry_timeout = retry_timeout
         # How often the convergence schedule looks at the migration; 0: no schedule.
